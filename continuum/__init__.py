@@ -1,0 +1,18 @@
+"""continuum: architecture search and ablation over the Inception–separable continuum (Xception, CVPR 2017).
+
+Importing it registers the models with timm::
+
+    import continuum, timm
+    model = timm.create_model("continuum_xception", segments=8, order="pointwise_first")
+"""
+
+from continuum.block import ContinuumBlock, ContinuumConv, SegmentedConv2d, SegmentError
+from continuum.config import BlockConfig
+from continuum.models import convert, plan_conversion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockConfig", "ContinuumBlock", "ContinuumConv", "SegmentError", "SegmentedConv2d", "convert",
+    "plan_conversion", "__version__",
+]

@@ -1,0 +1,124 @@
+"""A small Xception-style family for 28–32 px images (Fashion-MNIST, CIFAR), the sweep's default model.
+
+stem conv -> stages of :class:`ContinuumBlock` (each stage downsamples by its stride) -> act -> head.
+Default widths are multiples of 32, so segments 1, 2, 4, 8, 16, 32 and ``"all"`` are valid in every layer.
+Every knob can be one value or one per stage (a list, or a dict keyed ``stage1``, ``stage2``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from timm.layers import make_divisible
+from timm.models import register_model
+from torch import nn
+
+from continuum.block import ContinuumBlock, LayerSpec, create_act, create_norm, in_layer
+from continuum.config import Segments, spread
+from continuum.models.base import ClassifierHead, ContinuumClassifier, model_kwargs
+
+PerStage = Any
+"""One value for every stage, a sequence with one value per stage, or a dict keyed by stage name."""
+
+
+class ContinuumSmall(ContinuumClassifier):
+    """Xception-style net for small images with width, depth and stage knobs.
+
+    Args:
+        num_classes: classes (0: none).
+        in_chans: image channels (1 for Fashion-MNIST, 3 for CIFAR).
+        drop_rate: dropout before the classifier.
+        stem_width: channels of the stem conv.
+        widths: output channels of each stage.
+        depths: residual blocks per stage.
+        strides: downsampling factor of each stage's first block.
+        reps: separable units per block.
+        width_mult: scales ``stem_width`` and ``widths``; results are rounded to ``width_divisor``.
+        width_divisor: every width is made a multiple of it (keeps segment counts valid after scaling).
+        segments: segments of every spatial conv, per stage or one value.
+        order: ``"depthwise_first"`` / ``"pointwise_first"``, per stage or one value.
+        mid_act: activation between the two ops of each unit, per stage or one value.
+        residual: shortcuts, per stage or one value.
+        segment_width: channels per segment instead of a count, per stage or one value.
+        uneven: allow segment counts that do not divide a layer's channels (near-equal segments).
+        act_layer: activation between units.
+        norm_layer: norm after every conv.
+        mid_norm: norm between the two ops of each unit.
+        depth_multiplier: spatial outputs per spatial input channel.
+        input_size: nominal ``(C, H, W)``, recorded in ``pretrained_cfg``; ``C`` defaults to ``in_chans``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        drop_rate: float = 0.0,
+        stem_width: int = 32,
+        widths: Sequence[int] = (64, 128, 256),
+        depths: Sequence[int] = (1, 1, 1),
+        strides: Sequence[int] = (2, 2, 2),
+        reps: int = 2,
+        width_mult: float = 1.0,
+        width_divisor: int = 32,
+        segments: PerStage = "all",
+        order: PerStage = "depthwise_first",
+        mid_act: PerStage = None,
+        residual: PerStage = True,
+        segment_width: PerStage = None,
+        uneven: bool = False,
+        act_layer: LayerSpec = "relu",
+        norm_layer: LayerSpec = "batchnorm2d",
+        mid_norm: LayerSpec = None,
+        depth_multiplier: int = 1,
+        input_size: tuple[int, int] = (28, 28),
+    ) -> None:
+        super().__init__(num_classes, in_chans, input_size=(in_chans, *input_size))
+        if not (len(widths) == len(depths) == len(strides)) or not widths:
+            raise ValueError(f"widths {tuple(widths)}, depths {tuple(depths)} and strides {tuple(strides)} need "
+                             "one entry per stage (at least one stage)")
+        if width_mult <= 0:
+            raise ValueError(f"width_mult={width_mult} is not valid; use a positive number")
+        stages = tuple(f"stage{i + 1}" for i in range(len(widths)))
+        knobs: Mapping[str, dict[str, Any]] = {
+            "segments": spread(segments, stages, "segments"),
+            "order": spread(order, stages, "order"),
+            "mid_act": spread(mid_act, stages, "mid_act"),
+            "residual": spread(residual, stages, "residual"),
+            "segment_width": spread(segment_width, stages, "segment_width"),
+        }
+        self.widths = tuple(make_divisible(w * width_mult, width_divisor) for w in widths)
+        self.stem_width = make_divisible(stem_width * width_mult, width_divisor)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, self.stem_width, 3, padding=1, bias=False),
+            create_norm(norm_layer, self.stem_width),
+            create_act(act_layer, inplace=True),
+        )
+        channels = self.stem_width
+        self.stages = nn.Sequential()
+        for stage, width, depth, stride in zip(stages, self.widths, depths, strides):
+            blocks = []
+            for i in range(depth):
+                with in_layer(f"stages.{stage}.{i}"):
+                    blocks.append(ContinuumBlock(
+                        channels, width, reps, stride if i == 0 else 1, act_layer=act_layer, norm_layer=norm_layer,
+                        start_with_act=bool(len(self.stages) or i),  # the stem already ends with an activation
+                        mid_norm=mid_norm, depth_multiplier=depth_multiplier, uneven=uneven,
+                        **{key: per_stage[stage] for key, per_stage in knobs.items()}))
+                channels = width
+            self.stages.add_module(stage, nn.Sequential(*blocks))
+        self.final_act = create_act(act_layer, inplace=True)
+        self.head = ClassifierHead(channels, num_classes, drop_rate, act_layer=act_layer)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # N x stem_width x H x W
+        x = self.stages(x)  # N x widths[-1] x H/prod(strides) x W/prod(strides)
+        return self.final_act(x)
+
+
+@register_model
+def continuum_small(pretrained: bool = False, **kwargs: Any) -> ContinuumSmall:
+    """The small-input family at its defaults (3 stages, widths 64/128/256, 28 px, 1 channel, 10 classes)."""
+    if pretrained:
+        raise ValueError("continuum_small has no pretrained weights; train it (python -m continuum.sweep)")
+    return ContinuumSmall(**model_kwargs(kwargs))

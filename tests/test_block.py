@@ -1,0 +1,185 @@
+"""The layers: shapes, gradients, exact equivalences with reference layers, option effects, error messages."""
+
+import itertools
+
+import pytest
+import torch
+from timm.layers import SeparableConv2d
+from torch import nn
+
+from continuum import ContinuumBlock, ContinuumConv, SegmentedConv2d, SegmentError
+from continuum.block import segment_sizes
+
+SEGMENTS = [1, 2, 4, 8, "all"]
+ORDERS = ["depthwise_first", "pointwise_first"]
+MID_ACTS = [None, "relu", "elu"]
+
+
+@pytest.mark.parametrize("segments,order,mid_act,residual",
+                         list(itertools.product(SEGMENTS, ORDERS, MID_ACTS, [True, False])))
+def test_block_forward_backward_every_parameter_gets_a_gradient(segments, order, mid_act, residual):
+    torch.manual_seed(0)
+    block = ContinuumBlock(16, 32, reps=2, stride=2, segments=segments, order=order, mid_act=mid_act,
+                           residual=residual)
+    x = torch.randn(2, 16, 9, 9, requires_grad=True)
+    out = block(x)
+    assert out.shape == (2, 32, 5, 5)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def _copy_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def test_one_segment_depthwise_first_equals_dense_conv_then_pointwise():
+    torch.manual_seed(0)
+    unit = ContinuumConv(8, 12, 3, segments=1, order="depthwise_first")
+    dense, pointwise = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.Conv2d(8, 12, 1, bias=False)
+    _copy_kernel(dense.weight, unit.spatial.weight)
+    _copy_kernel(pointwise.weight, unit.pointwise.weight)
+    x = torch.randn(2, 8, 7, 7)
+    torch.testing.assert_close(unit(x), pointwise(dense(x)), rtol=0, atol=0)
+
+
+def test_one_segment_pointwise_first_equals_pointwise_then_dense_conv():
+    torch.manual_seed(0)
+    unit = ContinuumConv(8, 12, 3, stride=2, segments=1, order="pointwise_first")
+    pointwise, dense = nn.Conv2d(8, 12, 1, bias=False), nn.Conv2d(12, 12, 3, stride=2, padding=1, bias=False)
+    _copy_kernel(dense.weight, unit.spatial.weight)
+    _copy_kernel(pointwise.weight, unit.pointwise.weight)
+    x = torch.randn(2, 8, 7, 7)
+    torch.testing.assert_close(unit(x), dense(pointwise(x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_all_segments_equals_timm_separable_conv(stride, dilation):
+    torch.manual_seed(0)
+    unit = ContinuumConv(8, 16, 3, stride=stride, dilation=dilation, segments="all")
+    ref = SeparableConv2d(8, 16, 3, stride=stride, dilation=dilation)
+    _copy_kernel(ref.conv_dw.weight, unit.spatial.weight)
+    _copy_kernel(ref.conv_pw.weight, unit.pointwise.weight)
+    x = torch.randn(2, 8, 11, 11)
+    torch.testing.assert_close(unit(x), ref(x), rtol=0, atol=0)
+
+
+def test_all_segments_with_depth_multiplier_equals_timm_channel_multiplier():
+    unit = ContinuumConv(8, 16, 3, segments="all", depth_multiplier=2)
+    ref = SeparableConv2d(8, 16, 3, channel_multiplier=2)
+    _copy_kernel(ref.conv_dw.weight, unit.spatial.weight)
+    _copy_kernel(ref.conv_pw.weight, unit.pointwise.weight)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(unit(x), ref(x), rtol=0, atol=0)
+
+
+def test_even_segments_equal_native_grouped_conv_with_same_state_dict():
+    conv = SegmentedConv2d(16, 32, 3, stride=2, padding=1, segments=4, bias=True)
+    ref = nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4, bias=True)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(conv(x), ref(x), rtol=0, atol=0)
+
+
+def test_uneven_segments_equal_per_segment_convs_concatenated():
+    torch.manual_seed(0)
+    conv = SegmentedConv2d(10, 14, 3, padding=1, segments=3, uneven=True, bias=True)
+    assert conv.in_sizes == (4, 3, 3) and conv.out_sizes == (5, 5, 4)
+    towers = [nn.Conv2d(i, o, 3, padding=1, bias=True) for i, o in zip(conv.in_sizes, conv.out_sizes)]
+    for tower, weight, bias in zip(towers, conv.segment_weights, conv.bias.split(conv.out_sizes)):
+        _copy_kernel(tower.weight, weight)
+        _copy_kernel(tower.bias, bias)
+    x = torch.randn(2, 10, 7, 7)
+    expected = torch.cat([t(p) for t, p in zip(towers, x.split(conv.in_sizes, dim=1))], dim=1)
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
+    assert sum(p.numel() for p in conv.parameters()) == sum(p.numel() for t in towers for p in t.parameters())
+
+
+def test_segment_width_is_channels_per_segment():
+    assert SegmentedConv2d(64, 64, 3, segment_width=16).segments == 4
+    with pytest.raises(SegmentError, match=r"segment_width=24 does not divide 64 channels; valid widths: \[1, 2"):
+        SegmentedConv2d(64, 64, 3, segment_width=24)
+
+
+def test_segment_count_that_does_not_divide_names_channels_and_choices():
+    with pytest.raises(ValueError) as err:
+        SegmentedConv2d(24, 24, 3, segments=5)
+    message = str(err.value)
+    assert "segments=5" in message and "in_channels=24" in message
+    assert "[1, 2, 3, 4, 6, 8, 12, 24] or 'all'" in message and "uneven=True" in message
+
+
+def test_block_error_names_the_layer():
+    with pytest.raises(SegmentError, match=r"^rep\.4\.spatial: segments=16 does not fit in_channels=24"):
+        ContinuumBlock(16, 24, reps=2, segments=16)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "some", 2.5, True])
+def test_invalid_segment_values_are_rejected(bad):
+    with pytest.raises(ValueError, match="use an int >= 1 or 'all'"):
+        segment_sizes(8, 8, bad)
+
+
+def test_all_needs_out_multiple_of_in():
+    with pytest.raises(SegmentError, match=r"segments='all' needs out_channels \(12\) to be a multiple"):
+        SegmentedConv2d(8, 12, 3, segments="all")
+
+
+def test_unknown_order_activation_and_norm_are_clear_errors():
+    with pytest.raises(ValueError, match="order='sideways' is not valid; choose one of depthwise_first"):
+        ContinuumConv(8, 8, order="sideways")
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        ContinuumConv(8, 8, mid_act="swishy")
+    with pytest.raises(ValueError, match="unknown norm layer 'fancynorm'"):
+        ContinuumBlock(8, 8, norm_layer="fancynorm")
+
+
+def test_wrong_input_channels_is_a_clear_error():
+    with pytest.raises(ValueError, match="expects 8 input channels, got input of shape \\(1, 4, 5, 5\\)"):
+        SegmentedConv2d(8, 8, 3, segments=2)(torch.randn(1, 4, 5, 5))
+
+
+def _output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(1)
+    for p in module.parameters():
+        nn.init.normal_(p)
+    module.eval()
+    return module(x)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("segments", 4), ("order", "pointwise_first"), ("mid_act", "relu"), ("residual", False),
+    ("mid_norm", "batchnorm2d"), ("depth_multiplier", 2), ("start_with_act", False), ("grow_first", False),
+    ("act_layer", "elu"),
+])
+def test_every_block_option_changes_the_output(option, value):
+    x = torch.randn(2, 8, 6, 6)
+    base = ContinuumBlock(8, 16, reps=2, stride=1)
+    changed = ContinuumBlock(8, 16, reps=2, stride=1, **{option: value})
+    assert str(base) != str(changed)
+    assert not torch.allclose(_output(base, x), _output(changed, x))
+
+
+def test_residual_identity_when_shapes_match_projection_when_not():
+    assert ContinuumBlock(8, 8).skip is None
+    block = ContinuumBlock(8, 16, stride=2)
+    assert isinstance(block.skip, nn.Conv2d) and block.skip.stride == (2, 2)
+    assert ContinuumBlock(8, 16, stride=2, residual=False).skip is None
+
+
+def test_residual_false_drops_the_shortcut_exactly():
+    torch.manual_seed(0)
+    with_res = ContinuumBlock(8, 8)
+    without = ContinuumBlock(8, 8, residual=False)
+    without.load_state_dict(with_res.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(with_res(x), without(x) + x)
+
+
+def test_first_activation_does_not_modify_the_input():
+    x = torch.randn(2, 8, 5, 5)
+    before = x.clone()
+    ContinuumBlock(8, 8)(x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)

@@ -1,0 +1,174 @@
+"""The models: the paper's Xception exactly, its knobs, timm registration, legacy weights, the small family."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import continuum  # noqa: F401  (registers the models with timm)
+from continuum import ContinuumConv, SegmentError
+from continuum.models import ContinuumSmall, ContinuumXception, PAPER_PARAMS, load_legacy_xception_weights
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def xception() -> ContinuumXception:
+    return timm.create_model("continuum_xception")
+
+
+def test_xception_has_the_papers_parameter_count(xception):
+    assert n_params(xception) == 22_855_952 == PAPER_PARAMS["continuum_xception"]
+
+
+def test_xception_shapes_at_299(xception):
+    xception.eval()
+    with torch.no_grad():
+        features = xception.forward_features(torch.randn(1, 3, 299, 299))
+    assert features.shape == (1, 2048, 10, 10)
+    assert xception.block3(torch.randn(1, 256, 74, 74)).shape == (1, 728, 37, 37)
+
+
+def test_inception_v3_baseline_is_timms_without_aux_tower():
+    model = timm.create_model("continuum_inception_v3", num_classes=1000)
+    assert n_params(model) == 23_834_568
+    assert not getattr(model, "aux_logits", False)
+
+
+def test_xception_every_separable_conv_is_a_continuum_conv(xception):
+    convs = [m for m in xception.modules() if isinstance(m, ContinuumConv)]
+    assert len(convs) == 2 * 3 + 3 * 8 + 2 + 2
+    assert all(c.spatial.segments == c.spatial.in_channels for c in convs)
+
+
+def test_timm_create_model_passes_knobs_and_drops_none(xception):
+    model = timm.create_model("continuum_xception", num_classes=10, segments=8, order="pointwise_first",
+                              mid_act="elu", residual=False, drop_rate=0.5, in_chans=None)
+    assert model.num_classes == 10 and model.in_chans == 3
+    unit = model.block5.rep[1]
+    assert unit.order == "pointwise_first" and unit.spatial.segments == 8
+    assert isinstance(unit.mid_act, nn.ELU)
+    assert not model.block5.residual and model.head.drop.p == 0.5
+
+
+def test_knobs_per_flow():
+    model = ContinuumXception(num_classes=10, segments={"entry": 4, "middle": 8, "exit": "all"},
+                              residual={"default": True, "middle": False}, mid_act={"default": None, "exit": "relu"})
+    assert model.block2.rep[1].spatial.segments == 4
+    assert model.block4.rep[1].spatial.segments == 8 and not model.block4.residual
+    assert model.block12.residual and model.conv4.spatial.segments == 1536
+    assert isinstance(model.conv3.mid_act, nn.ReLU) and isinstance(model.block4.rep[1].mid_act, nn.Identity)
+
+
+def test_per_flow_errors():
+    with pytest.raises(ValueError, match=r"segments: unknown part\(s\) \['middel'\]"):
+        ContinuumXception(segments={"middel": 4, "default": 1})
+    with pytest.raises(ValueError, match=r"order: no value for \['exit'\]"):
+        ContinuumXception(order={"entry": "depthwise_first", "middle": "depthwise_first"})
+
+
+def test_xception_invalid_segment_count_names_layer_and_choices():
+    with pytest.raises(SegmentError, match=r"^block3\.rep\.4\.spatial: segments=16 does not fit in_channels=728.*"
+                                           r"valid choices: one of \[1, 2, 4, 7, 8, 13"):
+        timm.create_model("continuum_xception", segments=16)
+
+
+def test_xception_uneven_segments_and_segment_width():
+    model = ContinuumXception(num_classes=10, segments=16, uneven=True, middle_blocks=1)
+    assert model.block4.rep[1].spatial.segments == 16 and not model.block4.rep[1].spatial.even
+    model = ContinuumXception(num_classes=10, segment_width=8, middle_blocks=1)
+    assert model.block4.rep[1].spatial.segments == 91
+
+
+def test_dropout_really_applies():
+    model = ContinuumSmall(num_classes=10, drop_rate=0.5).train()
+    x = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.allclose(a, b)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_timm_interface(xception):
+    assert xception.num_features == 2048 and xception.get_classifier().out_features == 1000
+    model = timm.create_model("continuum_small", num_classes=10)
+    model.reset_classifier(3)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 256)
+    assert "continuum_xception" in timm.list_models("continuum_*")
+
+
+def test_wrong_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"ContinuumSmall expects N x 1 x H x W input, got shape \(2, 3, 28, 28\)"):
+        ContinuumSmall()(torch.randn(2, 3, 28, 28))
+
+
+def _randomise_norms(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+
+
+def test_legacy_xception_weights_give_timms_logits():
+    torch.manual_seed(0)
+    ref = timm.create_model("legacy_xception", num_classes=7).eval()
+    _randomise_norms(ref)
+    model = ContinuumXception(num_classes=7).eval()
+    load_legacy_xception_weights(model, ref.state_dict())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_legacy_weights_refuse_a_non_default_model():
+    ref = timm.create_model("legacy_xception")
+    with pytest.raises(ValueError, match=r"fit only the paper's Xception.*\['block1.rep.0'"):
+        load_legacy_xception_weights(ContinuumXception(mid_act="relu"), ref.state_dict())
+    with pytest.raises(ValueError, match=r"fit only the paper's Xception.*\['block1'"):
+        load_legacy_xception_weights(ContinuumXception(residual=False), ref.state_dict())
+    with pytest.raises(ValueError, match=r"shape mismatch \['head.fc.bias', 'head.fc.weight'\]"):
+        load_legacy_xception_weights(ContinuumXception(num_classes=10), ref.state_dict())
+
+
+SMALL_SEGMENTS = [1, 2, 4, 8, 16, 32, "all"]
+
+
+@pytest.mark.parametrize("order", ["depthwise_first", "pointwise_first"])
+@pytest.mark.parametrize("segments", SMALL_SEGMENTS)
+def test_small_family_defaults_accept_every_segment_count(segments, order):
+    model = timm.create_model("continuum_small", segments=segments, order=order)
+    out = model(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_small_family_shapes_channels_and_knobs():
+    model = timm.create_model("continuum_small", in_chans=3, num_classes=100, input_size=(32, 32),
+                              widths=(32, 64), depths=(2, 1), strides=(1, 2), segments=[4, "all"],
+                              residual=[True, False])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert len(model.stages.stage1) == 2 and model.stages.stage1[0].rep[0].spatial.segments == 4
+    assert not model.stages.stage2[0].residual
+    wide = timm.create_model("continuum_small", width_mult=1.5)
+    assert wide.widths == (96, 192, 384) and all(w % 32 == 0 for w in wide.widths)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ContinuumSmall(widths=(32, 64), depths=(1,), strides=(2, 2))
+
+
+def test_small_family_every_parameter_gets_a_gradient():
+    model = timm.create_model("continuum_small", segments=4, mid_act="relu")
+    model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_small_family_has_no_pretrained_weights():
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("continuum_small", pretrained=True)
