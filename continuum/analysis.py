@@ -1,0 +1,127 @@
+"""Results tables -> summaries with confidence intervals, EDFs and Pareto fronts (pandas in, pandas out)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from continuum.results import CONFIG_COLUMNS
+
+SEGMENT_ORDER_ALL = 10**9
+"""Sort key of ``"all"`` (after every count)."""
+
+
+def segments_key(value: str) -> float:
+    """Sort key of a segments cell: counts numerically, ``"all"`` last, per-stage strings by their text."""
+    text = str(value)
+    if text == "all":
+        return SEGMENT_ORDER_ALL
+    return float(text) if text.isdigit() else SEGMENT_ORDER_ALL + 1
+
+
+def varying_columns(trials: pd.DataFrame, candidates: Sequence[str] = tuple(CONFIG_COLUMNS)) -> list[str]:
+    """Config columns that take more than one value in ``trials`` (the seed excluded): what a summary groups by."""
+    return [c for c in candidates if c != "seed" and c in trials and trials[c].astype(str).nunique() > 1] or \
+        [c for c in ("model", "segments") if c in trials]
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean; ``(nan, nan)`` for fewer than 2 values."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def bootstrap_interval(values: Sequence[float], statistic=np.mean, level: float = 0.95, n_resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of ``statistic``; ``(nan, nan)`` for fewer than 2 values.
+
+    Args:
+        values: the sample.
+        statistic: a numpy reduction taking ``axis``.
+        level: confidence level.
+        n_resamples: bootstrap resamples.
+        seed: seed of the resampling.
+    """
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    result = stats.bootstrap((values,), statistic, confidence_level=level, n_resamples=n_resamples,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str = "val_acc") -> pd.DataFrame:
+    """One row per config over its completed trials: n seeds, mean, std and 95 % t-interval of ``metric``, and the
+    config's cost (params, MACs, FLOPs, median latency).
+
+    Args:
+        trials: a trials table (:func:`continuum.results.load`).
+        by: the columns that name a config; default: the config columns that vary.
+        metric: the accuracy column to summarise.
+    """
+    done = trials[trials["state"] == "COMPLETE"]
+    by = list(by or varying_columns(trials))
+    rows = []
+    for key, group in done.groupby(by, sort=False, dropna=False):
+        values = group[metric].astype(float).to_numpy()
+        low, high = t_interval(values)
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,))) | {
+            "n": len(values), f"{metric}_mean": values.mean(), f"{metric}_std": values.std(ddof=1) if len(values) > 1
+            else float("nan"), f"{metric}_ci_low": low, f"{metric}_ci_high": high,
+            "params": group["params"].mean(), "macs": group["macs"].mean(), "flops": group["flops"].mean(),
+            "latency_ms": group["latency_ms"].median()})
+    columns = [*by, "n", f"{metric}_mean", f"{metric}_std", f"{metric}_ci_low", f"{metric}_ci_high", "params", "macs",
+               "flops", "latency_ms"]
+    table = pd.DataFrame(rows, columns=columns)
+    if "segments" in table:
+        table = table.sort_values([c for c in by if c != "segments"] + ["segments"], kind="stable",
+                                  key=lambda col: col.map(segments_key) if col.name == "segments" else col)
+    return table.reset_index(drop=True)
+
+
+def edf(values: Sequence[float]) -> pd.DataFrame:
+    """Empirical distribution function: sorted ``value`` and the share ``F`` of values at or below it."""
+    values = np.sort(np.asarray(values, dtype=float))
+    return pd.DataFrame({"value": values, "F": np.arange(1, len(values) + 1) / max(len(values), 1)})
+
+
+def pareto_front(frame: pd.DataFrame, maximize: str = "val_acc", minimize: str = "macs") -> pd.DataFrame:
+    """The rows no other row beats on both ``maximize`` (higher is better) and ``minimize`` (lower is better),
+    sorted by ``minimize``."""
+    ordered = frame.dropna(subset=[maximize, minimize]).sort_values([minimize, maximize], ascending=[True, False])
+    keep, best = [], -np.inf
+    for index, value in ordered[maximize].items():
+        if value > best:
+            keep.append(index)
+            best = value
+    return ordered.loc[keep]
+
+
+def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = None) -> str:
+    """The Markdown summary of a study: the per-config table, trial states and the command that made it."""
+    table = summarize(trials)
+    states = trials["state"].value_counts().to_dict()
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Trials: {sum(states.values())} ({', '.join(f'{v} {k}' for k, v in states.items())}). "
+              "Accuracy: validation accuracy after the last epoch; mean ± std over seeds, 95 % CI of the mean "
+              "(Student t); MACs per image; latency: median per batch.", ""]
+    shown = table.copy()
+    for column in ("val_acc_mean", "val_acc_std", "val_acc_ci_low", "val_acc_ci_high"):
+        shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "–")
+    shown["params"] = shown["params"].map(lambda v: f"{v:,.0f}")
+    shown["macs"] = shown["macs"].map(lambda v: f"{v / 1e6:,.2f} M")
+    shown["latency_ms"] = shown["latency_ms"].map(lambda v: f"{v:.2f}")
+    lines.append(shown.drop(columns=["flops"]).to_markdown(index=False))
+    failed = trials[trials["state"] == "FAIL"]
+    if len(failed):
+        lines += ["", "Failed trials:", ""]
+        lines += [f"- trial {r.trial} ({r.segments}, seed {r.seed}): {r.fail_reason}" for r in failed.itertuples()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,119 @@
+"""Matplotlib figures of a study: learning curves per config, the spectrum, error EDFs and Pareto fronts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from continuum.analysis import edf, pareto_front, segments_key, summarize, varying_columns  # noqa: E402
+
+
+def _label(row: pd.Series | dict, columns: Sequence[str]) -> str:
+    return ", ".join(f"{c}={row[c]}" for c in columns) or "all trials"
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: pd.DataFrame, path: Path, metric: str = "val_acc", by: Sequence[str] | None = None) -> Path:
+    """Mean ``metric`` per epoch for each config, with the range over seeds shaded (like the paper's figures 9-10).
+
+    Args:
+        curves: a curves table (:func:`continuum.results.load` with ``curves=True``).
+        path: the PNG to write.
+        metric: the curve column to plot.
+        by: columns naming a config; default: those that vary.
+    """
+    by = list(by or varying_columns(curves))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, group in curves.groupby(by, sort=True, dropna=False):
+        per_epoch = group.groupby("epoch")[metric].agg(["mean", "min", "max"])
+        line, = ax.plot(per_epoch.index, per_epoch["mean"], marker="o", ms=3,
+                        label=_label(dict(zip(by, key if isinstance(key, tuple) else (key,))), by))
+        ax.fill_between(per_epoch.index, per_epoch["min"], per_epoch["max"], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_spectrum(trials: pd.DataFrame, path: Path) -> Path:
+    """Accuracy (mean and 95 % CI) against segments, beside MACs/parameters and latency against segments.
+
+    Lines are the values of the other varying config columns.
+    """
+    others = [c for c in varying_columns(trials) if c != "segments"]
+    table = summarize(trials, by=["segments", *others])
+    fig, (acc_ax, cost_ax, time_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
+    groups = table.groupby(others, sort=True) if others else [((), table)]
+    for key, group in groups:
+        group = group.sort_values("segments", key=lambda col: col.map(segments_key))
+        x = group["segments"].astype(str)
+        label = _label(dict(zip(others, key if isinstance(key, tuple) else (key,))), others)
+        err = [group["val_acc_mean"] - group["val_acc_ci_low"], group["val_acc_ci_high"] - group["val_acc_mean"]]
+        acc_ax.errorbar(x, group["val_acc_mean"], yerr=[e.fillna(0) for e in err], marker="o", capsize=3,
+                        label=label)
+        cost_ax.plot(x, group["macs"] / 1e6, marker="o", label=f"MACs (M) {label}")
+        cost_ax.plot(x, group["params"] / 1e3, marker="s", ls="--", label=f"params (k) {label}")
+        time_ax.plot(x, group["latency_ms"], marker="o", label=label)
+    acc_ax.set(xlabel="segments", ylabel="validation accuracy", title="accuracy (mean, 95 % CI)")
+    cost_ax.set(xlabel="segments", yscale="log", title="cost per image")
+    time_ax.set(xlabel="segments", ylabel="ms per batch", title="measured latency")
+    for ax in (acc_ax, cost_ax, time_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_edf(trials: pd.DataFrame, path: Path, by: Sequence[str] | None = None) -> Path:
+    """Empirical distribution of validation error, one line per value of ``by`` (default: the varying columns)."""
+    done = trials[trials["state"] == "COMPLETE"]
+    by = list(by or varying_columns(trials))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for key, group in done.groupby(by, sort=True, dropna=False):
+        curve = edf(1 - group["val_acc"].astype(float))
+        ax.step(curve["value"], curve["F"], where="post",
+                label=f"{_label(dict(zip(by, key if isinstance(key, tuple) else (key,))), by)} (n={len(group)})")
+    ax.set(xlabel="validation error", ylabel="share of trials with lower error", title="error EDF")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_pareto(trials: pd.DataFrame, path: Path, cost: str = "macs") -> Path:
+    """Every completed trial's accuracy against ``cost`` (log scale), with the Pareto front drawn."""
+    done = trials[trials["state"] == "COMPLETE"]
+    front = pareto_front(done, "val_acc", cost)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(done[cost], done["val_acc"], s=14, alpha=0.6, label="trials")
+    ax.plot(front[cost], front["val_acc"], color="C3", marker="o", label="Pareto front")
+    for row in front.itertuples():
+        ax.annotate(str(row.segments), (getattr(row, cost), row.val_acc), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set(xscale="log", xlabel=cost, ylabel="validation accuracy", title=f"accuracy vs {cost}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_plots(trials: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> list[Path]:
+    """All figures of a study into ``folder``; figures with no completed trial to show are left out."""
+    done = trials[trials["state"] == "COMPLETE"]
+    if done.empty:
+        return []
+    done_curves = curves[curves["trial"].isin(done["trial"])]
+    return [plot_curves(done_curves, folder / "curves.png"), plot_spectrum(trials, folder / "spectrum.png"),
+            plot_edf(trials, folder / "edf.png"), plot_pareto(trials, folder / "pareto_macs.png", "macs"),
+            plot_pareto(trials, folder / "pareto_latency.png", "latency_ms")]
