@@ -23,6 +23,9 @@ METRIC_COLUMNS = ["val_acc", "val_loss", "best_val_acc", "best_val_loss", "param
 RUN_COLUMNS = ["dataset", "train_size", "val_size", "epochs", "batch_size", "recipe", "lr", "weight_decay", "device",
                "torch", "git", "fail_reason", "started", "completed"]
 TRIAL_COLUMNS = ["trial", "state", *CONFIG_COLUMNS, *METRIC_COLUMNS, *RUN_COLUMNS]
+STALE = "worker stopped (no heartbeat); its point was rerun"
+"""``fail_reason`` shown for a trial whose process died (SIGKILL, power loss) and whose heartbeat went stale."""
+
 CURVE_METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 CURVE_COLUMNS = ["trial", *CONFIG_COLUMNS, *CURVE_METRICS]
 
@@ -43,22 +46,24 @@ def _config_cells(config: dict[str, Any]) -> dict[str, Any]:
 def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
     """The row of one trial, or ``None`` for a trial that trained nothing (no ``config`` recorded)."""
     attrs = trial.user_attrs
-    if "config" not in attrs:
+    if attrs.get("config") is None or trial.state == optuna.trial.TrialState.WAITING:
         return None
     row = {"trial": trial.number, "state": trial.state.name, **_config_cells(attrs["config"])}
     row |= {key: attrs.get(key) for key in METRIC_COLUMNS + RUN_COLUMNS}
     row["started"] = trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None
     row["completed"] = trial.datetime_complete.isoformat(timespec="seconds") if trial.datetime_complete else None
+    if trial.state == optuna.trial.TrialState.FAIL and not row["fail_reason"]:
+        row["fail_reason"] = STALE
     return row
 
 
 def curve_rows(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
     """One row per finished epoch of a trial."""
-    if "config" not in trial.user_attrs:
+    if trial_row(trial) is None:
         return []
     config = _config_cells(trial.user_attrs["config"])
     return [{"trial": trial.number, **config, **{k: epoch.get(k) for k in CURVE_METRICS}}
-            for epoch in trial.user_attrs.get("curve", [])]
+            for epoch in trial.user_attrs.get("curve") or []]
 
 
 def study_frames(study: optuna.Study) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 import optuna
 import timm
 import torch
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -232,8 +233,11 @@ def open_storage(url: str, heartbeat: int) -> RDBStorage:
         raise ValueError(f"--storage {url!r} is not valid; use sqlite:///PATH or postgresql://USER@HOST/DB")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              grace_period=3 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     except Exception as err:  # noqa: BLE001  (drivers raise many kinds; the user needs one line)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot open storage {url}: {reason}") from None
@@ -381,6 +385,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
+        for key, value in trial.user_attrs.items():  # a retried trial inherits its stale original's records
+            if key != "point" and value is not None:
+                trial.set_user_attr(key, None)
         config, seed = self.configure(trial)
         trial.set_user_attr("config", config.to_dict() | {"seed": seed})
         for key, value in self.context.items():

@@ -1,0 +1,45 @@
+"""Summaries, intervals, EDFs and Pareto fronts."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from continuum.analysis import bootstrap_interval, edf, pareto_front, segments_key, summarize, t_interval
+
+
+def _trials():
+    rows = []
+    for segments, accs in (("1", [0.80, 0.82, 0.81]), ("all", [0.85, 0.86, 0.84]), ("4", [0.83, 0.83, 0.84])):
+        for seed, acc in enumerate(accs):
+            rows.append({"trial": len(rows), "state": "COMPLETE", "model": "m", "segments": segments, "seed": seed,
+                         "val_acc": acc, "params": 100, "macs": {"1": 10, "4": 5, "all": 2}[segments] * 1e6,
+                         "flops": 0, "latency_ms": 1.0})
+    rows.append(rows[0] | {"trial": 99, "state": "FAIL", "val_acc": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_summary_per_config_with_t_interval():
+    table = summarize(_trials())
+    assert list(table["segments"]) == ["1", "4", "all"]
+    row = table.iloc[0]
+    assert row["n"] == 3 and row["val_acc_mean"] == pytest.approx(0.81)
+    half = 4.302653 * np.std([0.80, 0.82, 0.81], ddof=1) / np.sqrt(3)
+    assert row["val_acc_ci_low"] == pytest.approx(0.81 - half, rel=1e-5)
+    assert row["val_acc_ci_high"] == pytest.approx(0.81 + half, rel=1e-5)
+
+
+def test_intervals_need_two_values():
+    assert all(np.isnan(t_interval([0.5])))
+    low, high = bootstrap_interval([0.80, 0.82, 0.81, 0.85], seed=0)
+    assert 0.80 <= low <= np.mean([0.80, 0.82, 0.81, 0.85]) <= high <= 0.85
+
+
+def test_edf_and_pareto():
+    curve = edf([0.3, 0.1, 0.2])
+    assert list(curve["value"]) == [0.1, 0.2, 0.3] and list(curve["F"]) == pytest.approx([1 / 3, 2 / 3, 1])
+    frame = pd.DataFrame({"val_acc": [0.8, 0.9, 0.85, 0.7], "macs": [1, 3, 4, 0.5]})
+    assert list(pareto_front(frame)["macs"]) == [0.5, 1, 3]
+
+
+def test_segments_sort_key():
+    assert sorted(["all", "16", "2", "1"], key=segments_key) == ["1", "2", "16", "all"]

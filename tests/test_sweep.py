@@ -1,0 +1,269 @@
+"""python -m continuum.sweep end to end: tables, resumption after Ctrl-C and SIGKILL, search modes, bad input."""
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from continuum import results
+from continuum.sweep import build_config, main, match_width
+from continuum.config import ModelConfig
+from continuum.data import make_synthetic
+from conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def existing_study(tmp_path_factory) -> Path:
+    """A results root holding a finished one-point study, to copy into tests that must leave it untouched."""
+    root = tmp_path_factory.mktemp("existing")
+    assert main([*FAST, "--out", str(root), "--segments", "1"]) == 0
+    return root
+
+
+def sweep(tmp_path: Path, *args: str) -> int:
+    return main([*FAST, "--out", str(tmp_path), *args])
+
+
+def states(tmp_path: Path, study: str = "default") -> pd.DataFrame:
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / study / 'study.db'}")
+    return pd.DataFrame([{"number": t.number, "state": t.state.name, "point": t.user_attrs.get("point"),
+                          "reason": t.user_attrs.get("fail_reason")} for t in loaded.get_trials()])
+
+
+def test_synthetic_sweep_end_to_end(tmp_path, capsys):
+    assert sweep(tmp_path, "--segments", "1,all", "--seeds", "0,1") == 0
+    folder = tmp_path / "default"
+    trials = results.load(folder)
+    assert len(trials) == 4 and set(trials["state"]) == {"COMPLETE"}
+    assert sorted(zip(trials["segments"], trials["seed"])) == [("1", 0), ("1", 1), ("all", 0), ("all", 1)]
+    for column in ("model", "order", "mid_act", "residual", "width", "val_acc", "val_loss", "best_val_acc", "params",
+                   "macs", "flops", "latency_ms", "wall_s", "device", "torch", "epochs", "images_per_s"):
+        assert trials[column].notna().all(), column
+    assert (trials["flops"] == 2 * trials["macs"]).all()
+    assert trials.set_index("segments")["params"].loc["1"].iloc[0] == 1_145_322
+    curves = results.load(folder, curves=True)
+    assert len(curves) == 4 and set(curves["epoch"]) == {1}
+    summary = (folder / "summary.md").read_text()
+    assert "python -m continuum.sweep" in summary and "| all " in summary
+    for plot in ("curves.png", "spectrum.png", "edf.png", "pareto_macs.png", "pareto_latency.png"):
+        assert (folder / plot).stat().st_size > 1000
+    assert "results:" in capsys.readouterr().out
+
+
+def test_rerun_skips_completed_points_and_adds_new_ones(tmp_path):
+    assert sweep(tmp_path, "--segments", "1,all") == 0
+    first = results.load(tmp_path / "default")
+    assert sweep(tmp_path, "--segments", "1,all") == 0
+    assert len(states(tmp_path)) == 2
+    assert sweep(tmp_path, "--segments", "1,4,all") == 0
+    after = results.load(tmp_path / "default")
+    assert list(after["segments"]) == ["1", "all", "4"]
+    pd.testing.assert_frame_equal(after.iloc[:2][["trial", "val_acc"]], first[["trial", "val_acc"]])
+
+
+def test_results_load_round_trip(tmp_path):
+    assert sweep(tmp_path, "--segments", "2,all", "--mid-act", "none,relu") == 0
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'default' / 'study.db'}")
+    from_study = results.normalise(results.load(study))
+    from_csv = results.load(tmp_path / "default")
+    from_url = results.normalise(results.load(f"sqlite:///{tmp_path / 'default' / 'study.db'}", study_name="default"))
+    csv_only = results.load(tmp_path / "default" / "trials.csv")
+    for frame in (from_csv, from_url, csv_only):
+        assert list(frame.columns) == results.TRIAL_COLUMNS
+        pd.testing.assert_frame_equal(frame[["trial", "segments", "mid_act", "val_acc", "params"]],
+                                      from_study[["trial", "segments", "mid_act", "val_acc", "params"]],
+                                      check_dtype=False)
+    assert set(from_csv["mid_act"]) == {"none", "relu"}
+
+
+def test_report_regenerates_summary_and_plots_from_tables_alone(tmp_path):
+    assert sweep(tmp_path, "--segments", "1,all") == 0
+    folder = tmp_path / "default"
+    (folder / "study.db").unlink()
+    for path in [folder / "summary.md", *folder.glob("*.png")]:
+        path.unlink()
+    result = subprocess.run([sys.executable, "-m", "continuum.report", str(folder)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "summary.md").exists() and len(list(folder.glob("*.png"))) == 5
+
+
+def test_match_params_scales_width_within_two_percent():
+    data = make_synthetic()
+    for segments in (1, 4, "all"):
+        config = match_width(ModelConfig(segments=segments).validate(), 300_000, data)
+        from continuum.sweep import build_model
+        params = sum(p.numel() for p in build_model(config, data).parameters())
+        assert abs(params - 300_000) <= 6_000, (segments, params)
+
+
+def test_match_params_sweep_records_the_width(tmp_path):
+    assert sweep(tmp_path, "--segments", "1,all", "--match-params", "250000") == 0
+    trials = results.load(tmp_path / "default")
+    assert ((trials["params"] - 250_000).abs() <= 5_000).all()
+    assert trials.set_index("segments").loc["1", "width"] < 1 < trials.set_index("segments").loc["all", "width"]
+
+
+@pytest.mark.parametrize("search,extra", [("tpe", []), ("nsga2", ["--objectives", "val_acc,flops"])])
+def test_search_modes(tmp_path, search, extra):
+    args = ["--search", search, "--n-trials", "3", "--segments", "1,4,all", *extra]
+    assert sweep(tmp_path, *args) == 0
+    trials = results.load(tmp_path / "default")
+    assert len(trials) == 3 and set(trials["state"]) == {"COMPLETE"}
+    assert all(s.count("/") == 2 for s in trials["segments"])  # one value per stage
+    assert sweep(tmp_path, *args) == 0  # rerun: already 3 trials, nothing to do
+    assert len(results.load(tmp_path / "default")) == 3
+
+
+def test_experiment_file_gives_the_same_settings(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('study = "fromfile"\nsegments = [1, "all"]\nseeds = [3]\n[data]\ndataset = "synthetic"\n'
+                      '[train]\nepochs = 1\nbatch_size = 64\n')
+    assert main(["--config", str(config), "--out", str(tmp_path), "--quiet"]) == 0
+    trials = results.load(tmp_path / "fromfile")
+    assert list(trials["seed"]) == [3, 3] and list(trials["segments"]) == ["1", "all"]
+
+
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    assert sweep(tmp_path, "--segments", "1,all", "--lr", "1e30") == 0
+    trials = results.load(tmp_path / "default")
+    assert set(trials["state"]) == {"FAIL"}
+    assert trials["fail_reason"].str.contains("non-finite training loss").all()
+    assert "non-finite training loss" in (tmp_path / "default" / "summary.md").read_text()
+
+
+def _spawn(tmp_path: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--quiet", "--out", str(tmp_path),
+               "--batch-size", "32", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for_running(tmp_path: Path, completed: int, timeout: float = 120) -> None:
+    """Wait until ``completed`` trials are COMPLETE and another one has finished at least one epoch."""
+    db = tmp_path / "default" / "study.db"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if db.exists():
+            with sqlite3.connect(db, timeout=30) as connection:
+                done = connection.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+                running = connection.execute(
+                    "select count(*) from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
+                    "where t.state = 'RUNNING' and a.key = 'epochs_done'").fetchone()[0]
+            if done >= completed and running:
+                return
+        time.sleep(0.2)
+    raise AssertionError("the sweep did not reach a running trial in time")
+
+
+def _assert_each_point_complete_once(tmp_path: Path, points: int) -> pd.DataFrame:
+    table = states(tmp_path)
+    complete = table[table["state"] == "COMPLETE"]
+    assert len(complete) == points and complete["point"].is_unique
+    assert set(table["state"]) <= {"COMPLETE", "FAIL"}
+    trials = results.load(tmp_path / "default")
+    assert (trials[trials["state"] == "COMPLETE"]).groupby(["segments", "seed"]).size().eq(1).all()
+    return table
+
+
+AXES = ["--segments", "1,all", "--seeds", "0,1", "--epochs", "3"]
+
+
+def test_ctrl_c_leaves_the_study_consistent_and_a_rerun_completes_it(tmp_path):
+    process = _spawn(tmp_path, *AXES)
+    _wait_for_running(tmp_path, completed=1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "rerun the same command to resume" in stderr
+    table = states(tmp_path)
+    assert "RUNNING" not in set(table["state"]) and (table["reason"] == "interrupted").sum() == 1
+    started = table[table["state"] != "WAITING"]
+    assert list(results.load(tmp_path / "default")["trial"]) == list(started["number"])
+    rerun = _spawn(tmp_path, *AXES)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    table = _assert_each_point_complete_once(tmp_path, 4)
+    assert len(table) == 5
+
+
+def test_sigkill_loses_only_the_trial_in_progress(tmp_path):
+    process = _spawn(tmp_path, *AXES, "--heartbeat", "1")
+    _wait_for_running(tmp_path, completed=1)
+    process.kill()
+    process.wait(timeout=30)
+    table = states(tmp_path)
+    assert (table["state"] == "COMPLETE").sum() >= 1 and (table["state"] == "RUNNING").sum() == 1
+    rerun = _spawn(tmp_path, *AXES, "--heartbeat", "1")
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    table = _assert_each_point_complete_once(tmp_path, 4)
+    assert (table["state"] == "FAIL").sum() == 1
+    trials = results.load(tmp_path / "default")
+    assert "worker stopped" in trials.loc[trials["state"] == "FAIL", "fail_reason"].iloc[0]
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "continuum.sweep", "--quiet", "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--order", "sideways"], "order='sideways' is not valid"),
+    (["--segments", "1,five"], "segments='five' is not valid"),
+    (["--mid-act", "wobble"], "mid_act='wobble' is not valid"),
+    (["--residual", "maybe"], "'maybe' is not valid; use on or off"),
+    (["--segments", "5"], "stages.stage1.0.rep.0.spatial: segments=5 does not fit in_channels=32"),
+    (["--model", "nonet"], "model 'nonet' is not registered"),
+    (["--model", "continuum_xception", "--width", "2"], "does not take these settings"),
+    (["--dataset", "imagefolder:/nonexistent/folder"], "imagefolder:/nonexistent/folder"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--storage", "mongodb://x"], "--storage 'mongodb://x' is not valid; use sqlite:///PATH or postgresql://"),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage postgresql://nobody@127.0.0.1:1/none"),
+    (["--epochs", "0"], "epochs=0 is not valid"),
+    (["--recipe", "adamw"], "recipe='adamw' is not valid"),
+    (["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
+    (["--match-params", "1000", "--segments", "32"], "--match-params 1000: segments=32 gets no closer"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(existing_study, tmp_path, capsys, args, message):
+    shutil.copytree(existing_study, tmp_path, dirs_exist_ok=True)
+    folder = tmp_path / "default"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    capsys.readouterr()
+    assert main(["--quiet", "--out", str(tmp_path), "--dataset", "synthetic", *args]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and stderr.count("\n") == 1
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    result = _cli(tmp_path, "--dataset", "synthetic", "--segments", "5")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: stages.stage1.0.rep.0.spatial: segments=5")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "default").exists()
+
+
+def test_other_settings_on_an_existing_study_are_refused(existing_study, tmp_path, capsys):
+    shutil.copytree(existing_study, tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / "default" / "study.db").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*FAST, "--out", str(tmp_path), "--epochs", "2", "--segments", "1"]) == 2
+    assert "study 'default' was run with other settings: train.epochs (1 there, 2 now)" in capsys.readouterr().err
+    assert (tmp_path / "default" / "study.db").stat().st_mtime_ns == before
+
+
+def test_cli_settings_parse():
+    cfg = build_config({"segments": "1,4,all", "order": "depthwise_first,pointwise-first", "residual": "on,off",
+                        "mid_act": "none,relu", "seeds": "0,1", "epochs": "5", "train_size": "0"})
+    assert cfg.segments == (1, 4, "all") and cfg.orders == ("depthwise_first", "pointwise_first")
+    assert cfg.residuals == (True, False) and cfg.mid_acts == (None, "relu") and cfg.train.epochs == 5
+    search = build_config({"search": "nsga2"})
+    assert search.objectives == ("val_acc", "flops") and "all" in search.segments
+    with pytest.raises(ValueError, match="unknown setting 'colour'"):
+        build_config({"colour": "red"})

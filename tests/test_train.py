@@ -1,0 +1,94 @@
+"""The training loop: augmentation on the device, recipes, determinism, failures."""
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import continuum  # noqa: F401
+from continuum.config import TrainConfig
+from continuum.data import make_synthetic
+from continuum.train import TrainingFailed, augment_batch, fit, lr_factor, resolve_device
+
+
+def test_augment_crops_with_padding_and_flips():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    out = augment_batch(x, pad=1, hflip=False, generator=generator)
+    assert out.shape == x.shape
+    for image, original in zip(out, x):  # every crop is a window of the zero-padded image
+        padded = nn.functional.pad(original, (1, 1, 1, 1))
+        windows = [padded[:, i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
+        assert any(torch.equal(image, w) for w in windows)
+    flipped = augment_batch(x.repeat(50, 1, 1, 1), pad=0, hflip=True, generator=generator)
+    is_flip = [torch.equal(f, o.flip(2)) for f, o in zip(flipped, x.repeat(50, 1, 1, 1))]
+    assert 10 < sum(is_flip) < 90
+    assert torch.equal(augment_batch(x, pad=0, hflip=False, generator=generator), x)
+
+
+def test_recipes():
+    assert lr_factor("cosine", 0) == 1 and lr_factor("cosine", 1) == pytest.approx(0)
+    assert lr_factor("paper_sgd", 0.5) == pytest.approx(0.94 ** 25)
+    assert lr_factor("paper_rmsprop", 1 / 30) == pytest.approx(0.9)
+    assert TrainConfig(recipe="paper_sgd").resolved_lr == 0.045
+    assert TrainConfig(recipe="paper_sgd").resolved_weight_decay == 1e-5
+
+
+def _run(seed: int, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model("continuum_small", segments=4)
+    return fit(model, make_synthetic(train_size=128, val_size=64), TrainConfig(epochs=2, batch_size=32, **kwargs),
+               seed=seed, progress=False)
+
+
+def test_fit_records_curves_and_is_deterministic():
+    first, again, other = _run(0), _run(0), _run(1)
+    assert [m["epoch"] for m in first.curve] == [1, 2]
+    assert set(first.curve[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+                                   "images_per_s"}
+    assert first.curve[1]["lr"] < first.curve[0]["lr"] == 0.05
+    assert first.best_val_acc == max(m["val_acc"] for m in first.curve)
+    assert [m["train_loss"] for m in first.curve] == [m["train_loss"] for m in again.curve]
+    assert first.curve[0]["train_loss"] != other.curve[0]["train_loss"]
+
+
+@pytest.mark.parametrize("recipe", ["paper_sgd", "paper_rmsprop"])
+def test_paper_recipes_train(recipe):
+    result = _run(0, recipe=recipe)
+    assert all(math.isfinite(m["train_loss"]) for m in result.curve)
+
+
+def test_non_finite_loss_fails_the_run():
+    with pytest.raises(TrainingFailed, match="non-finite training loss"):
+        _run(0, lr=1e30)
+
+
+def test_on_epoch_can_stop_the_run():
+    seen = []
+
+    def stop(metrics):
+        seen.append(metrics["epoch"])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(timm.create_model("continuum_small"), make_synthetic(train_size=64, val_size=32),
+            TrainConfig(epochs=3, batch_size=32), on_epoch=stop, progress=False)
+    assert seen == [1]
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="not valid"):
+        resolve_device("abacus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_with_bf16_and_channels_last():
+    result = _run(0, device="cuda")
+    assert all(math.isfinite(m["train_loss"]) for m in result.curve)
