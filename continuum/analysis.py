@@ -110,9 +110,11 @@ def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = Non
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    batch = trials["latency_batch"].dropna().unique() if "latency_batch" in trials else []
+    per_batch = f"median ms per inference batch of {int(batch[0])} images" if len(batch) == 1 else "median ms"
     lines += [f"Trials: {sum(states.values())} ({', '.join(f'{v} {k}' for k, v in states.items())}). "
               "Accuracy: validation accuracy after the last epoch; mean ± std over seeds, 95 % CI of the mean "
-              "(Student t); MACs per image; latency: median per batch.", ""]
+              f"(Student t); MACs per image; latency: {per_batch}.", ""]
     shown = table.copy()
     for column in ("val_acc_mean", "val_acc_std", "val_acc_ci_low", "val_acc_ci_high"):
         shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "–")

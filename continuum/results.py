@@ -20,7 +20,8 @@ CONFIG_COLUMNS = ["model", "segments", "order", "mid_act", "residual", "width", 
 
 METRIC_COLUMNS = ["val_acc", "val_loss", "best_val_acc", "best_val_loss", "params", "macs", "flops", "latency_ms",
                   "epochs_done", "train_s", "wall_s", "images_per_s"]
-RUN_COLUMNS = ["dataset", "train_size", "val_size", "epochs", "batch_size", "recipe", "lr", "weight_decay", "device",
+RUN_COLUMNS = ["dataset", "train_size", "val_size", "epochs", "batch_size", "recipe", "lr", "weight_decay",
+               "latency_batch", "device",
                "torch", "git", "fail_reason", "started", "completed"]
 TRIAL_COLUMNS = ["trial", "state", *CONFIG_COLUMNS, *METRIC_COLUMNS, *RUN_COLUMNS]
 STALE = "worker stopped (no heartbeat); its point was rerun"

@@ -372,6 +372,7 @@ class Objective:
             "dataset": cfg.data.dataset, "train_size": len(data.train_y), "val_size": len(data.val_y),
             "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe,
             "lr": cfg.train.resolved_lr, "weight_decay": cfg.train.resolved_weight_decay,
+            "latency_batch": cfg.latency_batch,
             "device": f"{device_name} ({torch.get_num_threads()} threads)" if device_name == "cpu" else device_name,
             "torch": torch.__version__, "git": _git_commit(),
         }
@@ -501,9 +502,11 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
         with open(folder / "command.txt", "a") as handle:
             handle.write(command + "\n")
     objective = Objective(cfg, data, progress)
-    keys = {point_key(c, s) for c, s in grid_points(cfg)} if cfg.search == "grid" else None
+    keys = None
     if cfg.search == "grid":
-        plan_grid(study, [point_key(c, s) for c, s in grid_points(cfg)], cfg.retry_failed)
+        ordered = [point_key(c, s) for c, s in grid_points(cfg)]
+        keys = set(ordered)
+        plan_grid(study, ordered, cfg.retry_failed)
         todo = _count(study, (TrialState.WAITING, TrialState.RUNNING), keys)
     else:
         todo = max(0, cfg.n_trials - _count(study, (TrialState.COMPLETE, TrialState.PRUNED)))

@@ -267,3 +267,18 @@ def test_cli_settings_parse():
     assert search.objectives == ("val_acc", "flops") and "all" in search.segments
     with pytest.raises(ValueError, match="unknown setting 'colour'"):
         build_config({"colour": "red"})
+
+
+def test_pruner_stops_weak_trials_and_they_count_as_done(tmp_path):
+    args = ["--segments", "1,4,all", "--seeds", "0,1", "--epochs", "2", "--pruner", "median"]
+    assert sweep(tmp_path, *args) == 0
+    table = states(tmp_path)
+    assert set(table["state"]) <= {"COMPLETE", "PRUNED"} and len(table) == 6
+    assert sweep(tmp_path, *args) == 0
+    assert len(states(tmp_path)) == 6
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    assert sweep(tmp_path, "--segments", "all", "--compile") == 0
+    assert set(results.load(tmp_path / "default")["state"]) == {"COMPLETE"}
