@@ -327,6 +327,7 @@ class SweepConfig(ConfigBase):
         retry_failed: rerun points whose trial failed for a lasting reason (non-finite loss, out of memory).
         heartbeat: seconds between trial heartbeats; a trial silent for 3 heartbeats is stale and rerun.
         latency_batch: batch size of the per-trial latency probe.
+        workers: local worker processes sharing the study.
         data: the dataset settings.
         train: the training settings.
     """
@@ -350,6 +351,7 @@ class SweepConfig(ConfigBase):
     retry_failed: bool = False
     heartbeat: int = 10
     latency_batch: int = 32
+    workers: int = 1
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
@@ -372,8 +374,8 @@ class SweepConfig(ConfigBase):
             raise ValueError("pruning needs a single objective; use --pruner none with several objectives")
         if self.match_params is not None and (self.match_params < 1 or self.widths != (1.0,)):
             raise ValueError("match_params needs a positive count and no explicit widths (it sets the width)")
-        if self.n_trials < 1 or self.heartbeat < 1 or self.latency_batch < 1:
-            raise ValueError("n_trials, heartbeat and latency_batch must be >= 1")
+        if self.n_trials < 1 or self.heartbeat < 1 or self.latency_batch < 1 or self.workers < 1:
+            raise ValueError("n_trials, heartbeat, latency_batch and workers must be >= 1")
         if not self.study or any(c in self.study for c in "/\\:") or self.study.startswith("."):
             raise ValueError(f"study={self.study!r} is not valid; use a plain name such as 'spectrum'")
         if any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):

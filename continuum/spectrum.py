@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per point (default: %(default)s)")
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead of inference")
     parser.add_argument("--compare", default="", help="comma list of timm models to measure beside it")
-    parser.add_argument("--out", default="results/spectrum", help="folder for the CSV and Markdown table")
+    parser.add_argument("--out", default="results/cost", help="folder for the CSV and Markdown table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 

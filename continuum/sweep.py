@@ -20,11 +20,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +33,6 @@ from typing import Any, Sequence
 import optuna
 import timm
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -43,6 +43,7 @@ from continuum.cost import measure_latency, model_cost
 from continuum.data import DataError, TensorData, load_dataset
 from continuum.report import write_report, write_summary
 from continuum.results import study_frames, write_tables
+from continuum.storage import default_storage, move_sqlite_study_to_journal, open_storage
 from continuum.train import TrainingFailed, fit, resolve_device
 
 log = logging.getLogger("continuum.sweep")
@@ -53,8 +54,17 @@ MATCH_TOLERANCE = 0.02
 STAGES = 3
 """Parts whose knobs a search sets separately: the small net's stages, or Xception's entry/middle/exit flows."""
 
+DUPLICATE = "duplicate"
+"""``fail_reason`` prefix of a trial that stood down because another trial had its grid point."""
+
+WORKER_LOST = "worker lost"
+"""``fail_reason`` prefix of a trial whose local worker process died under ``--workers N``."""
+
 INTERRUPTED = "interrupted"
 """``fail_reason`` of a trial stopped by Ctrl-C; such points are rerun on resume, unlike lasting failures."""
+
+TRANSIENT_FAILURES = (INTERRUPTED, DUPLICATE, WORKER_LOST)
+"""``fail_reason`` prefixes that say nothing about the point itself: it runs again."""
 
 AXES = {"segments": "segments", "order": "orders", "mid_act": "mid_acts", "residual": "residuals",
         "width": "widths", "model": "models", "seeds": "seeds", "objectives": "objectives"}
@@ -100,7 +110,8 @@ ITEM_PARSERS = {"seeds": _seed, "widths": _number(float), "residuals": parse_boo
 SCALAR_PARSERS = {"epochs": _number(int), "batch_size": _number(int), "lr": _number(float),
                   "weight_decay": _number(float), "train_size": _number(int), "val_size": _number(int),
                   "n_trials": _number(int), "match_params": _number(int), "heartbeat": _number(int),
-                  "drop_rate": _number(float), "latency_batch": _number(int), "label_smoothing": _number(float)}
+                  "drop_rate": _number(float), "latency_batch": _number(int), "label_smoothing": _number(float),
+                  "workers": _number(int)}
 TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__)
 DATA_FIELDS = set(DataConfig.__dataclass_fields__)
 
@@ -219,28 +230,9 @@ def match_width(config: ModelConfig, target: int, data: TensorData) -> ModelConf
 # ------------------------------------------------------------------------------------------------------------ storage
 
 def storage_url(cfg: SweepConfig) -> str:
-    """The study's storage URL: ``--storage``, else SQLite in the study's results folder."""
-    return cfg.storage or f"sqlite:///{Path(cfg.out) / cfg.study / 'study.db'}"
-
-
-def open_storage(url: str, heartbeat: int) -> RDBStorage:
-    """An Optuna RDB storage with heartbeats: a trial silent for 3 heartbeats is failed and retried.
-
-    Raises:
-        ValueError: a malformed or unreachable URL, in one line.
-    """
-    if not url.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+")):
-        raise ValueError(f"--storage {url!r} is not valid; use sqlite:///PATH or postgresql://USER@HOST/DB")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              grace_period=3 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as err:  # noqa: BLE001  (drivers raise many kinds; the user needs one line)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot open storage {url}: {reason}") from None
+    """The study's storage URL: ``--storage``, else a file in the study's results folder (see
+    :func:`continuum.storage.default_storage`)."""
+    return cfg.storage or default_storage(Path(cfg.out) / cfg.study, cfg.workers)
 
 
 def _sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
@@ -271,7 +263,7 @@ def _settings_diff(stored: dict, current: dict) -> list[str]:
     return diff
 
 
-def open_study(cfg: SweepConfig, storage: RDBStorage) -> optuna.Study:
+def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it and check it was run with the same fixed settings.
 
     Raises:
@@ -328,8 +320,11 @@ def suggest_point(trial: optuna.Trial, cfg: SweepConfig) -> tuple[ModelConfig, i
     return config, seed
 
 
-def grid_point(trial: optuna.Trial) -> tuple[ModelConfig, int]:
+def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> tuple[ModelConfig, int]:
     """The enqueued point of a grid trial (its ``point`` user attribute).
+
+    Workers enqueueing at the same time may queue a point twice; the trial then stands down (fails as a
+    duplicate, training nothing) unless it is the lowest-numbered live trial of its point, so each point runs once.
 
     Grid values are not Optuna params: a study's categorical choices are fixed once stored, and a grid may grow
     (a rerun with more segment counts adds points to the same study).
@@ -337,7 +332,14 @@ def grid_point(trial: optuna.Trial) -> tuple[ModelConfig, int]:
     if "point" not in trial.user_attrs:
         trial.set_user_attr("fail_reason", "no grid point left (another worker took the last one)")
         raise TrialFailed("no grid point left")
-    point = json.loads(trial.user_attrs["point"])
+    key = trial.user_attrs["point"]
+    others = [t for t in trial.study.get_trials(deepcopy=False)
+              if t.user_attrs.get("point") == key and t.number != trial.number]
+    taken = point_taken(others, before=trial.number, retry_failed=retry_failed)
+    if taken is not None:
+        trial.set_user_attr("fail_reason", f"{DUPLICATE}: trial {taken} has this point")
+        raise TrialFailed(DUPLICATE)
+    point = json.loads(key)
     seed = point.pop("seed")
     return ModelConfig.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in point.items()}), seed
 
@@ -374,12 +376,15 @@ class Objective:
             "lr": cfg.train.resolved_lr, "weight_decay": cfg.train.resolved_weight_decay,
             "latency_batch": cfg.latency_batch,
             "device": f"{device_name} ({torch.get_num_threads()} threads)" if device_name == "cpu" else device_name,
-            "torch": torch.__version__, "git": _git_commit(),
+            "torch": torch.__version__, "git": _git_commit(), "worker": worker_id(),
         }
 
     def configure(self, trial: optuna.Trial) -> tuple[ModelConfig, int]:
         """The trial's point, width-matched when ``match_params`` is set."""
-        config, seed = grid_point(trial) if self.cfg.search == "grid" else suggest_point(trial, self.cfg)
+        if self.cfg.search == "grid":
+            config, seed = grid_point(trial, self.cfg.retry_failed)
+        else:
+            config, seed = suggest_point(trial, self.cfg)
         if self.cfg.match_params:
             config = match_width(config, self.cfg.match_params, self.data)
         return config, seed
@@ -453,28 +458,38 @@ def export(study: optuna.Study, folder: Path) -> None:
     write_summary(folder, trials)
 
 
-def plan_grid(study: optuna.Study, keys: Sequence[str], retry_failed: bool) -> int:
-    """Enqueue every grid point x seed that is not done, queued or running; returns how many were enqueued.
+def point_taken(trials: Sequence[optuna.trial.FrozenTrial], before: int | None = None,
+                retry_failed: bool = False) -> int | None:
+    """The number of a trial that has done or holds a grid point, among ``trials`` of that point, else ``None``.
 
-    Done: a COMPLETE or PRUNED trial, or a FAIL with a lasting reason (unless ``retry_failed``). Trials stopped by
-    Ctrl-C or by a dead worker (no reason, or ``interrupted``) do not count: their points run again.
+    Done: COMPLETE or PRUNED, or FAIL for a lasting reason (non-finite loss, out of memory) unless ``retry_failed``.
+    Held: WAITING or RUNNING (numbered below ``before`` when given). Trials stopped by Ctrl-C, by a dead worker or
+    standing down as duplicates neither do nor hold their point.
     """
+    for t in sorted(trials, key=lambda t: t.number):
+        reason = t.user_attrs.get("fail_reason") or ""
+        lasting_failure = t.state == TrialState.FAIL and reason and not reason.startswith(TRANSIENT_FAILURES)
+        live = t.state in (TrialState.WAITING, TrialState.RUNNING) and (before is None or t.number < before)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or live or (lasting_failure and not retry_failed):
+            return t.number
+    return None
+
+
+def plan_grid(study: optuna.Study, keys: Sequence[str], retry_failed: bool) -> int:
+    """Enqueue every grid point x seed that no trial has done or holds (:func:`point_taken`); returns how many."""
     seen: dict[str, list] = defaultdict(list)
     for trial in study.get_trials(deepcopy=False):
         if "point" in trial.user_attrs:
             seen[trial.user_attrs["point"]].append(trial)
-    enqueued = 0
-    for key in keys:
-        trials = seen[key]
-        if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
-               for t in trials):
-            continue
-        if not retry_failed and any(t.state == TrialState.FAIL and t.user_attrs.get("fail_reason")
-                                    not in (None, INTERRUPTED) for t in trials):
-            continue
+    missing = [key for key in keys if point_taken(seen[key], retry_failed=retry_failed) is None]
+    for key in missing:
         study.enqueue_trial({}, user_attrs={"point": key})
-        enqueued += 1
-    return enqueued
+    return len(missing)
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded on its trials."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _count(study: optuna.Study, states: Sequence[TrialState], keys: set[str] | None = None) -> int:
@@ -482,7 +497,21 @@ def _count(study: optuna.Study, states: Sequence[TrialState], keys: set[str] | N
                if keys is None or t.user_attrs.get("point") in keys)
 
 
-def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None) -> optuna.Study:
+def connect(cfg: SweepConfig) -> optuna.Study:
+    """Open (or create) the study of ``cfg`` in its storage, making the results folder when the storage is a file."""
+    folder = Path(cfg.out) / cfg.study
+    url = storage_url(cfg)
+    if url.startswith(("sqlite:///", "journal:")):
+        folder.mkdir(parents=True, exist_ok=True)
+    if cfg.storage is None and url.startswith("journal:"):
+        move_sqlite_study_to_journal(folder, cfg.study)
+    study = open_study(cfg, open_storage(url, cfg.heartbeat))
+    folder.mkdir(parents=True, exist_ok=True)
+    return study
+
+
+def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
+        report: bool = True) -> optuna.Study:
     """Run (or resume) the sweep ``cfg`` on ``data`` and write its results tables and plots.
 
     Args:
@@ -490,24 +519,18 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
         data: the dataset (already subset as ``cfg.data`` asks).
         progress: tqdm bars for the sweep and each trial.
         command: the command line, recorded in ``command.txt`` beside the tables.
+        report: draw the plots at the end (the tables and summary are written after every trial regardless).
     """
     folder = Path(cfg.out) / cfg.study
-    url = storage_url(cfg)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url, cfg.heartbeat)
-    study = open_study(cfg, storage)
-    folder.mkdir(parents=True, exist_ok=True)
+    study = connect(cfg)
     if command:
         with open(folder / "command.txt", "a") as handle:
             handle.write(command + "\n")
     objective = Objective(cfg, data, progress)
-    keys = None
+    ordered = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
     if cfg.search == "grid":
-        ordered = [point_key(c, s) for c, s in grid_points(cfg)]
-        keys = set(ordered)
         plan_grid(study, ordered, cfg.retry_failed)
-        todo = _count(study, (TrialState.WAITING, TrialState.RUNNING), keys)
+        todo = _count(study, (TrialState.WAITING, TrialState.RUNNING), set(ordered))
     else:
         todo = max(0, cfg.n_trials - _count(study, (TrialState.COMPLETE, TrialState.PRUNED)))
     bar = tqdm(total=todo, desc=f"sweep {cfg.study}", unit="trial", disable=not progress)
@@ -517,17 +540,24 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             if cfg.search != "grid":
                 if _count(study, (TrialState.COMPLETE, TrialState.PRUNED)) >= cfg.n_trials:
                     break
-            elif not _count(study, (TrialState.WAITING,)):
-                if not _count(study, (TrialState.RUNNING,), keys):
-                    break
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
-                time.sleep(min(cfg.heartbeat, 5))
-                continue
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+            else:
+                plan_grid(study, ordered, cfg.retry_failed)  # re-queues points whose worker died meanwhile
+                if not _count(study, (TrialState.WAITING,)):
+                    if not _count(study, (TrialState.RUNNING,), set(ordered)):
+                        break
+                    optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
+                    time.sleep(min(cfg.heartbeat, 2))
+                    continue
+            try:
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                # our heartbeat lapsed (database down too long), so another worker failed and reran this trial
+                log.warning("a trial was taken over by another worker; going on (%s)", err)
     finally:
         bar.close()
         export(study, folder)
-    write_report(folder)
+    if report:
+        write_report(folder)
     return study
 
 
@@ -570,7 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--pruner", choices=["none", "median", "hyperband"], help="prune weak trials early")
     sweep.add_argument("--retry-failed", action="store_const", const=True, help="rerun points that failed")
     sweep.add_argument("--heartbeat", help="seconds between trial heartbeats (default: 10)")
+    sweep.add_argument("--workers", help="local worker processes sharing the study (default: 1); one GPU each "
+                                         "when several are visible, else the CPU threads split between them")
     sweep.add_argument("--quiet", action="store_true", help="no progress bars or logs")
+    sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     return parser
 
 
@@ -579,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "worker")}
     try:
         file_settings = read_experiment(args.config) if args.config else {}
         cfg = build_config(file_settings | {k: v for k, v in settings.items() if v is not None})
@@ -589,7 +622,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for config, _ in grid_points(cfg):  # every point must build before anything is written
                 match_width(config, cfg.match_params, data) if cfg.match_params else build_model(config, data)
         command = "python -m continuum.sweep " + shlex.join(argv)
-        study = run(cfg, data, progress=not args.quiet, command=command)
+        if args.worker:  # the parent records the command, writes the report and prints the table
+            run(cfg, data, progress=False, report=False)
+            return 0
+        if cfg.workers > 1:
+            from continuum.workers import run_workers
+
+            run_workers(cfg, argv, data, progress=not args.quiet, command=command)
+        else:
+            run(cfg, data, progress=not args.quiet, command=command)
     except (ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,3 +13,62 @@ FAST = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quie
 @pytest.fixture
 def fast_args():
     return list(FAST)
+
+
+import glob  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+@dataclass
+class PostgresServer:
+    """A private PostgreSQL server on loopback for the tests; ``restart()`` bounces it."""
+
+    url: str
+    data: Path
+    port: int
+    socket_dir: Path
+    bin_dir: Path
+    as_user: list
+
+    def ctl(self, *args: str) -> None:
+        options = f"-p {self.port} -k {self.socket_dir} -h 127.0.0.1"
+        subprocess.run([*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-o", options,
+                        "-l", str(self.socket_dir / "server.log"), "-w", *args], check=True, capture_output=True)
+
+    def restart(self) -> None:
+        self.ctl("-m", "fast", "restart")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """Start a throw-away PostgreSQL server (Debian's ``postgresql`` package) for the session, or skip."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL absent: apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is in .[dev]: pip install -e '.[dev]'")
+    bin_dir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="continuum-pg-", dir="/tmp"))
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = root / "data"
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    port = _free_port()
+    server = PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/postgres", data, port, root, bin_dir, as_user)
+    server.ctl("start")
+    yield server
+    server.ctl("-m", "immediate", "stop")
+    shutil.rmtree(root, ignore_errors=True)

@@ -222,7 +222,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--model", "continuum_xception", "--width", "2"], "does not take these settings"),
     (["--dataset", "imagefolder:/nonexistent/folder"], "imagefolder:/nonexistent/folder"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--storage", "mongodb://x"], "--storage 'mongodb://x' is not valid; use sqlite:///PATH or postgresql://"),
+    (["--storage", "mongodb://x"], "--storage 'mongodb://x' is not valid; use sqlite:///PATH, postgresql://"),
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage postgresql://nobody@127.0.0.1:1/none"),
     (["--epochs", "0"], "epochs=0 is not valid"),
     (["--recipe", "adamw"], "recipe='adamw' is not valid"),

@@ -1,0 +1,125 @@
+"""Where a study lives: Optuna storages chosen, opened and kept alive for the sweep.
+
+- ``sqlite:///PATH`` (default, one worker), ``postgresql://USER@HOST/DB`` (many workers on many machines; MySQL
+  URLs work too): RDB storages with trial heartbeats, so a dead worker's trial goes stale, is failed and retried.
+  Every call is retried for a while when the database connection drops (a server restart), so workers carry on.
+- ``journal:PATH``: Optuna's journal file backend, safe for several local processes without a server; the default
+  for ``--workers N`` when no server is given (SQLite is not safe for parallel writers).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+log = logging.getLogger(__name__)
+
+RECONNECT_SECONDS = 120.0
+"""How long a storage call keeps retrying while the database is unreachable."""
+
+_CONNECTION_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                      optuna.exceptions.StorageInternalError)
+
+_RETRIED = (
+    "create_new_study", "get_all_studies", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "set_study_user_attr", "set_study_system_attr",
+    "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "set_trial_state_values",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial",
+    "get_all_trials", "_get_trials", "get_trial_id_from_study_id_trial_number", "_get_best_trial_id",
+    "record_heartbeat", "_get_stale_trial_ids",
+)
+
+
+def _with_reconnect(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        delay = 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except _CONNECTION_ERRORS as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("storage unreachable (%s); retrying in %.1f s", str(err).splitlines()[0][:120], delay)
+                self.engine.dispose()  # drop the pool's dead connections
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+    return call
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """``RDBStorage`` whose calls wait out a lost database connection (up to :data:`RECONNECT_SECONDS`)."""
+
+
+for _name in _RETRIED:
+    setattr(ReconnectingRDBStorage, _name, _with_reconnect(getattr(RDBStorage, _name)))
+
+
+def default_storage(folder: Path, workers: int) -> str:
+    """The storage of a study folder when ``--storage`` is not given.
+
+    A journal file once one exists or when several local workers share the study; SQLite otherwise.
+    A study moving from SQLite to a journal file is copied over (see :func:`open_storage`).
+    """
+    journal = folder / "study.journal"
+    return f"journal:{journal}" if journal.exists() or workers > 1 else f"sqlite:///{folder / 'study.db'}"
+
+
+def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``.
+
+    Args:
+        url: ``sqlite:///PATH``, ``postgresql://...``, ``mysql://...`` or ``journal:PATH``.
+        heartbeat: seconds between trial heartbeats on RDB storages; a trial silent for 3 is stale and retried.
+
+    Raises:
+        ValueError: a malformed or unreachable URL, in one line.
+    """
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        if not path.parent.is_dir():
+            raise ValueError(f"cannot open storage {url}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    if not url.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+")):
+        raise ValueError(f"--storage {url!r} is not valid; use sqlite:///PATH, postgresql://USER@HOST/DB or "
+                         "journal:PATH")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return ReconnectingRDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except Exception as err:  # noqa: BLE001  (drivers raise many kinds; the user needs one line)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot open storage {url}: {reason}") from None
+
+
+def move_sqlite_study_to_journal(folder: Path, study_name: str) -> None:
+    """Copy a study kept in ``folder/study.db`` into ``folder/study.journal`` (once) and set the SQLite file aside
+    as ``study.db.moved``, so every later run finds the study in the journal.
+
+    Args:
+        folder: the study's results folder.
+        study_name: the study to copy.
+    """
+    database, journal = folder / "study.db", folder / "study.journal"
+    if journal.exists() or not database.exists():
+        return
+    source = f"sqlite:///{database}"
+    if study_name in {s.study_name for s in optuna.get_all_study_summaries(source)}:
+        target = JournalStorage(JournalFileBackend(str(journal)))
+        optuna.copy_study(from_study_name=study_name, from_storage=source, to_storage=target)
+        log.warning("moved study %r from %s to %s: SQLite is not safe for parallel writers; later runs use the "
+                    "journal file", study_name, database, journal)
+    database.rename(folder / "study.db.moved")

@@ -1,0 +1,122 @@
+"""``--workers N``: N local processes of the same sweep command sharing one study.
+
+Each worker gets one GPU when several are visible (``CUDA_VISIBLE_DEVICES``), else an equal share of the CPU
+threads. The parent watches them: a worker that dies (SIGKILL, crash) has its running trial failed at once, so a
+surviving worker reruns that point; points left when every worker has gone are run by the parent itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from continuum.config import SweepConfig
+from continuum.data import TensorData
+from continuum.storage import open_storage
+from continuum.sweep import WORKER_LOST, connect, grid_points, plan_grid, point_key, run, storage_url
+
+log = logging.getLogger(__name__)
+
+
+def worker_env(index: int, workers: int) -> dict[str, str]:
+    """Environment of worker ``index``: its GPU when several are visible, else its share of CPU threads."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(gpus) > 1:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return env
+
+
+def worker_argv(argv: Sequence[str], storage: str) -> list[str]:
+    """The command line of one worker: the user's, on the parent's storage, as a single quiet worker."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--storage"):
+            skip = True
+        elif not arg.startswith(("--workers=", "--storage=")):
+            args.append(arg)
+    return [*args, "--storage", storage, "--workers", "1", "--quiet", "--worker"]
+
+
+def fail_trials_of(study: optuna.Study, storage: optuna.storages.BaseStorage, pid: int, reason: str) -> int:
+    """Fail the RUNNING trials of worker process ``pid`` on this host; returns how many."""
+    worker = f"{socket.gethostname()}:{pid}"
+    study_id = storage.get_study_id_from_name(study.study_name)
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == worker:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            failed += 1
+    return failed
+
+
+def run_workers(cfg: SweepConfig, argv: Sequence[str], data: TensorData, progress: bool = True,
+                command: str | None = None) -> optuna.Study:
+    """Run the sweep with ``cfg.workers`` local processes, then finish and report in this one.
+
+    Args:
+        cfg: the validated sweep (its ``workers`` > 1).
+        argv: the user's command-line arguments, given to every worker.
+        data: the dataset, for finishing leftover points here.
+        progress: show one bar for the whole sweep.
+        command: the command line, recorded beside the tables.
+    """
+    url = storage_url(cfg)
+    study = connect(cfg)
+    storage = open_storage(url, cfg.heartbeat)
+    keys = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
+    if keys:
+        plan_grid(study, keys, cfg.retry_failed)  # once here, so workers seldom race to queue the same points
+    log.warning("%d workers on %s", cfg.workers, url)
+    processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep", *worker_argv(argv, url)],
+                                  env=worker_env(i, cfg.workers)) for i in range(cfg.workers)]
+    total = len(keys) if keys else cfg.n_trials
+    bar = tqdm(total=total, desc=f"sweep {cfg.study} ({cfg.workers} workers)", unit="trial", disable=not progress)
+    handled: set[int] = set()
+    try:
+        while len(handled) < len(processes):
+            time.sleep(1)
+            for process in processes:
+                if process.pid in handled or process.poll() is None:
+                    continue
+                handled.add(process.pid)
+                if process.returncode != 0:
+                    lost = fail_trials_of(study, storage, process.pid,
+                                          f"{WORKER_LOST}: worker {process.pid} exited with code "
+                                          f"{process.returncode}")
+                    log.warning("worker %d exited with code %d; %d running trial(s) failed and requeued",
+                                process.pid, process.returncode, lost)
+            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                    if not keys or t.user_attrs.get("point") in set(keys)]
+            bar.n = min(len(done), total)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes:
+            process.wait()
+        raise
+    finally:
+        bar.close()
+    return run(dataclasses.replace(cfg, workers=1, storage=url), data, progress=progress, command=command)

@@ -1,0 +1,119 @@
+"""Many workers on one study: exactly once under SIGKILL and a database restart (real PostgreSQL), and local
+--workers on a journal file."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from continuum import results
+
+AXES = ["--segments", "1,2,4,8,16,32", "--seeds", "0,1", "--epochs", "2"]
+"""12 grid points x seeds."""
+
+
+def _worker(tmp_path: Path, storage: str, study: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--batch-size", "32", "--quiet",
+               "--out", str(tmp_path), "--storage", storage, "--study", study, "--heartbeat", "1", *AXES, *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def _trials(storage, study: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # not created yet
+        return []
+
+
+def _running_trial(storage, study: str, timeout: float = 180) -> optuna.trial.FrozenTrial:
+    """A RUNNING trial that has finished an epoch, once some trial is complete."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        trials = _trials(storage, study)
+        running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("epochs_done")]
+        if running and any(t.state.name == "COMPLETE" for t in trials):
+            return running[0]
+        time.sleep(0.3)
+    raise AssertionError("no running trial appeared in time")
+
+
+def _assert_exactly_once(storage, study: str, points: int = 12) -> pd.DataFrame:
+    trials = _trials(storage, study)
+    complete = [t.user_attrs["point"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == points and len(set(complete)) == points
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    table = results.load(optuna.load_study(study_name=study, storage=storage))
+    done = table[table["state"] == "COMPLETE"]
+    assert len(done) == points and not done.duplicated(["segments", "seed"]).any()
+    return table
+
+
+def _wait_all(processes, timeout: float = 420) -> None:
+    for process in processes:
+        _, stderr = process.communicate(timeout=timeout)
+        assert process.returncode == 0, stderr
+
+
+@pytest.mark.slow
+def test_three_workers_one_killed_mid_trial_each_point_completes_once(postgres, tmp_path):
+    workers = [_worker(tmp_path, postgres.url, "killed") for _ in range(3)]
+    victim = _running_trial(postgres.url, "killed")
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    survivors = [w for w in workers if w.pid != pid]
+    assert len(survivors) == 2
+    _wait_all(survivors)
+    table = _assert_exactly_once(postgres.url, "killed")
+    killed = table[table["trial"] == victim.number]
+    assert killed["state"].item() == "FAIL" and "no heartbeat" in killed["fail_reason"].item()
+
+
+@pytest.mark.slow
+def test_database_restart_mid_sweep(postgres, tmp_path):
+    workers = [_worker(tmp_path, postgres.url, "restart", "--heartbeat", "3") for _ in range(2)]
+    _running_trial(postgres.url, "restart")
+    postgres.restart()
+    _wait_all(workers)
+    _assert_exactly_once(postgres.url, "restart")
+
+
+def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path):
+    command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--batch-size", "32", "--quiet",
+               "--out", str(tmp_path), "--workers", "2", *AXES]
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "default" / "study.journal"
+    deadline = time.time() + 120
+    while not journal.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    victim = _running_trial(storage, "default")
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    _, stderr = parent.communicate(timeout=420)
+    assert parent.returncode == 0, stderr
+    assert "2 workers on journal:" in stderr
+    _assert_exactly_once(storage, "default")
+    assert not (tmp_path / "default" / "study.db").exists()
+    trials = results.load(tmp_path / "default")
+    assert "exited with code -9" in trials.loc[trials["trial"] == victim.number, "fail_reason"].item()
+
+
+def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers(tmp_path):
+    from continuum.sweep import main
+    from conftest import FAST
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1"]) == 0
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0
+    folder = tmp_path / "default"
+    assert (folder / "study.journal").exists() and (folder / "study.db.moved").exists()
+    trials = results.load(folder)
+    assert sorted(trials["segments"]) == ["1", "all"] and trials["trial"].is_unique
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all"]) == 0  # later runs use the journal
+    assert len(results.load(folder)) == 2
