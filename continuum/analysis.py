@@ -114,14 +114,15 @@ def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = Non
     per_batch = f"median ms per inference batch of {int(batch[0])} images" if len(batch) == 1 else "median ms"
     lines += [f"Trials: {sum(states.values())} ({', '.join(f'{v} {k}' for k, v in states.items())}). "
               "Accuracy: validation accuracy after the last epoch; mean ± std over seeds, 95 % CI of the mean "
-              f"(Student t); MACs per image; latency: {per_batch}.", ""]
+              f"(Student t); MACs (multiply-adds) and FLOPs (2 per MAC) per image; latency: {per_batch}.", ""]
     shown = table.copy()
     for column in ("val_acc_mean", "val_acc_std", "val_acc_ci_low", "val_acc_ci_high"):
         shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "–")
     shown["params"] = shown["params"].map(lambda v: f"{v:,.0f}")
-    shown["macs"] = shown["macs"].map(lambda v: f"{v / 1e6:,.2f} M")
+    for column in ("macs", "flops"):
+        shown[column] = shown[column].map(lambda v: f"{v / 1e6:,.2f} M")
     shown["latency_ms"] = shown["latency_ms"].map(lambda v: f"{v:.2f}")
-    lines.append(shown.drop(columns=["flops"]).to_markdown(index=False))
+    lines.append(shown.to_markdown(index=False))
     failed = trials[trials["state"] == "FAIL"]
     if len(failed):
         lines += ["", "Failed trials:", ""]

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from continuum.analysis import edf, pareto_front, segments_key, summarize, varying_columns  # noqa: E402
@@ -16,6 +17,16 @@ from continuum.analysis import edf, pareto_front, segments_key, summarize, varyi
 
 def _label(row: pd.Series | dict, columns: Sequence[str]) -> str:
     return ", ".join(f"{c}={row[c]}" for c in columns) or "all trials"
+
+
+def _groups(frame: pd.DataFrame, by: Sequence[str]) -> list[tuple[dict, pd.DataFrame]]:
+    """``frame`` grouped by ``by`` as ``({column: value}, group)`` pairs, segment counts in numeric order."""
+    def order(item: tuple) -> tuple:
+        values = item[0] if isinstance(item[0], tuple) else (item[0],)
+        return tuple(segments_key(v) if c == "segments" else str(v) for c, v in zip(by, values))
+
+    pairs = sorted(frame.groupby(list(by), sort=False, dropna=False), key=order)
+    return [(dict(zip(by, key if isinstance(key, tuple) else (key,))), group) for key, group in pairs]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -37,11 +48,11 @@ def plot_curves(curves: pd.DataFrame, path: Path, metric: str = "val_acc", by: S
     """
     by = list(by or varying_columns(curves))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, group in curves.groupby(by, sort=True, dropna=False):
+    for values, group in _groups(curves, by):
         per_epoch = group.groupby("epoch")[metric].agg(["mean", "min", "max"])
-        line, = ax.plot(per_epoch.index, per_epoch["mean"], marker="o", ms=3,
-                        label=_label(dict(zip(by, key if isinstance(key, tuple) else (key,))), by))
+        line, = ax.plot(per_epoch.index, per_epoch["mean"], marker="o", ms=3, label=_label(values, by))
         ax.fill_between(per_epoch.index, per_epoch["min"], per_epoch["max"], color=line.get_color(), alpha=0.15)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
@@ -57,11 +68,10 @@ def plot_spectrum(trials: pd.DataFrame, path: Path) -> Path:
     others = [c for c in varying_columns(trials) if c != "segments"]
     table = summarize(trials, by=["segments", *others])
     fig, (acc_ax, cost_ax, time_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
-    groups = table.groupby(others, sort=True) if others else [((), table)]
-    for key, group in groups:
+    for values, group in _groups(table, others) if others else [({}, table)]:
         group = group.sort_values("segments", key=lambda col: col.map(segments_key))
         x = group["segments"].astype(str)
-        label = _label(dict(zip(others, key if isinstance(key, tuple) else (key,))), others)
+        label = _label(values, others)
         err = [group["val_acc_mean"] - group["val_acc_ci_low"], group["val_acc_ci_high"] - group["val_acc_mean"]]
         acc_ax.errorbar(x, group["val_acc_mean"], yerr=[e.fillna(0) for e in err], marker="o", capsize=3,
                         label=label)
@@ -82,10 +92,9 @@ def plot_edf(trials: pd.DataFrame, path: Path, by: Sequence[str] | None = None) 
     done = trials[trials["state"] == "COMPLETE"]
     by = list(by or varying_columns(trials))
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for key, group in done.groupby(by, sort=True, dropna=False):
+    for values, group in _groups(done, by):
         curve = edf(1 - group["val_acc"].astype(float))
-        ax.step(curve["value"], curve["F"], where="post",
-                label=f"{_label(dict(zip(by, key if isinstance(key, tuple) else (key,))), by)} (n={len(group)})")
+        ax.step(curve["value"], curve["F"], where="post", label=f"{_label(values, by)} (n={len(group)})")
     ax.set(xlabel="validation error", ylabel="share of trials with lower error", title="error EDF")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
