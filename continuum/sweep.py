@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     axes = parser.add_argument_group("axes (comma lists)")
     axes.add_argument("--segments", help="segment counts: ints and/or all (default: 1,4,16,all)")
     axes.add_argument("--order", help="depthwise_first and/or pointwise_first (default: depthwise_first)")
-    axes.add_argument("--mid-act", help="none, relu, elu, gelu, silu, ... (default: none)")
+    axes.add_argument("--mid-act", help="none, relu, elu, gelu, silu, leaky_relu, tanh (default: none)")
     axes.add_argument("--residual", help="on and/or off (default: on)")
     axes.add_argument("--seeds", help="seeds; every point runs once per seed (default: 0)")
     axes.add_argument("--model", help="timm model names (default: continuum_small)")
