@@ -97,35 +97,6 @@ class ConfigBase:
         return cls(**data).validate()
 
 
-@dataclass(frozen=True)
-class BlockConfig(ConfigBase):
-    """The knobs of one separable unit / residual block.
-
-    Args:
-        segments: channel segments of the spatial convolution: 1 = regular conv, ``"all"`` = depthwise.
-        order: ``"depthwise_first"`` (spatial then 1x1) or ``"pointwise_first"`` (1x1 then spatial).
-        mid_act: activation between the two ops, or ``None`` (the paper's best setting).
-        residual: identity / projection shortcut around each block; ``False`` removes it.
-    """
-
-    segments: Segments = "all"
-    order: str = "depthwise_first"
-    mid_act: str | None = None
-    residual: bool = True
-
-    def validate(self) -> BlockConfig:
-        """Return a normalised copy, raising ``ValueError`` on an invalid field."""
-        if not isinstance(self.residual, bool):
-            raise ValueError(f"residual={self.residual!r} is not valid; use True or False")
-        return BlockConfig(
-            segments=parse_segments(self.segments),
-            order=parse_order(self.order),
-            mid_act=parse_mid_act(self.mid_act),
-            residual=self.residual,
-        )
-
-
-
 def spread(value: Any, parts: tuple[str, ...], name: str) -> dict[str, Any]:
     """Give one knob a value per part of a model (flow or stage).
 
