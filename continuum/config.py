@@ -381,6 +381,17 @@ class SweepConfig(ConfigBase):
         return cls(**data).validate()
 
     def fixed_settings(self) -> dict[str, Any]:
-        """The settings every trial of a study must share (a rerun with other values would mix results)."""
-        return {"data": self.data.to_dict(), "train": self.train.to_dict(), "objectives": list(self.objectives),
-                "search": self.search, "drop_rate": self.drop_rate, "match_params": self.match_params}
+        """The settings every trial of a study must share (a rerun with other values would mix results).
+
+        Where a worker runs (device, compile, data folder) is not among them; a search's choices are, since
+        they are stored with its trials and cannot change.
+        """
+        settings = {
+            "data": {k: v for k, v in self.data.to_dict().items() if k != "data_dir"},
+            "train": {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile")},
+            "objectives": list(self.objectives), "search": self.search, "drop_rate": self.drop_rate,
+            "match_params": self.match_params}
+        if self.search != "grid":
+            settings["choices"] = {axis: [str(v) for v in getattr(self, axis)] for axis in
+                                   ("models", "segments", "orders", "mid_acts", "residuals", "widths", "seeds")}
+        return settings

@@ -59,9 +59,7 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
 
 
 def curve_rows(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
-    """One row per finished epoch of a trial."""
-    if trial_row(trial) is None:
-        return []
+    """One row per finished epoch of a trial that has a :func:`trial_row`."""
     config = _config_cells(trial.user_attrs["config"])
     return [{"trial": trial.number, **config, **{k: epoch.get(k) for k in CURVE_METRICS}}
             for epoch in trial.user_attrs.get("curve") or []]
@@ -69,9 +67,12 @@ def curve_rows(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
 
 def study_frames(study: optuna.Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(trials, curves)`` DataFrames of a study."""
-    trials = study.get_trials(deepcopy=False)
-    rows = [row for row in map(trial_row, trials) if row is not None]
-    curves = [row for trial in trials for row in curve_rows(trial)]
+    rows, curves = [], []
+    for trial in study.get_trials(deepcopy=False):
+        row = trial_row(trial)
+        if row is not None:
+            rows.append(row)
+            curves += curve_rows(trial)
     return (pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values("trial", ignore_index=True),
             pd.DataFrame(curves, columns=CURVE_COLUMNS).sort_values(["trial", "epoch"], ignore_index=True))
 

@@ -270,18 +270,14 @@ def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna
         ValueError: the existing study's settings differ (nothing is written to it).
     """
     settings = cfg.fixed_settings()
-    if cfg.search != "grid":  # a search's choices are stored with its trials and cannot change
-        settings["choices"] = {axis: [str(v) for v in getattr(cfg, axis)] for axis in
-                               ("models", "segments", "orders", "mid_acts", "residuals", "widths", "seeds")}
-    settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("device", "compile")}
-    settings["data"] = {k: v for k, v in settings["data"].items() if k != "data_dir"}
     directions = [OBJECTIVES[o] for o in cfg.objectives]
     existing = {s.study_name: s for s in storage.get_all_studies()}
     if cfg.study in existing:
         stored = existing[cfg.study].user_attrs.get("settings")
-        if stored is not None and _settings_diff(stored, settings):
-            raise ValueError(f"study {cfg.study!r} was run with other settings: "
-                             f"{'; '.join(_settings_diff(stored, settings))}; use --study NEW or the same settings")
+        diff = _settings_diff(stored, settings) if stored is not None else []
+        if diff:
+            raise ValueError(f"study {cfg.study!r} was run with other settings: {'; '.join(diff)}; "
+                             "use --study NEW or the same settings")
     study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
                                 sampler=_sampler(cfg), pruner=_pruner(cfg), load_if_exists=True)
     if "settings" not in study.user_attrs:
@@ -492,7 +488,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _count(study: optuna.Study, states: Sequence[TrialState], keys: set[str] | None = None) -> int:
+def count_trials(study: optuna.Study, states: Sequence[TrialState], keys: set[str] | None = None) -> int:
+    """Trials of ``study`` in ``states``; with ``keys``, only those of these grid points."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=tuple(states))
                if keys is None or t.user_attrs.get("point") in keys)
 
@@ -528,22 +525,23 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             handle.write(command + "\n")
     objective = Objective(cfg, data, progress)
     ordered = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
+    keys = set(ordered)
     if cfg.search == "grid":
         plan_grid(study, ordered, cfg.retry_failed)
-        todo = _count(study, (TrialState.WAITING, TrialState.RUNNING), set(ordered))
+        todo = count_trials(study, (TrialState.WAITING, TrialState.RUNNING), keys)
     else:
-        todo = max(0, cfg.n_trials - _count(study, (TrialState.COMPLETE, TrialState.PRUNED)))
+        todo = max(0, cfg.n_trials - count_trials(study, (TrialState.COMPLETE, TrialState.PRUNED)))
     bar = tqdm(total=todo, desc=f"sweep {cfg.study}", unit="trial", disable=not progress)
     callbacks = [lambda s, t: export(s, folder), lambda s, t: bar.update()]
     try:
         while True:
             if cfg.search != "grid":
-                if _count(study, (TrialState.COMPLETE, TrialState.PRUNED)) >= cfg.n_trials:
+                if count_trials(study, (TrialState.COMPLETE, TrialState.PRUNED)) >= cfg.n_trials:
                     break
             else:
                 plan_grid(study, ordered, cfg.retry_failed)  # re-queues points whose worker died meanwhile
-                if not _count(study, (TrialState.WAITING,)):
-                    if not _count(study, (TrialState.RUNNING,), set(ordered)):
+                if not count_trials(study, (TrialState.WAITING,)):
+                    if not count_trials(study, (TrialState.RUNNING,), keys):
                         break
                     optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
                     time.sleep(min(cfg.heartbeat, 2))

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from continuum.config import SweepConfig
 from continuum.data import TensorData
 from continuum.storage import open_storage
-from continuum.sweep import WORKER_LOST, connect, grid_points, plan_grid, point_key, run, storage_url
+from continuum.sweep import WORKER_LOST, connect, count_trials, grid_points, plan_grid, point_key, run, \
+    storage_url
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,8 @@ def run_workers(cfg: SweepConfig, argv: Sequence[str], data: TensorData, progres
                                           f"{process.returncode}")
                     log.warning("worker %d exited with code %d; %d running trial(s) failed and requeued",
                                 process.pid, process.returncode, lost)
-            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                    if not keys or t.user_attrs.get("point") in set(keys)]
-            bar.n = min(len(done), total)
+            done = count_trials(study, (TrialState.COMPLETE, TrialState.PRUNED), set(keys) if keys else None)
+            bar.n = min(done, total)
             bar.refresh()
     except KeyboardInterrupt:
         for process in processes:
