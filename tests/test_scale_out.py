@@ -34,7 +34,7 @@ def _trials(storage, study: str) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
-def _running_trial(storage, study: str, timeout: float = 180) -> optuna.trial.FrozenTrial:
+def _running_trial(storage, study: str, timeout: float = 300) -> optuna.trial.FrozenTrial:
     """A RUNNING trial that has finished an epoch, once some trial is complete."""
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -146,7 +146,7 @@ def _spawn(tmp_path: Path, *args: str) -> subprocess.Popen:
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
-def _wait_for_running(tmp_path: Path, completed: int, timeout: float = 120) -> None:
+def _wait_for_running(tmp_path: Path, completed: int, timeout: float = 300) -> None:
     """Wait until ``completed`` trials are COMPLETE and another one has finished at least one epoch."""
     db = tmp_path / "default" / "study.db"
     deadline = time.time() + timeout
