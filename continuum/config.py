@@ -258,16 +258,24 @@ class ModelConfig(ConfigBase):
                            self.width_divisor, self.drop_rate)
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``timm.create_model`` (list-valued knobs become per-stage lists)."""
-        kwargs = {"segments": self.segments, "order": self.order, "mid_act": self.mid_act, "residual": self.residual,
-                  "drop_rate": self.drop_rate}
-        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        """Keyword arguments for ``timm.create_model`` (list-valued knobs become per-stage lists).
+
+        A continuum knob at its default is left out, so models without that knob (the Inception baselines) build;
+        continuum's own models have the same defaults.
+        """
+        kwargs = {"drop_rate": self.drop_rate}
+        for knob in ("segments", "order", "mid_act", "residual"):
+            value = getattr(self, knob)
+            if value != _DEFAULT_KNOBS[knob]:
+                kwargs[knob] = list(value) if isinstance(value, tuple) else value
         if self.width != 1.0 or self.width_divisor is not None:
             kwargs["width_mult"] = self.width
         if self.width_divisor is not None:
             kwargs["width_divisor"] = self.width_divisor
         return kwargs
 
+
+_DEFAULT_KNOBS = {f.name: f.default for f in fields(ModelConfig)}
 
 SEARCH_MODES = ("grid", "tpe", "nsga2")
 OBJECTIVES = {"val_acc": "maximize", "flops": "minimize", "latency": "minimize", "params": "minimize"}

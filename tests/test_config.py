@@ -46,3 +46,9 @@ def test_parse_bool_and_spread():
     assert spread({"default": 1, "b": 2}, ("a", "b"), "k") == {"a": 1, "b": 2}
     with pytest.raises(ValueError, match=r"k: 1 values for 2 parts"):
         spread([1], ("a", "b"), "k")
+
+
+def test_model_kwargs_leave_default_knobs_to_the_model():
+    assert ModelConfig().validate().model_kwargs() == {"drop_rate": 0.0}
+    kwargs = ModelConfig(segments=(1, 4, "all"), mid_act="relu", residual="off").validate().model_kwargs()
+    assert kwargs == {"drop_rate": 0.0, "segments": [1, 4, "all"], "mid_act": "relu", "residual": False}

@@ -172,3 +172,23 @@ def test_small_family_every_parameter_gets_a_gradient():
 def test_small_family_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("continuum_small", pretrained=True)
+
+
+def test_inception_small_is_towers_of_regular_convs_without_shortcuts():
+    model = timm.create_model("continuum_inception_small")
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.groups == 1 for c in convs)
+    assert not any(isinstance(m, ContinuumConv) for m in model.modules())
+    module = model.stages.stage2[1]  # reduction, then one Inception module
+    assert module.out_channels == 128 and model.stages.stage2[0].out_channels == 128
+    cifar = timm.create_model("continuum_inception_small", in_chans=3, num_classes=100, width_mult=0.5)
+    assert cifar(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert n_params(cifar) < n_params(model)
+
+
+def test_inception_small_rejects_continuum_knobs_and_pretrained():
+    with pytest.raises(TypeError):
+        timm.create_model("continuum_inception_small", segments=4)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("continuum_inception_small", pretrained=True)

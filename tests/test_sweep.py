@@ -104,6 +104,15 @@ def test_match_params_scales_width_within_two_percent():
         assert abs(params - 300_000) <= 6_000, (segments, params)
 
 
+def test_match_params_matches_an_inception_style_net_too():
+    data = make_synthetic()
+    from continuum.sweep import build_model
+    config = match_width(ModelConfig(model="continuum_inception_small").validate(), 300_000, data)
+    assert abs(sum(p.numel() for p in build_model(config, data).parameters()) - 300_000) <= 6_000
+    with pytest.raises(ValueError, match="does not take these settings"):
+        build_model(ModelConfig(model="continuum_inception_small", segments=4).validate(), data)
+
+
 def test_match_params_sweep_records_the_width(tmp_path):
     assert sweep(tmp_path, "--segments", "1,all", "--match-params", "250000") == 0
     trials = results.load(tmp_path / "default")
