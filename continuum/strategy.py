@@ -342,11 +342,14 @@ def _save(key: str, value: str | float) -> None:
 
 
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
-    """The autotuning cache key: device, dtype, memory format, shapes, geometry and whether a gradient is wanted."""
+    """The autotuning cache key: device, dtype (and autocast), memory format, shapes, geometry and whether a
+    gradient is wanted."""
     layout = "cl" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else "nchw"
     return "|".join(str(part) for part in (
-        torch.__version__, device_name(x.device), str(x.dtype).removeprefix("torch."), layout, tuple(x.shape),
+        torch.__version__, device_name(x.device), str(x.dtype).removeprefix("torch."),
+        f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
+        layout, tuple(x.shape),
         tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, "fwd+bwd" if grad else "fwd"))
 
 
