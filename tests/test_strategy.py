@@ -145,3 +145,18 @@ def test_choices_survive_into_a_new_process(tmp_path):
     env = {**os.environ, "CONTINUUM_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", script, "tune"], check=True, env=env)
     assert subprocess.run([sys.executable, "-c", script, "cached"], env=env).returncode == 0
+
+
+def test_autocast_is_tuned_apart_and_agrees_with_native(monkeypatch):
+    calls = []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: calls.append(1) or tune(*a, **k))
+    conv = SegmentedConv2d(16, 16, 3, padding=1, segments=4)
+    x = torch.randn(2, 16, 6, 6)
+    conv(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        fast = conv(x)
+        with st.conv_strategy("native"):
+            ref = conv(x)
+    assert len(calls) == 2 and fast.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, ref, rtol=0.05, atol=0.05)
