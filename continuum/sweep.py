@@ -302,7 +302,8 @@ def grid_points(cfg: SweepConfig) -> list[tuple[ModelConfig, int]]:
 def suggest_point(trial: optuna.Trial, cfg: SweepConfig) -> tuple[ModelConfig, int]:
     """The search space of ``--search``: per-part segments, order, activation and residual, and the width.
 
-    Choices come from the command only, never from the model, so every trial shares one search space.
+    Choices come from the command only, never from the model, so every trial shares one search space. The seed
+    is not searched: trial ``n`` trains with ``seeds[n % len(seeds)]``.
     """
     def per_part(name: str, choices: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(trial.suggest_categorical(f"{name}_{i + 1}", list(choices)) for i in range(STAGES))
@@ -312,8 +313,7 @@ def suggest_point(trial: optuna.Trial, cfg: SweepConfig) -> tuple[ModelConfig, i
         segments=per_part("segments", cfg.segments), order=per_part("order", cfg.orders),
         mid_act=per_part("mid_act", cfg.mid_acts), residual=per_part("residual", cfg.residuals),
         width=trial.suggest_categorical("width", list(cfg.widths)), drop_rate=cfg.drop_rate).validate()
-    seed = trial.suggest_categorical("seed", [cfg.seeds[trial.number % len(cfg.seeds)]])
-    return config, seed
+    return config, cfg.seeds[trial.number % len(cfg.seeds)]  # seeds cycle; not a parameter the sampler tunes
 
 
 def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> tuple[ModelConfig, int]:

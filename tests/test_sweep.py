@@ -122,10 +122,11 @@ def test_match_params_sweep_records_the_width(tmp_path):
 
 @pytest.mark.parametrize("search,extra", [("tpe", []), ("nsga2", ["--objectives", "val_acc,flops"])])
 def test_search_modes(tmp_path, search, extra):
-    args = ["--search", search, "--n-trials", "3", "--segments", "1,4,all", *extra]
+    args = ["--search", search, "--n-trials", "3", "--segments", "1,4,all", "--seeds", "0,1", *extra]
     assert sweep(tmp_path, *args) == 0
     trials = results.load(tmp_path / "default")
     assert len(trials) == 3 and set(trials["state"]) == {"COMPLETE"}
+    assert sorted(trials["seed"]) == [0, 0, 1]  # seeds cycle over the trials
     assert all(s.count("/") == 2 for s in trials["segments"])  # one value per stage
     assert sweep(tmp_path, *args) == 0  # rerun: already 3 trials, nothing to do
     assert len(results.load(tmp_path / "default")) == 3
