@@ -21,6 +21,8 @@ def test_bench_writes_both_tables(tmp_path):
     assert len(conv) == 2 * len(segment_counts(16))
     assert set(conv["layer"]) == {"SegmentedConv2d", "ContinuumConv"}
     assert list(conv["segments"].astype(str).unique()) == ["1", "2", "4", "8", "all"]
+    assert (conv["ours_ms"] == conv[["ours_nchw_ms", "ours_cl_ms"]].min(axis=1)).all()
+    assert set(conv["ours_layout"]) <= {"nchw", "cl"}
     for column in ("ours_ms", "native_nchw_ms", "native_cl_ms", "fastest_native_ms", "achieved_gflops", "floor_ms",
                    "x_floor", "strategy", "device"):
         assert conv[column].notna().all(), column
