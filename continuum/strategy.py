@@ -44,7 +44,7 @@ MODES = ("auto", "native")
 """Strategy modes: autotune per shape, or always the plain grouped conv."""
 
 _mode: str | None = None
-_choices: dict[str, str] = {}
+_choices: dict[str, Strategy] = {}
 _peaks: dict[str, float] = {}
 _disk_loaded = False
 
@@ -424,14 +424,18 @@ def chosen_strategy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     key = cache_key(x, weight, geom, grad)
     if key not in _choices and not _disk_loaded:
-        _choices.update({k: v for k, v in _load_disk_cache().items() if isinstance(v, str)})
+        for stored_key, name in _load_disk_cache().items():
+            try:
+                _choices[stored_key] = Strategy.parse(name)  # a peak (float) or a garbled name is skipped
+            except (AttributeError, ValueError):
+                continue
         _disk_loaded = True
     if key not in _choices:
         with torch.no_grad() if not grad else torch.enable_grad():
             strategy, _ = autotune(x, weight, bias, geom, grad)
-        _choices[key] = strategy.name
+        _choices[key] = strategy
         _save(key, strategy.name)
-    return Strategy.parse(_choices[key])
+    return _choices[key]
 
 
 def segmented_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry

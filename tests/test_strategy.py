@@ -128,6 +128,9 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path):
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
     conv(torch.randn(1, 8, 5, 5))
     assert json.loads((tmp_path / "conv_strategies.json").read_text())
+    st.forget_choices()
+    (tmp_path / "conv_strategies.json").write_text('{"a": "grouped/x", "b": 3}')
+    conv(torch.randn(1, 8, 5, 5))
 
 
 def test_autotune_skips_candidates_that_cannot_beat_the_best(monkeypatch):
