@@ -8,11 +8,12 @@ Importing it registers the models with timm::
 
 from continuum.block import ContinuumBlock, ContinuumConv, SegmentedConv2d, SegmentError
 from continuum.config import ModelConfig
+from continuum.strategy import conv_strategy
 from continuum.models import convert, plan_conversion
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ContinuumBlock", "ContinuumConv", "ModelConfig", "SegmentError", "SegmentedConv2d", "convert",
+    "ContinuumBlock", "ContinuumConv", "ModelConfig", "SegmentError", "SegmentedConv2d", "conv_strategy", "convert",
     "plan_conversion", "__version__",
 ]

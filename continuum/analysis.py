@@ -85,6 +85,53 @@ def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str
     return table.reset_index(drop=True)
 
 
+def difference(trials: pd.DataFrame, column: str, baseline: str, other: str, metric: str = "val_acc",
+               level: float = 0.95) -> dict[str, float]:
+    """How much ``metric`` changes from ``column == baseline`` to ``column == other``, with a confidence interval.
+
+    Completed trials are paired by seed where both sides have the seed (paired t-interval of the per-seed
+    differences); without common seeds the interval is Welch's.
+
+    Args:
+        trials: a trials table, already filtered to the configs to compare (e.g. one segment count).
+        column: the config column that differs (``order``, ``mid_act``, ``residual``, ``model``, ...).
+        baseline: its value on the reference side (compared as text).
+        other: its value on the other side.
+        metric: the accuracy column.
+        level: confidence level.
+
+    Returns:
+        ``{"diff": mean difference (other - baseline), "ci_low", "ci_high", "n": pairs or trials per side}``.
+    """
+    done = trials[trials["state"] == "COMPLETE"]
+    sides = [done[done[column].astype(str) == str(value)].groupby("seed")[metric].mean() for value in (baseline, other)]
+    common = sides[0].index.intersection(sides[1].index)
+    if len(common) >= 2:
+        paired = (sides[1][common] - sides[0][common]).to_numpy(dtype=float)
+        low, high = t_interval(paired, level)
+        return {"diff": float(paired.mean()), "ci_low": low, "ci_high": high, "n": len(common)}
+    a, b = (side.to_numpy(dtype=float) for side in sides)
+    if min(len(a), len(b)) < 2:
+        return {"diff": float(b.mean() - a.mean()), "ci_low": float("nan"), "ci_high": float("nan"),
+                "n": min(len(a), len(b))}
+    result = stats.ttest_ind(b, a, equal_var=False).confidence_interval(level)
+    return {"diff": float(b.mean() - a.mean()), "ci_low": float(result.low), "ci_high": float(result.high),
+            "n": min(len(a), len(b))}
+
+
+def efficiency(summary: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
+    """A :func:`summarize` table with accuracy per GFLOP and per millisecond of latency added.
+
+    Args:
+        summary: the per-config summary (``flops`` per image, ``latency_ms`` per batch).
+        metric: the accuracy column summarised.
+    """
+    table = summary.copy()
+    table[f"{metric}_per_gflop"] = table[f"{metric}_mean"] / (table["flops"] / 1e9)
+    table[f"{metric}_per_ms"] = table[f"{metric}_mean"] / table["latency_ms"]
+    return table
+
+
 def edf(values: Sequence[float]) -> pd.DataFrame:
     """Empirical distribution function: sorted ``value`` and the share ``F`` of values at or below it."""
     values = np.sort(np.asarray(values, dtype=float))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from continuum.config import Segments, parse_mid_act, parse_order, parse_segments
+from continuum.strategy import ConvGeometry, segmented_conv2d
 
 LayerSpec = Union[str, Callable[..., nn.Module], None]
 """An activation or norm layer given timm-style: a name (``"relu"``), a class, or a ``functools.partial``."""
@@ -188,6 +189,7 @@ class SegmentedConv2d(nn.Module):
         self.segments = len(self.in_sizes)
         self.even = len(set(self.in_sizes)) == 1 and len(set(self.out_sizes)) == 1
         self.groups = self.segments if self.even else 1
+        self.geometry = ConvGeometry(self.stride, self.padding, self.dilation, self.groups)
         if self.even:
             self.weight = nn.Parameter(torch.empty(out_channels, self.in_sizes[0], *self.kernel_size))
         else:
@@ -220,7 +222,7 @@ class SegmentedConv2d(nn.Module):
             raise ValueError(f"SegmentedConv2d expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")
         if self.even:
-            return self._conv(x, self.weight, self.bias, self.groups)  # N x C_out x H' x W'
+            return segmented_conv2d(x, self.weight, self.bias, self.geometry)  # N x C_out x H' x W'
         biases = self.bias.split(self.out_sizes) if self.bias is not None else [None] * self.segments
         parts = x.split(self.in_sizes, dim=1)  # one N x in_i x H x W tensor per segment
         return torch.cat([self._conv(p, w, b, 1) for p, w, b in zip(parts, self.segment_weights, biases)], dim=1)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from continuum.block import SegmentedConv2d
+from continuum.strategy import conv_strategy
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -181,12 +182,16 @@ def model_cost(model: nn.Module, input_size: tuple[int, int, int]) -> Cost:
 
 
 def counted_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """FLOPs of one image as ``torch.utils.flop_counter.FlopCounterMode`` measures them (2 per MAC)."""
+    """FLOPs of one image as ``torch.utils.flop_counter.FlopCounterMode`` measures them (2 per MAC).
+
+    Segmented convs run natively here: the count is the model's arithmetic, not that of the strategy that
+    happens to be fastest on this machine (which may multiply by zeros).
+    """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), conv_strategy("native"), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)

@@ -24,6 +24,7 @@ import continuum  # noqa: F401  (registers the models)
 from continuum.block import SegmentError
 from continuum.config import parse_order, parse_segments
 from continuum.cost import measure_latency, model_cost
+from continuum.strategy import conv_strategy
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per point (default: %(default)s)")
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead of inference")
     parser.add_argument("--compare", default="", help="comma list of timm models to measure beside it")
+    parser.add_argument("--strategy", default="auto", help="segmented-conv kernels: auto (autotuned) or native "
+                        "(plain grouped conv) (default: %(default)s)")
     parser.add_argument("--out", default="results/cost", help="folder for the CSV and Markdown table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
@@ -142,23 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not timm.is_model(name):
                 raise ValueError(f"--model/--compare {name!r} is not a registered model; continuum's are "
                                  f"{', '.join(timm.list_models('continuum_*'))}")
-        table = spectrum_table(
-            args.model, segments, order, input_size, args.batch_size, args.device, args.warmup, args.repeats,
-            args.backward, [c for c in args.compare.split(",") if c],
-            {"num_classes": args.num_classes, "uneven": args.uneven or None},
-        )
+        with conv_strategy(args.strategy):
+            table = spectrum_table(
+                args.model, segments, order, input_size, args.batch_size, args.device, args.warmup, args.repeats,
+                args.backward, [c for c in args.compare.split(",") if c],
+                {"num_classes": args.num_classes, "uneven": args.uneven or None},
+            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     mode = "fwd+bwd" if args.backward else "inference"
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    title = (f"{args.model}, order={order}, batch {args.batch_size}, {mode}, {device} "
+    title = (f"{args.model}, order={order}, batch {args.batch_size}, {mode}, {args.strategy} kernels, {device} "
              f"({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(title)
     print(table.drop(columns=["latency_q1_ms", "latency_q3_ms"]).to_string(index=False, float_format="%.3g"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.model}_{order}_{'bwd' if args.backward else 'fwd'}_{args.device.replace(':', '')}"
+    stem = f"{args.model}_{order}_{'bwd' if args.backward else 'fwd'}_{args.strategy}_{args.device.replace(':', '')}"
     table.to_csv(out / f"{stem}.csv", index=False)
     command = "python -m continuum.spectrum " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / f"{stem}.md").write_text(f"# {title}\n\n`{command.strip()}`\n\n{table.to_markdown(index=False)}\n")

@@ -1,10 +1,12 @@
 """Shared helpers: tiny sweeps on synthetic data."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("CONTINUUM_CACHE", tempfile.mkdtemp(prefix="continuum-cache-"))  # autotuned conv strategies
 
 FAST = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet"]
 """Flags that make a sweep trial take about a second on a laptop CPU."""
@@ -72,3 +74,13 @@ def postgres():
     yield server
     server.ctl("-m", "immediate", "stop")
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def native_kernels():
+    """For bit-exact comparisons: segmented convs run as the plain grouped conv, not the autotuned strategy
+    (which agrees only up to float rounding)."""
+    from continuum import conv_strategy
+
+    with conv_strategy("native"):
+        yield

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from continuum.analysis import bootstrap_interval, edf, pareto_front, segments_key, summarize, t_interval
+from continuum.analysis import (bootstrap_interval, difference, edf, efficiency, pareto_front, segments_key,
+                                summarize, t_interval)
 
 
 def _trials():
@@ -43,3 +44,22 @@ def test_edf_and_pareto():
 
 def test_segments_sort_key():
     assert sorted(["all", "16", "2", "1"], key=segments_key) == ["1", "2", "16", "all"]
+
+
+def test_difference_pairs_by_seed():
+    trials = _trials()
+    result = difference(trials, "segments", "1", "all")
+    paired = np.array([0.85, 0.86, 0.84]) - np.array([0.80, 0.82, 0.81])
+    assert result["n"] == 3 and result["diff"] == pytest.approx(paired.mean())
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(t_interval(paired))
+    unpaired = trials.assign(seed=np.where(trials["segments"] == "all", trials["seed"] + 10, trials["seed"]))
+    welch = difference(unpaired, "segments", "1", "all")
+    assert welch["diff"] == pytest.approx(paired.mean()) and welch["ci_low"] < welch["diff"] < welch["ci_high"]
+    assert welch["ci_high"] - welch["ci_low"] > 0
+
+
+def test_efficiency_divides_accuracy_by_cost():
+    summary = summarize(_trials()).assign(flops=[2e9, 1e9, 0.5e9], latency_ms=[4.0, 2.0, 1.0])
+    table = efficiency(summary)
+    assert list(table["val_acc_per_gflop"]) == pytest.approx(table["val_acc_mean"] / [2, 1, 0.5])
+    assert list(table["val_acc_per_ms"]) == pytest.approx(table["val_acc_mean"] / [4, 2, 1])

@@ -35,6 +35,7 @@ def _copy_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_one_segment_depthwise_first_equals_dense_conv_then_pointwise():
     torch.manual_seed(0)
     unit = ContinuumConv(8, 12, 3, segments=1, order="depthwise_first")
@@ -45,6 +46,7 @@ def test_one_segment_depthwise_first_equals_dense_conv_then_pointwise():
     torch.testing.assert_close(unit(x), pointwise(dense(x)), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_one_segment_pointwise_first_equals_pointwise_then_dense_conv():
     torch.manual_seed(0)
     unit = ContinuumConv(8, 12, 3, stride=2, segments=1, order="pointwise_first")
@@ -55,6 +57,7 @@ def test_one_segment_pointwise_first_equals_pointwise_then_dense_conv():
     torch.testing.assert_close(unit(x), dense(pointwise(x)), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("native_kernels")
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
 def test_all_segments_equals_timm_separable_conv(stride, dilation):
     torch.manual_seed(0)
@@ -66,6 +69,7 @@ def test_all_segments_equals_timm_separable_conv(stride, dilation):
     torch.testing.assert_close(unit(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_all_segments_with_depth_multiplier_equals_timm_channel_multiplier():
     unit = ContinuumConv(8, 16, 3, segments="all", depth_multiplier=2)
     ref = SeparableConv2d(8, 16, 3, channel_multiplier=2)
@@ -75,6 +79,7 @@ def test_all_segments_with_depth_multiplier_equals_timm_channel_multiplier():
     torch.testing.assert_close(unit(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_even_segments_equal_native_grouped_conv_with_same_state_dict():
     conv = SegmentedConv2d(16, 32, 3, stride=2, padding=1, segments=4, bias=True)
     ref = nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4, bias=True)
@@ -83,6 +88,7 @@ def test_even_segments_equal_native_grouped_conv_with_same_state_dict():
     torch.testing.assert_close(conv(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_uneven_segments_equal_per_segment_convs_concatenated():
     torch.manual_seed(0)
     conv = SegmentedConv2d(10, 14, 3, padding=1, segments=3, uneven=True, bias=True)

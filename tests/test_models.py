@@ -118,6 +118,7 @@ def _randomise_norms(model: nn.Module) -> None:
             nn.init.uniform_(m.bias, -0.1, 0.1)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_legacy_xception_weights_give_timms_logits():
     torch.manual_seed(0)
     ref = timm.create_model("legacy_xception", num_classes=7).eval()

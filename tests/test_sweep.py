@@ -161,14 +161,16 @@ def _wait_for_running(tmp_path: Path, completed: int, timeout: float = 300) -> N
     db = tmp_path / "default" / "study.db"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if db.exists():
-            with sqlite3.connect(db, timeout=30) as connection:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
                 done = connection.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
                 running = connection.execute(
                     "select count(*) from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
                     "where t.state = 'RUNNING' and a.key = 'epochs_done'").fetchone()[0]
             if done >= completed and running:
                 return
+        except sqlite3.OperationalError:
+            pass  # not created yet, or its tables not yet
         time.sleep(0.2)
     raise AssertionError("the sweep did not reach a running trial in time")
 

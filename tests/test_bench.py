@@ -1,0 +1,44 @@
+"""python -m continuum.bench: its tables have every column and row it promises; bad input is a one-line error."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from continuum.bench import segment_counts
+
+
+def test_segment_counts_run_from_one_to_all():
+    assert segment_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert segment_counts(728) == [1, 2, 4, 8, 91, 182, 364, 728]
+
+
+def test_bench_writes_both_tables(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--train",
+                             "--train-images", "128", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    conv = pd.read_csv(tmp_path / "conv_cpu.csv")
+    assert len(conv) == 2 * len(segment_counts(16))
+    assert set(conv["layer"]) == {"SegmentedConv2d", "ContinuumConv"}
+    assert list(conv["segments"].astype(str).unique()) == ["1", "2", "4", "8", "all"]
+    assert (conv["ours_ms"] == conv[["ours_nchw_ms", "ours_cl_ms"]].min(axis=1)).all()
+    assert set(conv["ours_layout"]) <= {"nchw", "cl"}
+    for column in ("ours_ms", "native_nchw_ms", "native_cl_ms", "fastest_native_ms", "achieved_gflops", "floor_ms",
+                   "x_floor", "strategy", "device"):
+        assert conv[column].notna().all(), column
+    assert (conv["floor_ms"] > 0).all() and (conv["speedup_vs_native"] > 0).all()
+    separable = conv.dropna(subset=["timm_separable_ms"])
+    assert list(separable["segments"].astype(str)) == ["all"] and list(separable["layer"]) == ["ContinuumConv"]
+    train = pd.read_csv(tmp_path / "train_cpu.csv")
+    assert list(train["segments"].astype(str)) == ["1", "2", "4", "8", "16", "32", "all"]
+    assert (train[["native_images_per_s", "auto_images_per_s", "native_mfu", "auto_mfu"]] > 0).all().all()
+    assert "| SegmentedConv2d" in result.stdout and "GFLOP/s" in result.stdout
+
+
+def test_bench_bad_input_is_a_one_line_error(tmp_path):
+    for args, message in ((["--dtypes", "fp8"], "dtype(s) ['fp8'] not known; choose from fp32, bf16"),
+                          (["--shapes", "huge"], "shape(s) ['huge'] not known"),
+                          (["--device", "cuda:7"], "device 'cuda:7'")):
+        result = subprocess.run([sys.executable, "-m", "continuum.bench", "--out", str(tmp_path), *args],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,165 @@
+"""Segmented-conv strategies: each equals the native grouped conv forward and backward; autotuning and its caches."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from continuum import SegmentedConv2d
+from continuum import strategy as st
+from continuum.strategy import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
+
+CASES = [
+    # in, out, groups, kernel, stride, padding, dilation
+    (32, 32, 32, (3, 3), 1, (1, 1), 1),  # depthwise
+    (32, 64, 32, (3, 3), 2, (1, 1), 1),  # depthwise, multiplier 2, stride 2
+    (32, 64, 8, (3, 3), 2, (1, 1), 1),
+    (16, 16, 4, (3, 3), 1, "same", 2),
+    (12, 24, 3, (3, 5), 1, (0, 2), 1),
+    (8, 8, 2, (3, 3), 1, "valid", 1),
+    (8, 8, 1, (1, 1), 1, (0, 0), 1),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))
+    st.forget_choices()
+    yield
+    st.forget_choices()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-g{c[2]}-s{c[4]}-p{c[5]}")
+def test_every_candidate_equals_the_native_conv_forward_and_backward(case, channels_last):
+    c_in, c_out, groups, kernel, stride, padding, dilation = case
+    geom = ConvGeometry((stride, stride), padding, (dilation, dilation), groups)
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, 11, 10, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(x, w, b, geom.stride, geom.padding, geom.dilation, groups)
+    upstream = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), upstream)
+    names = []
+    for strategy in candidates(c_in, c_out, kernel, geom):
+        y = run_strategy(strategy, x, w, b, geom)
+        grads = torch.autograd.grad(y, (x, w, b), upstream)
+        assert y.shape == ref.shape
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10, msg=strategy.name)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=strategy.name)
+        names.append(strategy.name)
+    divisors = [g for g in range(groups, 0, -1) if groups % g == 0]
+    assert {f"grouped/{g}" for g in divisors} | {f"grouped/{g}+cl" for g in divisors} <= set(names)
+    assert ("shifted" in names) == (groups == c_in == c_out)
+    assert ("unfold" in names) == (groups > 1)
+
+
+def test_block_diagonal_puts_each_segment_on_the_diagonal():
+    weight = torch.arange(1, 4 * 2 * 1 * 1 + 1, dtype=torch.float32).view(4, 2, 1, 1)  # 4 groups of 2 -> 1 out
+    dense = block_diagonal(weight, groups=4, new_groups=1)[:, :, 0, 0]  # 4 x 8
+    expected = torch.zeros(4, 8)
+    for g in range(4):
+        expected[g, 2 * g: 2 * g + 2] = weight[g, :, 0, 0]
+    assert torch.equal(dense, expected)
+    assert block_diagonal(weight, 4, 2).shape == (4, 4, 1, 1)
+
+
+def test_strategy_names_round_trip():
+    for strategy in (Strategy("grouped", 8), Strategy("grouped", 1, True), Strategy("unfold"), Strategy("shifted")):
+        assert Strategy.parse(strategy.name) == strategy
+
+
+def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
+    calls = []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: calls.append(a[0].shape) or tune(*a, **k))
+    conv = SegmentedConv2d(16, 16, 3, padding=1, segments=4)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with st.conv_strategy("native"):
+        ref = conv(x)
+    assert calls == []
+    torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+    conv(x).sum().backward()
+    with torch.no_grad():
+        conv(x)  # forward-only is tuned separately
+    assert len(calls) == 2
+    stored = json.loads((tmp_path / "conv_strategies.json").read_text())
+    chosen = [v for k, v in stored.items() if not k.startswith("peak|")]
+    assert len(chosen) == 2 and all(Strategy.parse(name).kind in ("grouped", "unfold") for name in chosen)
+    assert any(k.startswith("peak|") for k in stored)
+
+    st.forget_choices()  # a new process: the disk cache answers, nothing is timed again
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: pytest.fail("tuned again despite the disk cache"))
+    torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_native_mode_deterministic_mode_and_bad_mode(monkeypatch):
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: pytest.fail("autotuned"))
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
+    x = torch.randn(1, 8, 5, 5)
+    monkeypatch.setenv("CONTINUUM_CONV_STRATEGY", "native")
+    conv(x)
+    monkeypatch.setenv("CONTINUUM_CONV_STRATEGY", "auto")
+    torch.use_deterministic_algorithms(True)
+    try:
+        conv(x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("CONTINUUM_CONV_STRATEGY", "fastest")
+    with pytest.raises(ValueError, match="'fastest' is not valid; choose one of auto, native"):
+        conv(x)
+    with pytest.raises(ValueError, match="'fast' is not valid"):
+        with st.conv_strategy("fast"):
+            pass
+
+
+def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path):
+    (tmp_path / "conv_strategies.json").write_text("{not json")
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
+    conv(torch.randn(1, 8, 5, 5))
+    assert json.loads((tmp_path / "conv_strategies.json").read_text())
+    st.forget_choices()
+    (tmp_path / "conv_strategies.json").write_text('{"a": "grouped/x", "b": 3}')
+    conv(torch.randn(1, 8, 5, 5))
+
+
+def test_autotune_skips_candidates_that_cannot_beat_the_best(monkeypatch):
+    monkeypatch.setattr(st, "peak_matmul_flops", lambda device, dtype: 1.0)  # every bound is astronomically slow
+    x, w, geom = torch.randn(2, 16, 6, 6), torch.randn(16, 1, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 16)
+    best, times = st.autotune(x, w, None, geom, grad=False)
+    assert best == Strategy("grouped", 16)  # the first candidate is always timed
+    assert sum(t == t for t in times.values()) == 1 and len(times) == len(candidates(16, 16, (3, 3), geom))
+
+
+def test_choices_survive_into_a_new_process(tmp_path):
+    script = ("import sys, torch; from continuum import SegmentedConv2d, strategy; "
+              "strategy.autotune = (lambda *a, **k: sys.exit(3)) if sys.argv[1] == 'cached' else strategy.autotune; "
+              "SegmentedConv2d(8, 8, 3, padding=1, segments=4)(torch.randn(1, 8, 6, 6, requires_grad=True))")
+    env = {**os.environ, "CONTINUUM_CACHE": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script, "tune"], check=True, env=env)
+    assert subprocess.run([sys.executable, "-c", script, "cached"], env=env).returncode == 0
+
+
+def test_autocast_is_tuned_apart_and_agrees_with_native(monkeypatch):
+    calls = []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: calls.append(1) or tune(*a, **k))
+    conv = SegmentedConv2d(16, 16, 3, padding=1, segments=4)
+    x = torch.randn(2, 16, 6, 6)
+    conv(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        fast = conv(x)
+        with st.conv_strategy("native"):
+            ref = conv(x)
+    assert len(calls) == 2 and fast.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, ref, rtol=0.05, atol=0.05)
