@@ -13,7 +13,7 @@ float rounding:
 
 With the strategy mode ``"auto"`` (the default), the first call for a given device, dtype, shape and geometry times
 every candidate (forward, plus backward when a gradient is wanted), skipping any whose FLOPs at the device's peak
-matmul rate would already be slower than the best so far, and keeps the fastest. Choices are cached in memory and in
+GEMM rate would already be slower than the best so far, and keeps the fastest. Choices are cached in memory and in
 ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``), so later processes on the same machine
 reuse them. Because ``grouped/g`` for every divisor ``g`` is a candidate, a count that is a multiple of another is
 never slower than it (up to timing noise).
@@ -312,7 +312,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
     return max(rates)
 
 
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+def peak_gemm_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The peak FLOP/s autotuning bounds candidates with: measured once per machine and cached."""
     key = f"peak|{torch.__version__}|{device_name(device)}|{dtype}"
     if key not in _peaks:
@@ -363,7 +363,7 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
              repeats: int = 3, finalists: int = 3) -> tuple[Strategy, dict[str, float]]:
     """Time the candidates on fresh tensors shaped like these and return the fastest with all times.
 
-    A first pass runs each candidate once, skipping any whose FLOPs at the device's peak matmul rate would take
+    A first pass runs each candidate once, skipping any whose FLOPs at the device's peak GEMM rate would take
     longer than the best call so far, or that fails (out of memory, unsupported); its time is then ``nan``. The
     ``finalists`` fastest are then timed ``repeats`` times and the lowest median wins.
 
@@ -384,7 +384,7 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
     kernels = weight.detach().clone().requires_grad_(grad)
     shift = None if bias is None else bias.detach().clone().requires_grad_(grad)
     forward_flops = 2.0 * weight.numel() * x.shape[0] * _output_pixels(x, weight, geom)
-    peak = peak_matmul_flops(device, x.dtype)
+    peak = peak_gemm_flops(device, x.dtype)
 
     def call(strategy: Strategy) -> None:
         with torch.set_grad_enabled(grad):

@@ -134,7 +134,7 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path):
 
 
 def test_autotune_skips_candidates_that_cannot_beat_the_best(monkeypatch):
-    monkeypatch.setattr(st, "peak_matmul_flops", lambda device, dtype: 1.0)  # every bound is astronomically slow
+    monkeypatch.setattr(st, "peak_gemm_flops", lambda device, dtype: 1.0)  # every bound is astronomically slow
     x, w, geom = torch.randn(2, 16, 6, 6), torch.randn(16, 1, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 16)
     best, times = st.autotune(x, w, None, geom, grad=False)
     assert best == Strategy("grouped", 16)  # the first candidate is always timed
