@@ -152,8 +152,10 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
 def _spawn(tmp_path: Path, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--quiet", "--out", str(tmp_path),
                "--batch-size", "32", *args]
+    # SIGINT back to its default: a test run started in the background of a shell inherits it ignored
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_running(tmp_path: Path, completed: int, timeout: float = 300) -> None:
