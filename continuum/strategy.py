@@ -153,16 +153,23 @@ def block_diagonal(weight: torch.Tensor, groups: int, new_groups: int) -> torch.
     return dense.reshape(out, merged * width, kh, kw)
 
 
-def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+def _output_size(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, padding: tuple[int, int]
+                 ) -> tuple[int, int]:
+    """``(H', W')`` of the convolution's output, for numeric ``padding``."""
+    return tuple((x.shape[2 + i] + 2 * padding[i] - geom.dilation[i] * (weight.shape[2 + i] - 1) - 1)
+                 // geom.stride[i] + 1 for i in range(2))
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Stored channels-last (and not also plain contiguous, as 1x1 images or single channels are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
                  padding: tuple[int, int]) -> torch.Tensor:
-    n, _, h, w = x.shape
+    n = x.shape[0]
     out, width, kh, kw = weight.shape
-    oh = _out_size(h, kh, geom.stride[0], padding[0], geom.dilation[0])
-    ow = _out_size(w, kw, geom.stride[1], padding[1], geom.dilation[1])
+    oh, ow = _output_size(x, weight, geom, padding)
     cols = F.unfold(x, (kh, kw), geom.dilation, padding, geom.stride)  # N x (C*kh*kw) x L
     cols = cols.view(n, geom.groups, width * kh * kw, oh * ow)  # N x G x (C/G*kh*kw) x L
     kernels = weight.reshape(geom.groups, out // geom.groups, width * kh * kw)  # G x O/G x (C/G*kh*kw)
@@ -172,10 +179,10 @@ def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
                   padding: tuple[int, int]) -> torch.Tensor:
-    _, channels, h, w = x.shape
+    channels = x.shape[1]
     kh, kw = weight.shape[2:]
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
-    oh, ow = _out_size(h, kh, sh, padding[0], dh), _out_size(w, kw, sw, padding[1], dw)
+    oh, ow = _output_size(x, weight, geom, padding)
     padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))  # N x C x (H+2ph) x (W+2pw)
     y = None
     for i in range(kh):
@@ -189,9 +196,7 @@ def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _output_pixels(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> int:
     if geom.padding == "same":
         return x.shape[2] * x.shape[3]
-    pad = geom.numeric_padding((1, 1))
-    return math.prod(_out_size(x.shape[2 + i], weight.shape[2 + i], geom.stride[i], pad[i], geom.dilation[i])
-                     for i in range(2))
+    return math.prod(_output_size(x, weight, geom, geom.numeric_padding((1, 1))))
 
 
 def run_strategy(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -208,7 +213,7 @@ def run_strategy(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias
     Returns:
         ``N x O x H' x W'`` in ``x``'s memory format.
     """
-    channels_last_input = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last_input = _is_channels_last(x)
     if strategy.kind == "grouped":
         kernels = block_diagonal(weight, geom.groups, strategy.groups)
         if strategy.channels_last:
@@ -350,8 +355,7 @@ def _save(key: str, value: str | float) -> None:
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
     """The autotuning cache key: device, dtype (and autocast), memory format, shapes, geometry and whether a
     gradient is wanted."""
-    layout = "cl" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else "nchw"
+    layout = "cl" if x.dim() == 4 and _is_channels_last(x) else "nchw"
     return "|".join(str(part) for part in (
         torch.__version__, device_name(x.device), str(x.dtype).removeprefix("torch."),
         f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
