@@ -6,6 +6,7 @@ Importing it registers the models with timm::
     model = timm.create_model("continuum_xception", segments=8, order="pointwise_first")
 """
 
+from continuum.allocator import keep_freed_memory
 from continuum.block import ContinuumBlock, ContinuumConv, SegmentedConv2d, SegmentError
 from continuum.config import ModelConfig
 from continuum.strategy import conv_strategy
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ContinuumBlock", "ContinuumConv", "ModelConfig", "SegmentError", "SegmentedConv2d", "conv_strategy", "convert",
-    "plan_conversion", "__version__",
+    "keep_freed_memory", "plan_conversion", "__version__",
 ]

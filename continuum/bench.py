@@ -1,9 +1,11 @@
 """``python -m continuum.bench``: is a segmented convolution as fast as it can be, at every segment count?
 
 For each shape and segment count it times forward + backward of :class:`~continuum.block.SegmentedConv2d` and
-:class:`~continuum.block.ContinuumConv` (autotuned strategy, on NCHW and on channels-last input, the faster kept)
-against the native ``nn.Conv2d`` in NCHW and in channels-last (and timm's ``SeparableConv2d`` where it applies),
-and puts each time beside the roofline floor:
+:class:`~continuum.block.ContinuumConv` (autotuned strategy; the layer in NCHW on NCHW input and in channels-last
+on channels-last input, the faster kept) against the native ``nn.Conv2d`` in NCHW and in channels-last (and timm's
+``SeparableConv2d`` where it applies), and against the same layer at the previous segment count. All of a row's
+calls are timed in turn, round after round, so that the machine's slow spells hit them alike; ratios are medians of
+per-round ratios with 95 % bootstrap intervals. Beside each time is the roofline floor
 ``max(FLOPs / peak GEMM FLOP/s, bytes / copy bandwidth)``, both measured on the device first. ``--train`` adds the
 training throughput of a sweep trial (images/s, model FLOP utilisation) with native kernels and with autotuned ones.
 
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import timm
 import torch
@@ -29,11 +33,14 @@ from timm.layers import SeparableConv2d
 from torch import nn
 
 import continuum  # noqa: F401  (registers the models)
+from continuum.allocator import keep_freed_memory
+from continuum.analysis import bootstrap_interval
 from continuum.block import ContinuumConv, SegmentedConv2d
 from continuum.config import TrainConfig
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
-from continuum.strategy import chosen_strategy, conv_strategy, device_name, measure_peak_flops, time_call
+from continuum.strategy import (call_times, chosen_strategy, conv_strategy, device_name, interleaved_times,
+                                measure_peak_flops)
 from continuum.train import fit, resolve_device
 
 
@@ -75,93 +82,125 @@ def measure_copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     src = torch.empty(megabytes * 2 ** 18, device=device).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best_ms = min(time_call(lambda: dst.copy_(src), device, repeats=1, warmup=0) for _ in range(3))
+    best_ms = min(call_times(lambda: dst.copy_(src), device))
     return 2 * src.numel() * src.element_size() / (best_ms / 1e3)
 
 
-def fwd_bwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """A call running ``layer`` forward and backward on ``x`` (gradients accumulate; the timing does not care)."""
-    upstream = torch.ones_like(layer(x))
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, mode: str = "auto") -> Callable[[], None]:
+    """A call running ``layer`` forward and backward on ``x`` with segmented convs in strategy ``mode`` (gradients
+    accumulate; the timing does not care). Making it runs the layer once, which autotunes it in mode ``auto``."""
+    with conv_strategy(mode):
+        upstream = torch.ones_like(layer(x))
 
     def call() -> None:
-        layer(x).backward(upstream)
+        with conv_strategy(mode):
+            layer(x).backward(upstream)
 
     return call
 
 
-def _native_conv(shape: Shape, segments: int, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
-    return nn.Conv2d(shape.channels, shape.channels, 3, padding=1, groups=segments, bias=False).to(device, dtype)
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, float, float]:
+    """Median of the per-round ratios of two interleaved timings, with its 95 % bootstrap interval."""
+    ratios = np.asarray(numerator) / np.asarray(denominator)
+    low, high = bootstrap_interval(ratios, statistic=np.median)
+    return float(np.median(ratios)), low, high
 
 
-def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.device, peak: float, bandwidth: float,
-              repeats: int) -> list[dict]:
+def _layer(name: str, channels: int, segments: int, dtype: torch.dtype, device: torch.device,
+           channels_last: bool = False) -> nn.Module:
+    """A benchmarked layer: ``SegmentedConv2d`` (the 3x3 conv alone), ``ContinuumConv`` (depthwise-first separable
+    unit: the 3x3 conv and a 1x1 conv) or ``Conv2d`` (the native grouped conv)."""
+    layer = {"SegmentedConv2d": lambda: SegmentedConv2d(channels, channels, 3, padding=1, segments=segments),
+             "ContinuumConv": lambda: ContinuumConv(channels, channels, 3, segments=segments),
+             "Conv2d": lambda: nn.Conv2d(channels, channels, 3, padding=1, groups=segments, bias=False)}[name]()
+    return layer.to(device, dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.device, roofline: dict[str, float],
+              timing: dict[str, float], fewer: dict[str, tuple[int, str]]) -> list[dict]:
+    """Both layers' rows at one segment count.
+
+    Args:
+        shape: the input shape.
+        segments: the segment count.
+        dtype: parameters and input.
+        device: where to run.
+        roofline: ``peak`` FLOP/s and copy ``bandwidth`` (bytes/s).
+        timing: ``rounds`` and ``min_total_ms`` for :func:`interleaved_times`.
+        fewer: per layer, the previous segment count and the input layout it ran fastest on; that layer at that
+            count is timed in the same rounds, for a fair ``x_fewer_segments``. Updated with this count.
+    """
     c, elem = shape.channels, torch.finfo(dtype).bits // 8
     x = torch.randn(shape.batch, c, shape.size, shape.size, device=device, dtype=dtype, requires_grad=True)
-    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    inputs = {"nchw": x, "cl": x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)}
     pixels = shape.batch * shape.size * shape.size
-    label = "all" if segments == c else str(segments)
     common = {"shape": shape.name, "channels": c, "size": shape.size, "batch": shape.batch,
-              "dtype": str(dtype).removeprefix("torch."), "segments": label, "device": device_name(device)}
-
-    def timed(call: Callable[[], None]) -> float:
-        return time_call(call, device, repeats=repeats, warmup=1)
-
+              "dtype": str(dtype).removeprefix("torch."), "segments": "all" if segments == c else str(segments),
+              "device": device_name(device)}
     rows = []
-    inputs = {"nchw": x, "cl": x_cl}
-    # --- SegmentedConv2d: the 3x3 conv alone
-    ours = SegmentedConv2d(c, c, 3, padding=1, segments=segments).to(device, dtype)
-    native = _native_conv(shape, segments, dtype, device)
-    native_cl = _native_conv(shape, segments, dtype, device).to(memory_format=torch.channels_last)
-    weights = c * c // segments * 9
-    rows.append(_row(common, "SegmentedConv2d", ours, inputs, timed, {
-        "native_nchw_ms": timed(fwd_bwd(native, x)), "native_cl_ms": timed(fwd_bwd(native_cl, x_cl))},
-        flops=3 * 2 * pixels * weights, tensor_bytes=3 * elem * (2 * x.numel() + weights), peak=peak,
-        bandwidth=bandwidth, spatial=ours))
-    # --- ContinuumConv: depthwise-first separable unit (spatial conv + 1x1 conv)
-    unit = ContinuumConv(c, c, 3, segments=segments).to(device, dtype)
-    with conv_strategy("native"):
-        alternatives = {"native_nchw_ms": timed(fwd_bwd(unit, x))}
-        unit_cl = ContinuumConv(c, c, 3, segments=segments).to(device, dtype, memory_format=torch.channels_last)
-        alternatives["native_cl_ms"] = timed(fwd_bwd(unit_cl, x_cl))
-    if segments == c:
-        alternatives["timm_separable_ms"] = timed(fwd_bwd(SeparableConv2d(c, c, 3).to(device, dtype), x))
-    weights += c * c
-    rows.append(_row(common, "ContinuumConv", unit, inputs, timed, alternatives, flops=3 * 2 * pixels * weights,
-                     tensor_bytes=3 * elem * (3 * x.numel() + weights), peak=peak, bandwidth=bandwidth,
-                     spatial=unit.spatial))
+    for name, native, mode, extra_weights, tensors in (("SegmentedConv2d", "Conv2d", "auto", 0, 2),
+                                                       ("ContinuumConv", "ContinuumConv", "native", c * c, 3)):
+        ours = {layout: _layer(name, c, segments, dtype, device, layout == "cl") for layout in inputs}
+        calls = {f"ours_{layout}_ms": fwd_bwd(ours[layout], inp) for layout, inp in inputs.items()}
+        calls |= {f"native_{layout}_ms": fwd_bwd(_layer(native, c, segments, dtype, device, layout == "cl"), inp,
+                                                 mode)
+                  for layout, inp in inputs.items()}
+        if name == "ContinuumConv" and segments == c:
+            calls["timm_separable_ms"] = fwd_bwd(SeparableConv2d(c, c, 3).to(device, dtype), x)
+        if name in fewer:
+            count, layout = fewer[name]
+            calls["fewer_ms"] = fwd_bwd(_layer(name, c, count, dtype, device, layout == "cl"), inputs[layout])
+        times = interleaved_times(calls, device, **timing)
+        weights = c * c // segments * 9 + extra_weights
+        row = _row(common, name, times, _strategies(ours, inputs), flops=3 * 2 * pixels * weights,
+                   tensor_bytes=3 * elem * (tensors * x.numel() + weights), **roofline)
+        fewer[name] = segments, row["ours_layout"]
+        rows.append(row)
     return rows
 
 
-def _row(common: dict, layer_name: str, layer: nn.Module, inputs: dict[str, torch.Tensor], timed: Callable,
-         alternatives: dict, flops: float, tensor_bytes: float, peak: float, bandwidth: float,
-         spatial: SegmentedConv2d) -> dict:
-    """One table row: ``layer`` (autotuned) timed on NCHW and on channels-last input, the faster kept, beside the
-    native ``alternatives`` and the roofline floor."""
-    ours, strategies = {}, {}
+def _strategies(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The strategy autotuning chose for each layout's layer on that layout's input (a depthwise-first unit's
+    spatial conv sees the unit's input itself)."""
+    chosen = {}
     with conv_strategy("auto"):
         for layout, x in inputs.items():
-            ours[layout] = timed(fwd_bwd(layer, x))  # the first call autotunes
-            # a depthwise-first unit's spatial conv sees x itself
-            strategies[layout] = chosen_strategy(x, spatial.weight, None, spatial.geometry).name
-    layout = min(ours, key=ours.get)
-    fastest_native = min(alternatives.values())
+            spatial = layers[layout] if isinstance(layers[layout], SegmentedConv2d) else layers[layout].spatial
+            chosen[layout] = chosen_strategy(x, spatial.weight, None, spatial.geometry).name
+    return chosen
+
+
+def _row(common: dict, layer_name: str, times: dict[str, list[float]], strategies: dict[str, str], flops: float,
+         tensor_bytes: float, peak: float, bandwidth: float) -> dict:
+    """One table row: the layer (autotuned) on NCHW and on channels-last input, the faster kept, beside the native
+    alternatives, the same layer at fewer segments (when timed) and the roofline floor. Times are medians over
+    rounds; ratios are medians of per-round ratios, with 95 % intervals."""
+    medians = {name: statistics.median(ms) for name, ms in times.items()}
+    layout = "nchw" if medians["ours_nchw_ms"] <= medians["ours_cl_ms"] else "cl"
+    ours_ms = medians[f"ours_{layout}_ms"]
+    natives = [name for name in times if name not in ("ours_nchw_ms", "ours_cl_ms", "fewer_ms")]
+    fastest_native = min(natives, key=medians.get)
+    speedup = paired_ratio(times[fastest_native], times[f"ours_{layout}_ms"])
+    fewer = paired_ratio(times[f"ours_{layout}_ms"], times["fewer_ms"]) if "fewer_ms" in times else (math.nan,) * 3
     floor_ms = max(flops / peak, tensor_bytes / bandwidth) * 1e3
-    return {**common, "layer": layer_name, "ours_ms": ours[layout], "ours_layout": layout,
-            "strategy": strategies[layout], "ours_nchw_ms": ours["nchw"], "ours_cl_ms": ours["cl"], **alternatives,
-            "fastest_native_ms": fastest_native, "speedup_vs_native": fastest_native / ours[layout],
-            "gflop": flops / 1e9, "mbytes": tensor_bytes / 1e6, "achieved_gflops": flops / ours[layout] / 1e6,
-            "floor_ms": floor_ms, "x_floor": ours[layout] / floor_ms}
+    return {**common, "layer": layer_name, "ours_ms": ours_ms, "ours_layout": layout, "strategy": strategies[layout],
+            **medians, "fastest_native_ms": medians[fastest_native],
+            "speedup_vs_native": speedup[0], "speedup_low": speedup[1], "speedup_high": speedup[2],
+            "x_fewer_segments": fewer[0], "x_fewer_low": fewer[1], "x_fewer_high": fewer[2],
+            "gflop": flops / 1e9, "mbytes": tensor_bytes / 1e6, "achieved_gflops": flops / ours_ms / 1e6,
+            "floor_ms": floor_ms, "x_floor": ours_ms / floor_ms}
 
 
-def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: torch.device, repeats: int,
-               segments: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
+def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: torch.device, rounds: int,
+               min_total_ms: float, segments: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
     """Times of both layers for every shape, dtype and segment count, with the roofline columns.
 
     Args:
         shapes: input shapes.
         dtypes: parameter and input dtypes.
         device: where to run.
-        repeats: timed calls per measurement (the median is kept).
+        rounds: timed rounds per measurement at least (medians are kept).
+        min_total_ms: time each call for at least this long (more rounds for short calls).
         segments: segment counts; ``None``: :func:`segment_counts` of each shape.
 
     Returns:
@@ -170,40 +209,69 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
     bandwidth = measure_copy_bandwidth(device)
     peaks = {str(d).removeprefix("torch."): measure_peak_flops(device, d, 4096 if device.type == "cuda" else 2048)
              for d in dtypes}
+    timing = {"rounds": rounds, "min_total_ms": min_total_ms}
     rows = []
     for shape in shapes:
         for dtype in dtypes:
+            roofline = {"peak": peaks[str(dtype).removeprefix("torch.")], "bandwidth": bandwidth}
+            fewer: dict[str, tuple[int, str]] = {}
             for count in segments or segment_counts(shape.channels):
                 if shape.channels % count:
                     continue
-                rows += _rows_for(shape, count, dtype, device, peaks[str(dtype).removeprefix("torch.")], bandwidth,
-                                  repeats)
+                rows += _rows_for(shape, count, dtype, device, roofline, timing, fewer)
                 print(f"  {shape.name} {dtype} segments={count}: done", file=sys.stderr, flush=True)
     return pd.DataFrame(rows), {**peaks, "copy_bytes_per_s": bandwidth}
 
 
-def train_table(device: torch.device, images: int, peak: float, segments: Sequence[int | str]) -> pd.DataFrame:
+def targets(table: pd.DataFrame) -> str:
+    """The issue's two targets, one line per layer and target: in how many rows the layer is slower than the
+    fastest native alternative (``speedup_vs_native`` below 1) and slower than at the previous, smaller segment
+    count (``x_fewer_segments`` above 1); in how many of those the 95 % interval excludes "as fast"; the worst."""
+    checks = (("slower than the fastest native alternative", "speedup_vs_native", "speedup", -1),
+              ("slower than at the previous segment count", "x_fewer_segments", "x_fewer", 1))
+    lines = []
+    for layer, rows in table.groupby("layer", sort=False):
+        for what, column, interval, sign in checks:
+            rows_checked = rows.dropna(subset=[column])
+            worse = sign * (rows_checked[column] - 1) > 0
+            sure = sign * (rows_checked[f"{interval}_{'low' if sign > 0 else 'high'}"] - 1) > 0
+            worst = rows_checked.loc[(sign * rows_checked[column]).idxmax()]
+            lines.append(f"{layer} {what}: {worse.sum()} of {len(rows_checked)} rows, {sure.sum()} beyond noise "
+                         f"(95 % interval); worst {worst[column]:.3f} [{worst[f'{interval}_low']:.3f}, "
+                         f"{worst[f'{interval}_high']:.3f}] at {worst['shape']} segments {worst['segments']}")
+    return "\n".join(lines)
+
+
+def train_table(device: torch.device, images: int, peak: float, segments: Sequence[int | str], rounds: int = 2
+                ) -> pd.DataFrame:
     """Training throughput of a sweep trial (``continuum_small``, batch 128) with native and autotuned kernels.
+
+    Each round trains a fresh model for two epochs with each kind of kernel in turn and measures the second
+    epoch; the best round is kept (a slow spell of the machine lowers a round, it cannot raise one).
 
     Args:
         device: where to train.
-        images: synthetic 28 px training images per epoch (two epochs run; the second is measured).
+        images: synthetic 28 px training images per epoch.
         peak: the device's peak FLOP/s, for the model FLOP utilisation.
         segments: segment counts of the model.
+        rounds: trainings per kind of kernel.
     """
     data = make_synthetic(train_size=images, val_size=256, seed=0)
     rows = []
     for count in segments:
         row = {"model": "continuum_small", "segments": str(count), "images": images, "device": device_name(device)}
         flops = 2 * model_cost(timm.create_model("continuum_small", segments=count), (1, 28, 28)).macs
-        for mode in ("native", "auto"):
-            torch.manual_seed(0)
-            model = timm.create_model("continuum_small", segments=count)
-            with conv_strategy(mode):
-                result = fit(model, data, TrainConfig(epochs=2, device=str(device)), progress=False)
-            speed = result.curve[-1]["images_per_s"]
-            row[f"{mode}_images_per_s"] = speed
-            row[f"{mode}_mfu"] = speed * 3 * flops / peak
+        speeds: dict[str, list[float]] = {"native": [], "auto": []}
+        for _ in range(rounds):
+            for mode, measured in speeds.items():
+                torch.manual_seed(0)
+                model = timm.create_model("continuum_small", segments=count)
+                with conv_strategy(mode):
+                    result = fit(model, data, TrainConfig(epochs=2, device=str(device)), progress=False)
+                measured.append(result.curve[-1]["images_per_s"])
+        for mode, measured in speeds.items():
+            row[f"{mode}_images_per_s"] = max(measured)
+            row[f"{mode}_mfu"] = max(measured) * 3 * flops / peak
         row["speedup"] = row["auto_images_per_s"] / row["native_images_per_s"]
         rows.append(row)
         print(f"  train segments={count}: done", file=sys.stderr, flush=True)
@@ -217,9 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", default="xception_middle,small_64,small_128,small_256",
                         help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--segments", default=None, help="comma list of segment counts (default: 1, 2, 4, ... all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default: 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement at least (default: 5)")
+    parser.add_argument("--min-ms", type=float, default=400.0,
+                        help="time each measurement for at least this many ms, in more calls (default: 400)")
     parser.add_argument("--train", action="store_true", help="also measure a sweep trial's training throughput")
     parser.add_argument("--train-images", type=int, default=2560, help="images per training epoch (default: 2560)")
+    parser.add_argument("--train-rounds", type=int, default=2,
+                        help="trainings per kind of kernel, the fastest kept (default: 2)")
     parser.add_argument("--no-conv", action="store_true", help="skip the layer timings")
     parser.add_argument("--out", default="results/bench", help="folder for the CSVs (default: results/bench)")
     return parser
@@ -235,13 +307,15 @@ def _choices(text: str, known: dict, what: str) -> list:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         device = resolve_device(args.device)
         dtypes = _choices(args.dtypes, DTYPES, "dtype(s)")
         shapes = _choices(args.shapes, SHAPES, "shape(s)")
         segments = [int(s) for s in args.segments.split(",")] if args.segments else None
-        if args.repeats < 1:
-            raise ValueError(f"--repeats {args.repeats} is not valid; time at least one call")
+        if args.repeats < 1 or args.train_rounds < 1:
+            raise ValueError(f"--repeats {args.repeats} / --train-rounds {args.train_rounds} is not valid; "
+                             "time at least one call and one training")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -251,19 +325,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     peak = None
     if not args.no_conv:
-        table, peaks = conv_table(shapes, dtypes, device, args.repeats, segments)
+        table, peaks = conv_table(shapes, dtypes, device, args.repeats, args.min_ms, segments)
         table.to_csv(out / f"conv_{tag}.csv", index=False)
         print("peak GEMM: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items() if k in
                                          ("float32", "bfloat16")) + f"; copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s")
         columns = ["shape", "dtype", "layer", "segments", "ours_ms", "ours_layout", "strategy", "native_nchw_ms",
-                   "native_cl_ms", "timm_separable_ms", "speedup_vs_native", "achieved_gflops", "floor_ms", "x_floor"]
+                   "native_cl_ms", "timm_separable_ms", "speedup_vs_native", "speedup_low", "speedup_high",
+                   "x_fewer_segments", "achieved_gflops", "floor_ms", "x_floor"]
         print(table[[c for c in columns if c in table]].to_markdown(index=False, floatfmt=".3g"))
+        print(targets(table))
         print(f"table: {out / f'conv_{tag}.csv'}")
         peak = peaks.get("float32")
     if args.train:
         peak = peak or measure_peak_flops(device, torch.float32, 4096 if device.type == "cuda" else 2048)
         counts = [1, 2, 4, 8, 16, 32, "all"]
-        train = train_table(device, args.train_images, peak, counts)
+        train = train_table(device, args.train_images, peak, counts, args.train_rounds)
         train.to_csv(out / f"train_{tag}.csv", index=False)
         print(train.to_markdown(index=False, floatfmt=".3g"))
         print(f"table: {out / f'train_{tag}.csv'}")

@@ -7,7 +7,6 @@ FLOPs are reported as multiply-adds (MACs), the convention of the paper and of m
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import pandas as pd
@@ -16,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from continuum.block import SegmentedConv2d
-from continuum.strategy import conv_strategy
+from continuum.strategy import call_times, conv_strategy
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -245,7 +244,6 @@ def measure_latency(
     device = torch.device(device)
     model = model.to(device)
     x = torch.randn(batch_size, *input_size, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     was_training = model.training
     model.train(backward)
 
@@ -258,15 +256,7 @@ def measure_latency(
                 model(x)
 
     try:
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
+        times = call_times(call, device, repeats, warmup)
     finally:
         model.train(was_training)
     q1, median, q3 = statistics.quantiles(times, n=4) if repeats > 1 else (times[0],) * 3

@@ -21,6 +21,7 @@ import timm
 import torch
 
 import continuum  # noqa: F401  (registers the models)
+from continuum.allocator import keep_freed_memory
 from continuum.block import SegmentError
 from continuum.config import parse_order, parse_segments
 from continuum.cost import measure_latency, model_cost
@@ -132,6 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         segments = [parse_segments(s) for s in args.segments.split(",")]

@@ -11,9 +11,10 @@ float rounding:
 - ``shifted``: depthwise only (one input and one output channel per segment): the sum of ``k*k`` shifted copies
   of the input, each scaled per channel.
 
-With the strategy mode ``"auto"`` (the default), the first call for a given device, dtype, shape and geometry times
-every candidate (forward, plus backward when a gradient is wanted), skipping any whose FLOPs at the device's peak
-GEMM rate would already be slower than the best so far, and keeps the fastest. Choices are cached in memory and in
+With the strategy mode ``"auto"`` (the default), the first call for a given device, dtype, memory format, shape and
+geometry screens every candidate (forward, plus backward when a gradient is wanted; warmed up, so that one-off costs
+do not count), skipping any whose FLOPs at the device's peak GEMM rate would already be slower than the best so far,
+then times the fastest few and the plain grouped conv again, longer for short calls, and keeps the lowest median. Choices are cached in memory and in
 ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``), so later processes on the same machine
 reuse them. Because ``grouped/g`` for every divisor ``g`` is a candidate, a count that is a multiple of another is
 never slower than it (up to timing noise).
@@ -35,7 +36,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -277,21 +278,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, repeats: int = 3, warmup: int = 1, give_up_ms: float = float("inf")
-              ) -> float:
-    """Median milliseconds of ``fn()`` after ``warmup`` calls; stops early once a call exceeds ``give_up_ms``.
+def call_times(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1,
+               min_total_ms: float = 0.0, max_repeats: int = 100, give_up_ms: float = float("inf")) -> list[float]:
+    """Milliseconds of each timed call of ``fn()``, after ``warmup`` untimed calls.
+
+    Times at least ``repeats`` calls, and more (up to ``max_repeats``) until the timed calls add up to
+    ``min_total_ms``, so a short call is timed often enough for its median to be steady.
 
     Args:
         fn: the call to time.
-        device: where it runs (CUDA is synchronised around each call).
-        repeats: timed calls.
-        warmup: untimed calls first.
-        give_up_ms: return at once when a timed call is slower than this (it cannot win).
+        device: where it runs (CUDA is synchronised around each call, so the time is the kernels' and not the
+            launch's).
+        repeats: timed calls at least.
+        warmup: untimed calls first (allocator, kernel selection, caches).
+        min_total_ms: keep timing until the timed calls add up to this.
+        max_repeats: timed calls at most.
+        give_up_ms: stop at once when a timed call is slower than this (it cannot win).
     """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_total_ms and len(times) < max_repeats):
         _sync(device)
         start = time.perf_counter()
         fn()
@@ -299,7 +306,31 @@ def time_call(fn, device: torch.device, repeats: int = 3, warmup: int = 1, give_
         times.append((time.perf_counter() - start) * 1e3)
         if times[-1] > give_up_ms:
             break
-    return statistics.median(times)
+    return times
+
+
+def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device, rounds: int,
+                      min_total_ms: float, max_rounds: int = 50) -> dict[str, list[float]]:
+    """Milliseconds of each call, timed in rounds of one call each in turn, so that a slow spell of the machine
+    hits every call of a round alike: round ``i`` of two calls is a fair pair.
+
+    Args:
+        calls: ``{column name: call}``, each already warm.
+        device: where they run.
+        rounds: rounds at least.
+        min_total_ms: go on (up to ``max_rounds``) until every call's timed calls add up to this.
+        max_rounds: rounds at most.
+
+    Returns:
+        ``{column name: one time per round}``.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    done = 0
+    while done < rounds or (min(map(sum, times.values())) < min_total_ms and done < max_rounds):
+        for name, call in calls.items():
+            times[name] += call_times(call, device, repeats=1, warmup=0)
+        done += 1
+    return times
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
@@ -311,8 +342,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
     w = a.view(size, size, 1, 1).contiguous(memory_format=torch.channels_last)
     rates = []
     for call, flops in ((lambda: a @ a, 2 * size ** 3), (lambda: F.conv2d(x, w), 2 * 8 * 256 * size ** 2)):
-        call()  # warm-up
-        best_ms = min(time_call(call, device, repeats=1, warmup=0) for _ in range(repeats))
+        best_ms = min(call_times(call, device, repeats))
         rates.append(flops / (best_ms / 1e3))
     return max(rates)
 
@@ -353,9 +383,9 @@ def _save(key: str, value: str | float) -> None:
 
 
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
-    """The autotuning cache key: device, dtype (and autocast), memory format, shapes, geometry and whether a
-    gradient is wanted."""
-    layout = "cl" if x.dim() == 4 and _is_channels_last(x) else "nchw"
+    """The autotuning cache key: device, dtype (and autocast), memory formats of input and kernels, shapes,
+    geometry and whether a gradient is wanted."""
+    layout = "/".join("cl" if t.dim() == 4 and _is_channels_last(t) else "nchw" for t in (x, weight))
     return "|".join(str(part) for part in (
         torch.__version__, device_name(x.device), str(x.dtype).removeprefix("torch."),
         f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
@@ -364,12 +394,15 @@ def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: b
 
 
 def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry, grad: bool,
-             repeats: int = 3, finalists: int = 3) -> tuple[Strategy, dict[str, float]]:
+             finalists: int = 3, screen_ms: float = 10.0, final_ms: float = 200.0
+             ) -> tuple[Strategy, dict[str, float]]:
     """Time the candidates on fresh tensors shaped like these and return the fastest with all times.
 
-    A first pass runs each candidate once, skipping any whose FLOPs at the device's peak GEMM rate would take
-    longer than the best call so far, or that fails (out of memory, unsupported); its time is then ``nan``. The
-    ``finalists`` fastest are then timed ``repeats`` times and the lowest median wins.
+    A screening pass warms each candidate up and keeps its fastest call (timed until the calls add up to
+    ``screen_ms``), skipping any whose FLOPs at the device's peak GEMM rate would take longer than the best so
+    far, or that fails (out of memory, unsupported); its time is then ``nan``. The ``finalists`` fastest, and the
+    plain grouped conv in both memory formats, are then timed again in turns (:func:`interleaved_times`: at least
+    3 rounds, and more until each one's calls add up to ``final_ms``), and the lowest median wins.
 
     Args:
         x: an input of the shape, dtype, device and memory format to tune for.
@@ -377,11 +410,12 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
         bias: the bias or ``None``.
         geom: stride, padding, dilation and groups.
         grad: time forward + backward (else forward only).
-        repeats: timed calls per finalist.
-        finalists: candidates timed again after the first pass.
+        finalists: candidates timed again after the screening pass, besides the plain grouped conv.
+        screen_ms: time each candidate for about this long in the screening pass.
+        final_ms: time each finalist for about this long.
 
     Returns:
-        ``(fastest, {strategy name: median ms, or the first pass's ms for the others})``.
+        ``(fastest, {strategy name: median ms of a finalist, or the screening pass's best ms})``.
     """
     device = x.device
     probe = torch.randn_like(x).requires_grad_(grad)
@@ -400,18 +434,22 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
     found: dict[Strategy, float] = {}
     for strategy in candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom):
         times[strategy.name] = float("nan")
-        bound_ms = strategy_flops(strategy, geom, forward_flops) * (3 if grad else 1) / peak * 1e3
-        if bound_ms > min(found.values(), default=float("inf")):
+        best = min(found.values(), default=float("inf"))
+        if strategy_flops(strategy, geom, forward_flops) * (3 if grad else 1) / peak * 1e3 > best:
             continue
         try:
-            found[strategy] = times[strategy.name] = time_call(lambda: call(strategy), device, repeats=1, warmup=0)
+            found[strategy] = times[strategy.name] = min(call_times(
+                lambda: call(strategy), device, repeats=1, min_total_ms=screen_ms, give_up_ms=3 * best))
         except (RuntimeError, ValueError):
             continue
     if not found:
         return Strategy("grouped", geom.groups), times
-    for strategy in sorted(found, key=found.get)[:finalists]:
-        found[strategy] = times[strategy.name] = time_call(lambda: call(strategy), device, repeats, warmup=0)
-    return min(found, key=found.get), times
+    native = {Strategy("grouped", geom.groups, cl) for cl in (False, True)} & found.keys()
+    final = sorted(set(sorted(found, key=found.get)[:finalists]) | native, key=found.get)
+    rounds = interleaved_times({s.name: functools.partial(call, s) for s in final}, device, rounds=3,
+                               min_total_ms=final_ms)
+    times |= {name: statistics.median(ms) for name, ms in rounds.items()}
+    return min(final, key=lambda s: times[s.name]), times
 
 
 def _use_native(x: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import continuum
+from continuum.allocator import keep_freed_memory
 from continuum.block import SegmentError
 from continuum.config import OBJECTIVES, DataConfig, ModelConfig, SweepConfig, TrainConfig, parse_bool
 from continuum.cost import measure_latency, model_cost
@@ -608,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "worker")}

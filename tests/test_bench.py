@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pandas as pd
+import torch
 
-from continuum.bench import segment_counts
+from continuum.bench import interleaved_times, paired_ratio, segment_counts
 
 
 def test_segment_counts_run_from_one_to_all():
@@ -13,9 +14,31 @@ def test_segment_counts_run_from_one_to_all():
     assert segment_counts(728) == [1, 2, 4, 8, 91, 182, 364, 728]
 
 
+def test_interleaved_times_time_in_turns_until_each_call_had_its_time():
+    order = []
+
+    def call(name):
+        def run():
+            order.append(name)
+            sum(range(20_000 if name == "a" else 1))  # "a" is slow, "b" is almost free
+        return run
+
+    times = interleaved_times({"a": call("a"), "b": call("b")}, torch.device("cpu"), rounds=3, min_total_ms=0)
+    assert order == ["a", "b"] * 3 and [len(t) for t in times.values()] == [3, 3]
+    assert min(times["a"]) > max(times["b"])
+    order.clear()
+    interleaved_times({"a": call("a"), "b": call("b")}, torch.device("cpu"), rounds=1, min_total_ms=1e6, max_rounds=7)
+    assert order == ["a", "b"] * 7  # "b" never adds up to the minimum: stops at max_rounds, still in turns
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    ratio, low, high = paired_ratio([2.0, 4.0, 8.0, 2.2, 4.4], [1.0, 2.0, 4.0, 1.0, 2.0])
+    assert ratio == 2.0 and low <= 2.0 <= high <= 2.2
+
+
 def test_bench_writes_both_tables(tmp_path):
     result = subprocess.run([sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--train",
-                             "--train-images", "128", "--out", str(tmp_path)], capture_output=True, text=True)
+                             "--train-images", "128", "--train-rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     conv = pd.read_csv(tmp_path / "conv_cpu.csv")
     assert len(conv) == 2 * len(segment_counts(16))
@@ -27,6 +50,14 @@ def test_bench_writes_both_tables(tmp_path):
                    "x_floor", "strategy", "device"):
         assert conv[column].notna().all(), column
     assert (conv["floor_ms"] > 0).all() and (conv["speedup_vs_native"] > 0).all()
+    for _, rows in conv.groupby("layer"):  # each count against the one before it, timed in the same rounds
+        assert rows["x_fewer_segments"].iloc[0] != rows["x_fewer_segments"].iloc[0]  # nan: nothing before 1
+        assert rows["fewer_ms"].iloc[1:].notna().all() and (rows["x_fewer_segments"].iloc[1:] > 0).all()
+        assert (rows["x_fewer_low"] <= rows["x_fewer_segments"]).iloc[1:].all()
+        assert (rows["x_fewer_segments"] <= rows["x_fewer_high"]).iloc[1:].all()
+    assert ((conv["speedup_low"] <= conv["speedup_vs_native"]) & (conv["speedup_vs_native"] <= conv["speedup_high"])).all()
+    assert "SegmentedConv2d slower than the fastest native alternative:" in result.stdout
+    assert "ContinuumConv slower than at the previous segment count:" in result.stdout
     separable = conv.dropna(subset=["timm_separable_ms"])
     assert list(separable["segments"].astype(str)) == ["all"] and list(separable["layer"]) == ["ContinuumConv"]
     train = pd.read_csv(tmp_path / "train_cpu.csv")
