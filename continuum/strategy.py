@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from contextlib import contextmanager
@@ -311,8 +312,10 @@ def call_times(fn: Callable[[], object], device: torch.device, repeats: int = 3,
 
 def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device, rounds: int,
                       min_total_ms: float, max_rounds: int = 50) -> dict[str, list[float]]:
-    """Milliseconds of each call, timed in rounds of one call each in turn, so that a slow spell of the machine
-    hits every call of a round alike: round ``i`` of two calls is a fair pair.
+    """Milliseconds of each call, timed in rounds of one call each, so that a slow spell of the machine hits every
+    call of a round alike: round ``i`` of two calls is a fair pair. Each round runs the calls in a new (seeded)
+    random order, so that no call always follows the same one (caches, the previous call's memory) or always
+    comes first.
 
     Args:
         calls: ``{column name: call}``, each already warm.
@@ -325,10 +328,12 @@ def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device
         ``{column name: one time per round}``.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order, shuffle = list(calls), random.Random(0).shuffle
     done = 0
     while done < rounds or (min(map(sum, times.values())) < min_total_ms and done < max_rounds):
-        for name, call in calls.items():
-            times[name] += call_times(call, device, repeats=1, warmup=0)
+        shuffle(order)
+        for name in order:
+            times[name] += call_times(calls[name], device, repeats=1, warmup=0)
         done += 1
     return times
 

@@ -14,21 +14,24 @@ def test_segment_counts_run_from_one_to_all():
     assert segment_counts(728) == [1, 2, 4, 8, 91, 182, 364, 728]
 
 
-def test_interleaved_times_time_in_turns_until_each_call_had_its_time():
+def test_interleaved_times_time_every_call_once_a_round_until_each_had_its_time():
     order = []
 
     def call(name):
         def run():
             order.append(name)
-            sum(range(20_000 if name == "a" else 1))  # "a" is slow, "b" is almost free
+            sum(range(20_000 if name == "a" else 1))  # "a" is slow, the others almost free
         return run
 
-    times = interleaved_times({"a": call("a"), "b": call("b")}, torch.device("cpu"), rounds=3, min_total_ms=0)
-    assert order == ["a", "b"] * 3 and [len(t) for t in times.values()] == [3, 3]
-    assert min(times["a"]) > max(times["b"])
+    calls = {name: call(name) for name in "abcd"}
+    times = interleaved_times(calls, torch.device("cpu"), rounds=6, min_total_ms=0)
+    rounds = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert len(rounds) == 6 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({r[0] for r in rounds}) > 1  # the order changes from round to round
+    assert [len(t) for t in times.values()] == [6] * 4 and min(times["a"]) > max(times["b"])
     order.clear()
-    interleaved_times({"a": call("a"), "b": call("b")}, torch.device("cpu"), rounds=1, min_total_ms=1e6, max_rounds=7)
-    assert order == ["a", "b"] * 7  # "b" never adds up to the minimum: stops at max_rounds, still in turns
+    interleaved_times(calls, torch.device("cpu"), rounds=1, min_total_ms=1e6, max_rounds=7)
+    assert len(order) == 4 * 7  # "b" never adds up to the minimum: stops at max_rounds
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
