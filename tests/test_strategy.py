@@ -166,14 +166,21 @@ def test_autocast_is_tuned_apart_and_agrees_with_native(monkeypatch):
     torch.testing.assert_close(fast, ref, rtol=0.05, atol=0.05)
 
 
+def _busy(ms: float) -> None:
+    """Take ``ms`` milliseconds (a sleep can overshoot by many milliseconds on a loaded machine)."""
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
 def test_call_times_times_short_calls_more_often_and_gives_up_on_slow_ones():
     calls = []
     assert len(st.call_times(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)) == 3
     assert len(calls) == 5
-    many = st.call_times(lambda: time.sleep(1e-3), torch.device("cpu"), repeats=2, min_total_ms=20, max_repeats=50)
-    assert 10 <= len(many) <= 20 and sum(many) >= 20
+    many = st.call_times(lambda: _busy(1), torch.device("cpu"), repeats=2, min_total_ms=20, max_repeats=50)
+    assert 2 < len(many) <= 20 and sum(many) >= 20  # more than `repeats`, until they add up to 20 ms
     assert len(st.call_times(lambda: None, torch.device("cpu"), min_total_ms=1e9, max_repeats=7)) == 7
-    assert len(st.call_times(lambda: time.sleep(2e-3), torch.device("cpu"), repeats=5, give_up_ms=1)) == 1
+    assert len(st.call_times(lambda: _busy(2), torch.device("cpu"), repeats=5, give_up_ms=1)) == 1
 
 
 def _fake_timings(monkeypatch, ms: dict[str, list[float]]) -> dict[str, int]:
@@ -182,7 +189,7 @@ def _fake_timings(monkeypatch, ms: dict[str, list[float]]) -> dict[str, int]:
 
     def run(strategy, x, weight, bias, geom):
         times = ms[strategy.name]
-        time.sleep(times[min(counts[strategy.name], len(times) - 1)] / 1e3)
+        _busy(times[min(counts[strategy.name], len(times) - 1)])
         counts[strategy.name] += 1
         return F.conv2d(x, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
 
@@ -194,16 +201,17 @@ def _fake_timings(monkeypatch, ms: dict[str, list[float]]) -> dict[str, int]:
 def test_autotune_is_not_fooled_by_slow_first_calls(monkeypatch):
     x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]  # grouped/2, grouped/2+cl, unfold, grouped/1, ...
-    ms = {name: [4.0] for name in names} | {"grouped/1": [40.0, 1.0]}  # the fastest is slow only when cold
+    ms = {name: [30.0] for name in names} | {"grouped/1": [300.0, 5.0]}  # the fastest is slow only when cold
     _fake_timings(monkeypatch, ms)
     best, times = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
-    assert best == Strategy("grouped", 1) and times["grouped/1"] < 4
+    assert best == Strategy("grouped", 1) and times["grouped/1"] < 30
 
 
 def test_autotune_always_retimes_the_plain_grouped_conv(monkeypatch):
     x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]
-    counts = _fake_timings(monkeypatch, {name: [1.0] for name in names} | {"grouped/2": [3.0], "grouped/2+cl": [3.0]})
+    slow_plain = {"grouped/2": [30.0], "grouped/2+cl": [30.0]}
+    counts = _fake_timings(monkeypatch, {name: [5.0] for name in names} | slow_plain)
     best, times = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
     # screening: a warm-up and a timed call each; finalists: 3 more calls each, the plain grouped conv among them
     assert counts["grouped/2"] == counts["grouped/2+cl"] == 5
