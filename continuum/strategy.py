@@ -398,8 +398,21 @@ def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: b
         tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, "fwd+bwd" if grad else "fwd"))
 
 
+def tuning_ms() -> float:
+    """How long autotuning times each finalist, in milliseconds: ``$CONTINUUM_TUNE_MS``, default 200. Less tunes
+    faster and picks less reliably among near-equal strategies."""
+    text = os.environ.get("CONTINUUM_TUNE_MS", "").strip() or "200"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"CONTINUUM_TUNE_MS={text!r} is not valid; give milliseconds >= 0, such as 200")
+    return value
+
+
 def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry, grad: bool,
-             finalists: int = 3, screen_ms: float = 10.0, final_ms: float = 200.0
+             finalists: int = 3, screen_ms: float = 10.0, final_ms: float | None = None
              ) -> tuple[Strategy, dict[str, float]]:
     """Time the candidates on fresh tensors shaped like these and return the fastest with all times.
 
@@ -417,7 +430,7 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
         grad: time forward + backward (else forward only).
         finalists: candidates timed again after the screening pass, besides the plain grouped conv.
         screen_ms: time each candidate for about this long in the screening pass.
-        final_ms: time each finalist for about this long.
+        final_ms: time each finalist for about this long; ``None``: :func:`tuning_ms`.
 
     Returns:
         ``(fastest, {strategy name: median ms of a finalist, or the screening pass's best ms})``.
@@ -452,7 +465,7 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
     native = {Strategy("grouped", geom.groups, cl) for cl in (False, True)} & found.keys()
     final = sorted(set(sorted(found, key=found.get)[:finalists]) | native, key=found.get)
     rounds = interleaved_times({s.name: functools.partial(call, s) for s in final}, device, rounds=3,
-                               min_total_ms=final_ms)
+                               min_total_ms=tuning_ms() if final_ms is None else final_ms)
     times |= {name: statistics.median(ms) for name, ms in rounds.items()}
     return min(final, key=lambda s: times[s.name]), times
 

@@ -7,6 +7,7 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CONTINUUM_CACHE", tempfile.mkdtemp(prefix="continuum-cache-"))  # autotuned conv strategies
+os.environ.setdefault("CONTINUUM_TUNE_MS", "20")  # tests check what is chosen is right, not that it is the fastest
 
 FAST = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet"]
 """Flags that make a sweep trial take about a second on a laptop CPU."""

@@ -217,3 +217,14 @@ def test_autotune_always_retimes_the_plain_grouped_conv(monkeypatch):
     assert counts["grouped/2"] == counts["grouped/2+cl"] == 5
     assert sorted(counts.values()) == [2] * (len(names) - 3) + [5] * 3
     assert best.name not in ("grouped/2", "grouped/2+cl") and set(times) == set(names)
+
+
+def test_tuning_time_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CONTINUUM_TUNE_MS", "50")
+    assert st.tuning_ms() == 50
+    monkeypatch.delenv("CONTINUUM_TUNE_MS")
+    assert st.tuning_ms() == 200
+    for bad in ("fast", "-1", "nan"):
+        monkeypatch.setenv("CONTINUUM_TUNE_MS", bad)
+        with pytest.raises(ValueError, match=f"CONTINUUM_TUNE_MS='{bad}' is not valid; give milliseconds >= 0"):
+            st.tuning_ms()
