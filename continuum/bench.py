@@ -39,8 +39,8 @@ from continuum.block import ContinuumConv, SegmentedConv2d
 from continuum.config import TrainConfig
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
-from continuum.strategy import (call_times, chosen_strategy, conv_strategy, device_name, interleaved_times,
-                                measure_peak_flops)
+from continuum.strategy import (call_times, chosen_strategy, conv_strategy, device_name, dtype_name,
+                                interleaved_times, measure_peak_flops)
 from continuum.train import fit, resolve_device
 
 
@@ -84,6 +84,12 @@ def measure_copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     dst.copy_(src)
     best_ms = min(call_times(lambda: dst.copy_(src), device))
     return 2 * src.numel() * src.element_size() / (best_ms / 1e3)
+
+
+def roofline_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The roofline's peak FLOP/s: :func:`~continuum.strategy.measure_peak_flops` with a GEMM big enough to fill
+    the device (4096 wide on CUDA, 2048 on CPUs)."""
+    return measure_peak_flops(device, dtype, 4096 if device.type == "cuda" else 2048)
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, mode: str = "auto") -> Callable[[], None]:
@@ -135,7 +141,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
     inputs = {"nchw": x, "cl": x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)}
     pixels = shape.batch * shape.size * shape.size
     common = {"shape": shape.name, "channels": c, "size": shape.size, "batch": shape.batch,
-              "dtype": str(dtype).removeprefix("torch."), "segments": "all" if segments == c else str(segments),
+              "dtype": dtype_name(dtype), "segments": "all" if segments == c else str(segments),
               "device": device_name(device)}
     rows = []
     for name, native, mode, extra_weights, tensors in (("SegmentedConv2d", "Conv2d", "auto", 0, 2),
@@ -207,13 +213,12 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
         ``(table, {dtype name: peak FLOP/s, "copy_bytes_per_s": bandwidth})``.
     """
     bandwidth = measure_copy_bandwidth(device)
-    peaks = {str(d).removeprefix("torch."): measure_peak_flops(device, d, 4096 if device.type == "cuda" else 2048)
-             for d in dtypes}
+    peaks = {dtype_name(d): roofline_peak(device, d) for d in dtypes}
     timing = {"rounds": rounds, "min_total_ms": min_total_ms}
     rows = []
     for shape in shapes:
         for dtype in dtypes:
-            roofline = {"peak": peaks[str(dtype).removeprefix("torch.")], "bandwidth": bandwidth}
+            roofline = {"peak": peaks[dtype_name(dtype)], "bandwidth": bandwidth}
             fewer: dict[str, tuple[int, str]] = {}
             for count in segments or segment_counts(shape.channels):
                 if shape.channels % count:
@@ -337,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"table: {out / f'conv_{tag}.csv'}")
         peak = peaks.get("float32")
     if args.train:
-        peak = peak or measure_peak_flops(device, torch.float32, 4096 if device.type == "cuda" else 2048)
+        peak = peak or roofline_peak(device, torch.float32)
         counts = [1, 2, 4, 8, 16, 32, "all"]
         train = train_table(device, args.train_images, peak, counts, args.train_rounds)
         train.to_csv(out / f"train_{tag}.csv", index=False)

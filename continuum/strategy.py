@@ -14,10 +14,10 @@ float rounding:
 With the strategy mode ``"auto"`` (the default), the first call for a given device, dtype, memory format, shape and
 geometry screens every candidate (forward, plus backward when a gradient is wanted; warmed up, so that one-off costs
 do not count), skipping any whose FLOPs at the device's peak GEMM rate would already be slower than the best so far,
-then times the fastest few and the plain grouped conv again, longer for short calls, and keeps the lowest median. Choices are cached in memory and in
-``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``), so later processes on the same machine
-reuse them. Because ``grouped/g`` for every divisor ``g`` is a candidate, a count that is a multiple of another is
-never slower than it (up to timing noise).
+then times the fastest few and the plain grouped conv again, longer for short calls, and keeps the lowest median.
+Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``), so
+later processes on the same machine reuse them. Because ``grouped/g`` for every divisor ``g`` is a candidate, a count
+that is a multiple of another can always run as fast as it; whether the tuner picks that is up to its timings.
 
 Mode ``"native"`` always runs the plain grouped conv; it is also used while tracing or compiling (``torch.compile``
 chooses its own kernels) and when deterministic algorithms are requested. Set the mode with
@@ -274,6 +274,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32``, ``bfloat16``, ...: the dtype without its ``torch.`` prefix."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -392,7 +397,7 @@ def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: b
     geometry and whether a gradient is wanted."""
     layout = "/".join("cl" if t.dim() == 4 and _is_channels_last(t) else "nchw" for t in (x, weight))
     return "|".join(str(part) for part in (
-        torch.__version__, device_name(x.device), str(x.dtype).removeprefix("torch."),
+        torch.__version__, device_name(x.device), dtype_name(x.dtype),
         f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
         layout, tuple(x.shape),
         tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, "fwd+bwd" if grad else "fwd"))
