@@ -218,7 +218,7 @@ class SegmentedConv2d(nn.Module):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_channels != x.shape[1]:
+        if isinstance(x, torch.Tensor) and self.in_channels != x.shape[1]:  # not a torch.fx Proxy
             raise ValueError(f"SegmentedConv2d expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")
         if self.even:

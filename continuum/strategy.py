@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,9 @@ MODES = ("auto", "native")
 """Strategy modes: autotune per shape, or always the plain grouped conv."""
 
 _mode: str | None = None
+_env_mode: str | None = None
 _choices: dict[str, Strategy] = {}
+_by_signature: dict[tuple, Strategy] = {}
 _peaks: dict[str, float] = {}
 _disk_loaded = False
 
@@ -59,8 +61,14 @@ def _check_mode(mode: str) -> str:
 
 
 def current_mode() -> str:
-    """The strategy mode in force: set by :func:`conv_strategy`, else ``$CONTINUUM_CONV_STRATEGY``, else ``auto``."""
-    return _mode or _check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "auto").strip().lower() or "auto")
+    """The strategy mode in force: set by :func:`conv_strategy`, else ``$CONTINUUM_CONV_STRATEGY`` (read when first
+    needed, and again after :func:`forget_choices`), else ``auto``."""
+    global _env_mode
+    if _mode:
+        return _mode
+    if _env_mode is None:
+        _env_mode = _check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "auto").strip().lower() or "auto")
+    return _env_mode
 
 
 @contextmanager
@@ -78,9 +86,9 @@ def conv_strategy(mode: str) -> Iterator[None]:
         _mode = previous
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Everything about a convolution call except its tensors.
+class ConvGeometry(NamedTuple):
+    """Everything about a convolution call except its tensors (a named tuple: hashing it is cheap, and every
+    call looks its strategy up by it).
 
     Args:
         stride: ``(sh, sw)``.
@@ -476,17 +484,38 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
 
 
 def _use_native(x: torch.Tensor) -> bool:
-    if current_mode() == "native" or torch.are_deterministic_algorithms_enabled():
-        return True
-    return not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    """Mode ``native``, deterministic algorithms, or tracing: ``torch.jit.trace``, ``torch.compile`` / ``export``,
+    or ``torch.fx`` symbolic tracing (which passes a ``Proxy``, not a tensor)."""
+    return current_mode() == "native" or not isinstance(x, torch.Tensor) \
+        or torch.are_deterministic_algorithms_enabled() or torch._C._is_tracing() or torch.compiler.is_compiling()
+
+
+def _call_signature(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> tuple:
+    """What :func:`cache_key` depends on within one process, as a tuple of values torch has at hand: the in-memory
+    lookup of every call. It has to be cheap: right after a large convolution the interpreter's caches are cold,
+    and building the string key then took 50 us, 3-5 % of a 1-2 ms depthwise conv. Strides stand for the memory
+    formats."""
+    autocast = torch._C._is_any_autocast_enabled() and (
+        torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type))
+    return (x.shape, x.stride(), x.dtype, x.device, autocast, weight.shape, weight.stride(), geom, grad,
+            torch.get_num_threads())
 
 
 def chosen_strategy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry
                     ) -> Strategy:
     """The strategy ``auto`` uses for this call: cached, or autotuned now (and cached in memory and on disk)."""
-    global _disk_loaded
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    signature = _call_signature(x, weight, geom, grad)
+    strategy = _by_signature.get(signature)
+    if strategy is None:
+        strategy = _by_signature[signature] = _tuned_strategy(x, weight, bias, geom, grad)
+    return strategy
+
+
+def _tuned_strategy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
+                    grad: bool) -> Strategy:
+    """The choice stored under this call's :func:`cache_key` (in memory or on disk), or autotuned now and stored."""
+    global _disk_loaded
     key = cache_key(x, weight, geom, grad)
     if key not in _choices and not _disk_loaded:
         for stored_key, name in _load_disk_cache().items():
@@ -522,8 +551,11 @@ def segmented_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def forget_choices() -> None:
-    """Drop the in-memory choices and peaks (the disk cache is read again when next needed)."""
-    global _disk_loaded
+    """Drop the in-memory choices and peaks, and the mode read from the environment (the disk cache and
+    ``$CONTINUUM_CONV_STRATEGY`` are read again when next needed)."""
+    global _disk_loaded, _env_mode
+    _env_mode = None
     _choices.clear()
+    _by_signature.clear()
     _peaks.clear()
     _disk_loaded = False

@@ -104,6 +104,18 @@ def test_timm_interface(xception):
     assert "continuum_xception" in timm.list_models("continuum_*")
 
 
+@pytest.mark.parametrize("segments", [1, 4, "all"])
+def test_small_family_traces_with_torch_fx(segments):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model("continuum_small", segments=segments).eval()
+    nodes = get_graph_node_names(model)[1]
+    extractor = create_feature_extractor(model, {nodes[-1]: "logits"})
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["logits"], model(x))
+
+
 def test_wrong_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"ContinuumSmall expects N x 1 x H x W input, got shape \(2, 3, 28, 28\)"):
         ContinuumSmall()(torch.randn(2, 3, 28, 28))

@@ -104,19 +104,55 @@ def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_each_memory_format_gradient_and_thread_count_is_tuned_once(monkeypatch):
+    tuned = []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(a[0].stride()) or tune(*a, **k))
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
+    x = torch.randn(2, 8, 6, 6)
+    threads = torch.get_num_threads()
+    for _ in range(2):
+        conv(x)
+        conv(x.contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            conv(x)
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            conv(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert len(tuned) == 4
+
+
+def test_tracing_records_the_native_grouped_conv_without_tuning(monkeypatch):
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: pytest.fail("autotuned while tracing"))
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
+    x = torch.randn(1, 8, 5, 5)
+    traced = torch.fx.symbolic_trace(conv)
+    assert [node.target for node in traced.graph.nodes if node.op == "call_function"] == [F.conv2d]
+    scripted = torch.jit.trace(conv, x, check_trace=False)  # checking would run it eagerly, and tune
+    assert "aten::_convolution" in str(scripted.graph)
+    ref = F.conv2d(x, conv.weight, None, 1, 1, 1, 2)
+    torch.testing.assert_close(traced(x), ref)
+    torch.testing.assert_close(scripted(x), ref)
+
+
 def test_native_mode_deterministic_mode_and_bad_mode(monkeypatch):
     monkeypatch.setattr(st, "autotune", lambda *a, **k: pytest.fail("autotuned"))
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
     x = torch.randn(1, 8, 5, 5)
     monkeypatch.setenv("CONTINUUM_CONV_STRATEGY", "native")
+    st.forget_choices()  # the environment is read once per process
     conv(x)
     monkeypatch.setenv("CONTINUUM_CONV_STRATEGY", "auto")
+    st.forget_choices()
     torch.use_deterministic_algorithms(True)
     try:
         conv(x)
     finally:
         torch.use_deterministic_algorithms(False)
     monkeypatch.setenv("CONTINUUM_CONV_STRATEGY", "fastest")
+    st.forget_choices()
     with pytest.raises(ValueError, match="'fastest' is not valid; choose one of auto, native"):
         conv(x)
     with pytest.raises(ValueError, match="'fast' is not valid"):

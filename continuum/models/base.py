@@ -82,7 +82,7 @@ class ContinuumClassifier(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
+        if isinstance(x, torch.Tensor) and (x.ndim != 4 or x.shape[1] != self.in_chans):  # not a torch.fx Proxy
             raise ValueError(f"{type(self).__name__} expects N x {self.in_chans} x H x W input, got shape "
                              f"{tuple(x.shape)}")
         return self.forward_head(self.forward_features(x))
