@@ -4,8 +4,9 @@ For each shape and segment count it times forward + backward of :class:`~continu
 :class:`~continuum.block.ContinuumConv` (autotuned strategy; the layer in NCHW on NCHW input and in channels-last
 on channels-last input, the faster kept) against the native ``nn.Conv2d`` in NCHW and in channels-last (and timm's
 ``SeparableConv2d`` where it applies), and against the same layer at the previous segment count. All of a row's
-calls are timed in turn, round after round, so that the machine's slow spells hit them alike; ratios are medians of
-per-round ratios with 95 % bootstrap intervals. Beside each time is the roofline floor
+calls are timed in turn, round after round, so that the machine's slow spells hit them alike, the NCHW calls
+together and the channels-last ones together (as in a model); ratios are medians of per-round ratios with 95 %
+bootstrap intervals. Beside each time is the roofline floor
 ``max(FLOPs / peak GEMM FLOP/s, bytes / copy bandwidth)``, both measured on the device first. ``--train`` adds the
 training throughput of a sweep trial (images/s, model FLOP utilisation) with native kernels and with autotuned ones.
 
@@ -153,10 +154,14 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
                   for layout, inp in inputs.items()}
         if name == "ContinuumConv" and segments == c:
             calls["timm_separable_ms"] = fwd_bwd(SeparableConv2d(c, c, 3).to(device, dtype), x)
+        contexts = {layout: [f"native_{layout}_ms", f"ours_{layout}_ms"] for layout in inputs}
+        if "timm_separable_ms" in calls:
+            contexts["nchw"].append("timm_separable_ms")
         if name in fewer:
             count, layout = fewer[name]
             calls["fewer_ms"] = fwd_bwd(_layer(name, c, count, dtype, device, layout == "cl"), inputs[layout])
-        times = interleaved_times(calls, device, **timing)
+            contexts[layout].append("fewer_ms")
+        times = interleaved_times(calls, device, **timing, contexts=list(contexts.values()))
         weights = c * c // segments * 9 + extra_weights
         row = _row(common, name, times, _strategies(ours, inputs), flops=3 * 2 * pixels * weights,
                    tensor_bytes=3 * elem * (tensors * x.numel() + weights), **roofline)

@@ -34,6 +34,22 @@ def test_interleaved_times_time_every_call_once_a_round_until_each_had_its_time(
     assert len(order) == 4 * 7  # "b" never adds up to the minimum: stops at max_rounds
 
 
+def test_interleaved_times_keep_each_context_together_after_an_untimed_call():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abcde"}
+    times = interleaved_times(calls, torch.device("cpu"), rounds=8, min_total_ms=0, contexts=[["a", "b"], ["c", "d"]])
+    assert [len(t) for t in times.values()] == [8] * 5  # one timed call each a round
+    context = {"a": "ab", "b": "ab", "c": "cd", "d": "cd", "e": "e"}  # "e", in no context, forms its own
+    chunks, i = [], 0
+    while i < len(order):  # a context's chunk: an untimed call of one member, then each member once
+        size = 1 + len(context[order[i]])
+        chunks.append(order[i:i + size])
+        i += size
+    assert len(chunks) == 8 * 3
+    assert all(sorted(chunk[1:]) == list(context[chunk[0]]) for chunk in chunks)
+    assert {chunk[0] for chunk in chunks if context[chunk[0]] == "ab"} == {"a", "b"}  # any member sets it up
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     ratio, low, high = paired_ratio([2.0, 4.0, 8.0, 2.2, 4.4], [1.0, 2.0, 4.0, 1.0, 2.0])
     assert ratio == 2.0 and low <= 2.0 <= high <= 2.2

@@ -75,6 +75,22 @@ def test_block_diagonal_puts_each_segment_on_the_diagonal():
     assert block_diagonal(weight, 4, 2).shape == (4, 4, 1, 1)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_block_diagonal_in_either_memory_format_passes_gradients_back(channels_last):
+    weight = torch.randn(12, 2, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight.requires_grad_(True)
+    dense = block_diagonal(weight, groups=6, new_groups=2, channels_last=channels_last)  # 12 x 6 x 3 x 3
+    assert dense.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for g in range(6):  # segment g: outputs 2g, 2g+1; inputs 2(g % 3), 2(g % 3)+1 of group g // 3
+        rows, cols = slice(2 * g, 2 * g + 2), slice(2 * (g % 3), 2 * (g % 3) + 2)
+        assert torch.equal(dense[rows, cols], weight[rows])
+        assert dense[rows].count_nonzero() == weight[rows].count_nonzero()  # zeros elsewhere
+    upstream = torch.randn_like(dense)
+    (grad,) = torch.autograd.grad(dense, weight, upstream)
+    expected = torch.stack([upstream[o, 2 * ((o // 2) % 3): 2 * ((o // 2) % 3) + 2] for o in range(12)])
+    assert torch.equal(grad, expected)
+
+
 def test_strategy_names_round_trip():
     for strategy in (Strategy("grouped", 8), Strategy("grouped", 1, True), Strategy("unfold"), Strategy("shifted")):
         assert Strategy.parse(strategy.name) == strategy
@@ -253,6 +269,15 @@ def test_autotune_always_retimes_the_plain_grouped_conv(monkeypatch):
     assert counts["grouped/2"] == counts["grouped/2+cl"] == 5
     assert sorted(counts.values()) == [2] * (len(names) - 3) + [5] * 3
     assert best.name not in ("grouped/2", "grouped/2+cl") and set(times) == set(names)
+
+
+@pytest.mark.parametrize("other_ms, wins", [(15.0, True), (28.5, False)])
+def test_a_near_tie_goes_to_the_plain_grouped_conv(monkeypatch, other_ms, wins):
+    x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
+    names = [s.name for s in candidates(4, 4, (3, 3), geom)]
+    _fake_timings(monkeypatch, {name: [60.0] for name in names} | {"grouped/2+cl": [30.0], "grouped/1": [other_ms]})
+    best, _ = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0, margin=0.2)
+    assert best.name == ("grouped/1" if wins else "grouped/2+cl")
 
 
 def test_tuning_time_comes_from_the_environment(monkeypatch):
