@@ -352,8 +352,8 @@ def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device
         ``{column name: one time per round}``.
     """
     grouped = {name for group in contexts for name in group}
-    blocks = [list(group) for group in contexts if group] + ([[n for n in calls if n not in grouped]]
-                                                             if len(grouped) < len(calls) else [])
+    rest = [name for name in calls if name not in grouped]
+    blocks = [list(group) for group in contexts if group] + ([rest] if rest else [])
     times: dict[str, list[float]] = {name: [] for name in calls}
     rng = random.Random(0)
     done = 0
