@@ -12,7 +12,6 @@ Prints a table and writes results/bench/train_loop_<device>.csv.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -26,14 +25,14 @@ from torchvision.transforms import v2
 
 import continuum  # noqa: F401
 from continuum.config import TrainConfig
-from continuum.data import load_fashion_mnist
+from continuum.data import fashion_mnist_root, load_fashion_mnist
+from continuum.timing import device_name
 from continuum.train import fit, make_optimizer, resolve_device
 
 
 def dataloader_images_per_s(segments, images: int, batch_size: int, device: torch.device, workers: int) -> float:
     """Images/s of one epoch of a textbook loop: torchvision dataset + transforms + DataLoader."""
-    root = Path.home() / ".cache" / "continuum"
-    load_fashion_mnist()  # makes sure the decompressed files are in the cache root
+    root = fashion_mnist_root(None)  # the decompressed files, wherever the sweep reads them from
     transform = v2.Compose([v2.ToImage(), v2.RandomCrop(28, padding=3), v2.RandomHorizontalFlip(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.2860], [0.3530])])
     dataset = Subset(torchvision.datasets.FashionMNIST(str(root), train=True, transform=transform), range(images))
@@ -75,8 +74,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} " \
-        f"({torch.get_num_threads()} threads)"
+    name = device_name(device)
     rows = []
     for segments in args.segments.split(","):
         segments = segments if segments == "all" else int(segments)

@@ -7,8 +7,9 @@ Importing it registers the models with timm::
 """
 
 from continuum.allocator import keep_freed_memory
-from continuum.block import ContinuumBlock, ContinuumConv, SegmentedConv2d, SegmentError
+from continuum.block import ContinuumBlock, ContinuumConv, SegmentedConv2d
 from continuum.config import ModelConfig
+from continuum.knobs import SegmentError
 from continuum.strategy import conv_strategy
 from continuum.models import convert, plan_conversion
 

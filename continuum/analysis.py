@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from continuum.results import CONFIG_COLUMNS
+from continuum.sweep.record import POINT_COLUMNS
 
 SEGMENT_ORDER_ALL = 10**9
 """Sort key of ``"all"`` (after every count)."""
@@ -22,7 +22,7 @@ def segments_key(value: str) -> float:
     return float(text) if text.isdigit() else SEGMENT_ORDER_ALL + 1
 
 
-def varying_columns(trials: pd.DataFrame, candidates: Sequence[str] = tuple(CONFIG_COLUMNS)) -> list[str]:
+def varying_columns(trials: pd.DataFrame, candidates: Sequence[str] = tuple(POINT_COLUMNS)) -> list[str]:
     """Config columns that take more than one value in ``trials`` (the seed excluded): what a summary groups by."""
     return [c for c in candidates if c != "seed" and c in trials and trials[c].astype(str).nunique() > 1] or \
         [c for c in ("model", "segments") if c in trials]

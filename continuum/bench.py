@@ -33,15 +33,15 @@ import torch
 from timm.layers import SeparableConv2d
 from torch import nn
 
-import continuum  # noqa: F401  (registers the models)
+import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
 from continuum.analysis import bootstrap_interval
 from continuum.block import ContinuumConv, SegmentedConv2d
 from continuum.config import TrainConfig
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
-from continuum.strategy import (call_times, chosen_strategy, conv_strategy, device_name, dtype_name,
-                                interleaved_times, measure_peak_flops)
+from continuum.strategy import chosen_strategy, conv_strategy
+from continuum.timing import call_times, device_name, dtype_name, interleaved_times, measure_peak_flops
 from continuum.train import fit, resolve_device
 
 

@@ -10,8 +10,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,103 +18,13 @@ from timm.layers import create_act_layer, get_norm_layer
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from continuum.config import Segments, parse_mid_act, parse_order, parse_segments
-from continuum.strategy import ConvGeometry, segmented_conv2d
+from continuum.kernels import ConvGeometry
+from continuum.knobs import Segments, in_layer, parse_mid_act, parse_order, segment_sizes, \
+    segments_from_width
+from continuum.strategy import segmented_conv2d
 
 LayerSpec = Union[str, Callable[..., nn.Module], None]
 """An activation or norm layer given timm-style: a name (``"relu"``), a class, or a ``functools.partial``."""
-
-
-class SegmentError(ValueError):
-    """A segment count that does not fit a layer's channels; ``layer`` is the dotted path of that layer."""
-
-    def __init__(self, problem: str, layer: str = "") -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.layer = layer
-
-    def __str__(self) -> str:
-        return f"{self.layer}: {self.problem}" if self.layer else self.problem
-
-
-@contextmanager
-def in_layer(name: str) -> Iterator[None]:
-    """Prefix the layer path of any :class:`SegmentError` raised inside with ``name``.
-
-    Args:
-        name: the attribute name of the layer being built, e.g. ``"block3"`` or ``"rep.1"``.
-    """
-    try:
-        yield
-    except SegmentError as err:
-        err.layer = f"{name}.{err.layer}" if err.layer else name
-        raise
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _near_equal_split(channels: int, parts: int) -> tuple[int, ...]:
-    base, extra = divmod(channels, parts)
-    return tuple(base + (1 if i < extra else 0) for i in range(parts))
-
-
-def segment_sizes(
-    in_channels: int, out_channels: int, segments: Segments, uneven: bool = False
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Channel sizes of each segment on the input and on the output side.
-
-    Args:
-        in_channels: input channels of the spatial convolution.
-        out_channels: output channels of the spatial convolution.
-        segments: int >= 1 or ``"all"`` (one segment per input channel).
-        uneven: allow a count that does not divide the channels; segments then get near-equal sizes
-            (differing by at most one channel), as Inception towers do.
-
-    Returns:
-        ``(in_sizes, out_sizes)``, one entry per segment.
-
-    Raises:
-        SegmentError: the count does not fit; the message names the channels and the valid choices.
-    """
-    segments = parse_segments(segments)
-    if segments == "all":
-        if out_channels % in_channels:
-            raise SegmentError(
-                f"segments='all' needs out_channels ({out_channels}) to be a multiple of "
-                f"in_channels ({in_channels}); use an int segment count instead"
-            )
-        segments = in_channels
-    if in_channels % segments == 0 and out_channels % segments == 0:
-        return (in_channels // segments,) * segments, (out_channels // segments,) * segments
-    if uneven and segments <= min(in_channels, out_channels):
-        return _near_equal_split(in_channels, segments), _near_equal_split(out_channels, segments)
-    valid = _divisors(math.gcd(in_channels, out_channels))
-    all_valid = " or 'all'" if out_channels % in_channels == 0 else ""
-    limit = f"at most {min(in_channels, out_channels)}" if uneven else f"one of {valid}{all_valid}"
-    raise SegmentError(
-        f"segments={segments} does not fit in_channels={in_channels}, out_channels={out_channels}; "
-        f"valid choices: {limit}" + ("" if uneven else " (or uneven=True for near-equal segments)")
-    )
-
-
-def segments_from_width(channels: int, segment_width: int) -> int:
-    """Segment count for a given segment width (channels per segment, RegNet's "group width").
-
-    Args:
-        channels: channels the spatial convolution sees.
-        segment_width: channels per segment; must divide ``channels``.
-
-    Raises:
-        SegmentError: the width does not divide the channels, naming the valid widths.
-    """
-    if segment_width < 1 or channels % segment_width:
-        raise SegmentError(
-            f"segment_width={segment_width} does not divide {channels} channels; "
-            f"valid widths: {_divisors(channels)}"
-        )
-    return channels // segment_width
 
 
 def create_norm(norm_layer: LayerSpec, channels: int) -> nn.Module:

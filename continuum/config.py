@@ -1,87 +1,130 @@
-"""Names, defaults and validation shared by the layers, the models and every front end.
+"""The settings of one model and of its training, each declared once with its help text and parser.
 
-One source of truth: the CLI, model factories, results tables and experiment files all speak the
-field names defined here.
+A field's metadata (:func:`setting`) is what the command line, experiment files, validation and the results
+tables derive from: its flag, help, parser, and whether it is a grid axis or a column of the tables.
+:class:`TrainConfig` and :class:`DataConfig` are what :mod:`continuum.train` and :mod:`continuum.data` need;
+:class:`ModelConfig` is one point of the continuum (its fields are the point columns of the results tables).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Union
+from typing import Any, Callable
 
-Segments = Union[int, str]
-"""A segment count: an int >= 1, or ``"all"`` (one segment per channel, i.e. depthwise)."""
+from continuum.data import DATASETS
+from continuum.knobs import parse_bool, parse_mid_act, parse_order, parse_segments
 
-ORDERS = ("depthwise_first", "pointwise_first")
-"""Operation orders of a separable unit: spatial then 1x1 (Xception) or 1x1 then spatial (extreme Inception)."""
-
-MID_ACTS = (None, "relu", "elu", "gelu", "silu", "leaky_relu", "tanh")
-"""Intermediate activations offered by name (any activation class or timm name is accepted by the layers)."""
+Parser = Callable[[Any], Any]
+"""Turns a value from the command line (text) or an experiment file (TOML types) into a checked value, raising
+``ValueError`` with a message that starts from the value."""
 
 
-def parse_segments(value: Segments | str) -> Segments:
-    """Turn ``"all"``, ``"8"`` or ``8`` into a checked segment count.
-
-    Args:
-        value: an int >= 1, a decimal string, or ``"all"`` (case-insensitive).
-
-    Returns:
-        The int count, or the string ``"all"``.
-
-    Raises:
-        ValueError: for anything else, naming the accepted forms.
-    """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "all":
-            return "all"
-        if not text.isdigit():
-            raise ValueError(f"segments={value!r} is not valid; use an int >= 1 or 'all'")
-        value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"segments={value!r} is not valid; use an int >= 1 or 'all'")
-    return value
-
-
-def parse_order(value: str) -> str:
-    """Check an operation order name.
+def setting(default: Any, help: str, parse: Parser | None = None, *, choices: tuple[str, ...] = (),
+            flag: str | None = None, axis: str | None = None, listed: bool = False, group: str = "study",
+            search: tuple = (), switch: bool = False) -> Any:
+    """A dataclass field with the metadata every front end reads.
 
     Args:
-        value: ``"depthwise_first"`` or ``"pointwise_first"``; ``-`` may stand for ``_``.
-
-    Raises:
-        ValueError: naming the valid orders.
+        default: the default value.
+        help: one line for ``--help``.
+        parse: checks and converts one value (one item of an axis); default: one of ``choices``.
+        choices: the valid values, listed in ``--help``.
+        flag: command-line and experiment-file name (``-`` for ``_``); default: the field name.
+        axis: for a grid axis, the :class:`ModelConfig` field (or ``"seed"``) each item sets.
+        listed: several values (a comma list on the command line, a list in a file); every axis is.
+        group: the ``--help`` section: ``axes``, ``data``, ``training`` or ``study``.
+        search: what a search explores on this axis when the command leaves it out.
+        switch: a flag without a value (``--compile``).
     """
-    order = value.strip().lower().replace("-", "_")
-    if order not in ORDERS:
-        raise ValueError(f"order={value!r} is not valid; choose one of {', '.join(ORDERS)}")
-    return order
+    return dataclasses.field(default=default, metadata={
+        "help": help, "parse": parse or choice(choices), "choices": choices, "flag": flag, "axis": axis,
+        "listed": listed or axis is not None, "group": group, "search": search, "switch": switch})
 
 
-def parse_mid_act(value: str | None) -> str | None:
-    """Normalise an intermediate activation name; ``None``, ``"none"`` and ``""`` mean no activation.
+def flag_name(field: dataclasses.Field) -> str:
+    """The command-line / experiment-file name of a field: its ``flag`` metadata, else its name."""
+    return field.metadata.get("flag") or field.name
 
-    Args:
-        value: an activation name from :data:`MID_ACTS`, or ``None``.
 
-    Raises:
-        ValueError: naming the valid activations.
-    """
-    if value is None or value.strip().lower() in ("", "none"):
-        return None
-    name = value.strip().lower()
-    if name not in MID_ACTS:
-        valid = ", ".join("none" if a is None else a for a in MID_ACTS)
-        raise ValueError(f"mid_act={value!r} is not valid; choose one of {valid}")
-    return name
+def integer(low: int | None = None, high: int | None = None) -> Parser:
+    """A parser of whole numbers in ``[low, high]``; ``3.0`` and ``True`` are refused, not coerced."""
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not valid; use a whole number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ValueError(f"{value} is not valid; use a whole number {bounds}")
+        return value
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+           ) -> Parser:
+    """A parser of finite numbers between ``low`` and ``high`` (open ends with ``low_open`` / ``high_open``)."""
+    def parse(value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not valid; use a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{value!r} is not valid; use a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            left = "" if low is None else f"{low} {'<' if low_open else '<='} "
+            right = "" if high is None else f" {'<' if high_open else '<='} {high}"
+            raise ValueError(f"{value} is not valid; use {left}value{right}")
+        return float(value)
+    return parse
+
+
+def choice(options: tuple[str, ...]) -> Parser:
+    """A parser of one of ``options`` (case-insensitive, ``-`` for ``_``)."""
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower().replace("-", "_") if isinstance(value, str) else value
+        if text not in options:
+            raise ValueError(f"{value!r} is not valid; choose one of {', '.join(options)}")
+        return text
+    return parse
+
+
+def text(value: Any) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not valid; give a non-empty text")
+    return value.strip()
+
+
+def optional(parse: Parser) -> Parser:
+    """``parse``, with ``None`` and ``""`` meaning unset."""
+    def parse_optional(value: Any) -> Any:
+        return None if value is None or value == "" else parse(value)
+    return parse_optional
+
+
+def parse_field(field: dataclasses.Field, value: Any) -> Any:
+    """``value`` checked by the field's parser. Parsers say ``VALUE is not valid; HOW TO FIX``; the error names
+    the setting in front (``epochs=0 is not valid; use a whole number >= 1``) unless the parser already did."""
+    try:
+        return field.metadata["parse"](value)
+    except ValueError as err:
+        name = flag_name(field).replace("-", "_")
+        message = str(err)
+        raise ValueError(message if message.startswith(f"{name}=") else f"{name}={message}") from None
 
 
 class ConfigBase:
-    """``to_dict`` / ``from_dict`` for the frozen config dataclasses; unknown keys are errors naming known ones."""
+    """``to_dict`` / ``from_dict`` / ``validate`` for the frozen config dataclasses, from each field's parser."""
 
     def validate(self):
-        return self
+        """A copy with every field parsed and checked, raising ``ValueError`` naming the bad one."""
+        return dataclasses.replace(self, **{f.name: parse_field(f, getattr(self, f.name)) for f in fields(self)
+                                            if "parse" in f.metadata})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the field names used everywhere (CLI, results tables, experiment files)."""
@@ -95,36 +138,6 @@ class ConfigBase:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data).validate()
-
-
-def spread(value: Any, parts: tuple[str, ...], name: str) -> dict[str, Any]:
-    """Give one knob a value per part of a model (flow or stage).
-
-    Args:
-        value: one value for every part; a dict ``{part: value}`` (parts left out keep ``default`` given
-            under the key ``"default"``, else error); or a list/tuple with one value per part.
-        parts: the part names, in order.
-        name: the knob's name, for error messages.
-
-    Returns:
-        ``{part: value}`` for every part.
-
-    Raises:
-        ValueError: unknown part names, a missing part, or a sequence of the wrong length.
-    """
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(parts) - {"default"})
-        if unknown:
-            raise ValueError(f"{name}: unknown part(s) {unknown}; parts are {list(parts)}")
-        missing = [p for p in parts if p not in value]
-        if missing and "default" not in value:
-            raise ValueError(f"{name}: no value for {missing}; give every part or a 'default'")
-        return {p: value.get(p, value.get("default")) for p in parts}
-    if isinstance(value, (list, tuple)):
-        if len(value) != len(parts):
-            raise ValueError(f"{name}: {len(value)} values for {len(parts)} parts {list(parts)}")
-        return dict(zip(parts, value))
-    return {p: value for p in parts}
 
 
 RECIPES = ("cosine", "paper_sgd", "paper_rmsprop")
@@ -154,30 +167,21 @@ class TrainConfig(ConfigBase):
         deterministic: ask torch for deterministic algorithms (slower on CUDA).
     """
 
-    epochs: int = 3
-    batch_size: int = 128
-    recipe: str = "cosine"
-    lr: float | None = None
-    weight_decay: float | None = None
-    label_smoothing: float = 0.0
-    augment: bool = True
-    device: str = "auto"
-    compile: bool = False
-    deterministic: bool = False
-
-    def validate(self) -> TrainConfig:
-        """Check every field, raising ``ValueError`` naming the field and what is valid."""
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} is not valid; train at least 1 epoch")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} is not valid; use an int >= 1")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe={self.recipe!r} is not valid; choose one of {', '.join(RECIPES)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr={self.lr} is not valid; use a positive learning rate")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing={self.label_smoothing} is not valid; use 0 <= value < 1")
-        return self
+    epochs: int = setting(3, "epochs per trial", integer(1), group="training")
+    batch_size: int = setting(128, "images per step", integer(1), group="training")
+    recipe: str = setting("cosine", "training recipe (paper_sgd: 0.045 x0.94 per 2 epochs, scaled)", choices=RECIPES,
+                          group="training")
+    lr: float | None = setting(None, "initial learning rate (default: the recipe's)",
+                               optional(number(0, low_open=True)), group="training")
+    weight_decay: float | None = setting(None, "L2 weight decay (default: the recipe's)", optional(number(0)),
+                                         group="training")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing", number(0, 1, high_open=True),
+                                     group="training")
+    augment: bool = setting(True, "random crop with padding and flips: on, off", parse_bool, group="training")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N", text, group="training")
+    compile: bool = setting(False, "torch.compile the model", parse_bool, group="training", switch=True)
+    deterministic: bool = setting(False, "deterministic algorithms (slower on CUDA)", parse_bool, group="training",
+                                  switch=True)
 
     @property
     def resolved_lr(self) -> float:
@@ -201,22 +205,11 @@ class DataConfig(ConfigBase):
         val_size: validation images to use; ``None`` or 0: all.
     """
 
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    train_size: int | None = 10_000
-    val_size: int | None = 2_000
-
-
-def parse_bool(value: bool | str) -> bool:
-    """``True``/``False``, or ``on``/``off``, ``true``/``false``, ``yes``/``no``, ``1``/``0``."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("on", "true", "yes", "1"):
-        return True
-    if text in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(f"{value!r} is not valid; use on or off")
+    dataset: str = setting("fashion-mnist", f"the images: {', '.join(DATASETS)}", text, group="data")
+    data_dir: str | None = setting(None, "where the dataset is (default: $CONTINUUM_DATA, Debian's, the cache)",
+                                   optional(text), group="data")
+    train_size: int | None = setting(10_000, "training images used, 0 = all", optional(integer(0)), group="data")
+    val_size: int | None = setting(2_000, "validation images used, 0 = all", optional(integer(0)), group="data")
 
 
 @dataclass(frozen=True)
@@ -276,130 +269,3 @@ class ModelConfig(ConfigBase):
 
 
 _DEFAULT_KNOBS = {f.name: f.default for f in fields(ModelConfig)}
-
-SEARCH_MODES = ("grid", "tpe", "nsga2")
-OBJECTIVES = {"val_acc": "maximize", "flops": "minimize", "latency": "minimize", "params": "minimize"}
-PRUNERS = ("none", "median", "hyperband")
-
-
-@dataclass(frozen=True)
-class SweepConfig(ConfigBase):
-    """Everything ``python -m continuum.sweep`` runs: the axes of the grid or search, and the fixed settings.
-
-    Args:
-        models: model names to sweep.
-        segments: segment counts (grid axis; search mode draws per stage from them).
-        orders: operation orders.
-        mid_acts: intermediate activations (``None`` = none).
-        residuals: shortcut settings.
-        widths: width multipliers.
-        seeds: seeds; each grid point runs once per seed.
-        drop_rate: dropout before the classifier.
-        match_params: scale each point's width to this many parameters (within 2 %); ``None``: off.
-        search: ``"grid"``, ``"tpe"`` or ``"nsga2"``.
-        n_trials: trials of a search (total in the study; a rerun tops it up).
-        objectives: what a search optimises: ``val_acc`` and any of ``flops``, ``latency``, ``params``.
-        pruner: ``"none"``, ``"median"`` or ``"hyperband"`` (single-objective only).
-        study: study name; results go to ``out/study``.
-        storage: Optuna storage URL; ``None``: ``sqlite:///out/study/study.db``.
-        out: results root folder.
-        retry_failed: rerun points whose trial failed for a lasting reason (non-finite loss, out of memory).
-        heartbeat: seconds between trial heartbeats; a trial silent for 3 heartbeats is stale and rerun.
-        latency_batch: batch size of the per-trial latency probe.
-        workers: local worker processes sharing the study.
-        data: the dataset settings.
-        train: the training settings.
-    """
-
-    models: tuple[str, ...] = ("continuum_small",)
-    segments: tuple[Any, ...] = (1, 4, 16, "all")
-    orders: tuple[str, ...] = ("depthwise_first",)
-    mid_acts: tuple[Any, ...] = (None,)
-    residuals: tuple[bool, ...] = (True,)
-    widths: tuple[float, ...] = (1.0,)
-    seeds: tuple[int, ...] = (0,)
-    drop_rate: float = 0.0
-    match_params: int | None = None
-    search: str = "grid"
-    n_trials: int = 20
-    objectives: tuple[str, ...] = ("val_acc",)
-    pruner: str = "none"
-    study: str = "default"
-    storage: str | None = None
-    out: str = "results"
-    retry_failed: bool = False
-    heartbeat: int = 10
-    latency_batch: int = 32
-    workers: int = 1
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-
-    def validate(self) -> SweepConfig:
-        """Normalise the axes and check every setting, raising ``ValueError`` naming the bad one."""
-        def nonempty(name: str, values: tuple) -> tuple:
-            if not values:
-                raise ValueError(f"{name}: give at least one value")
-            return tuple(values)
-
-        if self.search not in SEARCH_MODES:
-            raise ValueError(f"search={self.search!r} is not valid; choose one of {', '.join(SEARCH_MODES)}")
-        if self.pruner not in PRUNERS:
-            raise ValueError(f"pruner={self.pruner!r} is not valid; choose one of {', '.join(PRUNERS)}")
-        unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        if unknown or not self.objectives or self.objectives[0] != "val_acc":
-            raise ValueError(f"objectives={','.join(self.objectives)} is not valid; start with val_acc, then any of "
-                             "flops, latency, params")
-        if len(self.objectives) > 1 and self.pruner != "none":
-            raise ValueError("pruning needs a single objective; use --pruner none with several objectives")
-        if self.match_params is not None and (self.match_params < 1 or self.widths != (1.0,)):
-            raise ValueError("match_params needs a positive count and no explicit widths (it sets the width)")
-        if self.n_trials < 1 or self.heartbeat < 1 or self.latency_batch < 1 or self.workers < 1:
-            raise ValueError("n_trials, heartbeat, latency_batch and workers must be >= 1")
-        if not self.study or any(c in self.study for c in "/\\:") or self.study.startswith("."):
-            raise ValueError(f"study={self.study!r} is not valid; use a plain name such as 'spectrum'")
-        if any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
-            raise ValueError(f"seeds={self.seeds} is not valid; use ints")
-        return dataclasses.replace(
-            self,
-            models=nonempty("models", self.models),
-            segments=tuple(parse_segments(s) for s in nonempty("segments", self.segments)),
-            orders=tuple(parse_order(o) for o in nonempty("orders", self.orders)),
-            mid_acts=tuple(parse_mid_act(a) for a in nonempty("mid_acts", self.mid_acts)),
-            residuals=tuple(parse_bool(r) for r in nonempty("residuals", self.residuals)),
-            widths=tuple(float(w) for w in nonempty("widths", self.widths)),
-            seeds=nonempty("seeds", self.seeds),
-            data=self.data.validate(),
-            train=self.train.validate(),
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
-        """Build from a flat or nested dict (``data`` / ``train`` as sub-dicts), validating every field."""
-        data = dict(data)
-        nested = {"data": DataConfig, "train": TrainConfig}
-        for key, sub in nested.items():
-            if isinstance(data.get(key), dict):
-                data[key] = sub.from_dict(data[key])
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
-        listy = {"models", "segments", "orders", "mid_acts", "residuals", "widths", "seeds", "objectives"}
-        data = {k: tuple(v) if k in listy and isinstance(v, (list, tuple)) else v for k, v in data.items()}
-        return cls(**data).validate()
-
-    def fixed_settings(self) -> dict[str, Any]:
-        """The settings every trial of a study must share (a rerun with other values would mix results).
-
-        Where a worker runs (device, compile, data folder) is not among them; a search's choices are, since
-        they are stored with its trials and cannot change.
-        """
-        settings = {
-            "data": {k: v for k, v in self.data.to_dict().items() if k != "data_dir"},
-            "train": {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile")},
-            "objectives": list(self.objectives), "search": self.search, "drop_rate": self.drop_rate,
-            "match_params": self.match_params}
-        if self.search != "grid":
-            settings["choices"] = {axis: [str(v) for v in getattr(self, axis)] for axis in
-                                   ("models", "segments", "orders", "mid_acts", "residuals", "widths", "seeds")}
-        return settings

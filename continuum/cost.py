@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from continuum.block import SegmentedConv2d
-from continuum.strategy import call_times, conv_strategy
+from continuum.strategy import conv_strategy
+from continuum.timing import call_times
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 

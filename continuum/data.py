@@ -7,17 +7,18 @@ The official test split serves as the validation set.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
-from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
+
+from continuum.files import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _as_nchw_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).contiguous()  # N x H x W x C -> N x C x H x W
 
 
-def _fashion_mnist_root(data_dir: Path | None) -> Path:
+def fashion_mnist_root(data_dir: Path | None) -> Path:
     """A torchvision root holding ``FashionMNIST/raw`` with the four decompressed IDX files.
 
     A folder holding the ``.gz`` files (Debian's, or the user's) is decompressed once into the cache root
@@ -97,7 +98,7 @@ def _fashion_mnist_root(data_dir: Path | None) -> Path:
     and renamed, so parallel workers never read a partial file.
     """
     names = [os.path.splitext(name)[0] for name, _ in torchvision.datasets.FashionMNIST.resources]
-    cache = Path(data_dir or os.environ.get("CONTINUUM_DATA") or Path.home() / ".cache" / "continuum")
+    cache = data_dir or cache_root("CONTINUUM_DATA")
     for folder in (Path(p) for p in (data_dir, os.environ.get("CONTINUUM_DATA"), DEBIAN_FASHION_MNIST) if p):
         if all((folder / "FashionMNIST" / "raw" / n).exists() for n in names):
             return folder
@@ -106,9 +107,8 @@ def _fashion_mnist_root(data_dir: Path | None) -> Path:
             raw.mkdir(parents=True, exist_ok=True)
             for n in names:
                 if not (raw / n).exists():
-                    with tempfile.TemporaryDirectory(dir=raw) as tmp:
-                        extract_archive(str(folder / f"{n}.gz"), tmp)
-                        os.replace(Path(tmp) / n, raw / n)
+                    packed = (folder / f"{n}.gz").read_bytes()
+                    atomic_write(raw / n, lambda tmp: tmp.write_bytes(gzip.decompress(packed)))
             return cache
     return cache
 
@@ -126,7 +126,7 @@ def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> T
     Raises:
         DataError: not found and not downloadable; the message says how to get it.
     """
-    root = _fashion_mnist_root(Path(data_dir) if data_dir else None)
+    root = fashion_mnist_root(Path(data_dir) if data_dir else None)
     try:
         train = torchvision.datasets.FashionMNIST(str(root), train=True, download=download)
         test = torchvision.datasets.FashionMNIST(str(root), train=False, download=download)
@@ -152,7 +152,7 @@ def load_cifar(name: str, data_dir: Path | None = None, download: bool = True) -
         DataError: not found and not downloadable.
     """
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    root = Path(data_dir or os.environ.get("CONTINUUM_DATA") or Path.home() / ".cache" / "continuum")
+    root = Path(data_dir) if data_dir else cache_root("CONTINUUM_DATA")
     try:
         train = dataset_class(str(root), train=True, download=download)
         test = dataset_class(str(root), train=False, download=download)

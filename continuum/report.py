@@ -14,7 +14,8 @@ from typing import Sequence
 
 from continuum.analysis import summary_markdown
 from continuum.plots import write_plots
-from continuum.results import atomic_write, load
+from continuum.files import atomic_write
+from continuum.results import load
 
 
 def write_summary(folder: Path, trials=None) -> Path:

@@ -20,12 +20,12 @@ import pandas as pd
 import timm
 import torch
 
-import continuum  # noqa: F401  (registers the models)
+import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
-from continuum.block import SegmentError
-from continuum.config import parse_order, parse_segments
 from continuum.cost import measure_latency, model_cost
+from continuum.knobs import SegmentError, parse_order, parse_segments
 from continuum.strategy import conv_strategy
+from continuum.timing import device_name
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     mode = "fwd+bwd" if args.backward else "inference"
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    title = (f"{args.model}, order={order}, batch {args.batch_size}, {mode}, {args.strategy} kernels, {device} "
-             f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    title = (f"{args.model}, order={order}, batch {args.batch_size}, {mode}, {args.strategy} kernels, "
+             f"{device_name(torch.device(args.device))}, torch {torch.__version__}")
     print(title)
     print(table.drop(columns=["latency_q1_ms", "latency_q3_ms"]).to_string(index=False, float_format="%.3g"))
     out = Path(args.out)

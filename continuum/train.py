@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,25 +100,78 @@ def augment_batch(x: torch.Tensor, pad: int, hflip: bool, generator: torch.Gener
     return x
 
 
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch measured (one row of a study's ``curves.csv``).
+
+    Args:
+        epoch: the epoch, from 1.
+        train_loss: mean training loss over the epoch.
+        train_acc: training accuracy over the epoch (augmented images, the model changing as it goes).
+        val_loss: validation loss after the epoch.
+        val_acc: validation accuracy after the epoch.
+        lr: the learning rate at the epoch's start.
+        seconds: the epoch's training and validation time.
+        images_per_s: training images per second of the epoch.
+    """
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+    images_per_s: float
+
+
+def curve_summary(curve: Sequence[dict]) -> dict[str, float]:
+    """The final and best validation metrics of a curve so far (the one place they are computed).
+
+    Args:
+        curve: one :class:`EpochMetrics` dict per finished epoch (at least one).
+
+    Returns:
+        ``val_acc`` and ``val_loss`` after the last epoch, ``best_val_acc``, ``best_val_loss``, ``epochs_done``,
+        ``train_s`` (training and validation seconds) and mean ``images_per_s``.
+    """
+    return {"val_acc": curve[-1]["val_acc"], "val_loss": curve[-1]["val_loss"],
+            "best_val_acc": max(m["val_acc"] for m in curve), "best_val_loss": min(m["val_loss"] for m in curve),
+            "epochs_done": len(curve), "train_s": sum(m["seconds"] for m in curve),
+            "images_per_s": sum(m["images_per_s"] for m in curve) / len(curve)}
+
+
 @dataclass
 class FitResult:
     """What a run produced.
 
     Args:
-        curve: one dict per epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, images_per_s.
-        val_acc: validation accuracy after the last epoch.
-        val_loss: validation loss after the last epoch.
-        best_val_acc: best validation accuracy over the epochs.
-        best_val_loss: lowest validation loss over the epochs.
+        curve: one :class:`EpochMetrics` dict per epoch.
         train_seconds: time spent in training and validation.
     """
 
     curve: list[dict] = field(default_factory=list)
-    val_acc: float = float("nan")
-    val_loss: float = float("nan")
-    best_val_acc: float = float("nan")
-    best_val_loss: float = float("nan")
     train_seconds: float = 0.0
+
+    @property
+    def val_acc(self) -> float:
+        """Validation accuracy after the last epoch."""
+        return curve_summary(self.curve)["val_acc"]
+
+    @property
+    def val_loss(self) -> float:
+        """Validation loss after the last epoch."""
+        return curve_summary(self.curve)["val_loss"]
+
+    @property
+    def best_val_acc(self) -> float:
+        """Best validation accuracy over the epochs."""
+        return curve_summary(self.curve)["best_val_acc"]
+
+    @property
+    def best_val_loss(self) -> float:
+        """Lowest validation loss over the epochs."""
+        return curve_summary(self.curve)["best_val_loss"]
 
 
 class _Inputs:
@@ -131,7 +184,7 @@ class _Inputs:
         self.pad = max(1, data.input_size[-1] // 8) if cfg.augment else 0
         self.hflip = cfg.augment and data.hflip
         self.generator = generator
-        self.channels_last = device.type == "cuda"
+        self.channels_last = self.autocast = device.type == "cuda"  # bf16 autocast and channels-last on CUDA
 
     def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         x = x.float()
@@ -153,6 +206,47 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: Callabl
             target = y[start:start + batch_size]
             loss_sum += F.cross_entropy(logits, target, reduction="sum")
             correct += (logits.argmax(1) == target).sum()
+    return loss_sum.item() / len(y), correct.item() / len(y)
+
+
+def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer,
+                schedule: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor, inputs: _Inputs,
+                cfg: TrainConfig, generator: torch.Generator, bar: tqdm) -> tuple[float, float]:
+    """One pass over ``x`` (uint8 images on the device) and ``y`` in a random order, one optimizer and schedule
+    step per batch.
+
+    Args:
+        model: the model (set to training mode).
+        step_model: what runs a step: the model, or its compiled form.
+        optimizer: its optimizer.
+        schedule: its learning-rate schedule, stepped per batch.
+        x: training images, ``N x C x H x W`` uint8.
+        y: their labels.
+        inputs: turns index batches into normalised (augmented) float batches.
+        cfg: batch size and label smoothing.
+        generator: draws the order.
+        bar: advanced once per step.
+
+    Returns:
+        ``(mean training loss, training accuracy)`` of the epoch.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    order = torch.randperm(len(y), device=x.device, generator=generator)
+    for first in range(0, len(order), cfg.batch_size):
+        index = order[first:first + cfg.batch_size]
+        target = y[index]
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=inputs.autocast):
+            logits = step_model(inputs(x[index], train=True))  # B x classes
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.detach() * len(index)
+        correct += (logits.detach().argmax(1) == target).sum()
+        bar.update()
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
@@ -190,8 +284,7 @@ def fit(
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     inputs = _Inputs(data, device, cfg, generator)
-    autocast = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if autocast else torch.preserve_format)
+    model = model.to(device, memory_format=torch.channels_last if inputs.autocast else torch.preserve_format)
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
@@ -204,39 +297,19 @@ def fit(
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            order = torch.randperm(len(train_y), device=device, generator=generator)
-            for first in range(0, len(order), cfg.batch_size):
-                index = order[first:first + cfg.batch_size]
-                target = train_y[index]
-                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    logits = step_model(inputs(train_x[index], train=True))
-                    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.detach() * len(index)
-                correct += (logits.detach().argmax(1) == target).sum()
-                bar.update()
-            train_loss = loss_sum.item() / len(train_y)
+            train_loss, train_acc = train_epoch(model, step_model, optimizer, schedule, train_x, train_y, inputs,
+                                                cfg, generator, bar)
             if not math.isfinite(train_loss):
                 raise TrainingFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
-            val_loss, val_acc = evaluate(step_model, val_x, val_y, inputs, 2 * cfg.batch_size, autocast)
+            val_loss, val_acc = evaluate(step_model, val_x, val_y, inputs, 2 * cfg.batch_size, inputs.autocast)
             seconds = time.perf_counter() - start
-            metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / len(train_y),
-                       "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": seconds,
-                       "images_per_s": len(train_y) / seconds}
+            metrics = asdict(EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds,
+                                          len(train_y) / seconds))
             result.curve.append(metrics)
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
             if on_epoch is not None:
                 on_epoch(metrics)
     finally:
         bar.close()
-    result.val_acc, result.val_loss = result.curve[-1]["val_acc"], result.curve[-1]["val_loss"]
-    result.best_val_acc = max(m["val_acc"] for m in result.curve)
-    result.best_val_loss = min(m["val_loss"] for m in result.curve)
     result.train_seconds = time.perf_counter() - start_run
     return result

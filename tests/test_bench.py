@@ -6,7 +6,8 @@ import sys
 import pandas as pd
 import torch
 
-from continuum.bench import interleaved_times, paired_ratio, segment_counts
+from continuum.bench import paired_ratio, segment_counts
+from continuum.timing import interleaved_times
 
 
 def test_segment_counts_run_from_one_to_all():

@@ -8,7 +8,7 @@ from timm.layers import SeparableConv2d
 from torch import nn
 
 from continuum import ContinuumBlock, ContinuumConv, SegmentedConv2d, SegmentError
-from continuum.block import segment_sizes
+from continuum.knobs import segment_sizes
 
 SEGMENTS = [1, 2, 4, 8, "all"]
 ORDERS = ["depthwise_first", "pointwise_first"]

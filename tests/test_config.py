@@ -2,7 +2,9 @@
 
 import pytest
 
-from continuum.config import DataConfig, ModelConfig, SweepConfig, TrainConfig, parse_bool, spread
+from continuum.config import DataConfig, ModelConfig, TrainConfig
+from continuum.knobs import parse_bool, spread
+from continuum.sweep.settings import SweepConfig
 
 
 def test_model_config_normalises_and_round_trips():

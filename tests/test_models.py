@@ -205,3 +205,71 @@ def test_inception_small_rejects_continuum_knobs_and_pretrained():
         timm.create_model("continuum_inception_small", segments=4)
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("continuum_inception_small", pretrained=True)
+
+
+def test_pretrained_xception_loads_legacy_weights_through_timms_filter(tmp_path):
+    torch.manual_seed(0)
+    ref = timm.create_model("legacy_xception").eval()
+    _randomise_norms(ref)
+    torch.save(ref.state_dict(), tmp_path / "legacy.pth")
+    model = timm.create_model("continuum_xception", pretrained=True, num_classes=5, in_chans=1,
+                              pretrained_cfg_overlay={"file": str(tmp_path / "legacy.pth")})
+    assert torch.equal(model.block4.rep[1].spatial.weight, ref.block4.rep[1].conv1.weight)
+    assert torch.equal(model.conv1.weight, ref.conv1.weight.sum(1, keepdim=True))  # timm adapts the first conv
+    assert model.get_classifier().out_features == 5 and model.in_chans == 1
+    with pytest.raises(ValueError, match="fit only the paper's Xception"):
+        timm.create_model("continuum_xception", pretrained=True, segments=8,
+                          pretrained_cfg_overlay={"file": str(tmp_path / "legacy.pth")})
+
+
+CONTINUUM_MODELS = ["continuum_small", "continuum_inception_small", "continuum_xception"]
+
+
+@pytest.mark.parametrize("name", CONTINUUM_MODELS)
+def test_features_only_and_intermediates_follow_feature_info(name):
+    size = 28 if "small" in name else 64
+    x = torch.randn(2, timm.create_model(name).in_chans, size, size)
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        final, levels = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        features = timm.create_model(name, features_only=True).eval()
+        features.load_state_dict(model.state_dict(), strict=False)
+        extracted = features(x)
+    channels = [info["num_chs"] for info in model.feature_info]
+    assert [level.shape[1] for level in levels] == channels == features.feature_info.channels()
+    for level, info in zip(levels, model.feature_info):  # Xception's first convs are unpadded: 64 -> 31 -> 29
+        assert size / (2 * info["reduction"]) < level.shape[-1] <= -(-size // info["reduction"])
+    assert len(extracted) == len(levels)
+    last_two = timm.create_model(name, features_only=True, out_indices=(-2, -1))
+    assert last_two.feature_info.channels() == channels[-2:]
+
+
+@pytest.mark.parametrize("name", CONTINUUM_MODELS)
+def test_timm_head_interface_and_factory_placement(name):
+    model = timm.create_model(name, num_classes=0, global_pool="", device="meta", dtype=torch.float64)
+    assert all(p.is_meta and p.dtype == torch.float64 for p in model.parameters())
+    x = torch.randn(1, model.in_chans, 64, 64, device="meta", dtype=torch.float64)
+    assert model(x).ndim == 4 and model(x).shape[1] == model.num_features == model.head_hidden_size
+    model.reset_classifier(3, "avg")
+    assert model(x).shape == (1, 3) and model.get_classifier().weight.is_meta
+    with pytest.raises(ValueError, match="global_pool='' .* needs num_classes=0"):
+        timm.create_model(name, num_classes=10, global_pool="")
+    with pytest.raises(TypeError):
+        timm.create_model(name, not_a_model_arg=1)
+
+
+def test_head_hidden_size_is_after_the_fc_layers():
+    model = timm.create_model("continuum_xception", fc_dims=(512,), num_classes=0)
+    assert model.num_features == 2048 and model.head_hidden_size == 512
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+
+
+def test_pruned_model_ends_at_the_level_asked_for():
+    model = timm.create_model("continuum_small").eval()
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        levels = model.forward_intermediates(x, intermediates_only=True)
+        assert model.prune_intermediate_layers([1]) == [1]
+        torch.testing.assert_close(model.forward_features(x), levels[1])
+    assert model.num_classes == 0 and model.head.global_pool == ""

@@ -86,9 +86,13 @@ def test_database_restart_mid_sweep(postgres, tmp_path):
     _assert_exactly_once(postgres.url, "restart")
 
 
+LOCAL_AXES = ["--segments", "1,4,all", "--seeds", "0,1", "--epochs", "2", "--train-size", "256", "--val-size", "128"]
+"""6 small grid points x seeds: enough for one to die mid-trial while another has completed."""
+
+
 def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path):
     command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--batch-size", "32", "--quiet",
-               "--out", str(tmp_path), "--workers", "2", *AXES]
+               "--out", str(tmp_path), "--workers", "2", *LOCAL_AXES]
     parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = tmp_path / "default" / "study.journal"
     deadline = time.time() + 120
@@ -100,14 +104,14 @@ def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path
     _, stderr = parent.communicate(timeout=420)
     assert parent.returncode == 0, stderr
     assert "2 workers on journal:" in stderr
-    _assert_exactly_once(storage, "default")
+    _assert_exactly_once(storage, "default", points=6)
     assert not (tmp_path / "default" / "study.db").exists()
     trials = results.load(tmp_path / "default")
     assert "exited with code -9" in trials.loc[trials["trial"] == victim.number, "fail_reason"].item()
 
 
 def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers(tmp_path):
-    from continuum.sweep import main
+    from continuum.sweep.cli import main
     from conftest import FAST
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1"]) == 0
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0

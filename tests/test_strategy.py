@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from continuum import SegmentedConv2d
 from continuum import strategy as st
-from continuum.strategy import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
+from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
+from continuum.timing import call_times
 
 CASES = [
     # in, out, groups, kernel, stride, padding, dilation
@@ -227,12 +228,12 @@ def _busy(ms: float) -> None:
 
 def test_call_times_times_short_calls_more_often_and_gives_up_on_slow_ones():
     calls = []
-    assert len(st.call_times(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)) == 3
+    assert len(call_times(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)) == 3
     assert len(calls) == 5
-    many = st.call_times(lambda: _busy(1), torch.device("cpu"), repeats=2, min_total_ms=20, max_repeats=50)
+    many = call_times(lambda: _busy(1), torch.device("cpu"), repeats=2, min_total_ms=20, max_repeats=50)
     assert 2 < len(many) <= 20 and sum(many) >= 20  # more than `repeats`, until they add up to 20 ms
-    assert len(st.call_times(lambda: None, torch.device("cpu"), min_total_ms=1e9, max_repeats=7)) == 7
-    assert len(st.call_times(lambda: _busy(2), torch.device("cpu"), repeats=5, give_up_ms=1)) == 1
+    assert len(call_times(lambda: None, torch.device("cpu"), min_total_ms=1e9, max_repeats=7)) == 7
+    assert len(call_times(lambda: _busy(2), torch.device("cpu"), repeats=5, give_up_ms=1)) == 1
 
 
 def _fake_timings(monkeypatch, ms: dict[str, list[float]]) -> dict[str, int]:

@@ -14,9 +14,12 @@ import pandas as pd
 import pytest
 
 from continuum import results
-from continuum.sweep import build_config, main, match_width
 from continuum.config import ModelConfig
 from continuum.data import make_synthetic
+from continuum.sweep.cli import main
+from continuum.sweep.points import build_model, match_width
+from continuum.sweep.record import TRIAL_COLUMNS
+from continuum.sweep.settings import from_settings
 from conftest import FAST
 
 
@@ -77,7 +80,7 @@ def test_results_load_round_trip(tmp_path):
     from_url = results.normalise(results.load(f"sqlite:///{tmp_path / 'default' / 'study.db'}", study_name="default"))
     csv_only = results.load(tmp_path / "default" / "trials.csv")
     for frame in (from_csv, from_url, csv_only):
-        assert list(frame.columns) == results.TRIAL_COLUMNS
+        assert list(frame.columns) == TRIAL_COLUMNS
         pd.testing.assert_frame_equal(frame[["trial", "segments", "mid_act", "val_acc", "params"]],
                                       from_study[["trial", "segments", "mid_act", "val_acc", "params"]],
                                       check_dtype=False)
@@ -99,14 +102,12 @@ def test_match_params_scales_width_within_two_percent():
     data = make_synthetic()
     for segments in (1, 4, "all"):
         config = match_width(ModelConfig(segments=segments).validate(), 300_000, data)
-        from continuum.sweep import build_model
         params = sum(p.numel() for p in build_model(config, data).parameters())
         assert abs(params - 300_000) <= 6_000, (segments, params)
 
 
 def test_match_params_matches_an_inception_style_net_too():
     data = make_synthetic()
-    from continuum.sweep import build_model
     config = match_width(ModelConfig(model="continuum_inception_small").validate(), 300_000, data)
     assert abs(sum(p.numel() for p in build_model(config, data).parameters()) - 300_000) <= 6_000
     with pytest.raises(ValueError, match="does not take these settings"):
@@ -273,14 +274,14 @@ def test_other_settings_on_an_existing_study_are_refused(existing_study, tmp_pat
 
 
 def test_cli_settings_parse():
-    cfg = build_config({"segments": "1,4,all", "order": "depthwise_first,pointwise-first", "residual": "on,off",
+    cfg = from_settings({"segments": "1,4,all", "order": "depthwise_first,pointwise-first", "residual": "on,off",
                         "mid_act": "none,relu", "seeds": "0,1", "epochs": "5", "train_size": "0"})
     assert cfg.segments == (1, 4, "all") and cfg.orders == ("depthwise_first", "pointwise_first")
     assert cfg.residuals == (True, False) and cfg.mid_acts == (None, "relu") and cfg.train.epochs == 5
-    search = build_config({"search": "nsga2"})
+    search = from_settings({"search": "nsga2"})
     assert search.objectives == ("val_acc", "flops") and "all" in search.segments
-    with pytest.raises(ValueError, match="unknown setting 'colour'"):
-        build_config({"colour": "red"})
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['colour'\]"):
+        from_settings({"colour": "red"})
 
 
 def test_pruner_stops_weak_trials_and_they_count_as_done(tmp_path):

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from continuum.block import ContinuumConv, LayerSpec, SegmentedConv2d, SegmentError, segment_sizes, \
-    segments_from_width
-from continuum.config import Segments, parse_order, parse_segments
+from continuum.block import ContinuumConv, LayerSpec, SegmentedConv2d
+from continuum.knobs import Segments, SegmentError, parse_order, parse_segments, segment_sizes, segments_from_width
 from continuum.cost import conv_segment_sizes
 
 

@@ -8,13 +8,19 @@ from typing import Any, Sequence
 import timm
 import torch
 from timm.layers import make_divisible
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from continuum.models.base import ClassifierHead, ContinuumClassifier, model_kwargs
+from continuum.models.base import ClassifierHead, ContinuumClassifier, build, pretrained_config
 
 PAPER_PARAMS = {"continuum_xception": 22_855_952, "continuum_inception_v3": 23_626_728}
 """Parameter counts of the paper's table 3 (1000 classes, no FC layers)."""
+
+
+default_cfgs = generate_default_cfgs({
+    "continuum_inception_v3": timm.models.get_pretrained_cfg("inception_v3").to_dict(),
+    "continuum_inception_small": pretrained_config((1, 28, 28), 10, "stem.0", (4, 4)),
+})
 
 
 @register_model
@@ -22,7 +28,7 @@ def continuum_inception_v3(pretrained: bool = False, **kwargs: Any) -> nn.Module
     """timm's ``inception_v3`` with ``aux_logits=False``; takes timm's keyword arguments (``num_classes``,
     ``in_chans``, ``drop_rate``, ...). timm's port has 23,834,568 parameters at 1000 classes, 207,840 more than
     the paper reports (23,626,728)."""
-    return timm.create_model("inception_v3", pretrained=pretrained, aux_logits=False, **model_kwargs(kwargs))
+    return timm.create_model("inception_v3", pretrained=pretrained, aux_logits=False, **kwargs)
 
 
 def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> nn.Sequential:
@@ -95,19 +101,23 @@ class InceptionSmall(ContinuumClassifier):
         depths: Inception modules per stage after its reduction.
         width_mult: scales ``stem_width`` and ``widths`` (rounded to ``width_divisor``).
         width_divisor: widths are made multiples of it.
-        input_size: nominal ``(H, W)``, recorded in ``pretrained_cfg``.
+        global_pool: ``"avg"``, or ``""`` to return the feature map (with ``num_classes=0``).
+        device: where to put the parameters (timm's factory argument).
+        dtype: their dtype.
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, stem_width: int = 32,
                  widths: Sequence[int] = (64, 128, 256), depths: Sequence[int] = (1, 1, 1), width_mult: float = 1.0,
-                 width_divisor: int = 8, input_size: tuple[int, int] = (28, 28)) -> None:
-        super().__init__(num_classes, in_chans, input_size=(in_chans, *input_size))
+                 width_divisor: int = 8, global_pool: str = "avg", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_classes, in_chans)
         if len(widths) != len(depths) or not widths or width_mult <= 0:
             raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} need one entry per stage, and "
                              f"width_mult={width_mult} must be positive")
         channels = make_divisible(stem_width * width_mult, width_divisor)
-        self.stem = conv_bn_act(in_chans, channels, 3)
-        self.stages = nn.Sequential()
+        self.stem = conv_bn_act(in_chans, channels, 3)  # N x stem x H x W
+        self.stages = nn.Sequential()  # stage i: N x C_i x H/2^i x W/2^i
+        self.feature_info = [dict(num_chs=channels, reduction=1, module="stem")]
         for i, (width, depth) in enumerate(zip(widths, depths)):
             width = make_divisible(width * width_mult, width_divisor)
             layers: list[nn.Module] = [InceptionReduction(channels, width)]
@@ -115,11 +125,10 @@ class InceptionSmall(ContinuumClassifier):
                 layers.append(InceptionModule(layers[-1].out_channels, width))
             channels = layers[-1].out_channels
             self.stages.add_module(f"stage{i + 1}", nn.Sequential(*layers))
-        self.head = ClassifierHead(channels, num_classes, drop_rate)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # N x stem x H x W
-        return self.stages(x)  # N x C x H/8 x W/8
+            self.feature_info.append(dict(num_chs=channels, reduction=2 ** (i + 1), module=f"stages.stage{i + 1}"))
+        self.head = ClassifierHead(channels, num_classes, drop_rate, global_pool=global_pool)
+        self.trunk = ("stem", *(f"stages.{name}" for name in self.stages._modules))
+        self.place(device, dtype)
 
 
 @register_model
@@ -127,4 +136,4 @@ def continuum_inception_small(pretrained: bool = False, **kwargs: Any) -> Incept
     """The Inception-V3-style baseline for small images (3 stages, nominal widths 64/128/256, 28 px, 1 channel)."""
     if pretrained:
         raise ValueError("continuum_inception_small has no pretrained weights; train it (python -m continuum.sweep)")
-    return InceptionSmall(**model_kwargs(kwargs))
+    return build(InceptionSmall, "continuum_inception_small", pretrained, **kwargs)

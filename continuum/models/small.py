@@ -7,16 +7,17 @@ Every knob can be one value or one per stage (a list, or a dict keyed ``stage1``
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
 from timm.layers import make_divisible
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from continuum.block import ContinuumBlock, LayerSpec, create_act, create_norm, in_layer
-from continuum.config import Segments, spread
-from continuum.models.base import ClassifierHead, ContinuumClassifier, model_kwargs
+from continuum.block import ContinuumBlock, LayerSpec, create_act, create_norm
+from continuum.knobs import in_layer, spread
+from continuum.models.base import ClassifierHead, ContinuumClassifier, build, pretrained_config
 
 PerStage = Any
 """One value for every stage, a sequence with one value per stage, or a dict keyed by stage name."""
@@ -46,7 +47,9 @@ class ContinuumSmall(ContinuumClassifier):
         norm_layer: norm after every conv.
         mid_norm: norm between the two ops of each unit.
         depth_multiplier: spatial outputs per spatial input channel.
-        input_size: nominal ``(C, H, W)``, recorded in ``pretrained_cfg``; ``C`` defaults to ``in_chans``.
+        global_pool: ``"avg"``, or ``""`` to return the feature map (with ``num_classes=0``).
+        device: where to put the parameters (timm's factory argument).
+        dtype: their dtype.
     """
 
     def __init__(
@@ -71,22 +74,20 @@ class ContinuumSmall(ContinuumClassifier):
         norm_layer: LayerSpec = "batchnorm2d",
         mid_norm: LayerSpec = None,
         depth_multiplier: int = 1,
-        input_size: tuple[int, int] = (28, 28),
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_classes, in_chans, input_size=(in_chans, *input_size))
+        super().__init__(num_classes, in_chans)
         if not (len(widths) == len(depths) == len(strides)) or not widths:
             raise ValueError(f"widths {tuple(widths)}, depths {tuple(depths)} and strides {tuple(strides)} need "
                              "one entry per stage (at least one stage)")
         if width_mult <= 0:
             raise ValueError(f"width_mult={width_mult} is not valid; use a positive number")
         stages = tuple(f"stage{i + 1}" for i in range(len(widths)))
-        knobs: Mapping[str, dict[str, Any]] = {
-            "segments": spread(segments, stages, "segments"),
-            "order": spread(order, stages, "order"),
-            "mid_act": spread(mid_act, stages, "mid_act"),
-            "residual": spread(residual, stages, "residual"),
-            "segment_width": spread(segment_width, stages, "segment_width"),
-        }
+        given = {"segments": segments, "order": order, "mid_act": mid_act, "residual": residual,
+                 "segment_width": segment_width}
+        knobs: Mapping[str, dict[str, Any]] = {name: spread(value, stages, name) for name, value in given.items()}
         self.widths = tuple(make_divisible(w * width_mult, width_divisor) for w in widths)
         self.stem_width = make_divisible(stem_width * width_mult, width_divisor)
         self.stem = nn.Sequential(
@@ -108,12 +109,25 @@ class ContinuumSmall(ContinuumClassifier):
                 channels = width
             self.stages.add_module(stage, nn.Sequential(*blocks))
         self.final_act = create_act(act_layer, inplace=True)
-        self.head = ClassifierHead(channels, num_classes, drop_rate, act_layer=act_layer)
+        self.head = ClassifierHead(channels, num_classes, drop_rate, act_layer=act_layer, global_pool=global_pool)
+        self.trunk = ("stem", *(f"stages.{stage}" for stage in stages), "final_act")
+        self.feature_info = feature_levels(self.stem_width, self.widths, strides)
+        self.place(device, dtype)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # N x stem_width x H x W
-        x = self.stages(x)  # N x widths[-1] x H/prod(strides) x W/prod(strides)
-        return self.final_act(x)
+
+def feature_levels(stem_width: int, widths: Sequence[int], strides: Sequence[int]) -> list[dict[str, Any]]:
+    """timm's ``feature_info``: the stem (``N x stem_width x H x W``), then each stage's output
+    (``N x widths[i] x H/(strides[0]...strides[i]) x ...``), the last after the final activation."""
+    reductions = [math.prod(strides[:i + 1]) for i in range(len(widths))]
+    modules = [f"stages.stage{i + 1}" for i in range(len(widths) - 1)] + ["final_act"]
+    return [dict(num_chs=stem_width, reduction=1, module="stem")] + [
+        dict(num_chs=width, reduction=reduction, module=module)
+        for width, reduction, module in zip(widths, reductions, modules)]
+
+
+default_cfgs = generate_default_cfgs({
+    "continuum_small": pretrained_config((1, 28, 28), 10, "stem.0", (4, 4)),
+})
 
 
 @register_model
@@ -121,4 +135,4 @@ def continuum_small(pretrained: bool = False, **kwargs: Any) -> ContinuumSmall:
     """The small-input family at its defaults (3 stages, widths 64/128/256, 28 px, 1 channel, 10 classes)."""
     if pretrained:
         raise ValueError("continuum_small has no pretrained weights; train it (python -m continuum.sweep)")
-    return ContinuumSmall(**model_kwargs(kwargs))
+    return build(ContinuumSmall, "continuum_small", pretrained, **kwargs)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from timm.models import register_model
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 from torch import nn
 
-from continuum.block import ContinuumBlock, ContinuumConv, LayerSpec, create_act, create_norm, in_layer
-from continuum.config import Segments, spread
-from continuum.models.base import ClassifierHead, ContinuumClassifier, model_kwargs
+from continuum.block import ContinuumBlock, ContinuumConv, LayerSpec, create_act, create_norm
+from continuum.knobs import Segments, in_layer, spread
+from continuum.models.base import ClassifierHead, ContinuumClassifier, build
 
 FLOWS = ("entry", "middle", "exit")
 
@@ -59,6 +59,15 @@ def xception_blocks(middle_blocks: int = 8) -> list[BlockSpec]:
     return blocks
 
 
+def feature_levels(block_names: list[str]) -> list[dict[str, Any]]:
+    """timm's ``feature_info``. At 299 px: act2 N x 64 x 147 x 147, block1 N x 128 x 74 x 74, block2
+    N x 256 x 37 x 37, the middle flow's last block N x 728 x 19 x 19, act4 (after conv3 and conv4, the exit flow's
+    N x 1536 and 2048 x 10 x 10) N x 2048 x 10 x 10."""
+    return [dict(num_chs=64, reduction=2, module="act2"), dict(num_chs=128, reduction=4, module="block1"),
+            dict(num_chs=256, reduction=8, module="block2"), dict(num_chs=728, reduction=16, module=block_names[-2]),
+            dict(num_chs=2048, reduction=32, module="act4")]
+
+
 class ContinuumXception(ContinuumClassifier):
     """Xception (Chollet, CVPR 2017) with the continuum's knobs on every separable conv.
 
@@ -78,6 +87,9 @@ class ContinuumXception(ContinuumClassifier):
         depth_multiplier: spatial outputs per spatial input channel.
         middle_blocks: repeats of the middle flow (8 in the paper).
         fc_dims: widths of optional fully connected layers before the classifier.
+        global_pool: ``"avg"``, or ``""`` to return the feature map (with ``num_classes=0``).
+        device: where to put the parameters (timm's factory argument).
+        dtype: their dtype.
     """
 
     def __init__(
@@ -97,14 +109,13 @@ class ContinuumXception(ContinuumClassifier):
         depth_multiplier: int = 1,
         middle_blocks: int = 8,
         fc_dims: tuple[int, ...] = (),
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_classes, in_chans, input_size=(in_chans, 299, 299))
-        knobs = {
-            "segments": spread(segments, FLOWS, "segments"),
-            "order": spread(order, FLOWS, "order"),
-            "mid_act": spread(mid_act, FLOWS, "mid_act"),
-            "segment_width": spread(segment_width, FLOWS, "segment_width"),
-        }
+        super().__init__(num_classes, in_chans)
+        given = {"segments": segments, "order": order, "mid_act": mid_act, "segment_width": segment_width}
+        knobs = {name: spread(value, FLOWS, name) for name, value in given.items()}
         residuals = spread(residual, FLOWS, "residual")
         shared = {"uneven": uneven, "mid_norm": mid_norm, "depth_multiplier": depth_multiplier}
 
@@ -134,22 +145,28 @@ class ContinuumXception(ContinuumClassifier):
             self.conv4 = ContinuumConv(1536, 2048, 3, **unit_knobs("exit"))
         self.bn4 = create_norm(norm_layer, 2048)
         self.act4 = create_act(act_layer, inplace=True)
-        self.head = ClassifierHead(2048, num_classes, drop_rate, tuple(fc_dims), act_layer)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))  # N x 32 x 149 x 149 (at 299 px)
-        x = self.act2(self.bn2(self.conv2(x)))  # N x 64 x 147 x 147
-        for name in self.block_names:
-            x = getattr(self, name)(x)  # entry: N x 728 x 19 x 19; middle keeps it; exit: N x 1024 x 10 x 10
-        x = self.act3(self.bn3(self.conv3(x)))  # N x 1536 x 10 x 10
-        return self.act4(self.bn4(self.conv4(x)))  # N x 2048 x 10 x 10
+        self.head = ClassifierHead(2048, num_classes, drop_rate, tuple(fc_dims), act_layer, global_pool)
+        self.trunk = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", *self.block_names, "conv3", "bn3", "act3",
+                      "conv4", "bn4", "act4")
+        self.feature_info = feature_levels(self.block_names)
+        self.place(device, dtype)
 
 
-def _legacy_key(key: str) -> str:
-    """Name of a ``legacy_xception`` state-dict entry in :class:`ContinuumXception`."""
-    if key.startswith("fc."):
-        return "head." + key
-    return key.replace(".conv1.", ".spatial.")  # nested conv1 = the depthwise conv of a SeparableConv2d
+def legacy_xception_filter(state_dict: Mapping[str, torch.Tensor], model: ContinuumXception
+                           ) -> dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` for ``legacy_xception`` weights: their keys renamed to the model's.
+
+    Raises:
+        ValueError: the model is not the paper's Xception (the weights fit no other).
+    """
+    non_default = _non_default_units(model)
+    if non_default:
+        raise ValueError(
+            f"legacy_xception weights fit only the paper's Xception (segments='all', order='depthwise_first', "
+            f"mid_act=None, mid_norm=None, residual=True); these layers differ: {non_default[:5]}")
+    # nested conv1 = the depthwise conv of a SeparableConv2d; fc = the classifier
+    return {("head." + key if key.startswith("fc.") else key.replace(".conv1.", ".spatial.")): value
+            for key, value in state_dict.items()}
 
 
 def _non_default_units(model: ContinuumXception) -> list[str]:
@@ -182,12 +199,7 @@ def load_legacy_xception_weights(model: ContinuumXception, state_dict: Mapping[s
     Raises:
         ValueError: the model is not at the defaults, or keys/shapes do not match (names the first few).
     """
-    non_default = _non_default_units(model)
-    if non_default:
-        raise ValueError(
-            f"legacy_xception weights fit only the paper's Xception (segments='all', order='depthwise_first', "
-            f"mid_act=None, mid_norm=None, residual=True); these layers differ: {non_default[:5]}")
-    renamed = {_legacy_key(k): v for k, v in state_dict.items()}
+    renamed = legacy_xception_filter(state_dict, model)
     own = model.state_dict()
     missing = sorted(set(own) - set(renamed))
     unexpected = sorted(set(renamed) - set(own))
@@ -198,18 +210,14 @@ def load_legacy_xception_weights(model: ContinuumXception, state_dict: Mapping[s
     model.load_state_dict(renamed)
 
 
+default_cfgs = generate_default_cfgs({
+    "continuum_xception.tf_in1k": get_pretrained_cfg("legacy_xception").to_dict() | {"classifier": "head.fc"},
+})
+
+
 @register_model
 def continuum_xception(pretrained: bool = False, **kwargs: Any) -> ContinuumXception:
     """Xception with the continuum knobs; ``pretrained=True`` loads timm's ``legacy_xception`` ImageNet weights
     (network access needed; the classifier is loaded only when ``num_classes`` is 1000)."""
-    model = ContinuumXception(**model_kwargs(kwargs))
-    if pretrained:
-        import timm
-
-        weights = timm.create_model("legacy_xception", pretrained=True).state_dict()
-        if model.num_classes != 1000:
-            classifier = model.get_classifier()
-            weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-            weights |= {f"fc.{k}": v for k, v in classifier.state_dict().items()}
-        load_legacy_xception_weights(model, weights)
-    return model
+    return build(ContinuumXception, "continuum_xception", pretrained, pretrained_filter_fn=legacy_xception_filter,
+                 **kwargs)

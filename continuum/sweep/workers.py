@@ -1,4 +1,4 @@
-"""``--workers N``: N local processes of the same sweep command sharing one study.
+"""``--workers N``: N local worker processes (:mod:`continuum.sweep.worker`) of one sweep, sharing its study.
 
 Each worker gets one GPU when several are visible (``CUDA_VISIBLE_DEVICES``), else an equal share of the CPU
 threads. The parent watches them: a worker that dies (SIGKILL, crash) has its running trial failed at once, so a
@@ -11,22 +11,23 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Callable
 
 import optuna
 import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from continuum.config import SweepConfig
 from continuum.data import TensorData
-from continuum.storage import open_storage
-from continuum.sweep import WORKER_LOST, connect, count_trials, grid_points, plan_grid, point_key, run, \
-    storage_url
+from continuum.sweep.objective import worker_id
+from continuum.sweep.points import WORKER_LOST, grid_points, point_key
+from continuum.sweep.settings import SweepConfig
+from continuum.sweep.storage import open_storage
+from continuum.sweep.study import DONE, connect, count_trials, plan_grid, run, storage_url
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +45,9 @@ def worker_env(index: int, workers: int) -> dict[str, str]:
     return env
 
 
-def worker_argv(argv: Sequence[str], storage: str) -> list[str]:
-    """The command line of one worker: the user's, on the parent's storage, as a single quiet worker."""
-    args, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--workers", "--storage"):
-            skip = True
-        elif not arg.startswith(("--workers=", "--storage=")):
-            args.append(arg)
-    return [*args, "--storage", storage, "--workers", "1", "--quiet", "--worker"]
-
-
 def fail_trials_of(study: optuna.Study, storage: optuna.storages.BaseStorage, pid: int, reason: str) -> int:
     """Fail the RUNNING trials of worker process ``pid`` on this host; returns how many."""
-    worker = f"{socket.gethostname()}:{pid}"
+    worker = worker_id(pid)
     study_id = storage.get_study_id_from_name(study.study_name)
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -71,16 +59,16 @@ def fail_trials_of(study: optuna.Study, storage: optuna.storages.BaseStorage, pi
     return failed
 
 
-def run_workers(cfg: SweepConfig, argv: Sequence[str], data: TensorData, progress: bool = True,
-                command: str | None = None) -> optuna.Study:
-    """Run the sweep with ``cfg.workers`` local processes, then finish and report in this one.
+def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
+                after_export: Callable[[Path], object] | None = None) -> optuna.Study:
+    """Run the sweep with ``cfg.workers`` local processes, then finish in this one.
 
     Args:
         cfg: the validated sweep (its ``workers`` > 1).
-        argv: the user's command-line arguments, given to every worker.
         data: the dataset, for finishing leftover points here.
         progress: show one bar for the whole sweep.
         command: the command line, recorded beside the tables.
+        after_export: called with the results folder after every export (see :func:`~continuum.sweep.study.run`).
     """
     url = storage_url(cfg)
     study = connect(cfg)
@@ -89,7 +77,8 @@ def run_workers(cfg: SweepConfig, argv: Sequence[str], data: TensorData, progres
     if keys:
         plan_grid(study, keys, cfg.retry_failed)  # once here, so workers seldom race to queue the same points
     log.warning("%d workers on %s", cfg.workers, url)
-    processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep", *worker_argv(argv, url)],
+    worker_cfg = dataclasses.replace(cfg, workers=1, storage=url).to_json()
+    processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep.worker", worker_cfg],
                                   env=worker_env(i, cfg.workers)) for i in range(cfg.workers)]
     total = len(keys) if keys else cfg.n_trials
     bar = tqdm(total=total, desc=f"sweep {cfg.study} ({cfg.workers} workers)", unit="trial", disable=not progress)
@@ -107,7 +96,7 @@ def run_workers(cfg: SweepConfig, argv: Sequence[str], data: TensorData, progres
                                           f"{process.returncode}")
                     log.warning("worker %d exited with code %d; %d running trial(s) failed and requeued",
                                 process.pid, process.returncode, lost)
-            done = count_trials(study, (TrialState.COMPLETE, TrialState.PRUNED), set(keys) if keys else None)
+            done = count_trials(study, DONE, set(keys) if keys else None)
             bar.n = min(done, total)
             bar.refresh()
     except KeyboardInterrupt:
@@ -119,4 +108,4 @@ def run_workers(cfg: SweepConfig, argv: Sequence[str], data: TensorData, progres
         raise
     finally:
         bar.close()
-    return run(dataclasses.replace(cfg, workers=1, storage=url), data, progress=progress, command=command)
+    return run(dataclasses.replace(cfg, workers=1, storage=url), data, progress, command, after_export)

@@ -1,0 +1,211 @@
+"""The vocabulary every level speaks: segment counts and widths, operation orders, activation names, their parsing,
+:class:`SegmentError` (with the layer path) and the channel sizes of each segment.
+
+Imported by the layers, the models, the configs and the sweep alike; imports nothing of continuum's.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Union
+
+Segments = Union[int, str]
+"""A segment count: an int >= 1, or ``"all"`` (one segment per channel, i.e. depthwise)."""
+
+ORDERS = ("depthwise_first", "pointwise_first")
+"""Operation orders of a separable unit: spatial then 1x1 (Xception) or 1x1 then spatial (extreme Inception)."""
+
+MID_ACTS = (None, "relu", "elu", "gelu", "silu", "leaky_relu", "tanh")
+"""Intermediate activations offered by name (any activation class or timm name is accepted by the layers)."""
+
+
+def parse_segments(value: Segments | str) -> Segments:
+    """Turn ``"all"``, ``"8"`` or ``8`` into a checked segment count.
+
+    Args:
+        value: an int >= 1, a decimal string, or ``"all"`` (case-insensitive).
+
+    Returns:
+        The int count, or the string ``"all"``.
+
+    Raises:
+        ValueError: for anything else, naming the accepted forms.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return "all"
+        if not text.isdigit():
+            raise ValueError(f"segments={value!r} is not valid; use an int >= 1 or 'all'")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"segments={value!r} is not valid; use an int >= 1 or 'all'")
+    return value
+
+
+def parse_order(value: str) -> str:
+    """Check an operation order name.
+
+    Args:
+        value: ``"depthwise_first"`` or ``"pointwise_first"``; ``-`` may stand for ``_``.
+
+    Raises:
+        ValueError: naming the valid orders.
+    """
+    order = value.strip().lower().replace("-", "_")
+    if order not in ORDERS:
+        raise ValueError(f"order={value!r} is not valid; choose one of {', '.join(ORDERS)}")
+    return order
+
+
+def parse_mid_act(value: str | None) -> str | None:
+    """Normalise an intermediate activation name; ``None``, ``"none"`` and ``""`` mean no activation.
+
+    Args:
+        value: an activation name from :data:`MID_ACTS`, or ``None``.
+
+    Raises:
+        ValueError: naming the valid activations.
+    """
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    name = value.strip().lower()
+    if name not in MID_ACTS:
+        valid = ", ".join("none" if a is None else a for a in MID_ACTS)
+        raise ValueError(f"mid_act={value!r} is not valid; choose one of {valid}")
+    return name
+
+
+def parse_bool(value: bool | str) -> bool:
+    """``True``/``False``, or ``on``/``off``, ``true``/``false``, ``yes``/``no``, ``1``/``0``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{value!r} is not valid; use on or off")
+
+
+def spread(value: Any, parts: tuple[str, ...], name: str) -> dict[str, Any]:
+    """Give one knob a value per part of a model (flow or stage).
+
+    Args:
+        value: one value for every part; a dict ``{part: value}`` (parts left out keep ``default`` given
+            under the key ``"default"``, else error); or a list/tuple with one value per part.
+        parts: the part names, in order.
+        name: the knob's name, for error messages.
+
+    Returns:
+        ``{part: value}`` for every part.
+
+    Raises:
+        ValueError: unknown part names, a missing part, or a sequence of the wrong length.
+    """
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(parts) - {"default"})
+        if unknown:
+            raise ValueError(f"{name}: unknown part(s) {unknown}; parts are {list(parts)}")
+        missing = [p for p in parts if p not in value]
+        if missing and "default" not in value:
+            raise ValueError(f"{name}: no value for {missing}; give every part or a 'default'")
+        return {p: value.get(p, value.get("default")) for p in parts}
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(parts):
+            raise ValueError(f"{name}: {len(value)} values for {len(parts)} parts {list(parts)}")
+        return dict(zip(parts, value))
+    return {p: value for p in parts}
+
+
+class SegmentError(ValueError):
+    """A segment count that does not fit a layer's channels; ``layer`` is the dotted path of that layer."""
+
+    def __init__(self, problem: str, layer: str = "") -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.layer = layer
+
+    def __str__(self) -> str:
+        return f"{self.layer}: {self.problem}" if self.layer else self.problem
+
+
+@contextmanager
+def in_layer(name: str) -> Iterator[None]:
+    """Prefix the layer path of any :class:`SegmentError` raised inside with ``name``.
+
+    Args:
+        name: the attribute name of the layer being built, e.g. ``"block3"`` or ``"rep.1"``.
+    """
+    try:
+        yield
+    except SegmentError as err:
+        err.layer = f"{name}.{err.layer}" if err.layer else name
+        raise
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _near_equal_split(channels: int, parts: int) -> tuple[int, ...]:
+    base, extra = divmod(channels, parts)
+    return tuple(base + (1 if i < extra else 0) for i in range(parts))
+
+
+def segment_sizes(
+    in_channels: int, out_channels: int, segments: Segments, uneven: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Channel sizes of each segment on the input and on the output side.
+
+    Args:
+        in_channels: input channels of the spatial convolution.
+        out_channels: output channels of the spatial convolution.
+        segments: int >= 1 or ``"all"`` (one segment per input channel).
+        uneven: allow a count that does not divide the channels; segments then get near-equal sizes
+            (differing by at most one channel), as Inception towers do.
+
+    Returns:
+        ``(in_sizes, out_sizes)``, one entry per segment.
+
+    Raises:
+        SegmentError: the count does not fit; the message names the channels and the valid choices.
+    """
+    segments = parse_segments(segments)
+    if segments == "all":
+        if out_channels % in_channels:
+            raise SegmentError(
+                f"segments='all' needs out_channels ({out_channels}) to be a multiple of "
+                f"in_channels ({in_channels}); use an int segment count instead"
+            )
+        segments = in_channels
+    if in_channels % segments == 0 and out_channels % segments == 0:
+        return (in_channels // segments,) * segments, (out_channels // segments,) * segments
+    if uneven and segments <= min(in_channels, out_channels):
+        return _near_equal_split(in_channels, segments), _near_equal_split(out_channels, segments)
+    valid = _divisors(math.gcd(in_channels, out_channels))
+    all_valid = " or 'all'" if out_channels % in_channels == 0 else ""
+    limit = f"at most {min(in_channels, out_channels)}" if uneven else f"one of {valid}{all_valid}"
+    raise SegmentError(
+        f"segments={segments} does not fit in_channels={in_channels}, out_channels={out_channels}; "
+        f"valid choices: {limit}" + ("" if uneven else " (or uneven=True for near-equal segments)")
+    )
+
+
+def segments_from_width(channels: int, segment_width: int) -> int:
+    """Segment count for a given segment width (channels per segment, RegNet's "group width").
+
+    Args:
+        channels: channels the spatial convolution sees.
+        segment_width: channels per segment; must divide ``channels``.
+
+    Raises:
+        SegmentError: the width does not divide the channels, naming the valid widths.
+    """
+    if segment_width < 1 or channels % segment_width:
+        raise SegmentError(
+            f"segment_width={segment_width} does not divide {channels} channels; "
+            f"valid widths: {_divisors(channels)}"
+        )
+    return channels // segment_width

@@ -1,0 +1,95 @@
+"""Sweep the continuum: train every point of a grid (or a search) with Optuna, store honest results tables.
+
+Examples:
+  python -m continuum.sweep --segments 1,4,16,all                  # small net, Fashion-MNIST, ~5 min on 2 cores
+  python -m continuum.sweep --segments 1,4,16,all                  # again: resumes, completed points are skipped
+  python -m continuum.sweep --segments 1,8,all --order depthwise_first,pointwise_first --seeds 0,1,2
+  python -m continuum.sweep --mid-act none,elu,relu --residual on,off --epochs 10 --study ablations
+  python -m continuum.sweep --segments 1,2,4,8,16,32,all --match-params 300000
+  python -m continuum.sweep --search nsga2 --n-trials 40 --objectives val_acc,latency
+  python -m continuum.sweep --config experiments/spectrum.toml
+  python -m continuum.sweep --dataset cifar10 --device cuda --storage postgresql://user@host/continuum
+
+Results go to OUT/STUDY/: trials.csv (+ .parquet), curves.csv, summary.md, plots; the Optuna study lives in
+OUT/STUDY/study.db unless --storage names another database. Rerunning the same command resumes the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import optuna
+
+from continuum.allocator import keep_freed_memory
+from continuum.data import DataError, TensorData, load_dataset
+from continuum.report import write_report, write_summary
+from continuum.sweep.points import build_model, grid_points, match_width
+from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
+from continuum.sweep.study import run, storage_url
+from continuum.sweep.workers import run_workers
+from continuum.train import resolve_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one option per setting (see :func:`~continuum.sweep.settings.add_arguments`), plus
+    ``--config`` and ``--quiet``."""
+    parser = argparse.ArgumentParser(prog="python -m continuum.sweep", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run_options = parser.add_argument_group("this run")
+    run_options.add_argument("--config", type=Path, help="experiment file (TOML) with these settings")
+    run_options.add_argument("--quiet", action="store_true", help="no progress bars or logs")
+    return parser
+
+
+def quiet_logs(quiet: bool) -> None:
+    """Logs at INFO (WARNING when ``quiet``), Optuna's own at ERROR; and the CPU allocator kept warm."""
+    keep_freed_memory()
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def prepare(cfg: SweepConfig) -> TensorData:
+    """The sweep's data, after checking that its device exists and every grid point builds (nothing is written
+    before this passes).
+
+    Raises:
+        ValueError, DataError: a bad device, a point that does not build, a missing dataset.
+    """
+    resolve_device(cfg.train.device)
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir).subset(cfg.data.train_size, cfg.data.val_size)
+    if cfg.search == "grid":
+        for config, _ in grid_points(cfg):
+            match_width(config, cfg.match_params, data) if cfg.match_params else build_model(config, data)
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m continuum.sweep`` with ``argv``; returns the exit code (2: bad input, 130: interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    quiet_logs(args.quiet)
+    settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet") and v is not None}
+    try:
+        cfg = from_settings((read_experiment(args.config) if args.config else {}) | settings)
+        data = prepare(cfg)
+        command = "python -m continuum.sweep " + shlex.join(argv)
+        sweep = run_workers if cfg.workers > 1 else run
+        sweep(cfg, data, not args.quiet, command, write_summary)
+    except (ValueError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the study is consistent; rerun the same command to resume", file=sys.stderr)
+        return 130
+    folder = Path(cfg.out) / cfg.study
+    write_report(folder)
+    print((folder / "summary.md").read_text())
+    print(f"results: {folder}/ (trials.csv, curves.csv, summary.md, plots); study {cfg.study!r} in {storage_url(cfg)}")
+    return 0

@@ -1,0 +1,118 @@
+"""The objective: trains one point per trial and records its :class:`~continuum.sweep.record.TrialRecord`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from continuum.cost import measure_latency, model_cost
+from continuum.data import TensorData
+from continuum.config import ModelConfig
+from continuum.knobs import SegmentError
+from continuum.sweep.points import INTERRUPTED, TrialFailed, build_model, grid_point, match_width, suggest_point
+from continuum.sweep.record import record
+from continuum.sweep.settings import OBJECTIVES, SweepConfig
+from continuum.timing import device_name
+from continuum.train import TrainingFailed, curve_summary, fit, resolve_device
+
+log = logging.getLogger("continuum.sweep")
+
+
+def worker_id(pid: int | None = None) -> str:
+    """``host:pid`` of process ``pid`` on this host (default: this one), as recorded on its trials."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]  # the checkout holding continuum/
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "continuum"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+class Objective:
+    """Trains one point per trial and records everything about it on the trial.
+
+    Args:
+        cfg: the sweep.
+        data: the dataset, loaded once for all trials.
+        progress: show a tqdm bar per trial.
+    """
+
+    def __init__(self, cfg: SweepConfig, data: TensorData, progress: bool) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.progress = progress
+        self.device = resolve_device(cfg.train.device)
+        self.context = {
+            "dataset": cfg.data.dataset, "train_size": len(data.train_y), "val_size": len(data.val_y),
+            "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe,
+            "lr": cfg.train.resolved_lr, "weight_decay": cfg.train.resolved_weight_decay,
+            "latency_batch": cfg.latency_batch, "device": device_name(self.device), "torch": torch.__version__,
+            "git": _git_commit(), "worker": worker_id(),
+        }
+
+    def configure(self, trial: optuna.Trial) -> tuple[ModelConfig, int]:
+        """The trial's point, width-matched when ``match_params`` is set."""
+        if self.cfg.search == "grid":
+            config, seed = grid_point(trial, self.cfg.retry_failed)
+        else:
+            config, seed = suggest_point(trial, self.cfg)
+        if self.cfg.match_params:
+            config = match_width(config, self.cfg.match_params, self.data)
+        return config, seed
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        start = time.perf_counter()
+        for key, value in trial.user_attrs.items():  # a retried trial inherits its stale original's records
+            if key != "point" and value is not None:
+                trial.set_user_attr(key, None)
+        config, seed = self.configure(trial)
+        trial.set_user_attr("config", config.to_dict() | {"seed": seed})
+        record(trial, **self.context)
+        curve: list[dict] = []
+
+        def on_epoch(metrics: dict) -> None:
+            curve.append(metrics)
+            trial.set_user_attr("curve", curve)
+            record(trial, **curve_summary(curve), wall_s=time.perf_counter() - start)
+            if len(self.cfg.objectives) == 1:
+                trial.report(metrics["val_acc"], metrics["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']}")
+
+        try:
+            torch.manual_seed(seed)
+            model = build_model(config, self.data)
+            cost = model_cost(model, self.data.input_size)
+            latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
+            costs = {"params": cost.params, "macs": cost.macs, "flops": cost.flops, "latency_ms": latency.median_ms}
+            record(trial, **costs)
+            fit(model, self.data, self.cfg.train, seed, on_epoch, self.progress, f"trial {trial.number}")
+        except (TrainingFailed, SegmentError) as err:
+            self._fail(trial, str(err))
+        except torch.cuda.OutOfMemoryError:
+            self._fail(trial, f"CUDA out of memory at batch size {self.cfg.train.batch_size}; lower --batch-size")
+        except KeyboardInterrupt:
+            record(trial, fail_reason=INTERRUPTED)
+            raise
+        columns = costs | curve_summary(curve)
+        result = tuple(columns[OBJECTIVES[name].column] for name in self.cfg.objectives)
+        return result[0] if len(result) == 1 else result
+
+    @staticmethod
+    def _fail(trial: optuna.Trial, reason: str) -> None:
+        log.warning("trial %d failed: %s", trial.number, reason)
+        record(trial, fail_reason=reason)
+        raise TrialFailed(reason)

@@ -1,0 +1,198 @@
+"""What a study records about each trial: :class:`TrialRecord`, whose fields ARE the columns of ``trials.csv``, and
+the rows of ``trials.csv`` and ``curves.csv`` read back from a study.
+
+A trial stores one Optuna user attribute per column it measures (so a study written by an older version still
+reads), plus ``config`` (the point), ``curve`` (the epochs) and, in a grid, ``point`` (its key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from continuum.config import ModelConfig
+from continuum.train import EpochMetrics
+
+STALE = "worker stopped (no heartbeat); its point was rerun"
+"""``fail_reason`` shown for a trial whose process died (SIGKILL, power loss) and whose heartbeat went stale."""
+
+
+@dataclass
+class TrialId:
+    """Which trial.
+
+    Args:
+        trial: the trial's number in its study.
+        state: ``COMPLETE``, ``FAIL``, ``PRUNED`` or ``RUNNING``.
+    """
+
+    trial: int
+    state: str
+
+
+TrialPoint = dataclasses.make_dataclass(
+    "TrialPoint", [(f.name, Any, None) for f in fields(ModelConfig)] + [("seed", Any, None)])
+"""The point of the continuum a trial trained: :class:`~continuum.config.ModelConfig`'s fields and the seed (a
+list-valued knob is shown per stage, joined by ``/``)."""
+
+
+@dataclass
+class TrialMetrics:
+    """What a trial measured.
+
+    Args:
+        val_acc: validation accuracy after the last epoch.
+        val_loss: validation loss after the last epoch.
+        best_val_acc: best validation accuracy over the epochs.
+        best_val_loss: lowest validation loss over the epochs.
+        params: parameters.
+        macs: multiply-accumulates of one image's forward pass.
+        flops: FLOPs of one image's forward pass (2 per MAC, plus norms and activations).
+        latency_ms: median forward time of a batch of ``latency_batch`` images.
+        epochs_done: epochs finished.
+        train_s: training and validation seconds.
+        wall_s: the trial's seconds, from start to its last record.
+        images_per_s: mean training images per second.
+    """
+
+    val_acc: float | None = None
+    val_loss: float | None = None
+    best_val_acc: float | None = None
+    best_val_loss: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    flops: int | None = None
+    latency_ms: float | None = None
+    epochs_done: int | None = None
+    train_s: float | None = None
+    wall_s: float | None = None
+    images_per_s: float | None = None
+
+
+@dataclass
+class TrialRun:
+    """How and where a trial ran.
+
+    Args:
+        dataset: the dataset's name.
+        train_size: training images.
+        val_size: validation images.
+        epochs: epochs asked for.
+        batch_size: images per step.
+        recipe: training recipe.
+        lr: initial learning rate in force.
+        weight_decay: weight decay in force.
+        latency_batch: batch size of the latency probe.
+        device: the device (CPU model and threads, or GPU name).
+        torch: torch's version.
+        git: the commit of the code (``-dirty`` with local changes).
+        worker: ``host:pid`` of the process that ran it.
+        fail_reason: why it failed or stood down.
+        started: when it started (ISO, seconds).
+        completed: when it ended.
+    """
+
+    dataset: str | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    recipe: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    latency_batch: int | None = None
+    device: str | None = None
+    torch: str | None = None
+    git: str | None = None
+    worker: str | None = None
+    fail_reason: str | None = None
+    started: str | None = None
+    completed: str | None = None
+
+
+@dataclass
+class TrialRecord(TrialRun, TrialMetrics, TrialPoint, TrialId):
+    """One row of ``trials.csv``: :class:`TrialId`, :class:`TrialPoint`, :class:`TrialMetrics` and
+    :class:`TrialRun`, in that order."""
+
+
+def names(record_class: type) -> list[str]:
+    """The field names of a record dataclass, in order."""
+    return [f.name for f in fields(record_class)]
+
+
+POINT_COLUMNS = names(TrialPoint)
+"""The point columns (also the leading columns of ``curves.csv``)."""
+
+TRIAL_COLUMNS = names(TrialRecord)
+"""The columns of ``trials.csv``."""
+
+CURVE_COLUMNS = ["trial", *POINT_COLUMNS, *names(EpochMetrics)]
+"""The columns of ``curves.csv``."""
+
+RECORDED = set(names(TrialMetrics)) | set(names(TrialRun))
+"""What an objective may record on a trial, one user attribute each (:func:`record`)."""
+
+
+def record(trial: optuna.Trial, **values: Any) -> None:
+    """Store columns of the trial's :class:`TrialRecord` on it, one user attribute each.
+
+    Raises:
+        KeyError: a name that is not a recorded column (so that nothing is recorded and silently dropped).
+    """
+    unknown = sorted(set(values) - RECORDED)
+    if unknown:
+        raise KeyError(f"not columns of TrialRecord: {unknown}")
+    for key, value in values.items():
+        trial.set_user_attr(key, value)
+
+
+def format_knob(value: Any) -> Any:
+    """A knob as a table cell: ``None`` -> ``"none"``, per-stage lists joined by ``/``."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(str(format_knob(v)) for v in value)
+    return "none" if value is None else value
+
+
+def point_cells(config: dict[str, Any]) -> dict[str, Any]:
+    """The point columns of a trial's ``config`` attribute (segments always as text)."""
+    cells = {key: format_knob(config.get(key)) for key in POINT_COLUMNS}
+    cells["segments"] = str(cells["segments"])
+    return cells
+
+
+def trial_record(trial: optuna.trial.FrozenTrial) -> TrialRecord | None:
+    """The record of one trial, or ``None`` for a trial that trained nothing (no ``config`` recorded)."""
+    attrs = trial.user_attrs
+    if attrs.get("config") is None or trial.state == optuna.trial.TrialState.WAITING:
+        return None
+    row = TrialRecord(trial.number, trial.state.name, **point_cells(attrs["config"]),
+                      **{key: attrs.get(key) for key in RECORDED})
+    row.started = trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None
+    row.completed = trial.datetime_complete.isoformat(timespec="seconds") if trial.datetime_complete else None
+    if trial.state == optuna.trial.TrialState.FAIL and not row.fail_reason:
+        row.fail_reason = STALE
+    return row
+
+
+def curve_rows(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+    """One row per finished epoch of a trial that has a :func:`trial_record`."""
+    point = point_cells(trial.user_attrs["config"])
+    return [{"trial": trial.number, **point, **{k: epoch.get(k) for k in names(EpochMetrics)}}
+            for epoch in trial.user_attrs.get("curve") or []]
+
+
+def study_frames(study: optuna.Study) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(trials, curves)`` DataFrames of a study, with :data:`TRIAL_COLUMNS` and :data:`CURVE_COLUMNS`."""
+    rows, curves = [], []
+    for trial in study.get_trials(deepcopy=False):
+        row = trial_record(trial)
+        if row is not None:
+            rows.append(dataclasses.asdict(row))
+            curves += curve_rows(trial)
+    return (pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values("trial", ignore_index=True),
+            pd.DataFrame(curves, columns=CURVE_COLUMNS).sort_values(["trial", "epoch"], ignore_index=True))

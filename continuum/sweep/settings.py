@@ -1,0 +1,252 @@
+"""A study's settings: :class:`SweepConfig`, and everything derived from its fields' metadata.
+
+Each setting is declared once, as a field (here, or in :class:`~continuum.config.TrainConfig` /
+:class:`~continuum.config.DataConfig`) with its flag, help, parser and role; the command line
+(:func:`add_arguments`), experiment files (:func:`read_experiment`, :func:`from_settings`), validation
+(:meth:`SweepConfig.validate`) and the grid's axes (:func:`axis_fields`) all come from those declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+from continuum.config import ConfigBase, DataConfig, TrainConfig, flag_name, integer, number, optional, parse_field, \
+    setting, text
+from continuum.knobs import ORDERS, parse_bool, parse_mid_act, parse_order, parse_segments
+
+SEARCH_MODES = ("grid", "tpe", "nsga2")
+
+
+class Objective(NamedTuple):
+    """What a search can optimise: its direction and the results column it reads."""
+
+    direction: str
+    column: str
+
+
+OBJECTIVES = {"val_acc": Objective("maximize", "val_acc"), "flops": Objective("minimize", "flops"),
+              "latency": Objective("minimize", "latency_ms"), "params": Objective("minimize", "params")}
+PRUNERS = ("none", "median", "hyperband")
+NESTED = {"data": DataConfig, "train": TrainConfig}
+"""Sub-configs of a :class:`SweepConfig`: their fields are settings too (``[data]`` / ``[train]`` in a file)."""
+
+
+def study_name(value: Any) -> str:
+    """A plain study name (it names a folder and goes into storage URLs): letters, digits, ``_``, ``-``, ``.``,
+    not starting with a dot."""
+    name = text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"{value!r} is not valid; use a plain name of letters, digits, _, - and . ('spectrum')")
+    return name
+
+
+def seed(value: Any) -> int:
+    """A seed: a whole number."""
+    try:
+        return integer()(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not valid; use whole numbers such as 0,1,2") from None
+
+
+@dataclass(frozen=True)
+class SweepConfig(ConfigBase):
+    """Everything ``python -m continuum.sweep`` runs: the axes of the grid or search, and the fixed settings.
+
+    The axis fields are declared in the grid's loop order (outermost first). See each field's help in
+    ``python -m continuum.sweep --help``; ``data`` and ``train`` hold the dataset and training settings.
+    """
+
+    models: tuple[str, ...] = setting(("continuum_small",), "timm model names", text, flag="model", axis="model",
+                                      group="axes")
+    widths: tuple[float, ...] = setting((1.0,), "width multipliers", number(0, low_open=True), flag="width",
+                                        axis="width", group="axes", search=(0.5, 0.75, 1.0, 1.25, 1.5))
+    residuals: tuple[bool, ...] = setting((True,), "shortcuts: on and/or off", parse_bool, flag="residual",
+                                          axis="residual", group="axes", search=(True, False))
+    mid_acts: tuple[Any, ...] = setting((None,), "intermediate activations: none, relu, elu, gelu, silu, ...",
+                                        parse_mid_act, flag="mid-act", axis="mid_act", group="axes",
+                                        search=(None, "relu", "elu"))
+    orders: tuple[str, ...] = setting(("depthwise_first",), "operation orders", parse_order, choices=ORDERS,
+                                      flag="order", axis="order", group="axes", search=ORDERS)
+    segments: tuple[Any, ...] = setting((1, 4, 16, "all"), "segment counts: ints and/or all", parse_segments,
+                                        axis="segments", group="axes", search=(1, 2, 4, 8, 16, 32, "all"))
+    seeds: tuple[int, ...] = setting((0,), "seeds; every point runs once per seed", seed, axis="seed", group="axes")
+    drop_rate: float = setting(0.0, "dropout before the classifier", number(0, 1, high_open=True))
+    match_params: int | None = setting(None, "scale each point's width to N parameters (within 2 %%)",
+                                       optional(integer(1)))
+    search: str = setting("grid", "grid, or a search", choices=SEARCH_MODES)
+    n_trials: int = setting(20, "trials of a search (total in the study; a rerun tops it up)", integer(1))
+    objectives: tuple[str, ...] = setting(("val_acc",), "what a search optimises: val_acc first (nsga2 adds flops)",
+                                          choices=tuple(OBJECTIVES), listed=True)
+    pruner: str = setting("none", "prune weak trials early", choices=PRUNERS)
+    study: str = setting("default", "study name; results go to OUT/STUDY/", study_name)
+    storage: str | None = setting(None, "Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)", optional(text))
+    out: str = setting("results", "results root; tables go to OUT/STUDY/", text)
+    retry_failed: bool = setting(False, "rerun points whose trial failed for a lasting reason", parse_bool,
+                                 switch=True)
+    heartbeat: int = setting(10, "seconds between trial heartbeats; 3 missed make a trial stale", integer(1))
+    latency_batch: int = setting(32, "batch size of the per-trial latency probe", integer(1))
+    workers: int = setting(1, "local worker processes sharing the study; one GPU each when several are visible, "
+                              "else the CPU threads split between them", integer(1))
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def validate(self) -> SweepConfig:
+        """Parse every setting (each axis item by its parser) and check how they combine, raising ``ValueError``
+        naming the bad one."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in NESTED:
+                values[field.name] = value.validate()
+            elif field.metadata.get("listed"):
+                items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+                if not items:
+                    raise ValueError(f"{flag_name(field)}: give at least one value")
+                values[field.name] = tuple(parse_field(field, item) for item in items)
+            else:
+                values[field.name] = parse_field(field, value)
+        cfg = dataclasses.replace(self, **values)
+        if cfg.objectives[0] != "val_acc":
+            raise ValueError(f"objectives={','.join(cfg.objectives)} is not valid; start with val_acc, then any of "
+                             "flops, latency, params")
+        if len(cfg.objectives) > 1 and cfg.pruner != "none":
+            raise ValueError("pruning needs a single objective; use --pruner none with several objectives")
+        if cfg.match_params is not None and cfg.widths != (1.0,):
+            raise ValueError("match_params needs no explicit widths (it sets the width)")
+        return cfg
+
+    def fixed_settings(self) -> dict[str, Any]:
+        """The settings every trial of a study must share (a rerun with other values would mix results).
+
+        Where a worker runs (device, compile, data folder) is not among them; a search's choices are, since
+        they are stored with its trials and cannot change.
+        """
+        settings = {
+            "data": {k: v for k, v in self.data.to_dict().items() if k != "data_dir"},
+            "train": {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile")},
+            "objectives": list(self.objectives), "search": self.search, "drop_rate": self.drop_rate,
+            "match_params": self.match_params}
+        if self.search != "grid":
+            settings["choices"] = {f.name: [str(v) for v in getattr(self, f.name)] for f in axis_fields()}
+        return settings
+
+    def to_json(self) -> str:
+        """The validated config as JSON (how a worker process receives it)."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
+        """Build and validate from a dict of settings (see :func:`from_settings`)."""
+        return from_settings(data)
+
+    @classmethod
+    def from_json(cls, payload: str) -> SweepConfig:
+        """The config :meth:`to_json` wrote."""
+        return from_settings(json.loads(payload))
+
+
+def setting_fields() -> Iterator[tuple[str | None, dataclasses.Field]]:
+    """Every setting as ``(sub-config name or None, field)``: the study's own, then ``data`` and ``train``."""
+    for field in fields(SweepConfig):
+        if field.name in NESTED:
+            yield from ((field.name, sub) for sub in fields(NESTED[field.name]))
+        else:
+            yield None, field
+
+
+def axis_fields() -> list[dataclasses.Field]:
+    """The grid's axes, in loop order (outermost first)."""
+    return [f for f in fields(SweepConfig) if f.metadata.get("axis")]
+
+
+def from_settings(settings: dict[str, Any]) -> SweepConfig:
+    """A validated :class:`SweepConfig` from settings named as on the command line or as fields (``order`` or
+    ``orders``, ``batch_size`` or ``batch-size``), flat or nested under ``data`` / ``train``; ``None`` values are
+    left at their defaults; a comma text gives an axis several values. In a search, axes left out take their
+    ``search`` defaults, and NSGA-II optimises FLOPs too unless told otherwise.
+
+    Raises:
+        ValueError: an unknown setting or a bad value, naming it.
+    """
+    names = {}
+    for part, field in setting_fields():
+        for name in {field.name, flag_name(field).replace("-", "_")}:
+            names[name] = (part, field)
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in NESTED and isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {part: {} for part in NESTED}
+    unknown = []
+    for key, value in flat.items():
+        part, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        if name not in names or (part and names[name][0] != part):
+            unknown.append(key)
+            continue
+        owner, field = names[name]
+        if value is None:
+            continue
+        if field.metadata.get("listed") and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        (nested[owner] if owner else top)[field.name] = value
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; python -m continuum.sweep --help lists the known ones")
+    if top.get("search", "grid") != "grid":
+        for field in axis_fields():
+            if field.metadata["search"]:
+                top.setdefault(field.name, field.metadata["search"])
+        if str(top["search"]).lower() == "nsga2":
+            top.setdefault("objectives", ("val_acc", "flops"))
+    return SweepConfig(**top, **{part: NESTED[part](**values) for part, values in nested.items()}).validate()
+
+
+def read_experiment(path: Path) -> dict[str, Any]:
+    """Settings from a TOML experiment file: the command-line names (``segments``, ``order``, ``epochs``, ...) or
+    the field names, flat or under ``[data]`` / ``[train]`` tables.
+
+    Raises:
+        ValueError: the file is missing, unreadable or not valid TOML.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: cannot read it ({type(err).__name__}: {err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"--config {path}: not valid TOML ({err})") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per setting, in its group, with its help, choices and default. Every option's default is
+    ``None``, so that an experiment file's values are not overridden."""
+    titles = {"axes": "axes (comma lists)", "data": "data", "training": "training", "study": "study"}
+    groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
+    for _, field in setting_fields():
+        meta = field.metadata
+        default = field.default if meta["listed"] else (field.default,)
+        shown = ",".join("none" if v is None else ("on" if v else "off") if isinstance(v, bool) else str(v)
+                         for v in default)
+        choices = f": {', '.join(meta['choices'])}" if meta["choices"] else ""
+        default_text = "" if "(default:" in meta["help"] else f" (default: {shown})"
+        option = "--" + flag_name(field).replace("_", "-")
+        if meta["switch"]:
+            groups[meta["group"]].add_argument(option, dest=field.name, action="store_const", const=True,
+                                               help=meta["help"])
+        else:
+            groups[meta["group"]].add_argument(option, dest=field.name, metavar="LIST" if meta["listed"] else "VALUE",
+                                               help=f"{meta['help']}{choices}{default_text}")

@@ -1,0 +1,206 @@
+"""Study control: open or resume a study (refusing other fixed settings), queue a grid's points so each runs
+exactly once, run trials until the grid or the search is done, and export the results tables after every trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from continuum.data import TensorData
+from continuum.files import atomic_write
+from continuum.sweep.objective import Objective
+from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
+from continuum.sweep.record import study_frames
+from continuum.sweep.settings import OBJECTIVES, SweepConfig
+from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage
+
+log = logging.getLogger("continuum.sweep")
+
+
+def storage_url(cfg: SweepConfig) -> str:
+    """The study's storage URL: ``--storage``, else a file in the study's results folder (see
+    :func:`continuum.storage.default_storage`)."""
+    return cfg.storage or default_storage(Path(cfg.out) / cfg.study, cfg.workers)
+
+
+def _sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+    seed = cfg.seeds[0]
+    if cfg.search == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if cfg.search == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid trials are all enqueued; it never draws
+
+
+def _pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def _settings_diff(stored: dict, current: dict) -> list[str]:
+    diff = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{key}.{d}" for d in _settings_diff(a, b)]
+        elif json.dumps(a, default=str) != json.dumps(b, default=str):
+            diff.append(f"{key} ({a!r} there, {b!r} now)")
+    return diff
+
+
+def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it and check it was run with the same fixed settings.
+
+    Raises:
+        ValueError: the existing study's settings differ (nothing is written to it).
+    """
+    settings = cfg.fixed_settings()
+    directions = [OBJECTIVES[o].direction for o in cfg.objectives]
+    existing = {s.study_name: s for s in storage.get_all_studies()}
+    if cfg.study in existing:
+        stored = existing[cfg.study].user_attrs.get("settings")
+        diff = _settings_diff(stored, settings) if stored is not None else []
+        if diff:
+            raise ValueError(f"study {cfg.study!r} was run with other settings: {'; '.join(diff)}; "
+                             "use --study NEW or the same settings")
+    study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
+                                sampler=_sampler(cfg), pruner=_pruner(cfg), load_if_exists=True)
+    if "settings" not in study.user_attrs:
+        study.set_user_attr("settings", settings)
+    return study
+
+
+def plan_grid(study: optuna.Study, keys: Sequence[str], retry_failed: bool) -> int:
+    """Enqueue every grid point x seed that no trial has done or holds (:func:`point_taken`); returns how many."""
+    seen: dict[str, list] = defaultdict(list)
+    for trial in study.get_trials(deepcopy=False):
+        if "point" in trial.user_attrs:
+            seen[trial.user_attrs["point"]].append(trial)
+    missing = [key for key in keys if point_taken(seen[key], retry_failed=retry_failed) is None]
+    for key in missing:
+        study.enqueue_trial({}, user_attrs={"point": key})
+    return len(missing)
+
+
+def count_trials(study: optuna.Study, states: Sequence[TrialState], keys: set[str] | None = None) -> int:
+    """Trials of ``study`` in ``states``; with ``keys``, only those of these grid points."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=tuple(states))
+               if keys is None or t.user_attrs.get("point") in keys)
+
+
+def connect(cfg: SweepConfig) -> optuna.Study:
+    """Open (or create) the study of ``cfg`` in its storage, making the results folder when the storage is a file."""
+    folder = Path(cfg.out) / cfg.study
+    url = storage_url(cfg)
+    if url.startswith(("sqlite:///", "journal:")):
+        folder.mkdir(parents=True, exist_ok=True)
+    if cfg.storage is None and url.startswith("journal:"):
+        move_sqlite_study_to_journal(folder, cfg.study)
+    study = open_study(cfg, open_storage(url, cfg.heartbeat))
+    folder.mkdir(parents=True, exist_ok=True)
+    return study
+
+
+def write_tables(trials: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> None:
+    """Write ``trials.csv`` (+ ``.parquet`` with pyarrow) and ``curves.csv`` atomically into ``folder``."""
+    atomic_write(folder / "trials.csv", lambda p: trials.to_csv(p, index=False))
+    atomic_write(folder / "curves.csv", lambda p: curves.to_csv(p, index=False))
+    if has_parquet():
+        atomic_write(folder / "trials.parquet", lambda p: trials.to_parquet(p, index=False))
+
+
+def has_parquet() -> bool:
+    """Whether pandas can write Parquet here (pyarrow is installed)."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export(study: optuna.Study, folder: Path) -> None:
+    """Write the study's trials.csv and curves.csv (each atomically)."""
+    write_tables(*study_frames(study), folder)
+
+
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+"""States of a trial that has done its point."""
+
+
+def remaining(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> int:
+    """Trials left to run: the grid's points queued or running (after queueing the missing ones), or a search's
+    trials short of ``n_trials``."""
+    if cfg.search == "grid":
+        plan_grid(study, grid, cfg.retry_failed)
+        return count_trials(study, (TrialState.WAITING, TrialState.RUNNING), set(grid))
+    return max(0, cfg.n_trials - count_trials(study, DONE))
+
+
+def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool:
+    """Whether this worker has a trial to run now: a search short of ``n_trials``, or a queued grid point.
+
+    While only other workers' trials of the grid are running, waits for them, failing those whose heartbeat went
+    stale so that their points are queued again (a dead worker's point is rerun here).
+    """
+    if cfg.search != "grid":
+        return count_trials(study, DONE) < cfg.n_trials
+    while True:
+        plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
+        if count_trials(study, (TrialState.WAITING,)):
+            return True
+        if not count_trials(study, (TrialState.RUNNING,), set(grid)):
+            return False
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(min(cfg.heartbeat, 2))
+
+
+def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
+        after_export: Callable[[Path], object] | None = None) -> optuna.Study:
+    """Run (or resume) the sweep ``cfg`` on ``data``, writing its results tables after every trial.
+
+    Args:
+        cfg: the validated sweep.
+        data: the dataset (already subset as ``cfg.data`` asks).
+        progress: tqdm bars for the sweep and each trial.
+        command: the command line, recorded in ``command.txt`` beside the tables.
+        after_export: called with the results folder after every export (the command line writes the summary).
+    """
+    folder = Path(cfg.out) / cfg.study
+    study = connect(cfg)
+    if command:
+        with open(folder / "command.txt", "a") as handle:
+            handle.write(command + "\n")
+    grid = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
+    objective = Objective(cfg, data, progress)
+    bar = tqdm(total=remaining(study, cfg, grid), desc=f"sweep {cfg.study}", unit="trial", disable=not progress)
+
+    def write(study: optuna.Study, *_: object) -> None:
+        export(study, folder)
+        if after_export is not None:
+            after_export(folder)
+
+    try:
+        while has_work(study, cfg, grid):
+            try:
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,),
+                               callbacks=[write, lambda s, t: bar.update()])
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                # our heartbeat lapsed (database down too long), so another worker failed and reran this trial
+                log.warning("a trial was taken over by another worker; going on (%s)", err)
+    finally:
+        bar.close()
+        write(study)
+    return study

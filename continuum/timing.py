@@ -1,0 +1,128 @@
+"""Timing on a device: its name, stopwatches for calls, paired interleaved rounds, and the peak GEMM rate.
+
+Used by the conv tuner, the cost probe and the benchmark alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def device_name(device: torch.device) -> str:
+    """What a timing depends on: the CPU model and thread count, or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} x{torch.get_num_threads()} threads"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32``, ``bfloat16``, ...: the dtype without its ``torch.`` prefix."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def call_times(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1,
+               min_total_ms: float = 0.0, max_repeats: int = 100, give_up_ms: float = float("inf")) -> list[float]:
+    """Milliseconds of each timed call of ``fn()``, after ``warmup`` untimed calls.
+
+    Times at least ``repeats`` calls, and more (up to ``max_repeats``) until the timed calls add up to
+    ``min_total_ms``, so a short call is timed often enough for its median to be steady.
+
+    Args:
+        fn: the call to time.
+        device: where it runs (CUDA is synchronised around each call, so the time is the kernels' and not the
+            launch's).
+        repeats: timed calls at least.
+        warmup: untimed calls first (allocator, kernel selection, caches).
+        min_total_ms: keep timing until the timed calls add up to this.
+        max_repeats: timed calls at most.
+        give_up_ms: stop at once when a timed call is slower than this (it cannot win).
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_total_ms and len(times) < max_repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+        if times[-1] > give_up_ms:
+            break
+    return times
+
+
+def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device, rounds: int,
+                      min_total_ms: float, max_rounds: int = 50, contexts: Sequence[Sequence[str]] = ()
+                      ) -> dict[str, list[float]]:
+    """Milliseconds of each call, timed in rounds of one call each, so that a slow spell of the machine hits every
+    call of a round alike: round ``i`` of two calls is a fair pair. Each round runs the calls in a new (seeded)
+    random order, so that no call always follows the same one (caches, the previous call's memory) or always
+    comes first.
+
+    Args:
+        calls: ``{column name: call}``, each already warm.
+        device: where they run.
+        rounds: rounds at least.
+        min_total_ms: go on (up to ``max_rounds``) until every call's timed calls add up to this.
+        max_rounds: rounds at most.
+        contexts: groups of names that run together in a round (each group's calls in random order, the groups
+            in random order), each group after an untimed call of a random member: so that every timed call
+            follows one of its own kind, as in a model, whose layers share one memory format (on CPUs a
+            channels-last conv right after an NCHW one can take 20-30 % longer). Names in no group form one more.
+
+    Returns:
+        ``{column name: one time per round}``.
+    """
+    grouped = {name for group in contexts for name in group}
+    rest = [name for name in calls if name not in grouped]
+    blocks = [list(group) for group in contexts if group] + ([rest] if rest else [])
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    rng = random.Random(0)
+    done = 0
+    while done < rounds or (min(map(sum, times.values())) < min_total_ms and done < max_rounds):
+        rng.shuffle(blocks)
+        for block in blocks:
+            if contexts:
+                calls[rng.choice(block)]()  # untimed: sets the context; any member, so that none is favoured
+            for name in rng.sample(block, len(block)):
+                times[name] += call_times(calls[name], device, repeats=1, warmup=0)
+        done += 1
+    return times
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
+    """Dense GEMM FLOP/s on ``device`` in ``dtype``: the better of a ``size`` x ``size`` matrix product and a GEMM
+    of the same width run as a 1x1 channels-last convolution (on CPUs the convolution library's GEMM can be twice
+    as fast as the BLAS one); the best of ``repeats`` calls each."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    x = torch.randn(8, size, 16, 16, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = a.view(size, size, 1, 1).contiguous(memory_format=torch.channels_last)
+    rates = []
+    for call, flops in ((lambda: a @ a, 2 * size ** 3), (lambda: F.conv2d(x, w), 2 * 8 * 256 * size ** 2)):
+        best_ms = min(call_times(call, device, repeats))
+        rates.append(flops / (best_ms / 1e3))
+    return max(rates)

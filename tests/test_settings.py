@@ -1,0 +1,113 @@
+"""Each setting is declared once: flags, experiment files, validation, grid axes and table columns derive from it."""
+
+import dataclasses
+
+import pytest
+
+from continuum.config import DataConfig, ModelConfig, TrainConfig
+from continuum.sweep.cli import build_parser
+from continuum.sweep.points import grid_points
+from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, TrialRecord, record
+from continuum.sweep.settings import SweepConfig, axis_fields, from_settings, read_experiment, setting_fields
+from continuum.train import EpochMetrics
+
+
+def test_every_setting_has_one_flag_with_its_help_and_default():
+    help_text = " ".join(build_parser().format_help().split())
+    for _, field in setting_fields():
+        flag = "--" + (field.metadata["flag"] or field.name).replace("_", "-")
+        assert flag in help_text, flag
+        assert " ".join(field.metadata["help"].split()).replace("%%", "%") in help_text
+    assert "--recipe VALUE training recipe (paper_sgd: 0.045 x0.94 per 2 epochs, scaled): cosine, paper_sgd, " \
+           "paper_rmsprop (default: cosine)" in help_text
+    assert "--segments LIST segment counts: ints and/or all (default: 1,4,16,all)" in help_text
+    assert "--residual LIST shortcuts: on and/or off (default: on)" in help_text
+
+
+def test_flags_files_and_field_names_give_the_same_config(tmp_path):
+    experiment = tmp_path / "x.toml"
+    experiment.write_text('order = ["depthwise_first", "pointwise_first"]\nmid_acts = ["none", "relu"]\n'
+                          '[data]\ndataset = "synthetic"\n[train]\nbatch-size = 64\n')
+    from_file = from_settings(read_experiment(experiment))
+    from_flags = from_settings({"order": "depthwise_first,pointwise_first", "mid_act": "none,relu",
+                                "dataset": "synthetic", "batch_size": "64"})
+    assert from_file == from_flags
+    assert from_file.train.batch_size == 64 and from_file.mid_acts == (None, "relu")
+    assert SweepConfig.from_json(from_file.to_json()) == from_file
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"epochs": 2.5}, "epochs=2.5 is not valid; use a whole number"),
+    ({"epochs": True}, "epochs=True is not valid; use a whole number"),
+    ({"epochs": "0"}, "epochs=0 is not valid; use a whole number >= 1"),
+    ({"train_size": -5}, "train_size=-5 is not valid; use a whole number >= 0"),
+    ({"lr": "nan"}, "lr=nan is not valid; use a finite number"),
+    ({"width": "inf"}, "width=inf is not valid; use a finite number"),
+    ({"width": "-1"}, "width=-1.0 is not valid; use 0 < value"),
+    ({"recipe": "adam"}, "recipe='adam' is not valid; choose one of cosine, paper_sgd, paper_rmsprop"),
+    ({"study": "a?b"}, r"study='a\?b' is not valid; use a plain name"),
+    ({"seeds": "0,x"}, "seeds='x' is not valid; use whole numbers such as 0,1,2"),
+    ({"segments": "1,five"}, "segments='five' is not valid; use an int >= 1 or 'all'"),
+    ({"residual": "maybe"}, "residual='maybe' is not valid; use on or off"),
+    ({"segments": ""}, "segments: give at least one value"),
+    ({"model": {"width": 2}}, r"model=\{'width': 2\} is not valid"),
+    ({"data": {"epochs": 3}}, r"unknown setting\(s\) \['data.epochs'\]"),
+    ({"colour": "red", "size": 1}, r"unknown setting\(s\) \['colour', 'size'\]"),
+])
+def test_bad_values_name_the_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        from_settings(settings)
+
+
+def test_unreadable_experiment_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        read_experiment(tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_experiment(tmp_path)  # a folder
+    (tmp_path / "latin1.toml").write_bytes(b'study = "caf\xe9"\n')
+    with pytest.raises(ValueError, match="latin1.toml: cannot read it"):
+        read_experiment(tmp_path / "latin1.toml")
+    (tmp_path / "bad.toml").write_text("segments = [1,\n")
+    with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
+        read_experiment(tmp_path / "bad.toml")
+
+
+def test_grid_axes_are_the_model_configs_knobs_in_loop_order():
+    assert [f.metadata["axis"] for f in axis_fields()] == [
+        "model", "width", "residual", "mid_act", "order", "segments", "seed"]
+    assert {f.metadata["axis"] for f in axis_fields()} - {"seed"} <= {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = from_settings({"segments": "1,all", "order": "depthwise_first,pointwise_first", "seeds": "0,1"})
+    points = list(grid_points(cfg))
+    assert len(points) == 8 and len(set(map(repr, points))) == 8
+    assert [(c.order, c.segments, s) for c, s in points[:3]] == [
+        ("depthwise_first", 1, 0), ("depthwise_first", 1, 1), ("depthwise_first", "all", 0)]
+
+
+def test_the_trial_record_is_the_table():
+    assert TRIAL_COLUMNS[:2] == ["trial", "state"]
+    assert POINT_COLUMNS == [f.name for f in dataclasses.fields(ModelConfig)] + ["seed"]
+    assert TRIAL_COLUMNS == [f.name for f in dataclasses.fields(TrialRecord)]
+    assert "worker" in TRIAL_COLUMNS and len(set(TRIAL_COLUMNS)) == len(TRIAL_COLUMNS)
+    assert CURVE_COLUMNS == ["trial", *POINT_COLUMNS, *(f.name for f in dataclasses.fields(EpochMetrics))]
+
+
+def test_configs_validate_from_their_field_parsers():
+    assert TrainConfig(epochs="4", augment="off").validate() == TrainConfig(epochs=4, augment=False)
+    with pytest.raises(ValueError, match="batch_size=0 is not valid; use a whole number >= 1"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="val_size='many' is not valid; use a whole number"):
+        DataConfig(val_size="many").validate()
+
+
+def test_only_columns_of_the_record_can_be_recorded():
+    stored = {}
+
+    class Trial:
+        def set_user_attr(self, key, value):
+            stored[key] = value
+
+    record(Trial(), val_acc=0.5, worker="host:1")
+    assert stored == {"val_acc": 0.5, "worker": "host:1"}
+    with pytest.raises(KeyError, match="val_accuracy"):
+        record(Trial(), val_accuracy=0.5)
+    assert "val_accuracy" not in stored
