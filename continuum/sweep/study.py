@@ -29,7 +29,7 @@ log = logging.getLogger("continuum.sweep")
 
 def storage_url(cfg: SweepConfig) -> str:
     """The study's storage URL: ``--storage``, else a file in the study's results folder (see
-    :func:`continuum.storage.default_storage`)."""
+    :func:`continuum.sweep.storage.default_storage`)."""
     return cfg.storage or default_storage(Path(cfg.out) / cfg.study, cfg.workers)
 
 
@@ -131,9 +131,11 @@ def has_parquet() -> bool:
     return True
 
 
-def export(study: optuna.Study, folder: Path) -> None:
-    """Write the study's trials.csv and curves.csv (each atomically)."""
-    write_tables(*study_frames(study), folder)
+def export(study: optuna.Study, folder: Path) -> pd.DataFrame:
+    """Write the study's trials.csv and curves.csv (each atomically); returns the trials table."""
+    trials, curves = study_frames(study)
+    write_tables(trials, curves, folder)
+    return trials
 
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -168,7 +170,7 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool
 
 
 def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
-        after_export: Callable[[Path], object] | None = None) -> optuna.Study:
+        after_export: Callable[[Path, pd.DataFrame], object] | None = None) -> optuna.Study:
     """Run (or resume) the sweep ``cfg`` on ``data``, writing its results tables after every trial.
 
     Args:
@@ -176,7 +178,8 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
         data: the dataset (already subset as ``cfg.data`` asks).
         progress: tqdm bars for the sweep and each trial.
         command: the command line, recorded in ``command.txt`` beside the tables.
-        after_export: called with the results folder after every export (the command line writes the summary).
+        after_export: called with the results folder and the trials table after every export (the command line
+            writes the summary from it, without reading the tables back).
     """
     folder = Path(cfg.out) / cfg.study
     study = connect(cfg)
@@ -188,9 +191,9 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
     bar = tqdm(total=remaining(study, cfg, grid), desc=f"sweep {cfg.study}", unit="trial", disable=not progress)
 
     def write(study: optuna.Study, *_: object) -> None:
-        export(study, folder)
+        trials = export(study, folder)
         if after_export is not None:
-            after_export(folder)
+            after_export(folder, trials)
 
     try:
         while has_work(study, cfg, grid):

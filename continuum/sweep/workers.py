@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import pandas as pd
 import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -60,7 +61,7 @@ def fail_trials_of(study: optuna.Study, storage: optuna.storages.BaseStorage, pi
 
 
 def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
-                after_export: Callable[[Path], object] | None = None) -> optuna.Study:
+                after_export: Callable[[Path, pd.DataFrame], object] | None = None) -> optuna.Study:
     """Run the sweep with ``cfg.workers`` local processes, then finish in this one.
 
     Args:
