@@ -127,14 +127,24 @@ class SegmentedConv2d(nn.Module):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and self.in_channels != x.shape[1]:  # not a torch.fx Proxy
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+            if self.even:
+                return segmented_conv2d(x, self.weight, self.bias, self.geometry)  # N x C_out x H' x W'
+        if hasattr(self, "weight"):  # TorchScript: torch's grouped conv in place of the tuned kernels
+            return self._conv(x, self.weight, self.bias, self.groups)
+        else:  # uneven segments (TorchScript compiles only the branch this module has the weights for)
+            parts = x.split(self.in_sizes, dim=1)  # one N x in_i x H x W tensor per segment
+            biases = [] if self.bias is None else self.bias.split(self.out_sizes)
+            outputs = [self._conv(parts[i], weight, biases[i] if len(biases) else None, 1)
+                       for i, weight in enumerate(self.segment_weights)]
+            return torch.cat(outputs, dim=1)  # N x C_out x H' x W'
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse an input without ``in_channels`` channels (a torch.fx Proxy passes)."""
+        if isinstance(x, torch.Tensor) and self.in_channels != x.shape[1]:
             raise ValueError(f"SegmentedConv2d expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")
-        if self.even:
-            return segmented_conv2d(x, self.weight, self.bias, self.geometry)  # N x C_out x H' x W'
-        biases = self.bias.split(self.out_sizes) if self.bias is not None else [None] * self.segments
-        parts = x.split(self.in_sizes, dim=1)  # one N x in_i x H x W tensor per segment
-        return torch.cat([self._conv(p, w, b, 1) for p, w, b in zip(parts, self.segment_weights, biases)], dim=1)
 
     def extra_repr(self) -> str:
         sizes = "" if self.even else f", in_sizes={self.in_sizes}, out_sizes={self.out_sizes}"

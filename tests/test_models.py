@@ -116,6 +116,28 @@ def test_small_family_traces_with_torch_fx(segments):
         torch.testing.assert_close(extractor(x)["logits"], model(x))
 
 
+@pytest.mark.parametrize("name, knobs", [("continuum_small", {"segments": 4, "strides": (2, 2)}),
+                                         ("continuum_small", {"segments": 3, "uneven": True, "strides": (2, 1)}),
+                                         ("continuum_inception_small", {})])
+def test_models_compile_with_torchscript_and_give_the_same_logits(name, knobs):
+    model = timm.create_model(name, widths=(32, 64), depths=(1, 1), **knobs).eval()
+    if "uneven" in knobs:
+        assert hasattr(model.stages.stage1[0].rep[0].spatial, "segment_weights")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
+
+def test_a_trunk_out_of_the_children_order_is_refused():
+    class Reordered(ContinuumSmall):
+        def place(self, device, dtype):
+            self.trunk = (*self.trunk[1:], self.trunk[0])
+            super().place(device, dtype)
+
+    with pytest.raises(TypeError, match=r"Reordered.trunk runs through \['stages', 'final_act', 'stem'\]"):
+        Reordered()
+
+
 def test_wrong_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"ContinuumSmall expects N x 1 x H x W input, got shape \(2, 3, 28, 28\)"):
         ContinuumSmall()(torch.randn(2, 3, 28, 28))

@@ -6,8 +6,6 @@ and a :class:`ClassifierHead`. From the chain and ``feature_info`` come ``forwar
 ``reset_classifier``, ``num_features`` and ``head_hidden_size`` work as on timm's own models.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch
@@ -51,7 +49,7 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
+        if self.global_pool != "":
             x = x.mean((2, 3))  # N x C x H x W -> N x C
         x = self.drop(self.hidden(x))  # N x F
         return x if pre_logits else self.fc(x)  # N x num_classes
@@ -81,14 +79,11 @@ class ContinuumClassifier(nn.Module):
     ``num_features``, ``head_hidden_size``, ``feature_info``, ``get_classifier``, ``reset_classifier``,
     ``forward_features``, ``forward_head``, ``forward_intermediates``, ``prune_intermediate_layers``).
 
-    Subclasses build their modules, ``self.head``, ``self.trunk`` (the module paths that make the feature map, in
-    order) and ``self.feature_info`` (one ``dict(num_chs, reduction, module)`` per feature level, ``module`` a
-    trunk path), then call :meth:`place`.
+    Subclasses build their trunk's modules in order, then ``self.head``, ``self.trunk`` (the module paths that make
+    the feature map, in order: every child but the head, or paths inside them) and ``self.feature_info`` (one
+    ``dict(num_chs, reduction, module)`` per feature level, ``module`` a trunk path), then call :meth:`place`.
+    ``forward`` compiles with ``torch.jit.script`` (the segmented convs then run torch's grouped conv, untuned).
     """
-
-    head: ClassifierHead
-    trunk: tuple[str, ...]
-    feature_info: list[dict[str, Any]]
 
     def __init__(self, num_classes: int, in_chans: int) -> None:
         super().__init__()
@@ -99,7 +94,14 @@ class ContinuumClassifier(nn.Module):
         self.in_chans = in_chans
 
     def place(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
-        """Move the built model to ``device`` / ``dtype`` when given (timm's factory arguments)."""
+        """Check that the trunk runs through the child modules in the order they were made (``forward_features``
+        walks the children), then move the built model to ``device`` / ``dtype`` when given (timm's factory
+        arguments)."""
+        roots = list(dict.fromkeys(path.split(".")[0] for path in self.trunk))
+        children = [name for name in self._modules if name != "head"]
+        if roots != children:
+            raise TypeError(f"{type(self).__name__}.trunk runs through {roots}; it must run through every child "
+                            f"module but the head, in the order they were made: {children}")
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -114,19 +116,25 @@ class ContinuumClassifier(nn.Module):
         return self.head.num_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature map: the trunk's modules in order (see each model's shape notes)."""
-        for path in self.trunk:
-            x = self.get_submodule(path)(x)
+        """The feature map: every child module but the head, in order (see each model's shape notes)."""
+        for name, module in self.named_children():
+            if name != "head":
+                x = module(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and (x.ndim != 4 or x.shape[1] != self.in_chans):  # not a torch.fx Proxy
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        return self.forward_head(self.forward_features(x))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse an input that is not ``N x in_chans x H x W`` (a torch.fx Proxy passes)."""
+        if isinstance(x, torch.Tensor) and (x.ndim != 4 or x.shape[1] != self.in_chans):
             raise ValueError(f"{type(self).__name__} expects N x {self.in_chans} x H x W input, got shape "
                              f"{tuple(x.shape)}")
-        return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
