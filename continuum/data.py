@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,17 @@ def fashion_mnist_root(data_dir: Path | None) -> Path:
     return cache
 
 
+def _missing_folders(root: Path) -> list[Path]:
+    """The folders a download into ``root`` would create (``root`` and its missing parents), outermost first."""
+    return [folder for folder in (*reversed(root.parents), root) if not folder.exists()]
+
+
+def _remove(made: list[Path]) -> None:
+    """Remove the folders a failed download created (and what it left in them), so a failure leaves nothing."""
+    if made:
+        shutil.rmtree(made[0], ignore_errors=True)
+
+
 def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> TensorData:
     """Fashion-MNIST, 60,000 training and 10,000 test images of 28 x 28 grey clothes, 10 classes.
 
@@ -127,10 +139,12 @@ def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> T
         DataError: not found and not downloadable; the message says how to get it.
     """
     root = fashion_mnist_root(Path(data_dir) if data_dir else None)
+    made = _missing_folders(root)
     try:
         train = torchvision.datasets.FashionMNIST(str(root), train=True, download=download)
         test = torchvision.datasets.FashionMNIST(str(root), train=False, download=download)
     except (RuntimeError, OSError) as err:
+        _remove(made)
         raise DataError(
             "Fashion-MNIST not found and could not be downloaded "
             f"({type(err).__name__}); install it with 'apt-get install dataset-fashion-mnist', or put the four "
@@ -153,10 +167,12 @@ def load_cifar(name: str, data_dir: Path | None = None, download: bool = True) -
     """
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     root = Path(data_dir) if data_dir else cache_root("CONTINUUM_DATA")
+    made = _missing_folders(root)
     try:
         train = dataset_class(str(root), train=True, download=download)
         test = dataset_class(str(root), train=False, download=download)
     except (RuntimeError, OSError) as err:
+        _remove(made)
         raise DataError(
             f"{name} not found in {root} and could not be downloaded ({type(err).__name__}); put torchvision's "
             f"'{dataset_class.base_folder}' folder there or pass --data-dir") from None
@@ -177,7 +193,8 @@ def load_image_folder(path: Path, image_size: int = 32, val_fraction: float = 0.
         seed: seed of that split.
 
     Raises:
-        DataError: the folder is missing or holds no images.
+        DataError: the folder is missing, holds fewer than 2 classes, an image that cannot be read, or train/val
+            folders with different classes.
     """
     path = Path(path)
     transform = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
@@ -187,14 +204,28 @@ def load_image_folder(path: Path, image_size: int = 32, val_fraction: float = 0.
             dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
         except (FileNotFoundError, OSError) as err:
             raise DataError(f"imagefolder:{folder}: {err}; expected one sub-folder of images per class") from None
-        images = torch.stack([image for image, _ in dataset]) if len(dataset) else None
-        return images, torch.tensor(dataset.targets), dataset.classes
+        if len(dataset.classes) < 2:
+            raise DataError(f"imagefolder:{folder}: {len(dataset.classes)} class folder ({dataset.classes[0]}); "
+                            "a classifier needs at least 2, one sub-folder of images per class")
+        images = []
+        for index, (file, _) in enumerate(dataset.samples):
+            try:
+                images.append(dataset[index][0])
+            except (OSError, ValueError, RuntimeError) as err:
+                raise DataError(f"imagefolder:{path}: cannot read image {file} ({type(err).__name__}); remove or "
+                                "replace it") from None
+        return torch.stack(images), torch.tensor(dataset.targets), dataset.classes
 
     if (path / "train").is_dir() and (path / "val").is_dir():
         train_x, train_y, classes = read(path / "train")
-        val_x, val_y, _ = read(path / "val")
+        val_x, val_y, val_classes = read(path / "val")
+        if val_classes != classes:
+            raise DataError(f"imagefolder:{path}: train/ has classes {classes} but val/ has {val_classes}; give "
+                            "both the same class folders")
     else:
         x, y, classes = read(path)
+        if len(y) < 2:
+            raise DataError(f"imagefolder:{path}: {len(y)} image; a train and a validation split need at least 2")
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         n_val = max(1, int(round(len(y) * val_fraction)))
         train_x, train_y, val_x, val_y = x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]

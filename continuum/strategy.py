@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import statistics
 from contextlib import contextmanager
@@ -81,6 +82,16 @@ def tuning_ms() -> float:
     if not value >= 0:
         raise ValueError(f"CONTINUUM_TUNE_MS={text!r} is not valid; give milliseconds >= 0, such as 200")
     return value
+
+
+def check_environment() -> None:
+    """Refuse a bad ``$CONTINUUM_CONV_STRATEGY``, ``$CONTINUUM_TUNE_MS`` or ``$CONTINUUM_CACHE`` before a run
+    starts (raising ``ValueError`` naming the variable), rather than in the middle of a trial."""
+    check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "auto").strip().lower() or "auto")
+    tuning_ms()
+    root = cache_root()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"CONTINUUM_CACHE={root} is not a folder; point it at a folder (or unset it)")
 
 
 def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry, grad: bool,
@@ -204,8 +215,9 @@ class Tuner:
         key = f"peak|{torch.__version__}|{device_name(device)}|{dtype}"
         if key not in self.peaks:
             stored = self.read_disk().get(key)
-            self.peaks[key] = stored if isinstance(stored, float) else measure_peak_flops(device, dtype)
-            if stored is None:
+            valid = isinstance(stored, float) and math.isfinite(stored) and stored > 0
+            self.peaks[key] = stored if valid else measure_peak_flops(device, dtype)
+            if not valid:
                 self.write_disk(key, self.peaks[key])
         return self.peaks[key]
 
@@ -230,7 +242,8 @@ class Tuner:
                 except (AttributeError, ValueError):
                     continue
             self.disk_loaded = True
-        if key not in self.choices:
+        fitting = candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom)
+        if self.choices.get(key) not in fitting:  # not tuned yet, or a cache entry that cannot compute this conv
             with torch.no_grad() if not grad else torch.enable_grad():
                 strategy, _ = autotune(x, weight, bias, geom, grad)
             self.choices[key] = strategy

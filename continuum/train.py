@@ -48,8 +48,13 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"device {name!r} is not valid; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA device is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                         "use cuda:0 .. cuda:N-1")
     return device
 
 
@@ -274,7 +279,7 @@ def fit(
         The per-epoch curve and the final and best validation metrics.
 
     Raises:
-        TrainingFailed: the loss became NaN or infinite.
+        TrainingFailed: the training or validation loss became NaN or infinite.
     """
     cfg = cfg.validate()
     device = resolve_device(cfg.device)
@@ -302,6 +307,9 @@ def fit(
             if not math.isfinite(train_loss):
                 raise TrainingFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
             val_loss, val_acc = evaluate(step_model, val_x, val_y, inputs, 2 * cfg.batch_size, inputs.autocast)
+            if not math.isfinite(val_loss):
+                raise TrainingFailed(f"non-finite validation loss ({val_loss}) after epoch {epoch}: the weights "
+                                     "diverged")
             seconds = time.perf_counter() - start
             metrics = asdict(EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds,
                                           len(train_y) / seconds))

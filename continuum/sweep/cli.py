@@ -28,9 +28,10 @@ import optuna
 from continuum.allocator import keep_freed_memory
 from continuum.data import DataError, TensorData, load_dataset
 from continuum.report import write_report, write_summary
+from continuum.strategy import check_environment
 from continuum.sweep.points import build_model, grid_points, match_width
 from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
-from continuum.sweep.study import run, storage_url
+from continuum.sweep.study import check_paths, run, storage_url
 from continuum.sweep.workers import run_workers
 from continuum.train import resolve_device
 
@@ -56,13 +57,16 @@ def quiet_logs(quiet: bool) -> None:
 
 
 def prepare(cfg: SweepConfig) -> TensorData:
-    """The sweep's data, after checking that its device exists and every grid point builds (nothing is written
-    before this passes).
+    """The sweep's data, after checking that its device exists, the environment's settings are valid, the results
+    and storage paths are writable and every grid point builds (nothing is written before this passes).
 
     Raises:
-        ValueError, DataError: a bad device, a point that does not build, a missing dataset.
+        ValueError, DataError: a bad device, environment variable or path, a point that does not build, a missing
+            or unusable dataset.
     """
     resolve_device(cfg.train.device)
+    check_environment()
+    check_paths(cfg)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir).subset(cfg.data.train_size, cfg.data.val_size)
     if cfg.search == "grid":
         for config, _ in grid_points(cfg):

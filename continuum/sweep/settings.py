@@ -46,12 +46,16 @@ def study_name(value: Any) -> str:
     return name
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed (NumPy's and torch's generators take 0 .. 2**32 - 1)."""
+
+
 def seed(value: Any) -> int:
-    """A seed: a whole number."""
+    """A seed: a whole number in ``0 .. 2**32 - 1``."""
     try:
-        return integer()(value)
+        return integer(0, SEED_MAX)(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not valid; use whole numbers such as 0,1,2") from None
+        raise ValueError(f"{value!r} is not valid; use whole numbers in 0..{SEED_MAX} such as 0,1,2") from None
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,10 @@ class SweepConfig(ConfigBase):
                 items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
                 if not items:
                     raise ValueError(f"{flag_name(field)}: give at least one value")
-                values[field.name] = tuple(parse_field(field, item) for item in items)
+                values[field.name] = parsed = tuple(parse_field(field, item) for item in items)
+                twice = [item for i, item in enumerate(parsed) if item in parsed[:i]]
+                if twice:
+                    raise ValueError(f"{flag_name(field)}: {twice[0]} is listed twice; give each value once")
             else:
                 values[field.name] = parse_field(field, value)
         cfg = dataclasses.replace(self, **values)
@@ -182,6 +189,11 @@ def from_settings(settings: dict[str, Any]) -> SweepConfig:
     for key, value in settings.items():
         if key in NESTED and isinstance(value, dict):
             flat |= {f"{key}.{k}": v for k, v in value.items()}
+        elif key in NESTED:
+            raise ValueError(f"{key}={value!r} is not valid; [{key}] is a table of settings ({key}.NAME = VALUE)")
+        elif isinstance(value, dict):
+            raise ValueError(f"[{key}] is not valid; {key} is a value, not a table (tables: "
+                             f"{', '.join(f'[{part}]' for part in NESTED)})")
         else:
             flat[key] = value
     top: dict[str, Any] = {}

@@ -89,7 +89,13 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
         path = Path(url.removeprefix("journal:"))
         if not path.parent.is_dir():
             raise ValueError(f"cannot open storage {url}: folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+        if path.is_dir():
+            raise ValueError(f"cannot open storage {url}: {path} is a folder; name a file in it")
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise ValueError(f"cannot open storage {url}: not an Optuna journal file ({type(err).__name__}: "
+                             f"{str(err)[:100]}); restore it or name another file") from None
     if not url.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+")):
         raise ValueError(f"--storage {url!r} is not valid; use sqlite:///PATH, postgresql://USER@HOST/DB or "
                          "journal:PATH")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -101,11 +102,34 @@ def count_trials(study: optuna.Study, states: Sequence[TrialState], keys: set[st
                if keys is None or t.user_attrs.get("point") in keys)
 
 
-def connect(cfg: SweepConfig) -> optuna.Study:
-    """Open (or create) the study of ``cfg`` in its storage, making the results folder when the storage is a file."""
+def check_paths(cfg: SweepConfig) -> None:
+    """Refuse, before anything is written, a results folder or storage file that cannot be written: a file where
+    a folder should be, a folder where a file should be, or a read-only place.
+
+    Raises:
+        ValueError: naming the path and what to do.
+    """
     folder = Path(cfg.out) / cfg.study
+    nearest = next(path for path in (folder, *folder.parents) if path.exists())
+    if not nearest.is_dir():
+        raise ValueError(f"--out {cfg.out}: {nearest} is a file, not a folder; use --out FOLDER")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {cfg.out}: {nearest} is read-only; use --out with a writable folder")
     url = storage_url(cfg)
     if url.startswith(("sqlite:///", "journal:")):
+        path = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
+        if path.is_dir():
+            raise ValueError(f"--storage {url}: {path} is a folder; name a file in it")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"--storage {url}: {path} is read-only; make it writable or use another storage")
+
+
+def connect(cfg: SweepConfig) -> optuna.Study:
+    """Open (or create) the study of ``cfg`` in its storage, making the results folder first when the storage is
+    the default file inside it (another storage is opened first, so a bad one leaves no folder behind)."""
+    folder = Path(cfg.out) / cfg.study
+    url = storage_url(cfg)
+    if cfg.storage is None:
         folder.mkdir(parents=True, exist_ok=True)
     if cfg.storage is None and url.startswith("journal:"):
         move_sqlite_study_to_journal(folder, cfg.study)
