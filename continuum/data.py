@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from continuum.files import atomic_write, cache_root
+from continuum.files import atomic_write, cache_root, made_folder
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +113,6 @@ def fashion_mnist_root(data_dir: Path | None) -> Path:
     return cache
 
 
-def _missing_folders(root: Path) -> list[Path]:
-    """The folders a download into ``root`` would create (``root`` and its missing parents), outermost first."""
-    return [folder for folder in (*reversed(root.parents), root) if not folder.exists()]
-
-
-def _remove(made: list[Path]) -> None:
-    """Remove the folders a failed download created (and what it left in them), so a failure leaves nothing."""
-    if made:
-        shutil.rmtree(made[0], ignore_errors=True)
-
-
 def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> TensorData:
     """Fashion-MNIST, 60,000 training and 10,000 test images of 28 x 28 grey clothes, 10 classes.
 
@@ -139,12 +127,11 @@ def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> T
         DataError: not found and not downloadable; the message says how to get it.
     """
     root = fashion_mnist_root(Path(data_dir) if data_dir else None)
-    made = _missing_folders(root)
     try:
-        train = torchvision.datasets.FashionMNIST(str(root), train=True, download=download)
-        test = torchvision.datasets.FashionMNIST(str(root), train=False, download=download)
+        with made_folder(root):  # a failed download leaves no folder behind
+            train = torchvision.datasets.FashionMNIST(str(root), train=True, download=download)
+            test = torchvision.datasets.FashionMNIST(str(root), train=False, download=download)
     except (RuntimeError, OSError) as err:
-        _remove(made)
         raise DataError(
             "Fashion-MNIST not found and could not be downloaded "
             f"({type(err).__name__}); install it with 'apt-get install dataset-fashion-mnist', or put the four "
@@ -167,12 +154,11 @@ def load_cifar(name: str, data_dir: Path | None = None, download: bool = True) -
     """
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     root = Path(data_dir) if data_dir else cache_root("CONTINUUM_DATA")
-    made = _missing_folders(root)
     try:
-        train = dataset_class(str(root), train=True, download=download)
-        test = dataset_class(str(root), train=False, download=download)
+        with made_folder(root):  # a failed download leaves no folder behind
+            train = dataset_class(str(root), train=True, download=download)
+            test = dataset_class(str(root), train=False, download=download)
     except (RuntimeError, OSError) as err:
-        _remove(made)
         raise DataError(
             f"{name} not found in {root} and could not be downloaded ({type(err).__name__}); put torchvision's "
             f"'{dataset_class.base_folder}' folder there or pass --data-dir") from None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 DEFAULT_CACHE = Path("~/.cache/continuum")
 """Cache root when no environment variable names one."""
@@ -36,4 +38,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def made_folder(folder: Path) -> Iterator[Path]:
+    """Make ``folder`` (and its missing parents) for the body; if the body fails, remove what was made, so a
+    failure leaves no empty folders behind.
+
+    Args:
+        folder: the folder to make.
+    """
+    made = [path for path in (*reversed(folder.parents), folder) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
         raise

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +58,16 @@ def quiet_logs(quiet: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a batch system's time limit, ``kill``) stop the sweep as Ctrl-C does: the trial in progress
+    is marked interrupted and the tables are written."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def prepare(cfg: SweepConfig) -> TensorData:
     """The sweep's data, after checking that its device exists, the environment's settings are valid, the results
     and storage paths are writable and every grid point builds (nothing is written before this passes).
@@ -79,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     quiet_logs(args.quiet)
+    stop_on_sigterm()
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet") and v is not None}
     try:
         cfg = from_settings((read_experiment(args.config) if args.config else {}) | settings)

@@ -1,16 +1,20 @@
 """Where a study lives: Optuna storages chosen, opened and kept alive for the sweep.
 
 - ``sqlite:///PATH`` (default, one worker), ``postgresql://USER@HOST/DB`` (many workers on many machines; MySQL
-  URLs work too): RDB storages with trial heartbeats, so a dead worker's trial goes stale, is failed and retried.
+  URLs work too): RDB storages with trial heartbeats, so a dead worker's trial goes stale, is failed and rerun.
+  Workers started together on an empty database wait for each other while Optuna creates its tables.
   Every call is retried for a while when the database connection drops (a server restart), so workers carry on.
 - ``journal:PATH``: Optuna's journal file backend, safe for several local processes without a server; the default
-  for ``--workers N`` when no server is given (SQLite is not safe for parallel writers).
+  for ``--workers N`` when no server is given (SQLite is not safe for parallel writers). Trials record heartbeats
+  in the journal too (:class:`HeartbeatJournalStorage`), and a record left half-written by a killed writer is cut
+  off when the journal is next opened.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import random
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +23,10 @@ from typing import Any, Callable
 import optuna
 import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file
+from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,75 @@ for _name in _RETRIED:
     setattr(ReconnectingRDBStorage, _name, _with_reconnect(getattr(RDBStorage, _name)))
 
 
+HEARTBEAT_ATTR = "heartbeat"
+"""System attribute in which a journal trial records the time of its last heartbeat."""
+
+STALE_RETRIES = 3
+"""How often a trial whose worker died is rerun (Optuna's ``RetryHeartbeatStaleTrialCallback``)."""
+
+SCHEMA_ATTEMPTS = 8
+"""Times a worker opens an empty database again while other workers are creating Optuna's tables in it."""
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with trial heartbeats, as its RDB storages have: a running trial writes the time
+    into the journal every ``heartbeat_interval`` seconds, and one silent for ``grace_period`` (counted from its
+    start when it has not beaten yet) is stale: failed and rerun. The clocks of the processes sharing the journal
+    must agree (one machine, or one local file system: a journal file must not live on NFS anyway).
+
+    Args:
+        backend: the journal file.
+        heartbeat_interval: seconds between heartbeats.
+        grace_period: seconds of silence that make a trial stale.
+    """
+
+    def __init__(self, backend: JournalFileBackend, heartbeat_interval: int, grace_period: int) -> None:
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.stale_callback = RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker found this trial stale (this process was stopped too long) and failed it
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        limit = time.time() - self.grace_period
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [trial._trial_id for trial in running
+                if max(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0), trial.datetime_start.timestamp()) < limit]
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+        return self.stale_callback
+
+
+def repair_journal(backend: JournalFileBackend, path: Path) -> None:
+    """Cut off a last record left half-written by a writer killed mid-write (the file then does not end in a
+    newline; appending after it would corrupt the next record too). Done under the journal's own lock, so a live
+    writer is never cut.
+
+    Args:
+        backend: the journal's backend (its lock).
+        path: the journal file.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with get_lock_file(backend._lock):
+        with open(path, "rb+") as journal:
+            content = journal.read()
+            if content.endswith(b"\n"):
+                return
+            journal.truncate(content.rfind(b"\n") + 1)
+    log.warning("journal %s ended in a half-written record (its writer was stopped mid-write); removed it", path)
+
+
 def default_storage(folder: Path, workers: int) -> str:
     """The storage of a study folder when ``--storage`` is not given.
 
@@ -80,7 +156,7 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
 
     Args:
         url: ``sqlite:///PATH``, ``postgresql://...``, ``mysql://...`` or ``journal:PATH``.
-        heartbeat: seconds between trial heartbeats on RDB storages; a trial silent for 3 is stale and retried.
+        heartbeat: seconds between trial heartbeats; a trial silent for 3 is stale and rerun.
 
     Raises:
         ValueError: a malformed or unreachable URL, in one line.
@@ -92,7 +168,9 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
         if path.is_dir():
             raise ValueError(f"cannot open storage {url}: {path} is a folder; name a file in it")
         try:
-            return JournalStorage(JournalFileBackend(str(path)))
+            backend = JournalFileBackend(str(path))
+            repair_journal(backend, path)
+            return HeartbeatJournalStorage(backend, heartbeat, 3 * heartbeat)
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise ValueError(f"cannot open storage {url}: not an Optuna journal file ({type(err).__name__}: "
                              f"{str(err)[:100]}); restore it or name another file") from None
@@ -100,15 +178,33 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
         raise ValueError(f"--storage {url!r} is not valid; use sqlite:///PATH, postgresql://USER@HOST/DB or "
                          "journal:PATH")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return ReconnectingRDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as err:  # noqa: BLE001  (drivers raise many kinds; the user needs one line)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot open storage {url}: {reason}") from None
+    attempt = 1
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return ReconnectingRDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt == SCHEMA_ATTEMPTS or not _concurrent_schema_creation(err):
+                raise _storage_error(url, err) from None
+            # another worker is creating Optuna's tables in this empty database at this moment: open it again
+            time.sleep(random.uniform(0.05, 0.25) * attempt)
+            attempt += 1
+        except Exception as err:  # noqa: BLE001  (drivers raise many kinds; the user needs one line)
+            raise _storage_error(url, err) from None
+
+
+def _concurrent_schema_creation(err: Exception) -> bool:
+    """Whether ``err`` is another process creating the same tables at the same moment."""
+    text = str(err).lower()
+    return "already exists" in text or "duplicate key" in text or "uniqueviolation" in text
+
+
+def _storage_error(url: str, err: Exception) -> ValueError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"cannot open storage {url}: {reason}")
 
 
 def move_sqlite_study_to_journal(folder: Path, study_name: str) -> None:

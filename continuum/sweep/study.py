@@ -12,13 +12,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from continuum.data import TensorData
-from continuum.files import atomic_write
+from continuum.files import atomic_write, made_folder
 from continuum.sweep.objective import Objective
 from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
 from continuum.sweep.record import study_frames
@@ -34,8 +35,24 @@ def storage_url(cfg: SweepConfig) -> str:
     return cfg.storage or default_storage(Path(cfg.out) / cfg.study, cfg.workers)
 
 
-def _sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
-    seed = cfg.seeds[0]
+def sampler_seed(cfg: SweepConfig, worker: int | None) -> int:
+    """The seed of this process's search sampler, so that parallel workers draw different configurations.
+
+    From the study's first seed and the process's number: 0 for a lone process on a file storage (a one-process
+    search reproduces), ``i`` for local worker ``i`` of ``--workers N``; a process sharing a database server with
+    others it cannot number mixes in its process id.
+
+    Args:
+        cfg: the sweep.
+        worker: the local worker number, or ``None`` for a process started on its own.
+    """
+    if worker is None:
+        worker = 0 if storage_url(cfg).startswith(("sqlite:///", "journal:")) else os.getpid()
+    return int(np.random.SeedSequence([cfg.seeds[0], worker]).generate_state(1)[0])
+
+
+def _sampler(cfg: SweepConfig, worker: int | None) -> optuna.samplers.BaseSampler:
+    seed = sampler_seed(cfg, worker)
     if cfg.search == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if cfg.search == "nsga2":
@@ -62,8 +79,9 @@ def _settings_diff(stored: dict, current: dict) -> list[str]:
     return diff
 
 
-def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it and check it was run with the same fixed settings.
+def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage, worker: int | None = None) -> optuna.Study:
+    """Create the study, or load it and check it was run with the same fixed settings; ``worker`` seeds the
+    sampler (:func:`sampler_seed`).
 
     Raises:
         ValueError: the existing study's settings differ (nothing is written to it).
@@ -78,7 +96,7 @@ def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna
             raise ValueError(f"study {cfg.study!r} was run with other settings: {'; '.join(diff)}; "
                              "use --study NEW or the same settings")
     study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
-                                sampler=_sampler(cfg), pruner=_pruner(cfg), load_if_exists=True)
+                                sampler=_sampler(cfg, worker), pruner=_pruner(cfg), load_if_exists=True)
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", settings)
     return study
@@ -124,18 +142,47 @@ def check_paths(cfg: SweepConfig) -> None:
             raise ValueError(f"--storage {url}: {path} is read-only; make it writable or use another storage")
 
 
-def connect(cfg: SweepConfig) -> optuna.Study:
-    """Open (or create) the study of ``cfg`` in its storage, making the results folder first when the storage is
-    the default file inside it (another storage is opened first, so a bad one leaves no folder behind)."""
+def recorded_trials(folder: Path) -> int:
+    """Rows of the study folder's ``trials.csv`` (0 when there is none or it cannot be read)."""
+    try:
+        return len(pd.read_csv(folder / "trials.csv", usecols=["trial"]))
+    except (OSError, ValueError):
+        return 0
+
+
+def lost_study(cfg: SweepConfig, url: str, recorded: int) -> ValueError:
+    """The error for a storage that does not hold a study whose tables exist (a lost, emptied or other one)."""
+    return ValueError(f"study {cfg.study!r} is not in {url}, but {Path(cfg.out) / cfg.study / 'trials.csv'} holds "
+                      f"{recorded} of its trials: the storage was lost, emptied or is another one; restore it (or "
+                      "name the one it used with --storage), or start afresh with --study NEW")
+
+
+def connect(cfg: SweepConfig, worker: int | None = None) -> optuna.Study:
+    """Open (or create) the study of ``cfg`` in its storage, making the results folder first (a storage that
+    cannot be opened, or refuses the study, leaves no new folder behind).
+
+    Args:
+        cfg: the sweep.
+        worker: the local worker number (seeds the sampler), ``None`` for a process started on its own.
+
+    Raises:
+        ValueError: the storage does not hold the study although its tables exist (lost or emptied), or it holds
+            it with other settings.
+    """
     folder = Path(cfg.out) / cfg.study
     url = storage_url(cfg)
-    if cfg.storage is None:
-        folder.mkdir(parents=True, exist_ok=True)
-    if cfg.storage is None and url.startswith("journal:"):
-        move_sqlite_study_to_journal(folder, cfg.study)
-    study = open_study(cfg, open_storage(url, cfg.heartbeat))
-    folder.mkdir(parents=True, exist_ok=True)
-    return study
+    recorded = recorded_trials(folder)
+    if recorded and url.startswith(("sqlite:///", "journal:")):
+        file = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
+        if not file.exists() or file.stat().st_size == 0:
+            raise lost_study(cfg, url, recorded)
+    with made_folder(folder):  # removed again if the storage cannot be opened or refuses the study
+        if cfg.storage is None and url.startswith("journal:"):
+            move_sqlite_study_to_journal(folder, cfg.study)
+        storage = open_storage(url, cfg.heartbeat)
+        if recorded and cfg.study not in {summary.study_name for summary in storage.get_all_studies()}:
+            raise lost_study(cfg, url, recorded)
+        return open_study(cfg, storage, worker)
 
 
 def write_tables(trials: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> None:
@@ -194,7 +241,8 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool
 
 
 def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
-        after_export: Callable[[Path, pd.DataFrame], object] | None = None) -> optuna.Study:
+        after_export: Callable[[Path, pd.DataFrame], object] | None = None, worker: int | None = None
+        ) -> optuna.Study:
     """Run (or resume) the sweep ``cfg`` on ``data``, writing its results tables after every trial.
 
     Args:
@@ -204,9 +252,10 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
         command: the command line, recorded in ``command.txt`` beside the tables.
         after_export: called with the results folder and the trials table after every export (the command line
             writes the summary from it, without reading the tables back).
+        worker: the local worker number of ``--workers N`` (seeds a search's sampler), ``None`` on its own.
     """
     folder = Path(cfg.out) / cfg.study
-    study = connect(cfg)
+    study = connect(cfg, worker)
     if command:
         with open(folder / "command.txt", "a") as handle:
             handle.write(command + "\n")

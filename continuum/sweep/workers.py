@@ -72,14 +72,14 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
         after_export: called with the results folder after every export (see :func:`~continuum.sweep.study.run`).
     """
     url = storage_url(cfg)
-    study = connect(cfg)
+    study = connect(cfg, worker=0)
     storage = open_storage(url, cfg.heartbeat)
     keys = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
     if keys:
         plan_grid(study, keys, cfg.retry_failed)  # once here, so workers seldom race to queue the same points
     log.warning("%d workers on %s", cfg.workers, url)
     worker_cfg = dataclasses.replace(cfg, workers=1, storage=url).to_json()
-    processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep.worker", worker_cfg],
+    processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep.worker", worker_cfg, str(i + 1)],
                                   env=worker_env(i, cfg.workers)) for i in range(cfg.workers)]
     total = len(keys) if keys else cfg.n_trials
     bar = tqdm(total=total, desc=f"sweep {cfg.study} ({cfg.workers} workers)", unit="trial", disable=not progress)
@@ -109,4 +109,4 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
         raise
     finally:
         bar.close()
-    return run(dataclasses.replace(cfg, workers=1, storage=url), data, progress, command, after_export)
+    return run(dataclasses.replace(cfg, workers=1, storage=url), data, progress, command, after_export, worker=0)

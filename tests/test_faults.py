@@ -1,0 +1,157 @@
+"""Faults: a sweep killed (SIGKILL) or stopped (SIGTERM) mid-trial on each storage, storages emptied, truncated or
+garbled, workers racing to create a database, full and read-only disks. Each loses at most the trial in progress,
+never hangs, and never overwrites what a study already holds."""
+
+import hashlib
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from continuum import results
+from continuum.sweep.cli import main
+from continuum.sweep.settings import from_settings
+from continuum.sweep.storage import open_storage
+from conftest import FAST
+
+AXES = ["--segments", "1,all", "--epochs", "3", "--train-size", "256", "--val-size", "128"]
+"""Two grid points of three short epochs: time to stop one mid-trial."""
+
+
+def _spawn(out: Path, storage: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--quiet", "--batch-size", "32",
+               "--out", str(out), "--storage", storage, "--heartbeat", "1", *AXES, *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="default", storage=open_storage(storage, 1)).get_trials(deepcopy=False)
+    except (KeyError, ValueError):  # not created yet
+        return []
+
+
+def _wait_for_an_epoch(storage: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(t.state.name == "RUNNING" and t.user_attrs.get("epochs_done") for t in _trials(storage)):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no trial got through an epoch in time")
+
+
+def _file_storages(tmp_path: Path) -> dict[str, str]:
+    return {"sqlite": f"sqlite:///{tmp_path / 'study.db'}", "journal": f"journal:{tmp_path / 'study.journal'}"}
+
+
+@pytest.mark.parametrize("kind, stop", [
+    ("journal", signal.SIGKILL), ("journal", signal.SIGTERM), ("sqlite", signal.SIGTERM),
+    pytest.param("postgres", signal.SIGKILL, marks=pytest.mark.slow),
+])
+def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_path, request, kind, stop):
+    storage = _file_storages(tmp_path).get(kind) or _fresh_database(request.getfixturevalue("postgres"))
+    process = _spawn(tmp_path, storage)
+    _wait_for_an_epoch(storage)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=60)
+    if stop == signal.SIGTERM:  # stopped as by Ctrl-C: the trial is marked, the tables are written
+        assert process.returncode == 130 and "rerun the same command to resume" in stderr
+        assert "interrupted" in set(results.load(tmp_path / "default")["fail_reason"].dropna())
+    rerun = _spawn(tmp_path, storage)
+    assert rerun.wait(timeout=240) == 0, rerun.stderr.read()
+    trials = _trials(storage)
+    complete = [t.user_attrs["point"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 2 and len(set(complete)) == 2
+    assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"} and len(trials) == 3
+    table = results.load(tmp_path / "default")
+    assert len(table) == 3 and table["trial"].is_unique
+
+
+def _fresh_database(server) -> str:
+    """A new, empty database on the test server."""
+    import sqlalchemy
+    name = f"db_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(server.url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _open_at_once(url: str, out: Path, barrier, errors) -> None:
+    try:
+        barrier.wait()
+        from continuum.sweep.study import connect
+        connect(from_settings({"storage": url, "out": str(out), "segments": "1"}), worker=None)
+    except BaseException as err:  # noqa: BLE001  (reported to the test)
+        errors.put(f"{type(err).__name__}: {err}")
+
+
+def test_workers_started_at_the_same_instant_on_an_empty_database_all_open_it(postgres, tmp_path):
+    url = _fresh_database(postgres)
+    context = multiprocessing.get_context("fork")
+    barrier, errors = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_open_at_once, args=(url, tmp_path, barrier, errors)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    assert errors.empty(), errors.get()
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["default"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished one-point study on SQLite and one on a journal file."""
+    root = tmp_path_factory.mktemp("finished")
+    assert main([*FAST, "--out", str(root), "--segments", "1"]) == 0
+    assert main([*FAST, "--out", str(root), "--segments", "1", "--study", "journal", "--storage",
+                 f"journal:{root / 'journal' / 'study.journal'}"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("study, damage, message", [
+    ("default", lambda f: (f / "study.db").write_bytes(b""), "the storage was lost, emptied or is another one"),
+    ("default", lambda f: (f / "study.db").unlink(), "the storage was lost, emptied or is another one"),
+    ("default", lambda f: (f / "study.db").write_bytes(b"not a database" * 100), "file is not a database"),
+    ("journal", lambda f: (f / "study.journal").write_bytes(b""), "the storage was lost, emptied or is another one"),
+    ("journal", lambda f: (f / "study.journal").write_bytes(b"garbage\n{not json\n"), "not an Optuna journal file"),
+])
+def test_a_lost_emptied_or_garbled_storage_is_refused_and_the_tables_kept(finished, tmp_path, capsys, study, damage,
+                                                                          message):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    folder = tmp_path / study
+    damage(folder)
+    before = _digest(folder)
+    storage = ["--storage", f"journal:{folder / 'study.journal'}"] if study == "journal" else []
+    capsys.readouterr()
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1", "--study", study, *storage]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert _digest(folder) == before
+
+
+def test_a_half_written_journal_record_is_cut_off_and_the_study_goes_on(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    journal = tmp_path / "journal" / "study.journal"
+    with open(journal, "ab") as handle:  # a writer killed in the middle of a record
+        handle.write(b'{"op_code": 4, "worker_id": "dead", "study_id": 0, "datetime_st')
+    args = [*FAST, "--out", str(tmp_path), "--study", "journal", "--storage", f"journal:{journal}"]
+    assert main([*args, "--segments", "1,all"]) == 0
+    assert journal.read_bytes().endswith(b"\n") and b'"dead"' not in journal.read_bytes()
+    trials = results.load(tmp_path / "journal")
+    assert sorted(trials["segments"]) == ["1", "all"] and set(trials["state"]) == {"COMPLETE"}
