@@ -40,6 +40,7 @@ from continuum.block import ContinuumConv, SegmentedConv2d
 from continuum.config import TrainConfig
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
+from continuum.files import atomic_write
 from continuum.strategy import chosen_strategy, conv_strategy
 from continuum.timing import call_times, device_name, dtype_name, interleaved_times, measure_peak_flops
 from continuum.train import fit, resolve_device
@@ -336,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak = None
     if not args.no_conv:
         table, peaks = conv_table(shapes, dtypes, device, args.repeats, args.min_ms, segments)
-        table.to_csv(out / f"conv_{tag}.csv", index=False)
+        atomic_write(out / f"conv_{tag}.csv", lambda path: table.to_csv(path, index=False))
         print("peak GEMM: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items() if k in
                                          ("float32", "bfloat16")) + f"; copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s")
         columns = ["shape", "dtype", "layer", "segments", "ours_ms", "ours_layout", "strategy", "native_nchw_ms",
@@ -350,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peak = peak or roofline_peak(device, torch.float32)
         counts = [1, 2, 4, 8, 16, 32, "all"]
         train = train_table(device, args.train_images, peak, counts, args.train_rounds)
-        train.to_csv(out / f"train_{tag}.csv", index=False)
+        atomic_write(out / f"train_{tag}.csv", lambda path: train.to_csv(path, index=False))
         print(train.to_markdown(index=False, floatfmt=".3g"))
         print(f"table: {out / f'train_{tag}.csv'}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,19 +23,38 @@ def cache_root(variable: str = "CONTINUUM_CACHE") -> Path:
     return Path(os.environ.get(variable) or DEFAULT_CACHE.expanduser())
 
 
+STALE_TEMP_SECONDS = 600
+"""A temporary file of :func:`atomic_write` this old was left by a killed writer (a write takes seconds)."""
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write a file under a temporary name in its folder, then rename it into place, so that a reader (or a crash)
-    never sees half a file.
+    never sees half a file. The file gets the mode ``open()`` would give it; temporary files of the same target
+    left by a killed writer are removed.
 
     Args:
         path: the final file.
         write: writes the content to the temporary path it is given.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if time.time() - left.stat().st_mtime > STALE_TEMP_SECONDS:
+                left.unlink()
+        except OSError:
+            pass  # another writer removed it first
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

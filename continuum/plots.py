@@ -13,6 +13,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from continuum.analysis import edf, pareto_front, segments_key, summarize, varying_columns  # noqa: E402
+from continuum.files import atomic_write  # noqa: E402
 
 
 def _label(row: pd.Series | dict, columns: Sequence[str]) -> str:
@@ -30,10 +31,11 @@ def _groups(frame: pd.DataFrame, by: Sequence[str]) -> list[tuple[dict, pd.DataF
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
     return path
 
 

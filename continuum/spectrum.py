@@ -23,6 +23,7 @@ import torch
 import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
 from continuum.cost import measure_latency, model_cost
+from continuum.files import atomic_write
 from continuum.knobs import SegmentError, parse_order, parse_segments
 from continuum.strategy import conv_strategy
 from continuum.timing import device_name
@@ -164,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.model}_{order}_{'bwd' if args.backward else 'fwd'}_{args.strategy}_{args.device.replace(':', '')}"
-    table.to_csv(out / f"{stem}.csv", index=False)
+    atomic_write(out / f"{stem}.csv", lambda path: table.to_csv(path, index=False))
     command = "python -m continuum.spectrum " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"{stem}.md").write_text(f"# {title}\n\n`{command.strip()}`\n\n{table.to_markdown(index=False)}\n")
+    text = f"# {title}\n\n`{command.strip()}`\n\n{table.to_markdown(index=False)}\n"
+    atomic_write(out / f"{stem}.md", lambda path: path.write_text(text))
     print(f"wrote {out / stem}.csv and .md")
     return 0
 

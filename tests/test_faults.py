@@ -155,3 +155,81 @@ def test_a_half_written_journal_record_is_cut_off_and_the_study_goes_on(finished
     assert journal.read_bytes().endswith(b"\n") and b'"dead"' not in journal.read_bytes()
     trials = results.load(tmp_path / "journal")
     assert sorted(trials["segments"]) == ["1", "all"] and set(trials["state"]) == {"COMPLETE"}
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB tmpfs (root only): room for a study's database and one trial's tables, not for five."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        _mount("-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk))
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_sweep_in_one_line_and_a_rerun_with_space_finishes(small_disk, capsys):
+    args = [*FAST, "--out", str(small_disk), "--segments", "1,2,4,8,all"]
+    started = time.monotonic()
+    assert main(args) == 1
+    assert time.monotonic() - started < 60  # no minutes of retrying a disk that stays full
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "rerun the same command to resume" in err
+    assert err.count("\n") == 1
+    _mount("-o", "remount,size=4m", str(small_disk))
+    assert main(args) == 0
+    folder = small_disk / "default"
+    trials = results.load(folder)
+    assert len(trials) == 5 and set(trials["state"]) == {"COMPLETE"}
+    assert not list(folder.glob(".*.tmp"))
+
+
+@pytest.fixture
+def read_only_copy(finished, tmp_path):
+    """A read-only bind mount (root only) of a finished study's results root."""
+    copy, view = tmp_path / "copy", tmp_path / "view"
+    shutil.copytree(finished, copy)
+    view.mkdir()
+    try:
+        _mount("--bind", str(copy), str(view))
+        _mount("-o", "remount,bind,ro", str(view))
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("bind mounts need root")
+    yield view
+    subprocess.run(["umount", "-l", str(view)], check=False)
+
+
+@pytest.mark.parametrize("study, message", [
+    ("default", "is read-only; use --out with a writable folder"),  # the finished study, rerun
+    ("fresh", "is read-only; use --out with a writable folder"),  # a new study in a read-only root
+])
+def test_a_read_only_results_folder_is_refused_before_anything_runs(read_only_copy, capsys, study, message):
+    before = {path: _digest(path) for path in read_only_copy.iterdir() if path.is_dir()}
+    capsys.readouterr()
+    assert main([*FAST, "--out", str(read_only_copy), "--segments", "1,all", "--study", study]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert {path: _digest(path) for path in read_only_copy.iterdir() if path.is_dir()} == before
+
+
+def test_tables_and_plots_get_the_usual_file_mode_and_killed_writes_leave_no_temp_files(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    folder = tmp_path / "default"
+    left = folder / ".trials.csv.killed.tmp"  # what a writer killed mid-write leaves
+    left.write_text("half a tab")
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    umask = os.umask(0o022)
+    try:
+        assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all"]) == 0
+    finally:
+        os.umask(umask)
+    assert not left.exists()
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir() if path.suffix in (".csv", ".png",
+                                                                                                     ".md")}
+    assert set(modes.values()) == {0o644}, modes

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import optuna
+import sqlalchemy.exc
 
 from continuum.allocator import keep_freed_memory
 from continuum.data import DataError, TensorData, load_dataset
@@ -36,6 +37,10 @@ from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, 
 from continuum.sweep.study import check_paths, run, storage_url
 from continuum.sweep.workers import run_workers
 from continuum.train import resolve_device
+
+
+STORAGE_FAULTS = (OSError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+"""Faults of the disk or the database during a sweep: one line and exit code 1, the study kept as it is."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +92,8 @@ def prepare(cfg: SweepConfig) -> TensorData:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m continuum.sweep`` with ``argv``; returns the exit code (2: bad input, 130: interrupted)."""
+    """Run ``python -m continuum.sweep`` with ``argv``; returns the exit code (2: bad input, 1: a disk or database
+    fault, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     quiet_logs(args.quiet)
@@ -99,14 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python -m continuum.sweep " + shlex.join(argv)
         sweep = run_workers if cfg.workers > 1 else run
         sweep(cfg, data, not args.quiet, command, write_summary)
+        folder = Path(cfg.out) / cfg.study
+        write_report(folder)
     except (ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the study is consistent; rerun the same command to resume", file=sys.stderr)
         return 130
-    folder = Path(cfg.out) / cfg.study
-    write_report(folder)
+    except STORAGE_FAULTS as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"error: {reason[:300]}; finished trials are kept: fix this (free disk space, permissions, the "
+              "database) and rerun the same command to resume", file=sys.stderr)
+        return 1
     print((folder / "summary.md").read_text())
     print(f"results: {folder}/ (trials.csv, curves.csv, summary.md, plots); study {cfg.study!r} in {storage_url(cfg)}")
     return 0

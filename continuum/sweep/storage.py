@@ -46,6 +46,20 @@ _RETRIED = (
 )
 
 
+LASTING_FAULTS = ("disk is full", "readonly database", "read-only", "not a database", "disk i/o error",
+                  "no space left")
+"""Storage errors that waiting does not cure (the disk, not the connection): raised at once, not retried."""
+
+
+def is_lasting(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a fault of the disk rather than of the connection (see
+    :data:`LASTING_FAULTS`)."""
+    if err is None:
+        return False
+    text = str(err).lower()
+    return any(fault in text for fault in LASTING_FAULTS) or is_lasting(err.__cause__ or err.__context__)
+
+
 def _with_reconnect(method: Callable) -> Callable:
     @functools.wraps(method)
     def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
@@ -55,7 +69,7 @@ def _with_reconnect(method: Callable) -> Callable:
             try:
                 return method(self, *args, **kwargs)
             except _CONNECTION_ERRORS as err:
-                if time.monotonic() + delay > deadline:
+                if is_lasting(err) or time.monotonic() + delay > deadline:
                     raise
                 log.warning("storage unreachable (%s); retrying in %.1f s", str(err).splitlines()[0][:120], delay)
                 self.engine.dispose()  # drop the pool's dead connections
