@@ -37,11 +37,11 @@ import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
 from continuum.analysis import bootstrap_interval
 from continuum.block import ContinuumConv, SegmentedConv2d
-from continuum.config import TrainConfig
+from continuum.config import TrainConfig, checked, integer, number
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
-from continuum.files import atomic_write
-from continuum.strategy import chosen_strategy, conv_strategy
+from continuum.files import atomic_write, check_writable_folder
+from continuum.strategy import check_environment, chosen_strategy, conv_strategy
 from continuum.timing import call_times, device_name, dtype_name, interleaved_times, measure_peak_flops
 from continuum.train import fit, resolve_device
 
@@ -296,12 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", default="xception_middle,small_64,small_128,small_256",
                         help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--segments", default=None, help="comma list of segment counts (default: 1, 2, 4, ... all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement at least (default: 5)")
-    parser.add_argument("--min-ms", type=float, default=400.0,
+    parser.add_argument("--repeats", default="5", help="timed calls per measurement at least (default: 5)")
+    parser.add_argument("--min-ms", default="400",
                         help="time each measurement for at least this many ms, in more calls (default: 400)")
     parser.add_argument("--train", action="store_true", help="also measure a sweep trial's training throughput")
-    parser.add_argument("--train-images", type=int, default=2560, help="images per training epoch (default: 2560)")
-    parser.add_argument("--train-rounds", type=int, default=2,
+    parser.add_argument("--train-images", default="2560", help="images per training epoch (default: 2560)")
+    parser.add_argument("--train-rounds", default="2",
                         help="trainings per kind of kernel, the fastest kept (default: 2)")
     parser.add_argument("--no-conv", action="store_true", help="skip the layer timings")
     parser.add_argument("--out", default="results/bench", help="folder for the CSVs (default: results/bench)")
@@ -323,10 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         dtypes = _choices(args.dtypes, DTYPES, "dtype(s)")
         shapes = _choices(args.shapes, SHAPES, "shape(s)")
-        segments = [int(s) for s in args.segments.split(",")] if args.segments else None
-        if args.repeats < 1 or args.train_rounds < 1:
-            raise ValueError(f"--repeats {args.repeats} / --train-rounds {args.train_rounds} is not valid; "
-                             "time at least one call and one training")
+        if args.segments is not None:
+            counts = [text for text in args.segments.split(",") if text.strip()]
+            segments = [checked("--segments", integer(1), text) for text in counts]
+            if not segments:
+                raise ValueError("--segments: give at least one count, such as 1,4,16")
+        else:
+            segments = None
+        args.repeats = checked("--repeats", integer(1), args.repeats)
+        args.train_rounds = checked("--train-rounds", integer(1), args.train_rounds)
+        args.train_images = checked("--train-images", integer(64), args.train_images)  # one batch at least
+        args.min_ms = checked("--min-ms", number(0), args.min_ms)
+        check_environment()
+        check_writable_folder(Path(args.out), "--out")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -107,15 +107,25 @@ def optional(parse: Parser) -> Parser:
     return parse_optional
 
 
-def parse_field(field: dataclasses.Field, value: Any) -> Any:
-    """``value`` checked by the field's parser. Parsers say ``VALUE is not valid; HOW TO FIX``; the error names
-    the setting in front (``epochs=0 is not valid; use a whole number >= 1``) unless the parser already did."""
+def checked(name: str, parse: Parser, value: Any) -> Any:
+    """``value`` checked by ``parse``. Parsers say ``VALUE is not valid; HOW TO FIX``; the error names the setting
+    in front (``epochs=0 is not valid; use a whole number >= 1``) unless the parser already did.
+
+    Args:
+        name: the setting's name as the user wrote it (``epochs``, ``--batch-size``).
+        parse: its parser.
+        value: the value given.
+    """
     try:
-        return field.metadata["parse"](value)
+        return parse(value)
     except ValueError as err:
-        name = flag_name(field).replace("-", "_")
         message = str(err)
         raise ValueError(message if message.startswith(f"{name}=") else f"{name}={message}") from None
+
+
+def parse_field(field: dataclasses.Field, value: Any) -> Any:
+    """``value`` checked by the field's parser (see :func:`checked`)."""
+    return checked(flag_name(field).replace("-", "_"), field.metadata["parse"], value)
 
 
 class ConfigBase:

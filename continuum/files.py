@@ -77,3 +77,21 @@ def made_folder(folder: Path) -> Iterator[Path]:
         if made:
             shutil.rmtree(made[0], ignore_errors=True)
         raise
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Refuse a folder that cannot be made or written into: a file in its place (or on its path), or a read-only
+    place.
+
+    Args:
+        folder: the folder to write into (it may not exist yet).
+        option: the command-line option that named it, for the message.
+
+    Raises:
+        ValueError: naming the path and the fix.
+    """
+    nearest = next(path for path in (folder, *folder.parents) if path.exists())
+    if not nearest.is_dir():
+        raise ValueError(f"{option} {folder}: {nearest} is a file, not a folder; use {option} FOLDER")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {folder}: {nearest} is read-only; use {option} with a writable folder")

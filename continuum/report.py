@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from continuum.analysis import summary_markdown
-from continuum.plots import write_plots
 from continuum.files import atomic_write
-from continuum.results import load
+from continuum.plots import write_plots
+from continuum.results import TableError, load
 
 
 def write_summary(folder: Path, trials=None) -> Path:
@@ -42,9 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = write_report(args.folder)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, TableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: cannot write the report into {args.folder}: {err.strerror or err}", file=sys.stderr)
+        return 1
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

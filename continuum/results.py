@@ -1,8 +1,10 @@
 """A study or a results folder -> one tidy pandas DataFrame, one row per trial, plain column names.
 
 Tables written next to a study (``DIR/<study>/``, by :func:`continuum.sweep.study.export`): ``trials.csv``
-(+ ``trials.parquet`` with pyarrow), ``curves.csv`` (one row per trial and epoch); their columns are
-:data:`~continuum.sweep.record.TRIAL_COLUMNS` and :data:`~continuum.sweep.record.CURVE_COLUMNS`.
+(+ ``trials.parquet`` with pyarrow, a typed copy for other tools), ``curves.csv`` (one row per trial and epoch);
+their columns are :data:`~continuum.sweep.record.TRIAL_COLUMNS` and :data:`~continuum.sweep.record.CURVE_COLUMNS`.
+A folder is always read from its CSV tables, the complete record (never from a Parquet copy that may be stale), and
+every table read from a file is checked: a garbled, empty, truncated or foreign table is a :class:`TableError`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,21 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+from optuna.trial import TrialState
 
-from continuum.sweep.record import study_frames
-from continuum.sweep.study import has_parquet
+from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, TrialId, \
+    TrialMetrics, names, study_frames
+
+KEY_COLUMNS = {"trials": [*names(TrialId), *POINT_COLUMNS], "curves": ["trial", *POINT_COLUMNS, "epoch"]}
+"""Columns a table must have to be read: what identifies each row (others, added by later versions, may be
+missing from older tables and read as empty)."""
+
+NUMERIC_COLUMNS = ["trial", "epoch", "seed", "width", "drop_rate", *names(TrialMetrics), *names(EpochMetrics)]
+"""Columns whose cells must be numbers (or empty)."""
+
+
+class TableError(ValueError):
+    """A results table that cannot be read as one: the message names the file and what is wrong."""
 
 
 def normalise(frame: pd.DataFrame) -> pd.DataFrame:
@@ -23,6 +37,50 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
         if column in frame:
             frame[column] = frame[column].astype("string").fillna("none" if column == "mid_act" else pd.NA)
     return frame
+
+
+def read_table(path: Path, kind: str) -> pd.DataFrame:
+    """A trials or curves table from a CSV or Parquet file, checked.
+
+    Args:
+        path: the file.
+        kind: ``"trials"`` or ``"curves"``.
+
+    Raises:
+        TableError: the file is empty, cut off mid-row, not a table, lacks the key columns, or holds
+            non-numbers in numeric columns, unknown trial states or missing trial numbers.
+    """
+    if path.suffix == ".parquet":
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError, ImportError) as err:
+            raise TableError(f"{path} is not a readable Parquet table ({type(err).__name__})") from None
+    else:
+        content = path.read_bytes()
+        if not content.strip():
+            raise TableError(f"{path} is empty; rerun the sweep to write it")
+        if not content.endswith(b"\n"):
+            raise TableError(f"{path} is cut off mid-row (truncated); rerun the sweep to write it whole")
+        try:
+            frame = pd.read_csv(path)
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise TableError(f"{path} is not a CSV table ({type(err).__name__})") from None
+    missing = [column for column in KEY_COLUMNS[kind] if column not in frame]
+    if missing:
+        raise TableError(f"{path} lacks the columns {missing}: not a continuum {kind} table")
+    for column in [c for c in NUMERIC_COLUMNS if c in frame]:
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        if (numbers.isna() & frame[column].notna()).any():
+            raise TableError(f"{path}: column {column} holds values that are not numbers")
+        frame[column] = numbers
+    if frame["trial"].isna().any() or (frame["trial"] % 1 != 0).any():
+        raise TableError(f"{path}: column trial must hold a trial number in every row")
+    states = set(frame["state"].dropna()) - set(TrialState.__members__) if kind == "trials" else set()
+    if states:
+        raise TableError(f"{path}: column state holds {sorted(states)}, not trial states")
+    columns = TRIAL_COLUMNS if kind == "trials" else CURVE_COLUMNS
+    extra = [column for column in frame if column not in columns]
+    return normalise(frame.reindex(columns=[*columns, *extra]).astype({"trial": "int64"}))
 
 
 def load(source: str | Path | optuna.Study, study_name: str | None = None, curves: bool = False) -> pd.DataFrame:
@@ -36,6 +94,7 @@ def load(source: str | Path | optuna.Study, study_name: str | None = None, curve
 
     Raises:
         FileNotFoundError: no tables at that path.
+        TableError: a table that is not one (see :func:`read_table`).
         ValueError: a storage URL without ``study_name``.
     """
     if isinstance(source, optuna.Study):
@@ -46,11 +105,9 @@ def load(source: str | Path | optuna.Study, study_name: str | None = None, curve
             raise ValueError("reading a storage URL needs study_name=")
         return load(optuna.load_study(study_name=study_name, storage=text), curves=curves)
     path = Path(text)
+    kind = "curves" if curves else "trials"
     if path.is_dir():
-        name = "curves" if curves else "trials"
-        parquet, csv = path / f"{name}.parquet", path / f"{name}.csv"
-        path = parquet if parquet.exists() and has_parquet() else csv
-    if not path.exists():
+        path = path / f"{kind}.csv"
+    if not path.is_file():
         raise FileNotFoundError(f"no results table at {path}; run python -m continuum.sweep first")
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    return normalise(frame)
+    return read_table(path, kind)

@@ -22,11 +22,13 @@ import torch
 
 import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
+from continuum.config import checked, integer, optional
 from continuum.cost import measure_latency, model_cost
-from continuum.files import atomic_write
+from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import SegmentError, parse_order, parse_segments
-from continuum.strategy import conv_strategy
+from continuum.strategy import check_environment, conv_strategy
 from continuum.timing import device_name
+from continuum.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--segments", default="1,2,4,8,16,32,all", help="comma list (default: %(default)s)")
     parser.add_argument("--order", default="depthwise_first", help="depthwise_first or pointwise_first")
     parser.add_argument("--input-size", default=None, help="C,H,W (default: the model's own)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's own)")
+    parser.add_argument("--num-classes", default=None, help="classes (default: the model's own)")
     parser.add_argument("--uneven", action="store_true", help="near-equal segments where a count does not divide")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per timed call (default: %(default)s)")
+    parser.add_argument("--batch-size", default="16", help="images per timed call (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per point (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per point (default: %(default)s)")
+    parser.add_argument("--warmup", default="2", help="untimed calls per point (default: %(default)s)")
+    parser.add_argument("--repeats", default="5", help="timed calls per point (default: %(default)s)")
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead of inference")
     parser.add_argument("--compare", default="", help="comma list of timm models to measure beside it")
     parser.add_argument("--strategy", default="auto", help="segmented-conv kernels: auto (autotuned) or native "
@@ -137,13 +139,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        segments = [parse_segments(s) for s in args.segments.split(",")]
+        segments = [parse_segments(text) for text in args.segments.split(",") if text.strip()]
+        if not segments:
+            raise ValueError("--segments: give at least one count, such as 1,4,all")
         order = parse_order(args.order)
-        input_size = tuple(int(v) for v in args.input_size.split(",")) if args.input_size else None
-        if input_size is not None and len(input_size) != 3:
-            raise ValueError(f"--input-size {args.input_size!r} is not valid; give C,H,W such as 1,28,28")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device is visible; use --device cpu")
+        input_size = None
+        if args.input_size:
+            input_size = tuple(checked("--input-size", integer(1), v) for v in args.input_size.split(","))
+            if len(input_size) != 3:
+                raise ValueError(f"--input-size {args.input_size!r} is not valid; give C,H,W such as 1,28,28")
+        args.num_classes = checked("--num-classes", optional(integer(0)), args.num_classes)
+        args.batch_size = checked("--batch-size", integer(1), args.batch_size)
+        args.warmup = checked("--warmup", integer(0), args.warmup)
+        args.repeats = checked("--repeats", integer(1), args.repeats)
+        resolve_device(args.device)
+        check_environment()
+        check_writable_folder(Path(args.out), "--out")
         for name in [args.model, *filter(None, args.compare.split(","))]:
             if not timm.is_model(name):
                 raise ValueError(f"--model/--compare {name!r} is not a registered model; continuum's are "

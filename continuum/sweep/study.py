@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from continuum.data import TensorData
-from continuum.files import atomic_write, made_folder
+from continuum.files import atomic_write, check_writable_folder, made_folder
 from continuum.sweep.objective import Objective
 from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
 from continuum.sweep.record import study_frames
@@ -127,12 +127,7 @@ def check_paths(cfg: SweepConfig) -> None:
     Raises:
         ValueError: naming the path and what to do.
     """
-    folder = Path(cfg.out) / cfg.study
-    nearest = next(path for path in (folder, *folder.parents) if path.exists())
-    if not nearest.is_dir():
-        raise ValueError(f"--out {cfg.out}: {nearest} is a file, not a folder; use --out FOLDER")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {cfg.out}: {nearest} is read-only; use --out with a writable folder")
+    check_writable_folder(Path(cfg.out) / cfg.study, "--out")
     url = storage_url(cfg)
     if url.startswith(("sqlite:///", "journal:")):
         path = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
