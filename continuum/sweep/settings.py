@@ -191,9 +191,11 @@ def from_settings(settings: dict[str, Any]) -> SweepConfig:
             flat |= {f"{key}.{k}": v for k, v in value.items()}
         elif key in NESTED:
             raise ValueError(f"{key}={value!r} is not valid; [{key}] is a table of settings ({key}.NAME = VALUE)")
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and key.replace("-", "_") in names:
             raise ValueError(f"[{key}] is not valid; {key} is a value, not a table (tables: "
                              f"{', '.join(f'[{part}]' for part in NESTED)})")
+        elif isinstance(value, dict):  # an unknown table: its keys are reported below
+            flat |= {f"{key}.{k}": v for k, v in value.items()}
         else:
             flat[key] = value
     top: dict[str, Any] = {}

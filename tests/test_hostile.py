@@ -1,0 +1,260 @@
+"""Hostile input, category by category: every bad experiment file, value, path, name, environment variable,
+dataset, results table and bench/spectrum option is refused in one line naming the problem and the fix (exit 2, no
+traceback), with nothing written and an existing study byte-for-byte unchanged."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from continuum import bench, report, results, spectrum
+from continuum.strategy import TUNER
+from continuum.sweep.cli import main
+from conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory) -> Path:
+    """A results root holding a finished one-point study."""
+    root = tmp_path_factory.mktemp("existing")
+    assert main([*FAST, "--out", str(root), "--segments", "1"]) == 0
+    return root
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
+
+
+def _refused(run, root: Path, capsys, message: str, code: int = 2) -> None:
+    """``run()`` returns ``code`` with one line on stderr holding ``message``, and leaves ``root`` unchanged."""
+    before = _digest(root)
+    capsys.readouterr()
+    assert run() == code
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert _digest(root) == before
+
+
+@pytest.fixture
+def study(existing, tmp_path):
+    shutil.copytree(existing, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def _sweep(root: Path, *args: str) -> int:
+    return main(["--quiet", "--out", str(root), "--dataset", "synthetic", "--epochs", "1", "--batch-size", "64",
+                 *args])
+
+
+EXPERIMENT_FILES = [
+    ("[model]\nwidth = 2\n", "[model] is not valid; model is a value, not a table"),
+    ("[optimizer]\nlr = 0.1\n", "unknown setting(s) ['optimizer.lr']"),
+    ("colour = 'red'\n", "unknown setting(s) ['colour']"),
+    ("[train]\nepoch = 3\n", "unknown setting(s) ['train.epoch']"),
+    ("epochs = 2.5\n", "epochs=2.5 is not valid; use a whole number"),
+    ("epochs = true\n", "epochs=True is not valid; use a whole number"),
+    ("seeds = [0.5]\n", "seeds=0.5 is not valid"),
+    ("data = 3\n", "data=3 is not valid; [data] is a table of settings"),
+    ("train = [1, 2]\n", "train=[1, 2] is not valid; [train] is a table of settings"),
+    ("segments = []\n", "segments: give at least one value"),
+    ("[segments]\na = 1\n", "[segments] is not valid; segments is a value, not a table"),
+    ("[train]\nlr = -1.0\n", "lr=-1.0 is not valid; use 0 < value"),
+    ("[data]\ntrain_size = -3\n", "train_size=-3 is not valid"),
+    ("epochs = \n", "not valid TOML"),
+    (b"\xff\xfe\x00 epochs = 1", "x.toml: cannot read it (UnicodeDecodeError"),
+]
+
+
+@pytest.mark.parametrize("content, message", EXPERIMENT_FILES)
+def test_bad_experiment_files(study, capsys, content, message):
+    config = study / "x.toml"
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _refused(lambda: main(["--quiet", "--out", str(study), "--config", str(config)]), study, capsys, message)
+
+
+def test_an_experiment_file_that_is_a_folder_or_missing(study, capsys):
+    _refused(lambda: main(["--quiet", "--out", str(study), "--config", str(study)]), study, capsys, "cannot read it")
+    _refused(lambda: main(["--quiet", "--out", str(study), "--config", str(study / "none.toml")]), study, capsys,
+             "none.toml: no such file")
+
+
+VALUES = [
+    (["--seeds", "0,4294967296"], "seeds='4294967296' is not valid; use whole numbers in 0..4294967295"),
+    (["--seeds", "-1"], "seeds='-1' is not valid"),
+    (["--seeds", "0,0"], "seeds: 0 is listed twice"),
+    (["--seeds", ","], "seeds: give at least one value"),
+    (["--width", "inf"], "width=inf is not valid; use a finite number"),
+    (["--width", "nan"], "width=nan is not valid"),
+    (["--width", "0"], "width=0.0 is not valid; use 0 < value"),
+    (["--train-size", "-5"], "train_size=-5 is not valid"),
+    (["--val-size", "-1"], "val_size=-1 is not valid"),
+    (["--lr", "nan"], "lr=nan is not valid"),
+    (["--lr", "-0.1"], "lr=-0.1 is not valid"),
+    (["--weight-decay", "-1"], "weight_decay=-1.0 is not valid"),
+    (["--label-smoothing", "1.5"], "label_smoothing=1.5 is not valid"),
+    (["--batch-size", "0"], "batch_size=0 is not valid"),
+    (["--epochs", "2.5"], "epochs='2.5' is not valid"),
+    (["--workers", "0"], "workers=0 is not valid"),
+    (["--heartbeat", "0"], "heartbeat=0 is not valid"),
+    (["--match-params", "-5"], "match_params=-5 is not valid"),
+    (["--objectives", "val_acc,val_acc", "--search", "tpe"], "objectives: val_acc is listed twice"),
+    (["--device", "mps"], "device 'mps' is not supported; use auto, cpu, cuda or cuda:N"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--device", "gpu"], "device 'gpu' is not valid"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device 'cuda:"),
+]
+
+
+@pytest.mark.parametrize("args, message", VALUES)
+def test_bad_values(study, capsys, args, message):
+    _refused(lambda: _sweep(study, *args), study, capsys, message)
+
+
+def test_bad_paths_and_names(study, capsys):
+    (study / "afile").write_text("x")
+    _refused(lambda: _sweep(study / "afile", "--segments", "1"), study, capsys, "is a file, not a folder")
+    _refused(lambda: _sweep(study / "afile" / "below", "--segments", "1"), study, capsys, "is a file, not a folder")
+    for name in ("a?b", "a/b", "..", ".hidden", "a#b", "a b"):
+        _refused(lambda: _sweep(study, "--study", name), study, capsys, "is not valid; use a plain name")
+    _refused(lambda: _sweep(study, "--storage", f"journal:{study}"), study, capsys, "is a folder; name a file in it")
+    _refused(lambda: _sweep(study, "--storage", f"sqlite:///{study}"), study, capsys, "is a folder; name a file")
+    _refused(lambda: _sweep(study, "--storage", f"sqlite:///{study}/none/x.db", "--study", "other"), study, capsys,
+             "cannot open storage")
+    assert not (study / "other").exists()  # the results folder made for it went again
+    _refused(lambda: _sweep(study, "--storage", f"journal:{study}/none/x.log", "--study", "other"), study, capsys,
+             "folder " + str(study / "none") + " does not exist")
+    _refused(lambda: _sweep(study, "--storage", "mongodb://x"), study, capsys, "--storage 'mongodb://x' is not valid")
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("CONTINUUM_TUNE_MS", "abc", "CONTINUUM_TUNE_MS='abc' is not valid"),
+    ("CONTINUUM_TUNE_MS", "-5", "CONTINUUM_TUNE_MS='-5' is not valid"),
+    ("CONTINUUM_TUNE_MS", "nan", "CONTINUUM_TUNE_MS='nan' is not valid"),
+    ("CONTINUUM_CONV_STRATEGY", "fastest", "conv strategy mode 'fastest' is not valid"),
+    ("CONTINUUM_CACHE", "/etc/hostname", "CONTINUUM_CACHE=/etc/hostname is not a folder"),
+])
+def test_bad_environment(study, capsys, monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    TUNER.forget()
+    try:
+        _refused(lambda: _sweep(study, "--segments", "1"), study, capsys, message)
+    finally:
+        monkeypatch.undo()
+        TUNER.forget()
+
+
+def _images(folder: Path, classes: dict[str, int], size: int = 12) -> None:
+    for name, count in classes.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (size, size), (40 * i % 255, 90, 30)).save(folder / name / f"{i}.png")
+
+
+def test_bad_datasets(study, tmp_path, capsys):
+    one = tmp_path / "one_class"
+    _images(one, {"cat": 4})
+    _refused(lambda: _sweep(study, "--dataset", f"imagefolder:{one}"), study, capsys,
+             "1 class folder (cat); a classifier needs at least 2")
+    corrupt = tmp_path / "corrupt"
+    _images(corrupt, {"cat": 3, "dog": 3})
+    (corrupt / "dog" / "bad.png").write_bytes(b"not a png at all")
+    _refused(lambda: _sweep(study, "--dataset", f"imagefolder:{corrupt}"), study, capsys,
+             f"cannot read image {corrupt / 'dog' / 'bad.png'}")
+    split = tmp_path / "split"
+    _images(split / "train", {"cat": 2, "dog": 2})
+    _images(split / "val", {"cat": 2, "emu": 2})
+    _refused(lambda: _sweep(study, "--dataset", f"imagefolder:{split}"), study, capsys,
+             "train/ has classes ['cat', 'dog'] but val/ has ['cat', 'emu']")
+    _refused(lambda: _sweep(study, "--dataset", f"imagefolder:{tmp_path / 'none'}"), study, capsys, "imagefolder:")
+    _refused(lambda: _sweep(study, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere" / "cifar")),
+             study, capsys, "cifar10 not found")
+    assert not (tmp_path / "nowhere").exists()  # the failed download left no folder
+
+
+TABLES = [
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\xff\xfe\n", "is not a CSV table"),
+    (b"trial,state,model\n0,COMPLETE,continuum_small\n", "lacks the columns"),
+    (b"name,score\nx,1\n", "lacks the columns"),
+    (None, "is cut off mid-row (truncated)"),
+    ("state", "column state holds ['DONE'], not trial states"),
+    ("val_acc", "column val_acc holds values that are not numbers"),
+    ("trial", "column trial must hold a trial number in every row"),
+]
+
+
+@pytest.mark.parametrize("content, message", TABLES)
+def test_bad_results_tables(study, capsys, content, message):
+    folder = study / "default"
+    table = folder / "trials.csv"
+    if content is None:
+        table.write_bytes(table.read_bytes()[:-9])
+    elif isinstance(content, str):  # one cell of a real table made wrong
+        frame = results.load(folder)
+        frame[content] = frame[content].astype(object)
+        frame.loc[0, content] = {"state": "DONE", "val_acc": "high", "trial": None}[content]
+        frame.to_csv(table, index=False)
+    else:
+        table.write_bytes(content)
+    _refused(lambda: report.main([str(folder)]), study, capsys, message)
+    with pytest.raises(results.TableError, match="trials.csv"):
+        results.load(folder)
+
+
+def test_report_on_a_missing_folder_or_a_file(study, capsys):
+    _refused(lambda: report.main([str(study / "none")]), study, capsys, "no results table at")
+    _refused(lambda: report.main([str(study / "default" / "summary.md")]), study, capsys, "is not a CSV table")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--segments", "5x"], "--segments='5x' is not valid"),
+    (["--segments", "0"], "--segments=0 is not valid; use a whole number >= 1"),
+    (["--segments", ","], "--segments: give at least one count"),
+    (["--train", "--no-conv", "--train-images", "0"], "--train-images=0 is not valid"),
+    (["--repeats", "0"], "--repeats=0 is not valid"),
+    (["--min-ms", "-1"], "--min-ms=-1.0 is not valid"),
+    (["--dtypes", "fp64"], "dtype(s) ['fp64'] not known"),
+    (["--shapes", "huge"], "shape(s) ['huge'] not known"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+])
+def test_bad_bench_options_keep_its_tables(tmp_path, capsys, args, message):
+    (tmp_path / "conv_cpu.csv").write_text("an earlier table\n")
+    _refused(lambda: bench.main(["--out", str(tmp_path), *args]), tmp_path, capsys, message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size=0 is not valid"),
+    (["--segments", "0"], "segments=0 is not valid"),
+    (["--input-size", "1,x,3"], "--input-size='x' is not valid"),
+    (["--input-size", "1,28"], "--input-size '1,28' is not valid; give C,H,W"),
+    (["--num-classes", "-1"], "--num-classes=-1 is not valid"),
+    (["--repeats", "0"], "--repeats=0 is not valid"),
+    (["--warmup", "-1"], "--warmup=-1 is not valid"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--model", "nonet"], "'nonet' is not a registered model"),
+])
+def test_bad_spectrum_options_write_nothing(tmp_path, capsys, args, message):
+    _refused(lambda: spectrum.main(["--quiet", "--out", str(tmp_path / "out"), *args]), tmp_path, capsys, message)
+
+
+def test_bench_and_spectrum_refuse_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _refused(lambda: bench.main(["--out", str(tmp_path / "afile")]), tmp_path, capsys, "is a file, not a folder")
+    _refused(lambda: spectrum.main(["--out", str(tmp_path / "afile")]), tmp_path, capsys, "is a file, not a folder")
+
+
+def test_from_the_shell_bad_input_is_one_line_without_traceback(tmp_path):
+    for module, args in [("continuum.sweep", ["--seeds", "0,4294967296"]), ("continuum.report", [str(tmp_path)]),
+                         ("continuum.bench", ["--segments", "0"]), ("continuum.spectrum", ["--batch-size", "0"])]:
+        result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=tmp_path,
+                                timeout=120)
+        assert result.returncode == 2, (module, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (module, result.stderr)
+    assert list(tmp_path.iterdir()) == []
