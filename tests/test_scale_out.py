@@ -121,3 +121,16 @@ def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers(tmp_path):
     assert sorted(trials["segments"]) == ["1", "all"] and trials["trial"].is_unique
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all"]) == 0  # later runs use the journal
     assert len(results.load(folder)) == 2
+
+
+def test_each_local_worker_draws_its_own_configurations():
+    from continuum.sweep.settings import from_settings
+    from continuum.sweep.study import _sampler, sampler_seed
+    cfg = from_settings({"search": "tpe", "n_trials": 4, "out": "/tmp"})
+    assert len({sampler_seed(cfg, worker) for worker in range(4)}) == 4
+    assert sampler_seed(cfg, None) == sampler_seed(cfg, 0) == sampler_seed(cfg, 0)  # one process reproduces
+    draws = []
+    for worker in (1, 2):
+        study = optuna.create_study(sampler=_sampler(cfg, worker))
+        draws.append([study.ask().suggest_float("width", 0.5, 1.5) for _ in range(3)])
+    assert draws[0] != draws[1]
