@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from continuum.cost import CONTENDED_LOAD
 from continuum.sweep.record import POINT_COLUMNS
 
 SEGMENT_ORDER_ALL = 10**9
@@ -56,6 +57,12 @@ def bootstrap_interval(values: Sequence[float], statistic=np.mean, level: float 
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def measured_while_busy(trials: pd.DataFrame) -> bool:
+    """Whether any of these trials measured its latency while other processes kept the machine busy (a
+    ``latency_load`` above :data:`~continuum.cost.CONTENDED_LOAD`)."""
+    return bool("latency_load" in trials and trials["latency_load"].gt(CONTENDED_LOAD).any())
+
+
 def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str = "val_acc") -> pd.DataFrame:
     """One row per config over its completed trials: n seeds, mean, std and 95 % t-interval of ``metric``, and the
     config's cost (params, MACs, FLOPs, median latency).
@@ -64,6 +71,9 @@ def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str
         trials: a trials table (:func:`continuum.results.load`).
         by: the columns that name a config; default: the config columns that vary.
         metric: the accuracy column to summarise.
+
+    Returns:
+        The table; with a ``latency_contended`` column when the trials recorded how busy the machine was.
     """
     done = trials[trials["state"] == "COMPLETE"]
     by = list(by or varying_columns(trials))
@@ -75,9 +85,11 @@ def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str
             "n": len(values), f"{metric}_mean": values.mean(), f"{metric}_std": values.std(ddof=1) if len(values) > 1
             else float("nan"), f"{metric}_ci_low": low, f"{metric}_ci_high": high,
             "params": group["params"].mean(), "macs": group["macs"].mean(), "flops": group["flops"].mean(),
-            "latency_ms": group["latency_ms"].median()})
+            "latency_ms": group["latency_ms"].median(), "latency_contended": measured_while_busy(group)})
     columns = [*by, "n", f"{metric}_mean", f"{metric}_std", f"{metric}_ci_low", f"{metric}_ci_high", "params", "macs",
                "flops", "latency_ms"]
+    if "latency_load" in done and done["latency_load"].notna().any():
+        columns.append("latency_contended")
     table = pd.DataFrame(rows, columns=columns)
     if "segments" in table:
         table = table.sort_values([c for c in by if c != "segments"] + ["segments"], kind="stable",
@@ -169,7 +181,13 @@ def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = Non
     for column in ("macs", "flops"):
         shown[column] = shown[column].map(lambda v: f"{v / 1e6:,.2f} M")
     shown["latency_ms"] = shown["latency_ms"].map(lambda v: f"{v:.2f}")
+    if "latency_contended" in shown:
+        shown["latency_ms"] += shown.pop("latency_contended").map(lambda busy: " *" if busy else "")
     lines.append(shown.to_markdown(index=False))
+    if "latency_contended" in table and table["latency_contended"].any():
+        lines += ["", f"\\* latency measured while other processes used more than {CONTENDED_LOAD * 100:.0f} % "
+                  "of the machine (other workers, other jobs): contended, not to be trusted; `python -m "
+                  "continuum.spectrum` measures it on a quiet machine."]
     failed = trials[trials["state"] == "FAIL"]
     if len(failed):
         lines += ["", "Failed trials:", ""]

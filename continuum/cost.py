@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from continuum.block import SegmentedConv2d
 from continuum.strategy import conv_strategy
-from continuum.timing import call_times
+from continuum.timing import OtherLoad, call_times
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -198,6 +198,11 @@ def counted_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     return counter.get_total_flops()
 
 
+CONTENDED_LOAD = 0.1
+"""A latency measured while other processes used more than this share of the machine's CPU time is contended:
+recorded, but marked as not to be trusted."""
+
+
 @dataclass(frozen=True)
 class Latency:
     """Wall time of one call, over repeated runs after warm-up.
@@ -208,6 +213,7 @@ class Latency:
         q3_ms: third quartile.
         repeats: timed calls.
         device: where it ran.
+        other_load: share of the machine's CPU time other processes used meanwhile (``None``: unknown).
     """
 
     median_ms: float
@@ -215,6 +221,12 @@ class Latency:
     q3_ms: float
     repeats: int
     device: str
+    other_load: float | None = None
+
+    @property
+    def contended(self) -> bool:
+        """Other processes kept the machine busy while it was measured (see :data:`CONTENDED_LOAD`)."""
+        return self.other_load is not None and self.other_load > CONTENDED_LOAD
 
 
 def measure_latency(
@@ -244,7 +256,7 @@ def measure_latency(
         raise ValueError(f"repeats={repeats} is not valid; time at least one call")
     device = torch.device(device)
     model = model.to(device)
-    x = torch.randn(batch_size, *input_size, device=device)
+    x = torch.randn(batch_size, *input_size, device=device, generator=torch.Generator(device).manual_seed(0))
     was_training = model.training
     model.train(backward)
 
@@ -257,8 +269,10 @@ def measure_latency(
                 model(x)
 
     try:
-        times = call_times(call, device, repeats, warmup)
+        with OtherLoad() as load:
+            times = call_times(call, device, repeats, warmup)
     finally:
         model.train(was_training)
     q1, median, q3 = statistics.quantiles(times, n=4) if repeats > 1 else (times[0],) * 3
-    return Latency(median_ms=median, q1_ms=q1, q3_ms=q3, repeats=repeats, device=str(device))
+    return Latency(median_ms=median, q1_ms=q1, q3_ms=q3, repeats=repeats, device=str(device),
+                   other_load=load.share)

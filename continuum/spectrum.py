@@ -33,12 +33,13 @@ from continuum.train import resolve_device
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "segments", "order", "params", "macs", "latency_ms", "latency_q1_ms", "latency_q3_ms",
-           "params_vs_dense", "macs_vs_dense", "latency_vs_dense", "note"]
+           "other_load", "params_vs_dense", "macs_vs_dense", "latency_vs_dense", "note"]
 
 
 def measure_point(model: torch.nn.Module, input_size: tuple[int, int, int], batch_size: int, device: str,
                   warmup: int, repeats: int, backward: bool) -> dict:
-    """Parameters, MACs per image and latency of one model.
+    """Parameters, MACs per image and latency of one model, with the share of the machine other processes used
+    while it was timed (``other_load``; a warning when contended).
 
     Args:
         model: the model to measure.
@@ -51,8 +52,11 @@ def measure_point(model: torch.nn.Module, input_size: tuple[int, int, int], batc
     """
     cost = model_cost(model, input_size)
     latency = measure_latency(model, input_size, batch_size, device, warmup, repeats, backward)
+    if latency.contended:
+        log.warning("latency measured while other processes used %.0f %% of the machine: not to be trusted",
+                    100 * latency.other_load)
     return {"params": cost.params, "macs": cost.macs, "latency_ms": latency.median_ms,
-            "latency_q1_ms": latency.q1_ms, "latency_q3_ms": latency.q3_ms}
+            "latency_q1_ms": latency.q1_ms, "latency_q3_ms": latency.q3_ms, "other_load": latency.other_load}
 
 
 def spectrum_table(

@@ -1,4 +1,5 @@
-"""Timing on a device: its name, stopwatches for calls, paired interleaved rounds, and the peak GEMM rate.
+"""Timing on a device: its name, stopwatches for calls, paired interleaved rounds, the peak GEMM rate, and how busy
+other processes kept the machine meanwhile.
 
 Used by the conv tuner, the cost probe and the benchmark alike.
 """
@@ -6,6 +7,7 @@ Used by the conv tuner, the cost probe and the benchmark alike.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import random
 import time
@@ -126,3 +128,34 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
         best_ms = min(call_times(call, device, repeats))
         rates.append(flops / (best_ms / 1e3))
     return max(rates)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """``(busy, total)`` CPU time of the whole machine so far, in clock ticks (``/proc/stat``); ``None`` off
+    Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class OtherLoad:
+    """How much of the machine's CPU time other processes used during a ``with`` block: :attr:`share`, from 0
+    (quiet) to 1 (every core busy with other work), or ``None`` where the system does not say (not Linux)."""
+
+    share: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = _cpu_jiffies(), os.times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (machine, own), end = self._start, _cpu_jiffies()
+        if machine is None or end is None or end[1] <= machine[1]:
+            return
+        now = os.times()
+        own_ticks = (now.user + now.system - own.user - own.system) * os.sysconf("SC_CLK_TCK")
+        self.share = min(1.0, max(0.0, (end[0] - machine[0] - own_ticks) / (end[1] - machine[1])))

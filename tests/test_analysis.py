@@ -63,3 +63,15 @@ def test_efficiency_divides_accuracy_by_cost():
     table = efficiency(summary)
     assert list(table["val_acc_per_gflop"]) == pytest.approx(table["val_acc_mean"] / [2, 1, 0.5])
     assert list(table["val_acc_per_ms"]) == pytest.approx(table["val_acc_mean"] / [4, 2, 1])
+
+
+def test_a_latency_measured_on_a_busy_machine_is_marked_in_the_summary():
+    from continuum.analysis import summary_markdown
+    trials = _trials()
+    assert "latency_contended" not in summarize(trials)  # tables without the record read as before
+    trials["latency_load"] = [0.0] * 3 + [0.5] + [0.01] * 6
+    trials["fail_reason"] = None
+    table = summarize(trials)
+    assert list(table["latency_contended"]) == [False, False, True]  # segments 1, 4, all
+    text = summary_markdown(trials, "t")
+    assert "1.00 *" in text and "contended, not to be trusted" in text

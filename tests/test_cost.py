@@ -98,3 +98,26 @@ def test_latency_probe_times_and_restores_mode(backward):
 def test_latency_probe_on_cuda():
     latency = measure_latency(timm.create_model("continuum_small"), (1, 28, 28), device="cuda", repeats=3)
     assert latency.device.startswith("cuda") and latency.median_ms > 0
+
+
+def test_other_processes_load_is_measured_beside_the_latency():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from continuum.timing import OtherLoad
+    with OtherLoad() as quiet:
+        sum(range(10 ** 6))  # this process's own work does not count
+    if quiet.share is None:
+        pytest.skip("the system does not report CPU time (/proc/stat)")
+    assert quiet.share < 0.5
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        with OtherLoad() as busy:
+            time.sleep(1.0)
+    finally:
+        for burner in burners:
+            burner.kill()
+    assert busy.share > 0.5

@@ -96,10 +96,13 @@ class Objective:
             torch.manual_seed(seed)
             model = build_model(config, self.data)
             cost = model_cost(model, self.data.input_size)
-            latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
-            costs = {"params": cost.params, "macs": cost.macs, "flops": cost.flops, "latency_ms": latency.median_ms}
+            costs = {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
             record(trial, **costs)
             fit(model, self.data, self.cfg.train, seed, on_epoch, self.progress, f"trial {trial.number}")
+            # after training, so that this trial's own training does not slow it; other work still may: recorded
+            latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
+            costs |= {"latency_ms": latency.median_ms, "latency_load": latency.other_load}
+            record(trial, latency_ms=latency.median_ms, latency_load=latency.other_load)
         except (TrainingFailed, SegmentError) as err:
             self._fail(trial, str(err))
         except torch.cuda.OutOfMemoryError:

@@ -52,7 +52,9 @@ class TrialMetrics:
         params: parameters.
         macs: multiply-accumulates of one image's forward pass.
         flops: FLOPs of one image's forward pass (2 per MAC, plus norms and activations).
-        latency_ms: median forward time of a batch of ``latency_batch`` images.
+        latency_ms: median forward time of a batch of ``latency_batch`` images, measured after training.
+        latency_load: share of the machine's CPU time other processes used while latency was measured; above
+            :data:`~continuum.cost.CONTENDED_LOAD` the latency is contended and marked so in the summary.
         epochs_done: epochs finished.
         train_s: training and validation seconds.
         wall_s: the trial's seconds, from start to its last record.
@@ -67,6 +69,7 @@ class TrialMetrics:
     macs: int | None = None
     flops: int | None = None
     latency_ms: float | None = None
+    latency_load: float | None = None
     epochs_done: int | None = None
     train_s: float | None = None
     wall_s: float | None = None
