@@ -290,3 +290,19 @@ def test_tuning_time_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv("CONTINUUM_TUNE_MS", bad)
         with pytest.raises(ValueError, match=f"CONTINUUM_TUNE_MS='{bad}' is not valid; give milliseconds >= 0"):
             st.tuning_ms()
+
+
+@pytest.mark.parametrize("garbage", ["grouped/7", "grouped/-4", "grouped/0+cl", "shifted", "unfold+cl", "wide/2"])
+def test_a_cached_choice_that_cannot_compute_the_call_is_retuned_never_used(tmp_path, garbage):
+    conv = SegmentedConv2d(8, 16, 3, padding=1, segments=4)
+    x = torch.randn(2, 8, 6, 6)
+    key = st.cache_key(x, conv.weight, conv.geometry, grad=False)
+    peak = f"peak|{torch.__version__}|{st.device_name(x.device)}|{x.dtype}"
+    (tmp_path / "conv_strategies.json").write_text(json.dumps({key: garbage, peak: -1.0}))
+    st.forget_choices()
+    with torch.no_grad():
+        y = conv(x)
+    torch.testing.assert_close(y, F.conv2d(x, conv.weight, None, 1, 1, 1, 4))
+    stored = json.loads((tmp_path / "conv_strategies.json").read_text())
+    assert Strategy.parse(stored[key]) in candidates(8, 16, (3, 3), conv.geometry)
+    assert stored[peak] > 0

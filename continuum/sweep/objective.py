@@ -110,6 +110,9 @@ class Objective:
         except KeyboardInterrupt:
             record(trial, fail_reason=INTERRUPTED)
             raise
+        except Exception as err:  # an unexpected error stops the sweep; the table says why, not "no heartbeat"
+            record(trial, fail_reason=f"{type(err).__name__}: {str(err).strip()[:300]}")
+            raise
         columns = costs | curve_summary(curve)
         result = tuple(columns[OBJECTIVES[name].column] for name in self.cfg.objectives)
         return result[0] if len(result) == 1 else result
