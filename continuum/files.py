@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,7 +25,23 @@ def cache_root(variable: str = "CONTINUUM_CACHE") -> Path:
 
 
 STALE_TEMP_SECONDS = 600
-"""A temporary file of :func:`atomic_write` this old was left by a killed writer (a write takes seconds)."""
+"""A temporary file of :func:`atomic_write` from another machine this old was left by a killed writer (a write
+takes seconds)."""
+
+
+def _left_by_a_dead_writer(temp: Path) -> bool:
+    """Whether ``temp`` (named ``.NAME.HOST.PID.XXXX.tmp`` by :func:`atomic_write`) was left by a writer that is
+    gone: a process of this machine that no longer runs, or any writer :data:`STALE_TEMP_SECONDS` ago."""
+    parts = temp.name.rsplit(".", 4)
+    try:
+        if len(parts) == 5 and parts[1] == socket.gethostname() and parts[2].isdigit():
+            os.kill(int(parts[2]), 0)
+            return False
+        return time.time() - temp.stat().st_mtime > STALE_TEMP_SECONDS
+    except ProcessLookupError:
+        return True
+    except OSError:  # the process exists but is not ours, or the file went meanwhile
+        return False
 
 
 def _file_mode() -> int:
@@ -45,12 +62,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for left in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            if time.time() - left.stat().st_mtime > STALE_TEMP_SECONDS:
-                left.unlink()
-        except OSError:
-            pass  # another writer removed it first
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if _left_by_a_dead_writer(left):
+            left.unlink(missing_ok=True)
+    prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     os.close(handle)
     try:
         write(Path(tmp))

@@ -167,13 +167,13 @@ def connect(cfg: SweepConfig, worker: int | None = None) -> optuna.Study:
     folder = Path(cfg.out) / cfg.study
     url = storage_url(cfg)
     recorded = recorded_trials(folder)
-    if recorded and url.startswith(("sqlite:///", "journal:")):
-        file = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
-        if not file.exists() or file.stat().st_size == 0:
-            raise lost_study(cfg, url, recorded)
     with made_folder(folder):  # removed again if the storage cannot be opened or refuses the study
         if cfg.storage is None and url.startswith("journal:"):
             move_sqlite_study_to_journal(folder, cfg.study)
+        if recorded and url.startswith(("sqlite:///", "journal:")):
+            file = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
+            if not file.exists() or file.stat().st_size == 0:
+                raise lost_study(cfg, url, recorded)
         storage = open_storage(url, cfg.heartbeat)
         if recorded and cfg.study not in {summary.study_name for summary in storage.get_all_studies()}:
             raise lost_study(cfg, url, recorded)
