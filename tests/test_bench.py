@@ -1,4 +1,4 @@
-"""python -m continuum.bench: its tables have every column and row it promises; bad input is a one-line error."""
+"""python -m continuum.bench: its tables have every column and row it promises (bad input: test_hostile.py)."""
 
 import subprocess
 import sys
@@ -57,8 +57,9 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 
 def test_bench_writes_both_tables(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--train",
-                             "--train-images", "128", "--train-rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    command = [sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--train",
+               "--train-images", "128", "--train-rounds", "1", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     conv = pd.read_csv(tmp_path / "conv_cpu.csv")
     assert len(conv) == 2 * len(segment_counts(16))
@@ -85,11 +86,3 @@ def test_bench_writes_both_tables(tmp_path):
     assert (train[["native_images_per_s", "auto_images_per_s", "native_mfu", "auto_mfu"]] > 0).all().all()
     assert "| SegmentedConv2d" in result.stdout and "GFLOP/s" in result.stdout
 
-
-def test_bench_bad_input_is_a_one_line_error(tmp_path):
-    for args, message in ((["--dtypes", "fp8"], "dtype(s) ['fp8'] not known; choose from fp32, bf16"),
-                          (["--shapes", "huge"], "shape(s) ['huge'] not known"),
-                          (["--device", "cuda:7"], "device 'cuda:7'")):
-        result = subprocess.run([sys.executable, "-m", "continuum.bench", "--out", str(tmp_path), *args],
-                                capture_output=True, text=True)
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

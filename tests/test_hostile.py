@@ -223,6 +223,7 @@ def test_report_on_a_missing_folder_or_a_file(study, capsys):
     (["--dtypes", "fp64"], "dtype(s) ['fp64'] not known"),
     (["--shapes", "huge"], "shape(s) ['huge'] not known"),
     (["--device", "meta"], "device 'meta' is not supported"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device 'cuda:"),
 ])
 def test_bad_bench_options_keep_its_tables(tmp_path, capsys, args, message):
     (tmp_path / "conv_cpu.csv").write_text("an earlier table\n")
