@@ -129,10 +129,12 @@ def finished(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("study, damage, message", [
-    ("default", lambda f: (f / "study.db").write_bytes(b""), "the storage was lost, emptied or is another one"),
-    ("default", lambda f: (f / "study.db").unlink(), "the storage was lost, emptied or is another one"),
+    ("default", lambda f: (f / "study.db").write_bytes(b""), "the storage was emptied or is another one"),
+    ("default", lambda f: (f / "study.db").unlink() or optuna.create_study(storage=f"sqlite:///{f / 'study.db'}",
+                                                                           study_name="other"),
+     "the storage was emptied or is another one"),
     ("default", lambda f: (f / "study.db").write_bytes(b"not a database" * 100), "file is not a database"),
-    ("journal", lambda f: (f / "study.journal").write_bytes(b""), "the storage was lost, emptied or is another one"),
+    ("journal", lambda f: (f / "study.journal").write_bytes(b""), "the storage was emptied or is another one"),
     ("journal", lambda f: (f / "study.journal").write_bytes(b"garbage\n{not json\n"), "not an Optuna journal file"),
 ])
 def test_a_lost_emptied_or_garbled_storage_is_refused_and_the_tables_kept(finished, tmp_path, capsys, study, damage,
@@ -147,6 +149,14 @@ def test_a_lost_emptied_or_garbled_storage_is_refused_and_the_tables_kept(finish
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert _digest(folder) == before
+
+
+def test_tables_without_their_storage_start_a_new_study_with_a_warning(finished, tmp_path, caplog):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)  # as a fresh clone has them: tables, no database
+    (tmp_path / "default" / "study.db").unlink()
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "4"]) == 0
+    assert "a new study starts, and its tables replace them" in caplog.text
+    assert list(results.load(tmp_path / "default")["segments"]) == ["4"]
 
 
 def test_a_half_written_journal_record_is_cut_off_and_the_study_goes_on(finished, tmp_path):

@@ -146,9 +146,10 @@ def recorded_trials(folder: Path) -> int:
 
 
 def lost_study(cfg: SweepConfig, url: str, recorded: int) -> ValueError:
-    """The error for a storage that does not hold a study whose tables exist (a lost, emptied or other one)."""
+    """The error for a storage file that exists but does not hold a study whose tables exist (emptied, replaced
+    or another study's)."""
     return ValueError(f"study {cfg.study!r} is not in {url}, but {Path(cfg.out) / cfg.study / 'trials.csv'} holds "
-                      f"{recorded} of its trials: the storage was lost, emptied or is another one; restore it (or "
+                      f"{recorded} of its trials: the storage was emptied or is another one; restore it (or "
                       "name the one it used with --storage), or start afresh with --study NEW")
 
 
@@ -161,8 +162,10 @@ def connect(cfg: SweepConfig, worker: int | None = None) -> optuna.Study:
         worker: the local worker number (seeds the sampler), ``None`` for a process started on its own.
 
     Raises:
-        ValueError: the storage does not hold the study although its tables exist (lost or emptied), or it holds
-            it with other settings.
+        ValueError: a storage file that was there does not hold the study although its tables exist (emptied or
+            replaced), or the storage holds it with other settings. A storage that is not there yet (a fresh
+            clone's committed tables, a new database) starts a new study, with a warning that its tables replace
+            the old ones.
     """
     folder = Path(cfg.out) / cfg.study
     url = storage_url(cfg)
@@ -170,13 +173,17 @@ def connect(cfg: SweepConfig, worker: int | None = None) -> optuna.Study:
     with made_folder(folder):  # removed again if the storage cannot be opened or refuses the study
         if cfg.storage is None and url.startswith("journal:"):
             move_sqlite_study_to_journal(folder, cfg.study)
-        if recorded and url.startswith(("sqlite:///", "journal:")):
-            file = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
-            if not file.exists() or file.stat().st_size == 0:
-                raise lost_study(cfg, url, recorded)
+        file = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
+        kept = url.startswith(("sqlite:///", "journal:")) and file.exists()  # a storage file was here before
+        if recorded and kept and file.stat().st_size == 0:
+            raise lost_study(cfg, url, recorded)
         storage = open_storage(url, cfg.heartbeat)
         if recorded and cfg.study not in {summary.study_name for summary in storage.get_all_studies()}:
-            raise lost_study(cfg, url, recorded)
+            if kept:
+                raise lost_study(cfg, url, recorded)
+            log.warning("%s holds %d trials of a study %r that %s does not hold (tables from elsewhere, such as a "
+                        "fresh clone's committed results): a new study starts, and its tables replace them",
+                        folder / "trials.csv", recorded, cfg.study, url)
         return open_study(cfg, storage, worker)
 
 
