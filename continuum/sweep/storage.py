@@ -155,6 +155,13 @@ def repair_journal(backend: JournalFileBackend, path: Path) -> None:
     log.warning("journal %s ended in a half-written record (its writer was stopped mid-write); removed it", path)
 
 
+def storage_file(url: str) -> Path | None:
+    """The file a ``sqlite:///PATH`` or ``journal:PATH`` storage lives in; ``None`` for a database server."""
+    if url.startswith(("sqlite:///", "journal:")):
+        return Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
+    return None
+
+
 def default_storage(folder: Path, workers: int) -> str:
     """The storage of a study folder when ``--storage`` is not given.
 

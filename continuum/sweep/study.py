@@ -24,7 +24,7 @@ from continuum.sweep.objective import Objective
 from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
 from continuum.sweep.record import study_frames
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
-from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage
+from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage, storage_file
 
 log = logging.getLogger("continuum.sweep")
 
@@ -129,8 +129,8 @@ def check_paths(cfg: SweepConfig) -> None:
     """
     check_writable_folder(Path(cfg.out) / cfg.study, "--out")
     url = storage_url(cfg)
-    if url.startswith(("sqlite:///", "journal:")):
-        path = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
+    path = storage_file(url)
+    if path is not None:
         if path.is_dir():
             raise ValueError(f"--storage {url}: {path} is a folder; name a file in it")
         if path.exists() and not os.access(path, os.W_OK):
@@ -173,8 +173,8 @@ def connect(cfg: SweepConfig, worker: int | None = None) -> optuna.Study:
     with made_folder(folder):  # removed again if the storage cannot be opened or refuses the study
         if cfg.storage is None and url.startswith("journal:"):
             move_sqlite_study_to_journal(folder, cfg.study)
-        file = Path(url.removeprefix("sqlite:///").removeprefix("journal:"))
-        kept = url.startswith(("sqlite:///", "journal:")) and file.exists()  # a storage file was here before
+        file = storage_file(url)
+        kept = file is not None and file.exists()  # a storage file was here before
         if recorded and kept and file.stat().st_size == 0:
             raise lost_study(cfg, url, recorded)
         storage = open_storage(url, cfg.heartbeat)
