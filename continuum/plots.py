@@ -1,19 +1,21 @@
-"""Matplotlib figures of a study: learning curves per config, the spectrum, error EDFs and Pareto fronts."""
+"""Matplotlib figures of a study: learning curves per config, the spectrum, error EDFs and Pareto fronts.
+
+Each ``plot_*`` function returns a :class:`matplotlib.figure.Figure` built without pyplot, so importing or calling
+them never switches matplotlib's backend or keeps figures open: a notebook shows a returned figure as it is, a
+script saves it (``fig.savefig(...)``); :func:`write_plots` saves them all into a study's folder.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.ticker
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from continuum.analysis import edf, pareto_front, segments_key, summarize, varying_columns  # noqa: E402
-from continuum.files import atomic_write  # noqa: E402
+from continuum.analysis import edf, pareto_front, segments_key, summarize, varying_columns
+from continuum.files import atomic_write
 
 
 def _label(row: pd.Series | dict, columns: Sequence[str]) -> str:
@@ -30,26 +32,27 @@ def _groups(frame: pd.DataFrame, by: Sequence[str]) -> list[tuple[dict, pd.DataF
     return [(dict(zip(by, key if isinstance(key, tuple) else (key,))), group) for key, group in pairs]
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".")))
-    finally:
-        plt.close(fig)
+def _figure(*size: float, columns: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=size, layout="tight")
+    return fig, list(fig.subplots(1, columns, squeeze=False)[0])
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (``.png``, ``.pdf``, ``.svg``)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".")))
     return path
 
 
-def plot_curves(curves: pd.DataFrame, path: Path, metric: str = "val_acc", by: Sequence[str] | None = None) -> Path:
+def plot_curves(curves: pd.DataFrame, metric: str = "val_acc", by: Sequence[str] | None = None) -> Figure:
     """Mean ``metric`` per epoch for each config, with the range over seeds shaded (like the paper's figures 9-10).
 
     Args:
         curves: a curves table (:func:`continuum.results.load` with ``curves=True``).
-        path: the PNG to write.
         metric: the curve column to plot.
         by: columns naming a config; default: those that vary.
     """
     by = list(by or varying_columns(curves))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax,) = _figure(7, 4.5)
     for values, group in _groups(curves, by):
         per_epoch = group.groupby("epoch")[metric].agg(["mean", "min", "max"])
         line, = ax.plot(per_epoch.index, per_epoch["mean"], marker="o", ms=3, label=_label(values, by))
@@ -59,17 +62,17 @@ def plot_curves(curves: pd.DataFrame, path: Path, metric: str = "val_acc", by: S
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
-def plot_spectrum(trials: pd.DataFrame, path: Path) -> Path:
+def plot_spectrum(trials: pd.DataFrame) -> Figure:
     """Accuracy (mean and 95 % CI) against segments, beside MACs/parameters and latency against segments.
 
     Lines are the values of the other varying config columns.
     """
     others = [c for c in varying_columns(trials) if c != "segments"]
     table = summarize(trials, by=["segments", *others])
-    fig, (acc_ax, cost_ax, time_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, (acc_ax, cost_ax, time_ax) = _figure(14, 4.2, columns=3)
     for values, group in _groups(table, others) if others else [({}, table)]:
         group = group.sort_values("segments", key=lambda col: col.map(segments_key))
         x = group["segments"].astype(str)
@@ -86,28 +89,28 @@ def plot_spectrum(trials: pd.DataFrame, path: Path) -> Path:
     for ax in (acc_ax, cost_ax, time_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    return _save(fig, path)
+    return fig
 
 
-def plot_edf(trials: pd.DataFrame, path: Path, by: Sequence[str] | None = None) -> Path:
+def plot_edf(trials: pd.DataFrame, by: Sequence[str] | None = None) -> Figure:
     """Empirical distribution of validation error, one line per value of ``by`` (default: the varying columns)."""
     done = trials[trials["state"] == "COMPLETE"]
     by = list(by or varying_columns(trials))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, (ax,) = _figure(6, 4.5)
     for values, group in _groups(done, by):
         curve = edf(1 - group["val_acc"].astype(float))
         ax.step(curve["value"], curve["F"], where="post", label=f"{_label(values, by)} (n={len(group)})")
     ax.set(xlabel="validation error", ylabel="share of trials with lower error", title="error EDF")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
-def plot_pareto(trials: pd.DataFrame, path: Path, cost: str = "macs") -> Path:
+def plot_pareto(trials: pd.DataFrame, cost: str = "macs") -> Figure:
     """Every completed trial's accuracy against ``cost`` (log scale), with the Pareto front drawn."""
     done = trials[trials["state"] == "COMPLETE"]
     front = pareto_front(done, "val_acc", cost)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, (ax,) = _figure(6, 4.5)
     ax.scatter(done[cost], done["val_acc"], s=14, alpha=0.6, label="trials")
     ax.plot(front[cost], front["val_acc"], color="C3", marker="o", label="Pareto front")
     for row in front.itertuples():
@@ -116,7 +119,7 @@ def plot_pareto(trials: pd.DataFrame, path: Path, cost: str = "macs") -> Path:
     ax.set(xscale="log", xlabel=cost, ylabel="validation accuracy", title=f"accuracy vs {cost}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
 def write_plots(trials: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> list[Path]:
@@ -124,7 +127,7 @@ def write_plots(trials: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> lis
     done = trials[trials["state"] == "COMPLETE"]
     if done.empty:
         return []
-    done_curves = curves[curves["trial"].isin(done["trial"])]
-    return [plot_curves(done_curves, folder / "curves.png"), plot_spectrum(trials, folder / "spectrum.png"),
-            plot_edf(trials, folder / "edf.png"), plot_pareto(trials, folder / "pareto_macs.png", "macs"),
-            plot_pareto(trials, folder / "pareto_latency.png", "latency_ms")]
+    figures = {"curves.png": plot_curves(curves[curves["trial"].isin(done["trial"])]),
+               "spectrum.png": plot_spectrum(trials), "edf.png": plot_edf(trials),
+               "pareto_macs.png": plot_pareto(trials, "macs"), "pareto_latency.png": plot_pareto(trials, "latency_ms")}
+    return [save_figure(fig, folder / name) for name, fig in figures.items()]

@@ -1,0 +1,45 @@
+"""Notebook use: importing continuum leaves matplotlib's backend alone, plots return figures, and the example
+analysis runs on a committed study's tables."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from continuum import plots, results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_continuum_never_switches_the_backend():
+    code = ("import matplotlib; import continuum, continuum.plots, continuum.report, continuum.sweep.cli, "
+            "continuum.spectrum, continuum.bench; print(matplotlib.get_backend())")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=os.environ | {"MPLBACKEND": "svg"}).stdout.split()[-1]
+    assert shown == "svg"
+
+
+def test_plot_functions_return_figures_that_write_plots_saves(tmp_path):
+    trials, curves = results.load(ROOT / "results/default"), results.load(ROOT / "results/default", curves=True)
+    figures = [plots.plot_spectrum(trials), plots.plot_curves(curves), plots.plot_edf(trials),
+               plots.plot_pareto(trials, "latency_ms")]
+    assert all(isinstance(fig, Figure) for fig in figures)
+    assert len(figures[0].axes) == 3 and figures[0].axes[0].get_xlabel() == "segments"
+    path = plots.save_figure(figures[2], tmp_path / "edf.svg")
+    assert path.read_text().lstrip().startswith("<?xml")
+
+
+def test_the_example_analysis_runs_on_a_studys_tables(tmp_path):
+    folder = shutil.copytree(ROOT / "results/default", tmp_path / "default")
+    run = subprocess.run([sys.executable, str(ROOT / "examples/analyse_a_study.py"), str(folder)],
+                         capture_output=True, text=True, env=os.environ | {"MPLBACKEND": "svg"})
+    assert run.returncode == 0, run.stderr
+    trials = pd.read_csv(folder / "trials.csv")
+    for segments in trials["segments"].astype(str):
+        assert f" {segments} " in run.stdout
+    assert "val_acc_ci_low" in run.stdout
+    assert (folder / "analysis_spectrum.png").stat().st_size > 1000
