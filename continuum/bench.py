@@ -347,8 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_conv:
         table, peaks = conv_table(shapes, dtypes, device, args.repeats, args.min_ms, segments)
         atomic_write(out / f"conv_{tag}.csv", lambda path: table.to_csv(path, index=False))
-        print("peak GEMM: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items() if k in
-                                         ("float32", "bfloat16")) + f"; copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+        gemm = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items() if k in ("float32", "bfloat16"))
+        print(f"peak GEMM: {gemm}; copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s")
         columns = ["shape", "dtype", "layer", "segments", "ours_ms", "ours_layout", "strategy", "native_nchw_ms",
                    "native_cl_ms", "timm_separable_ms", "speedup_vs_native", "speedup_low", "speedup_high",
                    "x_fewer_segments", "achieved_gflops", "floor_ms", "x_floor"]
