@@ -289,8 +289,8 @@ def train_table(device: torch.device, images: int, peak: float, segments: Sequen
     return pd.DataFrame(rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m continuum.bench", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m continuum.bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16 (default: fp32)")
     parser.add_argument("--shapes", default="xception_middle,small_64,small_128,small_256",
@@ -316,8 +316,9 @@ def _choices(text: str, known: dict, what: str) -> list:
     return [known[n] for n in names]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.bench") -> int:
+    """Run the command with ``argv`` (``prog``: how it is called); returns the exit code (2: bad input)."""
+    args = build_parser(prog).parse_args(argv)
     keep_freed_memory()
     try:
         device = resolve_device(args.device)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from continuum.kernels import ConvGeometry
-from continuum.knobs import Segments, in_layer, parse_mid_act, parse_order, segment_sizes, \
+from continuum.knobs import Segments, in_layer, parse_kernel_size, parse_mid_act, parse_order, segment_sizes, \
     segments_from_width
 from continuum.strategy import segmented_conv2d
 
@@ -255,6 +255,7 @@ class ContinuumBlock(nn.Module):
         depth_multiplier: spatial outputs per spatial input channel.
         uneven: allow segment counts that do not divide the channels.
         segment_width: channels per segment instead of a count.
+        kernel_size: the spatial convs' kernel (3 in Xception; 7 in ConvNeXt's depthwise convs), "same" padded.
     """
 
     def __init__(
@@ -275,10 +276,12 @@ class ContinuumBlock(nn.Module):
         depth_multiplier: int = 1,
         uneven: bool = False,
         segment_width: int | None = None,
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()
         if reps < 1:
             raise ValueError(f"reps={reps} is not valid; a block needs at least one unit")
+        kernel_size = parse_kernel_size(kernel_size)
         self.residual = residual
         if residual and (in_channels != out_channels or stride != 1):
             self.skip = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
@@ -295,7 +298,8 @@ class ContinuumBlock(nn.Module):
                 # the first activation must not overwrite the block input the shortcut still needs
                 layers.append(create_act(act_layer, inplace=i > 0))
             with in_layer(f"rep.{len(layers)}"):
-                layers.append(ContinuumConv(unit_in, unit_out, 3, segments=segments, order=order, mid_act=mid_act,
+                layers.append(ContinuumConv(unit_in, unit_out, kernel_size, segments=segments, order=order,
+                                            mid_act=mid_act,
                                             mid_norm=mid_norm, depth_multiplier=depth_multiplier, uneven=uneven,
                                             segment_width=segment_width))
             layers.append(create_norm(norm_layer, unit_out))

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 from continuum.data import DATASETS
-from continuum.knobs import parse_bool, parse_mid_act, parse_order, parse_segments
+from continuum.knobs import parse_bool, parse_kernel_size, parse_mid_act, parse_order, parse_segments
 
 Parser = Callable[[Any], Any]
 """Turns a value from the command line (text) or an experiment file (TOML types) into a checked value, raising
@@ -235,6 +235,10 @@ class ModelConfig(ConfigBase):
         order: operation order(s).
         mid_act: intermediate activation(s).
         residual: shortcut(s) on or off.
+        segment_width: channels per segment instead of a count (RegNet's group width); when set, ``segments`` is
+            ``None``.
+        kernel_size: kernel size(s) of the spatial convs (odd).
+        depths: blocks per stage, one count for every stage or a tuple; ``None``: the model's own.
         width: width multiplier (models with a ``width_mult`` knob).
         width_divisor: widths are rounded to multiples of it; ``None``: the model's default.
         drop_rate: dropout before the classifier.
@@ -245,6 +249,9 @@ class ModelConfig(ConfigBase):
     order: Any = "depthwise_first"
     mid_act: Any = None
     residual: Any = True
+    segment_width: Any = None
+    kernel_size: Any = 3
+    depths: Any = None
     width: float = 1.0
     width_divisor: int | None = None
     drop_rate: float = 0.0
@@ -256,9 +263,13 @@ class ModelConfig(ConfigBase):
 
         if not self.width > 0:
             raise ValueError(f"width={self.width} is not valid; use a positive multiplier")
-        return ModelConfig(self.model, each(self.segments, parse_segments), each(self.order, parse_order),
-                           each(self.mid_act, parse_mid_act), each(self.residual, parse_bool), float(self.width),
-                           self.width_divisor, self.drop_rate)
+        segment_width = None if self.segment_width is None else each(self.segment_width, integer(1))
+        return dataclasses.replace(
+            self, segments=None if segment_width is not None else each(self.segments, parse_segments),
+            order=each(self.order, parse_order), mid_act=each(self.mid_act, parse_mid_act),
+            residual=each(self.residual, parse_bool), segment_width=segment_width,
+            kernel_size=each(self.kernel_size, parse_kernel_size),
+            depths=None if self.depths is None else each(self.depths, integer(1)), width=float(self.width))
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model`` (list-valued knobs become per-stage lists).
@@ -267,9 +278,9 @@ class ModelConfig(ConfigBase):
         continuum's own models have the same defaults.
         """
         kwargs = {"drop_rate": self.drop_rate}
-        for knob in ("segments", "order", "mid_act", "residual"):
+        for knob in ("segments", "order", "mid_act", "residual", "segment_width", "kernel_size", "depths"):
             value = getattr(self, knob)
-            if value != _DEFAULT_KNOBS[knob]:
+            if value != _DEFAULT_KNOBS[knob] and not (knob == "segments" and self.segment_width is not None):
                 kwargs[knob] = list(value) if isinstance(value, tuple) else value
         if self.width != 1.0 or self.width_divisor is not None:
             kwargs["width_mult"] = self.width

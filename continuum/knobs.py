@@ -44,6 +44,20 @@ def parse_segments(value: Segments | str) -> Segments:
     return value
 
 
+def parse_kernel_size(value: int | str) -> int:
+    """Check a spatial kernel size: an odd int >= 1 (so "same" padding is symmetric).
+
+    Raises:
+        ValueError: naming the accepted values.
+    """
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if isinstance(text, bool) or not isinstance(text, int) or text < 1 or text % 2 == 0:
+        raise ValueError(f"kernel_size={value!r} is not valid; use an odd int >= 1 such as 3, 5 or 7")
+    return text
+
+
 def parse_order(value: str) -> str:
     """Check an operation order name.
 

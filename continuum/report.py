@@ -29,13 +29,17 @@ def write_summary(folder: Path, trials=None) -> Path:
 
 
 def write_report(folder: Path) -> list[Path]:
-    """``summary.md`` and every plot of the study in ``folder``, from ``trials.csv`` and ``curves.csv``."""
+    """``summary.md``, ``trials.parquet`` (a typed copy of ``trials.csv`` for other tools) and every plot of the
+    study in ``folder``, from ``trials.csv`` and ``curves.csv``."""
     trials = load(folder)
-    return [write_summary(folder, trials), *write_plots(trials, load(folder, curves=True), folder)]
+    atomic_write(folder / "trials.parquet", lambda path: trials.to_parquet(path, index=False))
+    return [write_summary(folder, trials), folder / "trials.parquet",
+            *write_plots(trials, load(folder, curves=True), folder)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m continuum.report", description=__doc__.split("\n\n")[0],
+def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.report") -> int:
+    """Run the command with ``argv`` (``prog``: how it is called); returns the exit code (2: bad tables)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a study's results folder, e.g. results/default")

@@ -1,7 +1,7 @@
 """A study or a results folder -> one tidy pandas DataFrame, one row per trial, plain column names.
 
-Tables written next to a study (``DIR/<study>/``, by :func:`continuum.sweep.study.export`): ``trials.csv``
-(+ ``trials.parquet`` with pyarrow, a typed copy for other tools), ``curves.csv`` (one row per trial and epoch);
+Tables written next to a study (``DIR/<study>/``, by :class:`continuum.sweep.tables.StudyTables`): ``trials.csv``
+(+ ``trials.parquet``, a typed copy for other tools), ``curves.csv`` (one row per trial and epoch);
 their columns are :data:`~continuum.sweep.record.TRIAL_COLUMNS` and :data:`~continuum.sweep.record.CURVE_COLUMNS`.
 A folder is always read from its CSV tables, the complete record (never from a Parquet copy that may be stale), and
 every table read from a file is checked: a garbled, empty, truncated or foreign table is a :class:`TableError`.
@@ -10,11 +10,14 @@ every table read from a file is checked: a garbled, empty, truncated or foreign 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
+import torch
 from optuna.trial import TrialState
 
+from continuum.checkpoint import load_checkpoint
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, TrialId, \
     TrialMetrics, names, study_frames
 
@@ -111,3 +114,41 @@ def load(source: str | Path | optuna.Study, study_name: str | None = None, curve
     if not path.is_file():
         raise FileNotFoundError(f"no results table at {path}; run python -m continuum.sweep first")
     return read_table(path, kind)
+
+
+def load_model(folder: str | Path, trial: int | None = None, device: str | torch.device = "cpu", **point: Any
+               ) -> torch.nn.Module:
+    """The trained model of one completed trial of a study run with ``--save-models``, rebuilt exactly (the same
+    architecture and weights; in eval mode).
+
+    Args:
+        folder: the study's results folder.
+        trial: the trial's number; or leave it out and pick the trial by its point instead.
+        device: where the model goes.
+        point: point columns that pick the one completed trial (``segments="all", seed=0``).
+
+    Raises:
+        ValueError: no completed trial, or several, match; or a column that is not a point column.
+        FileNotFoundError: no tables, or the trial saved no model (run the sweep with ``--save-models``).
+    """
+    folder = Path(folder)
+    unknown = sorted(set(point) - set(POINT_COLUMNS))
+    if unknown:
+        raise ValueError(f"{unknown} are not point columns; pick a trial by trial= or by {', '.join(POINT_COLUMNS)}")
+    done = load(folder)
+    done = done[done["state"] == "COMPLETE"]
+    criteria = {"trial": trial} if trial is not None else point
+    for column, value in criteria.items():
+        numeric = pd.api.types.is_numeric_dtype(done[column]) and not isinstance(value, str)
+        done = done[done[column] == value] if numeric else done[done[column].astype(str) == str(value)]
+    described = ", ".join(f"{k}={v!r}" for k, v in criteria.items()) or "no criteria"
+    if done.empty:
+        raise ValueError(f"no completed trial in {folder} matches {described}")
+    if len(done) > 1:
+        raise ValueError(f"{len(done)} trials match {described} (trials {', '.join(map(str, done['trial']))}); "
+                         "name more point columns, or trial=")
+    number = int(done["trial"].iloc[0])
+    path = folder / "models" / f"trial_{number:04d}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: trial {number} saved no model; run the sweep with --save-models")
+    return load_checkpoint(path, device)[0]

@@ -115,9 +115,9 @@ def spectrum_table(
     return table
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spectrum") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m continuum.spectrum", description=__doc__.split("\n\n")[0],
+        prog=prog, description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="continuum_small", help="registered timm model (default: %(default)s)")
     parser.add_argument("--segments", default="1,2,4,8,16,32,all", help="comma list (default: %(default)s)")
@@ -138,8 +138,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spectrum") -> int:
+    """Run the command with ``argv`` (``prog``: how it is called); returns the exit code (2: bad input)."""
+    args = parse_args(argv, prog)
     keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:

@@ -17,7 +17,9 @@ The tuner's state (mode, choices, peak rates, the disk cache) lives in one :clas
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import json
 import math
 import os
@@ -170,6 +172,7 @@ class Tuner:
         self.by_signature: dict[tuple, Strategy] = {}
         self.peaks: dict[str, float] = {}
         self.disk_loaded = False
+        self.used: dict[tuple, Strategy] | None = None  # filled inside recording()
 
     def current_mode(self) -> str:
         """The mode set by :func:`conv_strategy`, else ``$CONTINUUM_CONV_STRATEGY`` (read when first needed, and
@@ -229,7 +232,18 @@ class Tuner:
         strategy = self.by_signature.get(signature)
         if strategy is None:
             strategy = self.by_signature[signature] = self._tuned(x, weight, bias, geom, grad)
+        if self.used is not None:
+            self.used[signature] = strategy
         return strategy
+
+    @contextmanager
+    def recording(self) -> Iterator[dict[tuple, Strategy]]:
+        """Within the block, record the strategy each autotuned call ran with, ``{call signature: strategy}``."""
+        self.used = {}
+        try:
+            yield self.used
+        finally:
+            self.used = None
 
     def _tuned(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
                grad: bool) -> Strategy:
@@ -253,6 +267,22 @@ class Tuner:
 
 TUNER = Tuner()
 """The process's tuner."""
+
+
+def strategies_fingerprint(used: dict[tuple, Strategy]) -> str:
+    """A short text naming the strategies a run's segmented convs ran with, to tell runs whose kernels differed (it
+    can change the third decimal of an accuracy): the count per strategy and a hash of every (call, strategy)
+    pair, such as ``grouped/1 x6, unfold x2 #3fa2c1d9``; ``native`` when no call was autotuned.
+
+    Args:
+        used: what :meth:`Tuner.recording` recorded.
+    """
+    if not used:
+        return "native"
+    pairs = sorted(f"{signature}={strategy.name}" for signature, strategy in used.items())
+    counts = collections.Counter(strategy.name for strategy in used.values())
+    digest = hashlib.sha1("\n".join(pairs).encode()).hexdigest()[:8]
+    return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items())) + f" #{digest}"
 
 
 def current_mode() -> str:

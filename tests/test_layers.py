@@ -17,15 +17,16 @@ LAYERS = [
     "continuum.models.base", "continuum.models.small", "continuum.models.xception", "continuum.models.inception",
     "continuum.models.convert", "continuum.models",
     # data, settings, training
-    "continuum.data", "continuum.config", "continuum.train", "continuum",
+    "continuum.data", "continuum.config", "continuum.train", "continuum.tracking", "continuum.checkpoint", "continuum",
     # the sweep (the only place Optuna lives)
     "continuum.sweep", "continuum.sweep.settings", "continuum.sweep.points", "continuum.sweep.record",
-    "continuum.sweep.storage", "continuum.sweep.objective", "continuum.sweep.study", "continuum.sweep.workers",
+    "continuum.sweep.storage", "continuum.sweep.tables", "continuum.sweep.objective", "continuum.sweep.study",
+    "continuum.sweep.workers",
     # results -> analysis -> plots -> report
     "continuum.results", "continuum.analysis", "continuum.plots", "continuum.report",
     # command lines
     "continuum.sweep.cli", "continuum.sweep.worker", "continuum.sweep.__main__", "continuum.spectrum",
-    "continuum.bench",
+    "continuum.bench", "continuum.cli", "continuum.__main__",
 ]
 
 

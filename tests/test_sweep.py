@@ -297,3 +297,37 @@ def test_pruner_stops_weak_trials_and_they_count_as_done(tmp_path):
 def test_compiled_model_trains(tmp_path):
     assert sweep(tmp_path, "--segments", "all", "--compile") == 0
     assert set(results.load(tmp_path / "default")["state"]) == {"COMPLETE"}
+
+
+def test_new_axes_segment_width_kernel_size_and_depths_are_columns_and_change_the_model(tmp_path):
+    args = ["--segment-width", "8", "--kernel-size", "3,5", "--depths", "1,2/1/1"]
+    assert sweep(tmp_path, *args) == 0
+    trials = results.load(tmp_path / "default")
+    assert len(trials) == 4 and set(trials["state"]) == {"COMPLETE"}
+    assert set(trials["segment_width"]) == {8} and set(trials["segments"]) == {"none"}
+    assert sorted(set(zip(trials["kernel_size"], trials["depths"].astype(str)))) == [
+        (3, "1"), (3, "2/1/1"), (5, "1"), (5, "2/1/1")]
+    params = trials.set_index(["kernel_size", "depths"])["params"]
+    assert params.loc[(5, "1")] > params.loc[(3, "1")] and params.loc[(3, "2/1/1")] > params.loc[(3, "1")]
+    built = build_model(ModelConfig(segment_width=8, kernel_size=5, depths=(2, 1, 1)).validate(), make_synthetic())
+    assert built.stages.stage1[1].rep[1].spatial.kernel_size == (5, 5)
+    assert built.stages.stage1[0].rep[1].spatial.segments == 64 // 8
+
+
+def test_match_flops_scales_width_to_equal_flops(tmp_path):
+    assert sweep(tmp_path, "--segments", "1,all", "--match-flops", "60000000") == 0
+    trials = results.load(tmp_path / "default")
+    assert ((trials["flops"] - 60_000_000).abs() <= 1_200_000).all()
+    assert trials.set_index("segments").loc["1", "width"] < trials.set_index("segments").loc["all", "width"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kernel-size", "4"], "kernel_size=4 is not valid; use an odd int"),
+    (["--depths", "0"], "depths='0' is not valid"),
+    (["--segment-width", "8", "--segments", "4"], "give one of them"),
+    (["--match-params", "1000", "--match-flops", "1000"], "give one of them"),
+    (["--match-flops", "1000", "--width", "2"], "match_flops needs no explicit widths"),
+])
+def test_new_axes_refuse_bad_values(tmp_path, capsys, args, message):
+    assert sweep(tmp_path, *args) == 2
+    assert message in capsys.readouterr().err

@@ -32,7 +32,7 @@ class ContinuumSmall(ContinuumClassifier):
         drop_rate: dropout before the classifier.
         stem_width: channels of the stem conv.
         widths: output channels of each stage.
-        depths: residual blocks per stage.
+        depths: residual blocks per stage (or one count for every stage).
         strides: downsampling factor of each stage's first block.
         reps: separable units per block.
         width_mult: scales ``stem_width`` and ``widths``; results are rounded to ``width_divisor``.
@@ -42,6 +42,7 @@ class ContinuumSmall(ContinuumClassifier):
         mid_act: activation between the two ops of each unit, per stage or one value.
         residual: shortcuts, per stage or one value.
         segment_width: channels per segment instead of a count, per stage or one value.
+        kernel_size: kernel of the spatial convs (odd, "same" padded), per stage or one value.
         uneven: allow segment counts that do not divide a layer's channels (near-equal segments).
         act_layer: activation between units.
         norm_layer: norm after every conv.
@@ -59,7 +60,7 @@ class ContinuumSmall(ContinuumClassifier):
         drop_rate: float = 0.0,
         stem_width: int = 32,
         widths: Sequence[int] = (64, 128, 256),
-        depths: Sequence[int] = (1, 1, 1),
+        depths: int | Sequence[int] = (1, 1, 1),
         strides: Sequence[int] = (2, 2, 2),
         reps: int = 2,
         width_mult: float = 1.0,
@@ -69,6 +70,7 @@ class ContinuumSmall(ContinuumClassifier):
         mid_act: PerStage = None,
         residual: PerStage = True,
         segment_width: PerStage = None,
+        kernel_size: PerStage = 3,
         uneven: bool = False,
         act_layer: LayerSpec = "relu",
         norm_layer: LayerSpec = "batchnorm2d",
@@ -79,6 +81,7 @@ class ContinuumSmall(ContinuumClassifier):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_classes, in_chans)
+        depths = (depths,) * len(widths) if isinstance(depths, int) else tuple(depths)
         if not (len(widths) == len(depths) == len(strides)) or not widths:
             raise ValueError(f"widths {tuple(widths)}, depths {tuple(depths)} and strides {tuple(strides)} need "
                              "one entry per stage (at least one stage)")
@@ -86,7 +89,7 @@ class ContinuumSmall(ContinuumClassifier):
             raise ValueError(f"width_mult={width_mult} is not valid; use a positive number")
         stages = tuple(f"stage{i + 1}" for i in range(len(widths)))
         given = {"segments": segments, "order": order, "mid_act": mid_act, "residual": residual,
-                 "segment_width": segment_width}
+                 "segment_width": segment_width, "kernel_size": kernel_size}
         knobs: Mapping[str, dict[str, Any]] = {name: spread(value, stages, name) for name, value in given.items()}
         self.widths = tuple(make_divisible(w * width_mult, width_divisor) for w in widths)
         self.stem_width = make_divisible(stem_width * width_mult, width_divisor)

@@ -80,6 +80,7 @@ class ContinuumXception(ContinuumClassifier):
         mid_act: activation between the two ops of each unit (``None``: the paper's), or a per-flow dict.
         residual: shortcuts on the residual blocks, or a per-flow dict.
         segment_width: channels per segment instead of a count (int or per-flow dict); overrides ``segments``.
+        kernel_size: kernel of the spatial convs (3 in the paper; odd, "same" padded), or a per-flow dict.
         uneven: allow segment counts that do not divide a layer's channels (near-equal segments).
         act_layer: activation between units.
         norm_layer: norm after every conv (PyTorch ``BatchNorm2d`` defaults, as timm's port).
@@ -102,6 +103,7 @@ class ContinuumXception(ContinuumClassifier):
         mid_act: LayerSpec | Mapping[str, LayerSpec] = None,
         residual: bool | Mapping[str, bool] = True,
         segment_width: int | Mapping[str, int] | None = None,
+        kernel_size: int | Mapping[str, int] = 3,
         uneven: bool = False,
         act_layer: LayerSpec = "relu",
         norm_layer: LayerSpec = "batchnorm2d",
@@ -114,7 +116,8 @@ class ContinuumXception(ContinuumClassifier):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_classes, in_chans)
-        given = {"segments": segments, "order": order, "mid_act": mid_act, "segment_width": segment_width}
+        given = {"segments": segments, "order": order, "mid_act": mid_act, "segment_width": segment_width,
+                 "kernel_size": kernel_size}
         knobs = {name: spread(value, FLOWS, name) for name, value in given.items()}
         residuals = spread(residual, FLOWS, "residual")
         shared = {"uneven": uneven, "mid_norm": mid_norm, "depth_multiplier": depth_multiplier}
@@ -138,11 +141,11 @@ class ContinuumXception(ContinuumClassifier):
             self.add_module(spec.name, block)
             self.block_names.append(spec.name)
         with in_layer("conv3"):
-            self.conv3 = ContinuumConv(1024, 1536, 3, **unit_knobs("exit"))
+            self.conv3 = ContinuumConv(1024, 1536, **unit_knobs("exit"))
         self.bn3 = create_norm(norm_layer, 1536)
         self.act3 = create_act(act_layer, inplace=True)
         with in_layer("conv4"):
-            self.conv4 = ContinuumConv(1536, 2048, 3, **unit_knobs("exit"))
+            self.conv4 = ContinuumConv(1536, 2048, **unit_knobs("exit"))
         self.bn4 = create_norm(norm_layer, 2048)
         self.act4 = create_act(act_layer, inplace=True)
         self.head = ClassifierHead(2048, num_classes, drop_rate, tuple(fc_dims), act_layer, global_pool)
@@ -176,7 +179,7 @@ def _non_default_units(model: ContinuumXception) -> list[str]:
             spatial = module.spatial
             depthwise = spatial.segments == spatial.in_channels == spatial.out_channels
             if module.order != "depthwise_first" or not depthwise or not isinstance(module.mid_act, nn.Identity) \
-                    or not isinstance(module.mid_norm, nn.Identity):
+                    or not isinstance(module.mid_norm, nn.Identity) or spatial.kernel_size != (3, 3):
                 problems.append(name)
         elif isinstance(module, ContinuumBlock) and not module.residual:
             problems.append(name)

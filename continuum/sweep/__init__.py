@@ -5,7 +5,8 @@
 - :mod:`~continuum.sweep.record`: :class:`TrialRecord`, whose fields are the results columns;
 - :mod:`~continuum.sweep.storage`: Optuna storages (SQLite, journal file, PostgreSQL) kept alive;
 - :mod:`~continuum.sweep.objective`: trains one point per trial and records it;
-- :mod:`~continuum.sweep.study`: open, resume, exactly once, run, export;
+- :mod:`~continuum.sweep.tables`: the results tables, kept current after every trial;
+- :mod:`~continuum.sweep.study`: open, resume, exactly once, run;
 - :mod:`~continuum.sweep.workers` / :mod:`~continuum.sweep.worker`: local worker processes;
 - :mod:`~continuum.sweep.cli` (``python -m continuum.sweep``): the command line.
 

@@ -6,6 +6,11 @@ Examples:
   python -m continuum.sweep --segments 1,8,all --order depthwise_first,pointwise_first --seeds 0,1,2
   python -m continuum.sweep --mid-act none,elu,relu --residual on,off --epochs 10 --study ablations
   python -m continuum.sweep --segments 1,2,4,8,16,32,all --match-params 300000
+  python -m continuum.sweep --segments 1,4,all --match-flops 20000000          # equal FLOPs per image instead
+  python -m continuum.sweep --segment-width 1,4,16,64                          # channels per segment (RegNet)
+  python -m continuum.sweep --segments 1,all --kernel-size 3,5,7               # ConvNeXt's 7x7 depthwise too
+  python -m continuum.sweep --segments 1,all --depths 1,2/2/2,1/3/1            # blocks per stage
+  python -m continuum.sweep --segments 1,all --tracker tensorboard --save-models
   python -m continuum.sweep --search nsga2 --n-trials 40 --objectives val_acc,latency
   python -m continuum.sweep --config experiments/spectrum.toml
   python -m continuum.sweep --dataset cifar10 --device cuda --storage postgresql://user@host/continuum
@@ -32,10 +37,11 @@ from continuum.allocator import keep_freed_memory
 from continuum.data import DataError, TensorData, load_dataset
 from continuum.report import write_report, write_summary
 from continuum.strategy import check_environment
-from continuum.sweep.points import build_model, grid_points, match_width
+from continuum.sweep.points import build_model, grid_points, matched
 from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
 from continuum.sweep.study import check_paths, run, storage_url
 from continuum.sweep.workers import run_workers
+from continuum.tracking import Trackers
 from continuum.train import resolve_device
 
 
@@ -43,10 +49,10 @@ STORAGE_FAULTS = (OSError, optuna.exceptions.StorageInternalError, sqlalchemy.ex
 """Faults of the disk or the database during a sweep: one line and exit code 1, the study kept as it is."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m continuum.sweep") -> argparse.ArgumentParser:
     """The command line: one option per setting (see :func:`~continuum.sweep.settings.add_arguments`), plus
-    ``--config`` and ``--quiet``."""
-    parser = argparse.ArgumentParser(prog="python -m continuum.sweep", description=__doc__.split("\n\n")[0],
+    ``--config`` and ``--quiet``; ``prog`` is how it is called (in ``--help``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
@@ -78,31 +84,32 @@ def prepare(cfg: SweepConfig) -> TensorData:
     and storage paths are writable and every grid point builds (nothing is written before this passes).
 
     Raises:
-        ValueError, DataError: a bad device, environment variable or path, a point that does not build, a missing
-            or unusable dataset.
+        ValueError, DataError: a bad device, environment variable, path or tracker, a point that does not build, a
+            missing or unusable dataset.
     """
     resolve_device(cfg.train.device)
     check_environment()
     check_paths(cfg)
+    Trackers(cfg.trackers)  # each can be made (installed, importable)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir).subset(cfg.data.train_size, cfg.data.val_size)
     if cfg.search == "grid":
         for config, _ in grid_points(cfg):
-            match_width(config, cfg.match_params, data) if cfg.match_params else build_model(config, data)
+            build_model(matched(config, cfg, data), data)
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m continuum.sweep`` with ``argv``; returns the exit code (2: bad input, 1: a disk or database
-    fault, 130: interrupted)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.sweep") -> int:
+    """Run ``python -m continuum.sweep`` (or ``continuum sweep``: ``prog``) with ``argv``; returns the exit code (2:
+    bad input, 1: a disk or database fault, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     quiet_logs(args.quiet)
     stop_on_sigterm()
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet") and v is not None}
     try:
         cfg = from_settings((read_experiment(args.config) if args.config else {}) | settings)
         data = prepare(cfg)
-        command = "python -m continuum.sweep " + shlex.join(argv)
+        command = f"{prog} {shlex.join(argv)}"
         sweep = run_workers if cfg.workers > 1 else run
         sweep(cfg, data, not args.quiet, command, write_summary)
         folder = Path(cfg.out) / cfg.study

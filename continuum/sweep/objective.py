@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import optuna
+import timm
 import torch
 
+from continuum.checkpoint import save_checkpoint
 from continuum.cost import measure_latency, model_cost
 from continuum.data import TensorData
 from continuum.config import ModelConfig
 from continuum.knobs import SegmentError
-from continuum.sweep.points import INTERRUPTED, TrialFailed, build_model, grid_point, match_width, suggest_point
-from continuum.sweep.record import record
+from continuum.strategy import TUNER, strategies_fingerprint
+from continuum.sweep.points import INTERRUPTED, TrialFailed, build_model, creation_kwargs, grid_point, matched, \
+    show_point, suggest_point, varied_knobs
+from continuum.sweep.record import point_cells, record
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.timing import device_name
+from continuum.tracking import Trackers
 from continuum.train import TrainingFailed, curve_summary, fit, resolve_device
 
 log = logging.getLogger("continuum.sweep")
@@ -41,6 +47,15 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def environment(device: torch.device) -> dict[str, object]:
+    """What a trial's numbers may depend on besides the code: the device, threads and library versions."""
+    cuda = device.type == "cuda"
+    return {"device": device_name(device), "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "optuna": optuna.__version__,
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": str(torch.backends.cudnn.version()) if cuda else None}
+
+
 class Objective:
     """Trains one point per trial and records everything about it on the trial.
 
@@ -59,18 +74,22 @@ class Objective:
             "dataset": cfg.data.dataset, "train_size": len(data.train_y), "val_size": len(data.val_y),
             "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe,
             "lr": cfg.train.resolved_lr, "weight_decay": cfg.train.resolved_weight_decay,
-            "latency_batch": cfg.latency_batch, "device": device_name(self.device), "torch": torch.__version__,
-            "git": _git_commit(), "worker": worker_id(),
-        }
+            "latency_batch": cfg.latency_batch, "git": _git_commit(), "worker": worker_id(),
+        } | environment(self.device)
+        self.settings = {k: self.context[k] for k in ("dataset", "train_size", "epochs", "batch_size", "recipe", "lr",
+                                                      "weight_decay")}
+        self.folder = Path(cfg.out) / cfg.study
+        self.trackers = Trackers(cfg.trackers)
 
     def configure(self, trial: optuna.Trial) -> tuple[ModelConfig, int]:
-        """The trial's point, width-matched when ``match_params`` is set."""
+        """The trial's point, width-matched when ``match_params`` or ``match_flops`` is set."""
         if self.cfg.search == "grid":
             config, seed = grid_point(trial, self.cfg.retry_failed)
         else:
             config, seed = suggest_point(trial, self.cfg)
-        if self.cfg.match_params:
-            config = match_width(config, self.cfg.match_params, self.data)
+        config = matched(config, self.cfg, self.data)
+        if self.cfg.search == "grid":
+            show_point(trial, config, varied_knobs(self.cfg))
         return config, seed
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -81,40 +100,56 @@ class Objective:
         config, seed = self.configure(trial)
         trial.set_user_attr("config", config.to_dict() | {"seed": seed})
         record(trial, **self.context)
+        hparams = {k: "none" if v is None else v for k, v in point_cells(config.to_dict() | {"seed": seed}).items()}
+        self.trackers.start_trial(trial.number, hparams | self.settings, self.folder)
         curve: list[dict] = []
+        final: dict = {}
 
         def on_epoch(metrics: dict) -> None:
             curve.append(metrics)
             trial.set_user_attr("curve", curve)
-            record(trial, **curve_summary(curve), wall_s=time.perf_counter() - start)
+            final.update(curve_summary(curve), wall_s=time.perf_counter() - start)
+            record(trial, **final)
+            self.trackers.log_epoch(metrics["epoch"], metrics)
             if len(self.cfg.objectives) == 1:
                 trial.report(metrics["val_acc"], metrics["epoch"])
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']}")
 
+        state = "FAIL"
         try:
             torch.manual_seed(seed)
             model = build_model(config, self.data)
             cost = model_cost(model, self.data.input_size)
-            costs = {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
-            record(trial, **costs)
-            fit(model, self.data, self.cfg.train, seed, on_epoch, self.progress, f"trial {trial.number}")
-            # after training, so that this trial's own training does not slow it; other work still may: recorded
-            latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
-            costs |= {"latency_ms": latency.median_ms, "latency_load": latency.other_load}
-            record(trial, latency_ms=latency.median_ms, latency_load=latency.other_load)
+            final.update(params=cost.params, macs=cost.macs, flops=cost.flops)
+            record(trial, **final)
+            with TUNER.recording() as strategies:
+                fit(model, self.data, self.cfg.train, seed, on_epoch, self.progress, f"trial {trial.number}")
+                # after training, so that this trial's own training does not slow it; other work still may: recorded
+                latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
+            final.update(latency_ms=latency.median_ms, latency_load=latency.other_load,
+                         conv_strategies=strategies_fingerprint(strategies))
+            record(trial, **final)
+            if self.cfg.save_models:
+                save_checkpoint(self.folder / "models" / f"trial_{trial.number:04d}.pt", model, config.model,
+                                creation_kwargs(config, self.data), {"trial": trial.number, **hparams})
+            state = "COMPLETE"
         except (TrainingFailed, SegmentError) as err:
             self._fail(trial, str(err))
         except torch.cuda.OutOfMemoryError:
             self._fail(trial, f"CUDA out of memory at batch size {self.cfg.train.batch_size}; lower --batch-size")
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
         except KeyboardInterrupt:
             record(trial, fail_reason=INTERRUPTED)
             raise
         except Exception as err:  # an unexpected error stops the sweep; the table says why, not "no heartbeat"
             record(trial, fail_reason=f"{type(err).__name__}: {str(err).strip()[:300]}")
             raise
-        columns = costs | curve_summary(curve)
-        result = tuple(columns[OBJECTIVES[name].column] for name in self.cfg.objectives)
+        finally:
+            self.trackers.end_trial(state, final)
+        result = tuple(final[OBJECTIVES[name].column] for name in self.cfg.objectives)
         return result[0] if len(result) == 1 else result
 
     @staticmethod

@@ -12,13 +12,15 @@ from typing import Any, Iterator, Sequence
 import optuna
 import timm
 import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.config import ModelConfig
+from continuum.cost import model_cost
 from continuum.data import TensorData
-from continuum.knobs import SegmentError
-from continuum.sweep.settings import SweepConfig, axis_fields
+from continuum.knobs import MID_ACTS, ORDERS, SegmentError
+from continuum.sweep.settings import LATER_AXES, SweepConfig, axis_fields, parse_depths
 
 MATCH_TOLERANCE = 0.02
 """``--match-params`` accepts widths giving the target parameter count within this fraction."""
@@ -42,6 +44,11 @@ class TrialFailed(Exception):
     """A trial that failed for a recorded reason; the sweep goes on."""
 
 
+def creation_kwargs(config: ModelConfig, data: TensorData) -> dict[str, Any]:
+    """The keyword arguments ``timm.create_model`` gets for the point's model sized for ``data``."""
+    return {"num_classes": data.num_classes, "in_chans": data.input_size[0], **config.model_kwargs()}
+
+
 def build_model(config: ModelConfig, data: TensorData) -> torch.nn.Module:
     """The model of one point, sized for ``data`` (channels, classes).
 
@@ -51,53 +58,79 @@ def build_model(config: ModelConfig, data: TensorData) -> torch.nn.Module:
     if not timm.is_model(config.model):
         raise ValueError(f"model {config.model!r} is not registered; continuum's are "
                          f"{', '.join(timm.list_models('continuum_*'))}")
-    kwargs = config.model_kwargs()
     try:
-        return timm.create_model(config.model, num_classes=data.num_classes, in_chans=data.input_size[0], **kwargs)
+        return timm.create_model(config.model, **creation_kwargs(config, data))
     except TypeError as err:
         raise ValueError(f"model {config.model} does not take these settings ({err}); sweep its own knobs only") \
             from None
 
 
-def _divisor(segments: Any) -> int:
-    counts = [s for s in (segments if isinstance(segments, tuple) else (segments,)) if isinstance(s, int)]
+def _divisor(config: ModelConfig) -> int:
+    """What every width must be a multiple of for the point's segment counts (or segment widths) to fit."""
+    counts = [s for knob in (config.segments, config.segment_width)
+              for s in (knob if isinstance(knob, tuple) else (knob,)) if isinstance(s, int)]
     return math.lcm(*counts) if counts else 1
 
 
-def match_width(config: ModelConfig, target: int, data: TensorData) -> ModelConfig:
-    """The config with the width whose parameter count is closest to ``target`` (widths rounded to multiples of the
-    segment count, so the count stays valid).
+MATCHED = {"params": "parameters", "flops": "FLOPs per image"}
+"""What ``--match-params`` / ``--match-flops`` hold equal across points."""
+
+
+def match_width(config: ModelConfig, target: int, data: TensorData, measure: str = "params") -> ModelConfig:
+    """The config with the width whose parameter count (or FLOPs per image, ``measure="flops"``) is closest to
+    ``target`` (widths rounded to multiples of the segment count or width, so the point stays valid).
 
     Raises:
         ValueError: the model has no width knob, or no width comes within 2 % of ``target``.
     """
-    def params(width: float) -> tuple[int, ModelConfig]:
-        candidate = ModelConfig(**(config.to_dict() | {"width": width, "width_divisor": _divisor(config.segments)}))
-        return sum(p.numel() for p in build_model(candidate, data).parameters()), candidate
+    def count(width: float) -> tuple[int, ModelConfig]:
+        candidate = ModelConfig(**(config.to_dict() | {"width": width, "width_divisor": _divisor(config)}))
+        model = build_model(candidate, data)
+        if measure == "flops":
+            return model_cost(model, data.input_size).flops, candidate
+        return sum(p.numel() for p in model.parameters()), candidate
 
+    flag = f"--match-{measure}"
     try:
         low, high = 1 / 32, 16.0
-        params(1.0)
+        count(1.0)
     except SegmentError:
         raise
     except ValueError as err:
-        raise ValueError(f"--match-params needs a model with a width knob (continuum_small): {err}") from None
-    for _ in range(40):  # bisection on the (step-wise increasing) parameter count
+        raise ValueError(f"{flag} needs a model with a width knob (continuum_small): {err}") from None
+    for _ in range(40):  # bisection on the (step-wise increasing) count
         middle = math.sqrt(low * high)
-        if params(middle)[0] < target:
+        if count(middle)[0] < target:
             low = middle
         else:
             high = middle
-    best_count, best = min((params(w) for w in (low, high)), key=lambda pair: abs(pair[0] - target))
+    best_count, best = min((count(w) for w in (low, high)), key=lambda pair: abs(pair[0] - target))
     if abs(best_count - target) > MATCH_TOLERANCE * target:
-        raise ValueError(f"--match-params {target}: segments={config.segments} gets no closer than {best_count:,} "
-                         f"parameters (width {best.width:.3f}); choose another target or allow other segment counts")
+        where = f"segment_width={config.segment_width}" if config.segment_width else f"segments={config.segments}"
+        raise ValueError(f"{flag} {target}: {where} gets no closer than {best_count:,} {MATCHED[measure]} "
+                         f"(width {best.width:.3f}); choose another target or allow other segment counts")
     return best
+
+
+def matched(config: ModelConfig, cfg: SweepConfig, data: TensorData) -> ModelConfig:
+    """The point as the sweep trains it: width-matched to ``--match-params`` or ``--match-flops`` when set."""
+    if cfg.match_params:
+        return match_width(config, cfg.match_params, data, "params")
+    if cfg.match_flops:
+        return match_width(config, cfg.match_flops, data, "flops")
+    return config
+
+
+KEYED_WHEN_SET = {f.metadata["axis"]: f.default[0] for f in axis_fields() if f.name in LATER_AXES}
+"""Knobs added after studies had been run (:data:`~continuum.sweep.settings.LATER_AXES`): a point's key names them
+only when they differ from these defaults, so an existing study's points keep their keys (and a rerun still finds
+them done)."""
 
 
 def point_key(config: ModelConfig, seed: int) -> str:
     """The canonical text of a grid point x seed: how a rerun recognises work already done."""
-    return json.dumps(config.to_dict() | {"seed": seed}, sort_keys=True, default=list)
+    knobs = {k: v for k, v in config.to_dict().items() if k not in KEYED_WHEN_SET or v != KEYED_WHEN_SET[k]}
+    return json.dumps(knobs | {"seed": seed}, sort_keys=True, default=list)
 
 
 def grid_points(cfg: SweepConfig) -> Iterator[tuple[ModelConfig, int]]:
@@ -118,12 +151,70 @@ def suggest_point(trial: optuna.Trial, cfg: SweepConfig) -> tuple[ModelConfig, i
     def per_part(name: str, choices: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(trial.suggest_categorical(f"{name}_{i + 1}", list(choices)) for i in range(STAGES))
 
+    def one_of(name: str, choices: Sequence[Any]) -> Any:  # a later axis: searched only when given several values
+        return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
+
+    depths = one_of("depths", ["/".join(map(str, d)) if isinstance(d, tuple) else d for d in cfg.depths])
     config = ModelConfig(
         model=trial.suggest_categorical("model", list(cfg.models)),
         segments=per_part("segments", cfg.segments), order=per_part("order", cfg.orders),
         mid_act=per_part("mid_act", cfg.mid_acts), residual=per_part("residual", cfg.residuals),
-        width=trial.suggest_categorical("width", list(cfg.widths)), drop_rate=cfg.drop_rate).validate()
+        segment_width=one_of("segment_width", cfg.segment_widths), kernel_size=one_of("kernel_size", cfg.kernel_sizes),
+        depths=parse_depths(depths), width=trial.suggest_categorical("width", list(cfg.widths)),
+        drop_rate=cfg.drop_rate).validate()
     return config, cfg.seeds[trial.number % len(cfg.seeds)]  # seeds cycle; not a parameter the sampler tunes
+
+
+SEGMENTS_ALL = 2**16
+"""How ``segments="all"`` shows as a number among a grid trial's Optuna params: more segments than any layer has
+channels, that is one per channel (the far end of the dashboard's log-scaled segments axis)."""
+
+
+def point_params(config: ModelConfig, knobs: Sequence[str]) -> dict[str, tuple[Any, BaseDistribution]]:
+    """A grid point's ``knobs`` as Optuna params ``{name: (value, distribution)}``, so that optuna-dashboard lists
+    them and plots against them.
+
+    Every distribution is fixed (numbers over a wide range, names over their whole vocabulary), never the grid's
+    own values: Optuna refuses a parameter whose distribution changes within a study, and a rerun may grow the
+    grid. Knobs a distribution cannot hold (a per-stage tuple, a model not of continuum's) are left out.
+    """
+    params = {
+        "model": (config.model, CategoricalDistribution(sorted(timm.list_models("continuum_*")))),
+        "segments": (SEGMENTS_ALL if config.segments == "all" else config.segments,
+                     IntDistribution(1, SEGMENTS_ALL, log=True)),
+        "order": (config.order, CategoricalDistribution(ORDERS)),
+        "mid_act": ("none" if config.mid_act is None else config.mid_act,
+                    CategoricalDistribution(["none" if act is None else act for act in MID_ACTS])),
+        "residual": (config.residual, CategoricalDistribution((True, False))),
+        "width": (config.width, FloatDistribution(1 / 64, 64.0, log=True)),
+    }
+
+    def fits(value: Any, distribution: BaseDistribution) -> bool:
+        if isinstance(distribution, CategoricalDistribution):
+            return value in distribution.choices
+        return isinstance(value, (int, float)) and distribution.low <= value <= distribution.high
+
+    return {name: (value, dist) for name, (value, dist) in params.items() if name in knobs and fits(value, dist)}
+
+
+def varied_knobs(cfg: SweepConfig) -> list[str]:
+    """The knobs a grid varies: its axes with several values (and the width, when it is matched). Only
+    these are shown as params: a constant one would only add noise to the dashboard's importance plot. The seed
+    is a replicate, not a knob; it stays in the ``config`` user attribute."""
+    varied = [f.metadata["axis"] for f in axis_fields()
+              if f.metadata["axis"] != "seed" and len(getattr(cfg, f.name)) > 1]
+    matching = cfg.match_params or cfg.match_flops
+    return varied + (["width"] if matching and "width" not in varied else [])
+
+
+def show_point(trial: optuna.Trial, config: ModelConfig, knobs: Sequence[str]) -> None:
+    """Record a grid trial's :func:`point_params` on it (directly in the storage: the sampler draws nothing). A
+    parameter an older study recorded with another distribution is left out rather than refused."""
+    for name, (value, distribution) in point_params(config, knobs).items():
+        try:
+            trial.storage.set_trial_param(trial._trial_id, name, distribution.to_internal_repr(value), distribution)
+        except ValueError:
+            pass
 
 
 def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> tuple[ModelConfig, int]:

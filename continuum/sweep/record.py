@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Iterable
 
 import optuna
 import pandas as pd
@@ -91,7 +91,15 @@ class TrialRun:
         weight_decay: weight decay in force.
         latency_batch: batch size of the latency probe.
         device: the device (CPU model and threads, or GPU name).
+        threads: torch's intra-op CPU threads.
+        python: Python's version.
         torch: torch's version.
+        timm: timm's version.
+        optuna: Optuna's version.
+        cuda: the CUDA version torch runs with, on a GPU.
+        cudnn: cuDNN's version, on a GPU.
+        conv_strategies: the kernels the segmented convs ran with
+            (:func:`~continuum.strategy.strategies_fingerprint`).
         git: the commit of the code (``-dirty`` with local changes).
         worker: ``host:pid`` of the process that ran it.
         fail_reason: why it failed or stood down.
@@ -109,7 +117,14 @@ class TrialRun:
     weight_decay: float | None = None
     latency_batch: int | None = None
     device: str | None = None
+    threads: int | None = None
+    python: str | None = None
     torch: str | None = None
+    timm: str | None = None
+    optuna: str | None = None
+    cuda: str | None = None
+    cudnn: str | None = None
+    conv_strategies: str | None = None
     git: str | None = None
     worker: str | None = None
     fail_reason: str | None = None
@@ -189,13 +204,24 @@ def curve_rows(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
             for epoch in trial.user_attrs.get("curve") or []]
 
 
+TrialRows = tuple[dict[str, Any], list[dict[str, Any]]]
+"""A trial's row of ``trials.csv`` and its rows of ``curves.csv``."""
+
+
+def trial_rows(trial: optuna.trial.FrozenTrial) -> TrialRows | None:
+    """A trial's rows in the results tables, or ``None`` for a trial that trained nothing."""
+    row = trial_record(trial)
+    return None if row is None else (dataclasses.asdict(row), curve_rows(trial))
+
+
+def frames(rows: Iterable[TrialRows]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(trials, curves)`` DataFrames with :data:`TRIAL_COLUMNS` and :data:`CURVE_COLUMNS`, in trial order, from
+    each trial's :func:`trial_rows`."""
+    rows = sorted(rows, key=lambda pair: pair[0]["trial"])
+    return (pd.DataFrame([row for row, _ in rows], columns=TRIAL_COLUMNS),
+            pd.DataFrame([epoch for _, curve in rows for epoch in curve], columns=CURVE_COLUMNS))
+
+
 def study_frames(study: optuna.Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(trials, curves)`` DataFrames of a study, with :data:`TRIAL_COLUMNS` and :data:`CURVE_COLUMNS`."""
-    rows, curves = [], []
-    for trial in study.get_trials(deepcopy=False):
-        row = trial_record(trial)
-        if row is not None:
-            rows.append(dataclasses.asdict(row))
-            curves += curve_rows(trial)
-    return (pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values("trial", ignore_index=True),
-            pd.DataFrame(curves, columns=CURVE_COLUMNS).sort_values(["trial", "epoch"], ignore_index=True))
+    return frames(rows for rows in map(trial_rows, study.get_trials(deepcopy=False)) if rows is not None)

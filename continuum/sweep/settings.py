@@ -18,7 +18,7 @@ from typing import Any, Iterator, NamedTuple
 
 from continuum.config import ConfigBase, DataConfig, TrainConfig, flag_name, integer, number, optional, parse_field, \
     setting, text
-from continuum.knobs import ORDERS, parse_bool, parse_mid_act, parse_order, parse_segments
+from continuum.knobs import ORDERS, parse_bool, parse_kernel_size, parse_mid_act, parse_order, parse_segments
 
 SEARCH_MODES = ("grid", "tpe", "nsga2")
 
@@ -33,6 +33,9 @@ class Objective(NamedTuple):
 OBJECTIVES = {"val_acc": Objective("maximize", "val_acc"), "flops": Objective("minimize", "flops"),
               "latency": Objective("minimize", "latency_ms"), "params": Objective("minimize", "params")}
 PRUNERS = ("none", "median", "hyperband")
+LATER_AXES = ("depths", "kernel_sizes", "segment_widths")
+"""Axes added after studies had been run: at their defaults, they are left out of a search's stored choices (and,
+see :data:`~continuum.sweep.points.KEYED_WHEN_SET`, of grid points' keys), so those studies still resume."""
 NESTED = {"data": DataConfig, "train": TrainConfig}
 """Sub-configs of a :class:`SweepConfig`: their fields are settings too (``[data]`` / ``[train]`` in a file)."""
 
@@ -58,6 +61,28 @@ def seed(value: Any) -> int:
         raise ValueError(f"{value!r} is not valid; use whole numbers in 0..{SEED_MAX} such as 0,1,2") from None
 
 
+def parse_depths(value: Any) -> Any:
+    """Blocks per stage: ``2`` (every stage), ``1/2/1`` or ``[1, 2, 1]`` (one per stage), ``none`` (the model's)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        if isinstance(value, str) and "/" in value:
+            return tuple(integer(1)(part.strip()) for part in value.split("/"))
+        if isinstance(value, (list, tuple)):
+            return tuple(integer(1)(part) for part in value)
+        return integer(1)(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not valid; use a count >= 1 for every stage (2) or one per stage (1/2/1)") \
+            from None
+
+
+def optional_count(value: Any) -> int | None:
+    """A whole number >= 1, or ``none``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    return integer(1)(value)
+
+
 @dataclass(frozen=True)
 class SweepConfig(ConfigBase):
     """Everything ``python -m continuum.sweep`` runs: the axes of the grid or search, and the fixed settings.
@@ -70,6 +95,8 @@ class SweepConfig(ConfigBase):
                                       group="axes")
     widths: tuple[float, ...] = setting((1.0,), "width multipliers", number(0, low_open=True), flag="width",
                                         axis="width", group="axes", search=(0.5, 0.75, 1.0, 1.25, 1.5))
+    depths: tuple[Any, ...] = setting((None,), "blocks per stage: N (every stage) or N/N/N (one per stage); none: "
+                                               "the model's own", parse_depths, axis="depths", group="axes")
     residuals: tuple[bool, ...] = setting((True,), "shortcuts: on and/or off", parse_bool, flag="residual",
                                           axis="residual", group="axes", search=(True, False))
     mid_acts: tuple[Any, ...] = setting((None,), "intermediate activations: none, relu, elu, gelu, silu, ...",
@@ -77,12 +104,19 @@ class SweepConfig(ConfigBase):
                                         search=(None, "relu", "elu"))
     orders: tuple[str, ...] = setting(("depthwise_first",), "operation orders", parse_order, choices=ORDERS,
                                       flag="order", axis="order", group="axes", search=ORDERS)
+    kernel_sizes: tuple[int, ...] = setting((3,), "spatial kernel sizes, odd (7: ConvNeXt's depthwise convs)",
+                                            parse_kernel_size, flag="kernel-size", axis="kernel_size", group="axes")
+    segment_widths: tuple[Any, ...] = setting((None,), "channels per segment (RegNet's group width) instead of "
+                                                       "--segments; none: use --segments", optional_count,
+                                              flag="segment-width", axis="segment_width", group="axes")
     segments: tuple[Any, ...] = setting((1, 4, 16, "all"), "segment counts: ints and/or all", parse_segments,
                                         axis="segments", group="axes", search=(1, 2, 4, 8, 16, 32, "all"))
     seeds: tuple[int, ...] = setting((0,), "seeds; every point runs once per seed", seed, axis="seed", group="axes")
     drop_rate: float = setting(0.0, "dropout before the classifier", number(0, 1, high_open=True))
     match_params: int | None = setting(None, "scale each point's width to N parameters (within 2 %%)",
                                        optional(integer(1)))
+    match_flops: int | None = setting(None, "scale each point's width to N FLOPs per image (within 2 %%)",
+                                      optional(integer(1)))
     search: str = setting("grid", "grid, or a search", choices=SEARCH_MODES)
     n_trials: int = setting(20, "trials of a search (total in the study; a rerun tops it up)", integer(1))
     objectives: tuple[str, ...] = setting(("val_acc",), "what a search optimises: val_acc first (nsga2 adds flops)",
@@ -97,6 +131,10 @@ class SweepConfig(ConfigBase):
     latency_batch: int = setting(32, "batch size of the per-trial latency probe", integer(1))
     workers: int = setting(1, "local worker processes sharing the study; one GPU each when several are visible, "
                               "else the CPU threads split between them", integer(1))
+    trackers: tuple[str, ...] = setting((), "log every trial to: tensorboard, mlflow, module:Class (your own "
+                                            "continuum.tracking.Tracker)", text, flag="tracker", listed=True)
+    save_models: bool = setting(False, "store each trial's final weights in OUT/STUDY/models/ (results.load_model)",
+                                parse_bool, switch=True)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
@@ -110,7 +148,7 @@ class SweepConfig(ConfigBase):
                 values[field.name] = value.validate()
             elif field.metadata.get("listed"):
                 items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-                if not items:
+                if not items and field.default:
                     raise ValueError(f"{flag_name(field)}: give at least one value")
                 values[field.name] = parsed = tuple(parse_field(field, item) for item in items)
                 twice = [item for i, item in enumerate(parsed) if item in parsed[:i]]
@@ -124,8 +162,14 @@ class SweepConfig(ConfigBase):
                              "flops, latency, params")
         if len(cfg.objectives) > 1 and cfg.pruner != "none":
             raise ValueError("pruning needs a single objective; use --pruner none with several objectives")
-        if cfg.match_params is not None and cfg.widths != (1.0,):
-            raise ValueError("match_params needs no explicit widths (it sets the width)")
+        if cfg.match_params is not None and cfg.match_flops is not None:
+            raise ValueError("match_params and match_flops both set the width; give one of them")
+        if (cfg.match_params or cfg.match_flops) is not None and cfg.widths != (1.0,):
+            raise ValueError(f"{'match_params' if cfg.match_params else 'match_flops'} needs no explicit widths "
+                             "(it sets the width)")
+        if cfg.segment_widths != (None,) and cfg.segments != ("all",):
+            raise ValueError("segment_width and segments are two ways to size the segments; give one of them "
+                             "(with segment_width, leave segments out)")
         return cfg
 
     def fixed_settings(self) -> dict[str, Any]:
@@ -138,9 +182,10 @@ class SweepConfig(ConfigBase):
             "data": {k: v for k, v in self.data.to_dict().items() if k != "data_dir"},
             "train": {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile")},
             "objectives": list(self.objectives), "search": self.search, "drop_rate": self.drop_rate,
-            "match_params": self.match_params}
-        if self.search != "grid":
-            settings["choices"] = {f.name: [str(v) for v in getattr(self, f.name)] for f in axis_fields()}
+            "match_params": self.match_params, "match_flops": self.match_flops}
+        if self.search != "grid":  # axes at their defaults that studies did not always have are left out
+            settings["choices"] = {f.name: [str(v) for v in getattr(self, f.name)] for f in axis_fields()
+                                   if not (f.name in LATER_AXES and getattr(self, f.name) == f.default)}
         return settings
 
     def to_json(self) -> str:
@@ -215,6 +260,8 @@ def from_settings(settings: dict[str, Any]) -> SweepConfig:
         (nested[owner] if owner else top)[field.name] = value
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; python -m continuum.sweep --help lists the known ones")
+    if "segment_widths" in top and "segments" not in top:
+        top["segments"] = ("all",)  # unused: the segment widths size the segments
     if top.get("search", "grid") != "grid":
         for field in axis_fields():
             if field.metadata["search"]:
@@ -254,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = field.metadata
         default = field.default if meta["listed"] else (field.default,)
         shown = ",".join("none" if v is None else ("on" if v else "off") if isinstance(v, bool) else str(v)
-                         for v in default)
+                         for v in default) or "none"
         choices = f": {', '.join(meta['choices'])}" if meta["choices"] else ""
         default_text = "" if "(default:" in meta["help"] else f" (default: {shown})"
         option = "--" + flag_name(field).replace("_", "-")

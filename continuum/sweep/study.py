@@ -1,5 +1,5 @@
 """Study control: open or resume a study (refusing other fixed settings), queue a grid's points so each runs
-exactly once, run trials until the grid or the search is done, and export the results tables after every trial.
+exactly once, run trials until the grid or the search is done, and write the results tables after every trial.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,12 +20,12 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from continuum.data import TensorData
-from continuum.files import atomic_write, check_writable_folder, made_folder
+from continuum.files import check_writable_folder, made_folder
 from continuum.sweep.objective import Objective
 from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
-from continuum.sweep.record import study_frames
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage, storage_file
+from continuum.sweep.tables import StudyTables
 
 log = logging.getLogger("continuum.sweep")
 
@@ -99,6 +100,10 @@ def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage, worker: i
                                 sampler=_sampler(cfg, worker), pruner=_pruner(cfg), load_if_exists=True)
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", settings)
+    if study.metric_names != list(cfg.objectives):
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(cfg.objectives))
     return study
 
 
@@ -187,30 +192,6 @@ def connect(cfg: SweepConfig, worker: int | None = None) -> optuna.Study:
         return open_study(cfg, storage, worker)
 
 
-def write_tables(trials: pd.DataFrame, curves: pd.DataFrame, folder: Path) -> None:
-    """Write ``trials.csv`` (+ ``.parquet`` with pyarrow) and ``curves.csv`` atomically into ``folder``."""
-    atomic_write(folder / "trials.csv", lambda p: trials.to_csv(p, index=False))
-    atomic_write(folder / "curves.csv", lambda p: curves.to_csv(p, index=False))
-    if has_parquet():
-        atomic_write(folder / "trials.parquet", lambda p: trials.to_parquet(p, index=False))
-
-
-def has_parquet() -> bool:
-    """Whether pandas can write Parquet here (pyarrow is installed)."""
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def export(study: optuna.Study, folder: Path) -> pd.DataFrame:
-    """Write the study's trials.csv and curves.csv (each atomically); returns the trials table."""
-    trials, curves = study_frames(study)
-    write_tables(trials, curves, folder)
-    return trials
-
-
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 """States of a trial that has done its point."""
 
@@ -263,12 +244,14 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             handle.write(command + "\n")
     grid = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
     objective = Objective(cfg, data, progress)
+    tables = StudyTables(study, folder)
     bar = tqdm(total=remaining(study, cfg, grid), desc=f"sweep {cfg.study}", unit="trial", disable=not progress)
 
     def write(study: optuna.Study, *_: object) -> None:
-        trials = export(study, folder)
+        tables.update()
+        tables.write()
         if after_export is not None:
-            after_export(folder, trials)
+            after_export(folder, tables.trials())
 
     try:
         while has_work(study, cfg, grid):
