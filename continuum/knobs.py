@@ -54,7 +54,7 @@ def parse_kernel_size(value: int | str) -> int:
     if isinstance(text, str) and text.isdigit():
         text = int(text)
     if isinstance(text, bool) or not isinstance(text, int) or text < 1 or text % 2 == 0:
-        raise ValueError(f"kernel_size={value!r} is not valid; use an odd int >= 1 such as 3, 5 or 7")
+        raise ValueError(f"kernel_size={value} is not valid; use an odd int >= 1 such as 3, 5 or 7")
     return text
 
 

@@ -18,12 +18,18 @@ import torch
 from optuna.trial import TrialState
 
 from continuum.checkpoint import load_checkpoint
+from continuum.sweep.points import KEYED_WHEN_SET
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, TrialId, \
-    TrialMetrics, names, study_frames
+    TrialMetrics, format_knob, names, study_frames
 
-KEY_COLUMNS = {"trials": [*names(TrialId), *POINT_COLUMNS], "curves": ["trial", *POINT_COLUMNS, "epoch"]}
+LATER_KNOBS = {name: format_knob(default) for name, default in KEYED_WHEN_SET.items()}
+"""Point columns added after tables had been written: a table without them reads them as these defaults (what its
+trials ran with)."""
+
+KEY_COLUMNS = {kind: [c for c in columns if c not in LATER_KNOBS] for kind, columns in
+               {"trials": [*names(TrialId), *POINT_COLUMNS], "curves": ["trial", *POINT_COLUMNS, "epoch"]}.items()}
 """Columns a table must have to be read: what identifies each row (others, added by later versions, may be
-missing from older tables and read as empty)."""
+missing from older tables and read as empty, or as :data:`LATER_KNOBS`)."""
 
 NUMERIC_COLUMNS = ["trial", "epoch", "seed", "width", "drop_rate", *names(TrialMetrics), *names(EpochMetrics)]
 """Columns whose cells must be numbers (or empty)."""
@@ -81,6 +87,7 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
     states = set(frame["state"].dropna()) - set(TrialState.__members__) if kind == "trials" else set()
     if states:
         raise TableError(f"{path}: column state holds {sorted(states)}, not trial states")
+    frame = frame.assign(**{name: value for name, value in LATER_KNOBS.items() if name not in frame})
     columns = TRIAL_COLUMNS if kind == "trials" else CURVE_COLUMNS
     extra = [column for column in frame if column not in columns]
     return normalise(frame.reindex(columns=[*columns, *extra]).astype({"trial": "int64"}))

@@ -6,7 +6,7 @@ import pytest
 
 from continuum.config import DataConfig, ModelConfig, TrainConfig
 from continuum.sweep.cli import build_parser
-from continuum.sweep.points import grid_points
+from continuum.sweep.points import grid_points, point_key
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, TrialRecord, record
 from continuum.sweep.settings import SweepConfig, axis_fields, from_settings, read_experiment, setting_fields
 from continuum.train import EpochMetrics
@@ -79,13 +79,31 @@ def test_unreadable_experiment_files_are_one_line_errors(tmp_path):
 
 def test_grid_axes_are_the_model_configs_knobs_in_loop_order():
     assert [f.metadata["axis"] for f in axis_fields()] == [
-        "model", "width", "residual", "mid_act", "order", "segments", "seed"]
+        "model", "width", "depths", "residual", "mid_act", "order", "kernel_size", "segment_width", "segments", "seed"]
     assert {f.metadata["axis"] for f in axis_fields()} - {"seed"} <= {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = from_settings({"segments": "1,all", "order": "depthwise_first,pointwise_first", "seeds": "0,1"})
     points = list(grid_points(cfg))
     assert len(points) == 8 and len(set(map(repr, points))) == 8
     assert [(c.order, c.segments, s) for c, s in points[:3]] == [
         ("depthwise_first", 1, 0), ("depthwise_first", 1, 1), ("depthwise_first", "all", 0)]
+
+
+def test_new_axes_read_the_same_from_flags_and_files_and_keep_old_point_keys(tmp_path):
+    (tmp_path / "axes.toml").write_text('kernel-size = [3, 7]\nsegment-width = [8, 16]\ndepths = ["1/2/1", 2]\n'
+                                        'match-flops = 30000000\n')
+    from_file = from_settings(read_experiment(tmp_path / "axes.toml"))
+    args = build_parser().parse_args(["--kernel-size", "3,7", "--segment-width", "8,16", "--depths", "1/2/1,2",
+                                      "--match-flops", "30000000"])
+    from_flags = from_settings({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "quiet")})
+    assert from_file == from_flags
+    assert (from_file.kernel_sizes, from_file.segment_widths, from_file.depths) == ((3, 7), (8, 16), ((1, 2, 1), 2))
+    assert from_file.segments == ("all",) and from_file.match_flops == 30_000_000
+    points = [config for config, _ in grid_points(from_file)]
+    assert len(points) == 8 and {c.segments for c in points} == {None}
+    # a point at the new knobs' defaults keeps the key it had before they existed
+    assert point_key(ModelConfig(segments=4).validate(), 0) == (
+        '{"drop_rate": 0.0, "mid_act": null, "model": "continuum_small", "order": "depthwise_first", '
+        '"residual": true, "seed": 0, "segments": 4, "width": 1.0, "width_divisor": null}')
 
 
 def test_the_trial_record_is_the_table():

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from continuum import results
+from continuum import SegmentedConv2d, results
 from continuum.config import ModelConfig
 from continuum.data import make_synthetic
 from continuum.sweep.cli import main
@@ -48,9 +48,11 @@ def test_synthetic_sweep_end_to_end(tmp_path, capsys):
     assert len(trials) == 4 and set(trials["state"]) == {"COMPLETE"}
     assert sorted(zip(trials["segments"], trials["seed"])) == [("1", 0), ("1", 1), ("all", 0), ("all", 1)]
     for column in ("model", "order", "mid_act", "residual", "width", "val_acc", "val_loss", "best_val_acc", "params",
-                   "macs", "flops", "latency_ms", "wall_s", "device", "torch", "epochs", "images_per_s"):
+                   "macs", "flops", "latency_ms", "wall_s", "device", "torch", "epochs", "images_per_s", "threads",
+                   "python", "timm", "optuna", "conv_strategies"):
         assert trials[column].notna().all(), column
     assert (trials["flops"] == 2 * trials["macs"]).all()
+    assert trials["cuda"].isna().all() and trials["conv_strategies"].str.fullmatch(r"(native|.* #[0-9a-f]{8})").all()
     assert trials.set_index("segments")["params"].loc["1"].iloc[0] == 1_145_322
     curves = results.load(folder, curves=True)
     assert len(curves) == 4 and set(curves["epoch"]) == {1}
@@ -310,8 +312,10 @@ def test_new_axes_segment_width_kernel_size_and_depths_are_columns_and_change_th
     params = trials.set_index(["kernel_size", "depths"])["params"]
     assert params.loc[(5, "1")] > params.loc[(3, "1")] and params.loc[(3, "2/1/1")] > params.loc[(3, "1")]
     built = build_model(ModelConfig(segment_width=8, kernel_size=5, depths=(2, 1, 1)).validate(), make_synthetic())
-    assert built.stages.stage1[1].rep[1].spatial.kernel_size == (5, 5)
-    assert built.stages.stage1[0].rep[1].spatial.segments == 64 // 8
+    assert len(built.stages.stage1) == 2 and len(built.stages.stage2) == 1
+    spatial = [m for m in built.modules() if isinstance(m, SegmentedConv2d)]
+    assert {m.kernel_size for m in spatial} == {(5, 5)}
+    assert all(m.segments == m.in_channels // 8 for m in spatial)
 
 
 def test_match_flops_scales_width_to_equal_flops(tmp_path):
