@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from continuum.bench import paired_ratio, segment_counts
@@ -56,9 +57,8 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert ratio == 2.0 and low <= 2.0 <= high <= 2.2
 
 
-def test_bench_writes_both_tables(tmp_path):
-    command = [sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--train",
-               "--train-images", "128", "--train-rounds", "1", "--out", str(tmp_path)]
+def test_bench_writes_the_conv_table(tmp_path):
+    command = [sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     conv = pd.read_csv(tmp_path / "conv_cpu.csv")
@@ -82,8 +82,18 @@ def test_bench_writes_both_tables(tmp_path):
     assert "ContinuumConv slower than at the previous segment count:" in result.stdout
     separable = conv.dropna(subset=["timm_separable_ms"])
     assert list(separable["segments"].astype(str)) == ["all"] and list(separable["layer"]) == ["ContinuumConv"]
+    assert "| SegmentedConv2d" in result.stdout and "GFLOP/s" in result.stdout
+    assert not (tmp_path / "train_cpu.csv").exists()
+
+
+@pytest.mark.slow
+def test_bench_writes_the_train_table(tmp_path):
+    command = [sys.executable, "-m", "continuum.bench", "--no-conv", "--train", "--train-images", "128",
+               "--train-rounds", "1", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     train = pd.read_csv(tmp_path / "train_cpu.csv")
     assert list(train["segments"].astype(str)) == ["1", "2", "4", "8", "16", "32", "all"]
     assert (train[["native_images_per_s", "auto_images_per_s", "native_mfu", "auto_mfu"]] > 0).all().all()
-    assert "| SegmentedConv2d" in result.stdout and "GFLOP/s" in result.stdout
+    assert not (tmp_path / "conv_cpu.csv").exists()
 

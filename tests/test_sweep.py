@@ -15,6 +15,7 @@ import pytest
 
 from continuum import SegmentedConv2d, results
 from continuum.config import ModelConfig
+from continuum.cost import model_cost
 from continuum.data import make_synthetic
 from continuum.sweep.cli import main
 from continuum.sweep.points import build_model, match_width
@@ -302,15 +303,14 @@ def test_compiled_model_trains(tmp_path):
 
 
 def test_new_axes_segment_width_kernel_size_and_depths_are_columns_and_change_the_model(tmp_path):
-    args = ["--segment-width", "8", "--kernel-size", "3,5", "--depths", "1,2/1/1"]
-    assert sweep(tmp_path, *args) == 0
+    assert sweep(tmp_path, "--segment-width", "8", "--kernel-size", "5", "--depths", "1,2/1/1") == 0
     trials = results.load(tmp_path / "default")
-    assert len(trials) == 4 and set(trials["state"]) == {"COMPLETE"}
+    assert len(trials) == 2 and set(trials["state"]) == {"COMPLETE"}
     assert set(trials["segment_width"]) == {8} and set(trials["segments"]) == {"none"}
-    assert sorted(set(zip(trials["kernel_size"], trials["depths"].astype(str)))) == [
-        (3, "1"), (3, "2/1/1"), (5, "1"), (5, "2/1/1")]
-    params = trials.set_index(["kernel_size", "depths"])["params"]
-    assert params.loc[(5, "1")] > params.loc[(3, "1")] and params.loc[(3, "2/1/1")] > params.loc[(3, "1")]
+    assert set(trials["kernel_size"]) == {5} and sorted(trials["depths"].astype(str)) == ["1", "2/1/1"]
+    params = trials.set_index(trials["depths"].astype(str))["params"]
+    three = build_model(ModelConfig(segment_width=8, depths=1).validate(), make_synthetic())
+    assert params.loc["2/1/1"] > params.loc["1"] > sum(p.numel() for p in three.parameters())
     built = build_model(ModelConfig(segment_width=8, kernel_size=5, depths=(2, 1, 1)).validate(), make_synthetic())
     assert len(built.stages.stage1) == 2 and len(built.stages.stage2) == 1
     spatial = [m for m in built.modules() if isinstance(m, SegmentedConv2d)]
@@ -318,11 +318,16 @@ def test_new_axes_segment_width_kernel_size_and_depths_are_columns_and_change_th
     assert all(m.segments == m.in_channels // 8 for m in spatial)
 
 
-def test_match_flops_scales_width_to_equal_flops(tmp_path):
-    assert sweep(tmp_path, "--segments", "1,all", "--match-flops", "60000000") == 0
-    trials = results.load(tmp_path / "default")
-    assert ((trials["flops"] - 60_000_000).abs() <= 1_200_000).all()
-    assert trials.set_index("segments").loc["1", "width"] < trials.set_index("segments").loc["all", "width"]
+def test_match_flops_scales_width_to_equal_flops():
+    data = make_synthetic()
+    widths = {}
+    for segments in (1, "all"):
+        config = match_width(ModelConfig(segments=segments).validate(), 60_000_000, data, "flops")
+        assert abs(model_cost(build_model(config, data), data.input_size).flops - 60_000_000) <= 1_200_000
+        widths[segments] = config.width
+    assert widths[1] < 1 < widths["all"]
+    with pytest.raises(ValueError, match="--match-flops 1000: segments=1 gets no closer than"):
+        match_width(ModelConfig(segments=1).validate(), 1000, data, "flops")
 
 
 @pytest.mark.parametrize("args,message", [
