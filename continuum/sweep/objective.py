@@ -108,8 +108,9 @@ class Objective:
         def on_epoch(metrics: dict) -> None:
             curve.append(metrics)
             trial.set_user_attr("curve", curve)
-            final.update(curve_summary(curve), wall_s=time.perf_counter() - start)
-            record(trial, **final)
+            summary = curve_summary(curve) | {"wall_s": time.perf_counter() - start}
+            final.update(summary)
+            record(trial, **summary)  # only what this epoch changed: each value is one storage write
             self.trackers.log_epoch(metrics["epoch"], metrics)
             if len(self.cfg.objectives) == 1:
                 trial.report(metrics["val_acc"], metrics["epoch"])
@@ -121,15 +122,17 @@ class Objective:
             torch.manual_seed(seed)
             model = build_model(config, self.data)
             cost = model_cost(model, self.data.input_size)
-            final.update(params=cost.params, macs=cost.macs, flops=cost.flops)
-            record(trial, **final)
+            costs = {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
+            final.update(costs)
+            record(trial, **costs)
             with TUNER.recording() as strategies:
                 fit(model, self.data, self.cfg.train, seed, on_epoch, self.progress, f"trial {trial.number}")
                 # after training, so that this trial's own training does not slow it; other work still may: recorded
                 latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
-            final.update(latency_ms=latency.median_ms, latency_load=latency.other_load,
-                         conv_strategies=strategies_fingerprint(strategies))
-            record(trial, **final)
+            measured = {"latency_ms": latency.median_ms, "latency_load": latency.other_load,
+                        "conv_strategies": strategies_fingerprint(strategies)}
+            final.update(measured)
+            record(trial, **measured)
             if self.cfg.save_models:
                 save_checkpoint(self.folder / "models" / f"trial_{trial.number:04d}.pt", model, config.model,
                                 creation_kwargs(config, self.data), {"trial": trial.number, **hparams})
