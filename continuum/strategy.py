@@ -3,10 +3,25 @@
 With the strategy mode ``"auto"`` (the default), the first call for a given device, dtype, memory format, shape and
 geometry screens every candidate (forward, plus backward when a gradient is wanted; warmed up, so that one-off costs
 do not count), skipping any whose FLOPs at the device's peak GEMM rate would already be slower than the best so far,
-then times the fastest few and the plain grouped conv again, longer for short calls, and keeps the lowest median.
-Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``), so
-later processes on the same machine reuse them. Because ``grouped/g`` for every divisor ``g`` is a candidate, a count
-that is a multiple of another can always run as fast as it; whether the tuner picks that is up to its timings.
+then times the fastest few and the plain grouped conv again in interleaved rounds. A strategy other than the plain
+grouped conv is chosen only on evidence: the 95 % interval of the median of its per-round time ratios to the plain
+conv must lie below ``1 - margin``; rounds are added while the interval straddles that line, and a lead still not
+shown after :data:`MAX_ROUNDS` rounds goes to the plain conv.
+
+A busy machine fools timings (a choice made while another process used a core ran 2x slower later, on a quiet
+machine), so tuning checks for one: before and after, it times a reference workload against its fastest time seen
+(kept in the cache), and during it counts the CPU time other processes used. When other processes kept more cores
+busy than this process leaves free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its quiet time, the
+result is neither trusted nor cached: the call runs the plain grouped conv, and tuning is tried again after
+:data:`RETRY_SECONDS`.
+
+Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``),
+keyed by everything that changes the answer: torch and the convolution library's versions, the CPU model and thread
+count (or the GPU), dtype and autocast, the memory formats, shapes, geometry and whether a gradient is wanted. A
+process checks each choice it reads from disk on first use, in a few interleaved rounds against the plain grouped
+conv, and drops one that loses (the plain conv is then cached in its place). Because ``grouped/g`` for every divisor
+``g`` is a candidate, a count that is a multiple of another can always run as fast as it; whether the tuner picks
+that is up to its timings.
 
 Mode ``"native"`` always runs the plain grouped conv; it is also used while tracing or compiling (``torch.compile``
 chooses its own kernels) and when deterministic algorithms are requested. Set the mode with
@@ -21,12 +36,14 @@ import collections
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import statistics
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +51,36 @@ import torch.nn.functional as F
 from continuum.files import atomic_write, cache_root
 from continuum.kernels import ConvGeometry, Strategy, candidates, is_channels_last, output_pixels, run_strategy, \
     strategy_flops
-from continuum.timing import call_times, device_name, dtype_name, interleaved_times, measure_peak_flops
+from continuum.timing import OtherLoad, call_times, device_name, dtype_name, interleaved_times, kernel_library, \
+    measure_peak_flops, median_interval, reference_ms
 
 MODES = ("auto", "native")
 """Strategy modes: autotune per shape, or always the plain grouped conv."""
 
 CACHE_FILE = "conv_strategies.json"
 """The disk cache's file name in the cache root."""
+
+CACHE_VERSION = "v2"
+"""Part of every cache key: choices cached by a tuner that decided differently (v1 trusted a 3 % lead in one
+median, busy machine or not) are not reused."""
+
+MIN_ROUNDS = 5
+"""Interleaved rounds a decision takes at least (fewer cannot give a 95 % interval narrower than their range)."""
+
+MAX_ROUNDS = 40
+"""Rounds after which a lead still not shown beyond noise goes to the plain grouped conv."""
+
+VALIDATION_ROUNDS = 5
+"""Rounds of the check of a choice read from the disk cache against the plain grouped conv."""
+
+BUSY_SLOWDOWN = 1.5
+"""The reference workload running this much slower than its quiet time means the machine is busy (on a quiet 2-core
+VM its time varies by up to 1.4x; another process on one of the cores slows it 2x)."""
+
+RETRY_SECONDS = 60.0
+"""How long a call runs the plain grouped conv after tuning found the machine busy, before tuning again."""
+
+log = logging.getLogger(__name__)
 
 
 def check_mode(mode: str) -> str:
@@ -52,11 +92,12 @@ def check_mode(mode: str) -> str:
 
 
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
-    """The autotuning cache key: device, dtype (and autocast), memory formats of input and kernels, shapes,
-    geometry and whether a gradient is wanted."""
+    """The autotuning cache key: everything that changes which strategy is fastest. The tuner's version, torch's and
+    the convolution library's, the device (CPU model and thread count, or GPU), dtype (and autocast), memory formats
+    of input and kernels, shapes, geometry and whether a gradient is wanted."""
     layout = "/".join("cl" if t.dim() == 4 and is_channels_last(t) else "nchw" for t in (x, weight))
     return "|".join(str(part) for part in (
-        torch.__version__, device_name(x.device), dtype_name(x.dtype),
+        CACHE_VERSION, torch.__version__, kernel_library(x.device.type), device_name(x.device), dtype_name(x.dtype),
         f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
         layout, tuple(x.shape),
         tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, "fwd+bwd" if grad else "fwd"))
@@ -96,19 +137,85 @@ def check_environment() -> None:
         raise ValueError(f"CONTINUUM_CACHE={root} is not a folder; point it at a folder (or unset it)")
 
 
+class Tuning(NamedTuple):
+    """What :func:`autotune` found.
+
+    Args:
+        strategy: the choice.
+        times: ``{strategy name: median ms of a finalist, or the screening pass's best ms; nan: skipped}``.
+        evidence: why, in words (the ratio to the plain grouped conv, its interval and the rounds).
+    """
+
+    strategy: Strategy
+    times: dict[str, float]
+    evidence: str
+
+
+def _probe(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry, grad: bool
+           ) -> Callable[[Strategy], Callable[[], None]]:
+    """For a strategy, a call running it (forward, and backward when ``grad``) on fresh tensors shaped like these."""
+    probe = torch.randn_like(x).requires_grad_(grad)
+    kernels = weight.detach().clone().requires_grad_(grad)
+    shift = None if bias is None else bias.detach().clone().requires_grad_(grad)
+
+    def call(strategy: Strategy) -> None:
+        with torch.set_grad_enabled(grad):
+            y = run_strategy(strategy, probe, kernels, shift, geom)
+            if grad:
+                y.backward(torch.ones_like(y))
+
+    return lambda strategy: functools.partial(call, strategy)
+
+
+def _natives(groups: int) -> set[Strategy]:
+    """The plain grouped conv in the input's memory format and in channels-last."""
+    return {Strategy("grouped", groups, cl) for cl in (False, True)}
+
+
+def _race(calls: dict[Strategy, Callable[[], None]], natives: set[Strategy], device: torch.device, margin: float,
+          min_total_ms: float) -> tuple[Strategy, dict[str, list[float]], str]:
+    """Time ``calls`` in interleaved rounds until the fastest one's lead over the fastest of ``natives`` is shown
+    beyond noise (the 95 % interval of its median per-round ratio below ``1 - margin``: it wins), or shown not
+    to be that large (the interval above it), or ``max_rounds`` pass (the native wins).
+
+    Returns:
+        ``(winner, {name: ms per round}, evidence in words)``.
+    """
+    names = {strategy.name: strategy for strategy in calls}
+    times = interleaved_times({s.name: call for s, call in calls.items()}, device, rounds=MIN_ROUNDS,
+                              min_total_ms=min_total_ms, max_rounds=MAX_ROUNDS)
+    while True:
+        medians = {name: statistics.median(ms) for name, ms in times.items()}
+        plain = min((s for s in natives if s in calls), key=lambda s: medians[s.name])
+        fastest = names[min(medians, key=medians.get)]
+        if fastest in natives:
+            return fastest, times, f"{fastest.name}: the plain grouped conv was fastest ({len(times[fastest.name])} " \
+                                   "rounds)"
+        ratios = [a / b for a, b in zip(times[fastest.name], times[plain.name])]
+        low, high = median_interval(ratios)
+        said = f"{fastest.name} {statistics.median(ratios):.3f}x {plain.name} [95 % interval {low:.3f}, " \
+               f"{high:.3f}], {len(ratios)} rounds"
+        if high < 1 - margin:
+            return fastest, times, f"{said}: a lead beyond noise, chosen"
+        if low >= 1 - margin or len(ratios) >= MAX_ROUNDS:
+            return plain, times, f"{said}: no {margin:.0%} lead beyond noise, the plain grouped conv kept"
+        more = interleaved_times({s.name: call for s, call in calls.items()}, device, rounds=4, min_total_ms=0)
+        times = {name: times[name] + more[name] for name in times}
+
+
 def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry, grad: bool,
-             finalists: int = 3, screen_ms: float = 10.0, final_ms: float | None = None, margin: float = 0.03
-             ) -> tuple[Strategy, dict[str, float]]:
-    """Time the candidates on fresh tensors shaped like these and return the fastest with all times.
+             finalists: int = 3, screen_ms: float = 10.0, final_ms: float | None = None, margin: float = 0.02
+             ) -> Tuning:
+    """Time the candidates on fresh tensors shaped like these and return the fastest that wins on evidence.
 
     A screening pass warms each candidate up and keeps its fastest call (timed until the calls add up to
     ``screen_ms``), skipping any whose FLOPs at the device's peak GEMM rate would take longer than the best so
     far, or that fails (out of memory, unsupported); its time is then ``nan``. The ``finalists`` fastest, and the
-    plain grouped conv in both memory formats, are then timed again in turns (:func:`interleaved_times`: at least
-    3 rounds, and more until each one's calls add up to ``final_ms``), and the lowest median wins if it beats the
-    plain grouped conv by ``margin``; else the plain grouped conv does. Tuning times a strategy warm, in a tight
-    loop; in a network its extra small operations (placing kernels block-diagonally, converting memory formats)
-    run with cold caches and cost more, so a near tie goes to the native kernel.
+    plain grouped conv in both memory formats, then race in interleaved rounds (:func:`_race`: at least
+    :data:`MIN_ROUNDS`, and more until each one's calls add up to ``final_ms``, and more while the lead of the
+    fastest over the plain conv is within noise). Tuning times a strategy warm, in a tight loop; in a network its
+    extra small operations (placing kernels block-diagonally, converting memory formats) run with cold caches and
+    cost more, so a near tie goes to the native kernel.
 
     Args:
         x: an input of the shape, dtype, device and memory format to tune for.
@@ -119,24 +226,12 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
         finalists: candidates timed again after the screening pass, besides the plain grouped conv.
         screen_ms: time each candidate for about this long in the screening pass.
         final_ms: time each finalist for about this long; ``None``: :func:`tuning_ms`.
-        margin: how much faster (a fraction) than the plain grouped conv another strategy must be to win.
-
-    Returns:
-        ``(fastest, {strategy name: median ms of a finalist, or the screening pass's best ms})``.
+        margin: how much faster (a fraction) than the plain grouped conv another strategy must be shown to be.
     """
     device = x.device
-    probe = torch.randn_like(x).requires_grad_(grad)
-    kernels = weight.detach().clone().requires_grad_(grad)
-    shift = None if bias is None else bias.detach().clone().requires_grad_(grad)
+    call = _probe(x, weight, bias, geom, grad)
     forward_flops = 2.0 * weight.numel() * x.shape[0] * output_pixels(x, weight, geom)
     peak = peak_gemm_flops(device, x.dtype)
-
-    def call(strategy: Strategy) -> None:
-        with torch.set_grad_enabled(grad):
-            y = run_strategy(strategy, probe, kernels, shift, geom)
-            if grad:
-                y.backward(torch.ones_like(y))
-
     times: dict[str, float] = {}
     found: dict[Strategy, float] = {}
     for strategy in candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom):
@@ -146,24 +241,40 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
             continue
         try:
             found[strategy] = times[strategy.name] = min(call_times(
-                lambda: call(strategy), device, repeats=1, min_total_ms=screen_ms, give_up_ms=3 * best))
+                call(strategy), device, repeats=1, min_total_ms=screen_ms, give_up_ms=3 * best))
         except (RuntimeError, ValueError):
             continue
-    if not found:
-        return Strategy("grouped", geom.groups), times
-    native = {Strategy("grouped", geom.groups, cl) for cl in (False, True)} & found.keys()
-    final = sorted(set(sorted(found, key=found.get)[:finalists]) | native, key=found.get)
-    rounds = interleaved_times({s.name: functools.partial(call, s) for s in final}, device, rounds=3,
-                               min_total_ms=tuning_ms() if final_ms is None else final_ms)
+    natives = _natives(geom.groups) & found.keys()
+    if not natives:
+        return Tuning(Strategy("grouped", geom.groups), times, "the plain grouped conv failed to run: kept")
+    final = set(sorted(found, key=found.get)[:finalists]) | natives
+    winner, rounds, evidence = _race({s: call(s) for s in final}, natives, device, margin,
+                                     tuning_ms() if final_ms is None else final_ms)
     times |= {name: statistics.median(ms) for name, ms in rounds.items()}
-    fastest = min(final, key=lambda s: times[s.name])
-    plain = min(native, key=lambda s: times[s.name], default=fastest)
-    return (fastest if times[fastest.name] < (1 - margin) * times[plain.name] else plain), times
+    return Tuning(winner, times, evidence)
+
+
+def still_wins(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               geom: ConvGeometry, grad: bool, rounds: int = VALIDATION_ROUNDS) -> bool:
+    """Whether ``strategy`` is still at least as fast as the plain grouped conv: a cheap check of a cached choice,
+    ``rounds`` interleaved rounds of it and the plain conv in both memory formats, the median per-round ratio to
+    the faster of those at most 1."""
+    call = _probe(x, weight, bias, geom, grad)
+    natives = _natives(geom.groups)
+    calls = {s: call(s) for s in natives | {strategy}}
+    for warm in calls.values():
+        warm()
+    times = interleaved_times({s.name: c for s, c in calls.items()}, x.device, rounds=rounds, min_total_ms=0,
+                              max_rounds=rounds)
+    plain = min(natives, key=lambda s: statistics.median(times[s.name]))
+    return statistics.median(a / b for a, b in zip(times[strategy.name], times[plain.name])) <= 1.0
 
 
 class Tuner:
     """The tuner's state, in one place: the mode, the choices (by call signature and by cache key), the peak
-    rates, and the disk cache behind them (read once, when first needed)."""
+    rates and quiet reference times, the disk cache behind them (read once, when first needed), the choices read
+    from disk and not yet checked in this process, the calls waiting for a quiet machine, and why each choice was
+    made."""
 
     def __init__(self) -> None:
         self.mode: str | None = None  # set by conv_strategy(); else the environment's
@@ -172,6 +283,9 @@ class Tuner:
         self.by_signature: dict[tuple, Strategy] = {}
         self.peaks: dict[str, float] = {}
         self.disk_loaded = False
+        self.unchecked: set[str] = set()  # keys read from disk, not yet checked against the plain conv
+        self.retry_at: dict[tuple, float] = {}  # signatures tuned on a busy machine: when to try again
+        self.evidence: dict[str, str] = {}  # key: why its choice was made (this process's decisions)
         self.used: dict[tuple, Strategy] | None = None  # filled inside recording()
 
     def current_mode(self) -> str:
@@ -184,12 +298,15 @@ class Tuner:
         return self.env_mode
 
     def forget(self) -> None:
-        """Drop the in-memory choices and peaks, and the mode read from the environment (the disk cache and
-        ``$CONTINUUM_CONV_STRATEGY`` are read again when next needed)."""
+        """Drop what is known in memory: choices, peaks, pending retries and checks, and the mode read from the
+        environment (the disk cache and ``$CONTINUUM_CONV_STRATEGY`` are read again when next needed)."""
         self.env_mode = None
         self.choices.clear()
         self.by_signature.clear()
         self.peaks.clear()
+        self.unchecked.clear()
+        self.retry_at.clear()
+        self.evidence.clear()
         self.disk_loaded = False
 
     @staticmethod
@@ -198,7 +315,8 @@ class Tuner:
         return cache_root() / CACHE_FILE
 
     def read_disk(self) -> dict[str, str | float]:
-        """The disk cache's entries (strategy names and peak rates); a missing or garbled file reads as empty."""
+        """The disk cache's entries (strategy names, peak rates, quiet reference times); a missing or garbled file
+        reads as empty."""
         try:
             stored = json.loads(self.cache_path().read_text())
         except (OSError, ValueError):
@@ -224,14 +342,33 @@ class Tuner:
                 self.write_disk(key, self.peaks[key])
         return self.peaks[key]
 
+    def busy_reason(self, device: torch.device, load: OtherLoad | None = None) -> str | None:
+        """Why the machine is too busy to trust a timing now, or ``None``: other processes kept more cores busy
+        (during ``load``) than this process's threads leave free, or the reference workload
+        (:func:`~continuum.timing.reference_ms`) ran over :data:`BUSY_SLOWDOWN` times its quiet time. The quiet
+        time is the fastest ever seen on this machine (kept in the disk cache)."""
+        if device.type == "cpu" and load is not None and load.other_cores is not None:
+            free = (os.cpu_count() or 1) - torch.get_num_threads()
+            if load.other_cores > free + 0.25:
+                return f"other processes kept {load.other_cores:.1f} cores busy and this process leaves {free} free"
+        key = f"reference|{CACHE_VERSION}|{torch.__version__}|{kernel_library(device.type)}|{device_name(device)}"
+        now = reference_ms(device)
+        stored = self.read_disk().get(key)
+        quiet = stored if isinstance(stored, float) and math.isfinite(stored) and stored > 0 else math.inf
+        if now < quiet:
+            self.write_disk(key, now)
+        elif now > BUSY_SLOWDOWN * quiet:
+            return f"a reference workload took {now:.2f} ms, {now / quiet:.2f}x its quiet {quiet:.2f} ms"
+        return None
+
     def choose(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry
                ) -> Strategy:
         """The strategy ``auto`` uses for this call: cached, or autotuned now (and cached in memory and on disk)."""
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         signature = call_signature(x, weight, geom, grad)
         strategy = self.by_signature.get(signature)
-        if strategy is None:
-            strategy = self.by_signature[signature] = self._tuned(x, weight, bias, geom, grad)
+        if strategy is None or (self.retry_at and time.monotonic() >= self.retry_at.get(signature, math.inf)):
+            strategy = self.by_signature[signature] = self._tuned(x, weight, bias, geom, grad, signature)
         if self.used is not None:
             self.used[signature] = strategy
         return strategy
@@ -245,24 +382,56 @@ class Tuner:
         finally:
             self.used = None
 
+    def _load_disk(self) -> None:
+        """Read the disk cache's choices into memory (once), as not yet checked in this process."""
+        for stored_key, name in self.read_disk().items():
+            try:
+                self.choices[stored_key] = Strategy.parse(name)  # a peak (float) or a garbled name is skipped
+            except (AttributeError, ValueError):
+                continue
+            self.unchecked.add(stored_key)
+        self.disk_loaded = True
+
     def _tuned(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
-               grad: bool) -> Strategy:
-        """The choice stored under this call's :func:`cache_key` (in memory or on disk), or autotuned now."""
+               grad: bool, signature: tuple) -> Strategy:
+        """The choice stored under this call's :func:`cache_key` (in memory, or on disk and still winning), or
+        autotuned now; the plain grouped conv, for now, when the machine is too busy to tune."""
         key = cache_key(x, weight, geom, grad)
         if key not in self.choices and not self.disk_loaded:
-            for stored_key, name in self.read_disk().items():
-                try:
-                    self.choices[stored_key] = Strategy.parse(name)  # a peak (float) or a garbled name is skipped
-                except (AttributeError, ValueError):
-                    continue
-            self.disk_loaded = True
+            self._load_disk()
+        plain = Strategy("grouped", geom.groups)
         fitting = candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom)
-        if self.choices.get(key) not in fitting:  # not tuned yet, or a cache entry that cannot compute this conv
-            with torch.no_grad() if not grad else torch.enable_grad():
-                strategy, _ = autotune(x, weight, bias, geom, grad)
-            self.choices[key] = strategy
-            self.write_disk(key, strategy.name)
-        return self.choices[key]
+        cached = self.choices.get(key)
+        if cached in fitting and key in self.unchecked:
+            self.unchecked.discard(key)
+            if cached != plain and not self._still_wins(cached, x, weight, bias, geom, grad):
+                log.info("conv strategy %s cached for %s lost to the plain grouped conv: dropped", cached.name, key)
+                self.choices[key] = plain
+                self.write_disk(key, plain.name)
+        if self.choices.get(key) in fitting:
+            self.retry_at.pop(signature, None)
+            return self.choices[key]
+        with OtherLoad() as load, torch.no_grad() if not grad else torch.enable_grad():
+            busy = self.busy_reason(x.device)
+            tuning = None if busy else autotune(x, weight, bias, geom, grad)
+        busy = busy or self.busy_reason(x.device, load)
+        if busy:
+            (log.debug if self.retry_at else log.warning)(
+                "conv strategy for %s: not tuned, the machine is busy (%s); running the plain grouped conv and "
+                "tuning again in %.0f s", key, busy, RETRY_SECONDS)
+            self.retry_at[signature] = time.monotonic() + RETRY_SECONDS
+            return plain
+        self.retry_at.pop(signature, None)
+        self.choices[key], self.evidence[key] = tuning.strategy, tuning.evidence
+        self.write_disk(key, tuning.strategy.name)
+        return tuning.strategy
+
+    def _still_wins(self, strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    geom: ConvGeometry, grad: bool) -> bool:
+        """:func:`still_wins`, unless the machine is too busy to tell (then the cached choice stands)."""
+        with OtherLoad() as load, torch.no_grad() if not grad else torch.enable_grad():
+            wins = still_wins(strategy, x, weight, bias, geom, grad)
+        return wins or self.busy_reason(x.device, load) is not None
 
 
 TUNER = Tuner()

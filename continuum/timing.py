@@ -1,5 +1,5 @@
-"""Timing on a device: its name, stopwatches for calls, paired interleaved rounds, the peak GEMM rate, and how busy
-other processes kept the machine meanwhile.
+"""Timing on a device: its name and libraries, stopwatches for calls, paired interleaved rounds and the interval of
+their ratios, the peak GEMM rate, a reference workload, and how busy other processes kept the machine meanwhile.
 
 Used by the conv tuner, the cost probe and the benchmark alike.
 """
@@ -7,7 +7,9 @@ Used by the conv tuner, the cost probe and the benchmark alike.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 import platform
 import random
 import time
@@ -34,6 +36,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_library(device_type: str) -> str:
+    """The convolution library whose kernels a timing measures, with its version: ``onednn 3.12.0`` on CPUs (read
+    from torch's build configuration), ``cudnn 91002`` on CUDA; ``unknown`` where torch does not say."""
+    if device_type == "cuda":
+        return f"cudnn {torch.backends.cudnn.version()}"
+    found = re.search(r"(?:MKL-DNN|oneDNN)\D*v?([0-9][0-9.]*)", torch.__config__.show())
+    return f"onednn {found.group(1)}" if found else "unknown"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -116,6 +128,37 @@ def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device
     return times
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: the order statistics whose binomial tail
+    probabilities leave at most ``(1 - confidence) / 2`` on each side (the whole range when there are too few
+    values for that, which is then wider than asked)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail, outside = 0.0, 0  # values left outside the interval on each side
+    for count in range(n // 2):
+        tail += math.comb(n, count) / 2 ** n  # P(count or fewer values fall below the median)
+        if tail > (1 - confidence) / 2:
+            break
+        outside = count
+    return ordered[outside], ordered[n - 1 - outside]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_tensors(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device).manual_seed(0)
+    return (torch.randn(16, 64, 16, 16, device=device, generator=generator),
+            torch.randn(64, 64, 3, 3, device=device, generator=generator))
+
+
+def reference_ms(device: torch.device, repeats: int = 20) -> float:
+    """The fastest of ``repeats`` calls of a fixed workload (a 3x3 convolution, 64 channels, 16 images of 16 px:
+    0.3 GFLOP, a few milliseconds on a CPU): compared with its time on a quiet machine, it tells whether something
+    else is slowing this device down right now. (The fastest of 20 still varies by up to 1.4x on a quiet 2-core
+    VM; another process on one of its cores slows it 2x.)"""
+    x, w = _reference_tensors(device)
+    return min(call_times(lambda: F.conv2d(x, w, padding=1), device, repeats))
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
     """Dense GEMM FLOP/s on ``device`` in ``dtype``: the better of a ``size`` x ``size`` matrix product and a GEMM
     of the same width run as a 1x1 channels-last convolution (on CPUs the convolution library's GEMM can be twice
@@ -159,3 +202,8 @@ class OtherLoad:
         now = os.times()
         own_ticks = (now.user + now.system - own.user - own.system) * os.sysconf("SC_CLK_TCK")
         self.share = min(1.0, max(0.0, (end[0] - machine[0] - own_ticks) / (end[1] - machine[1])))
+
+    @property
+    def other_cores(self) -> float | None:
+        """How many cores other processes kept busy on average (``share`` times the machine's cores)."""
+        return None if self.share is None else self.share * (os.cpu_count() or 1)

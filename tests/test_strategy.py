@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from continuum import SegmentedConv2d
 from continuum import strategy as st
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
-from continuum.timing import call_times
+from continuum.timing import call_times, device_name, kernel_library, median_interval
 
 CASES = [
     # in, out, groups, kernel, stride, padding, dilation
@@ -30,6 +30,7 @@ CASES = [
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))
+    monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)  # a quiet machine
     st.forget_choices()
     yield
     st.forget_choices()
@@ -112,7 +113,7 @@ def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
         conv(x)  # forward-only is tuned separately
     assert len(calls) == 2
     stored = json.loads((tmp_path / "conv_strategies.json").read_text())
-    chosen = [v for k, v in stored.items() if not k.startswith("peak|")]
+    chosen = [v for k, v in stored.items() if k.startswith(f"{st.CACHE_VERSION}|")]
     assert len(chosen) == 2 and all(Strategy.parse(name).kind in ("grouped", "unfold") for name in chosen)
     assert any(k.startswith("peak|") for k in stored)
 
@@ -190,7 +191,7 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(tmp_path):
 def test_autotune_skips_candidates_that_cannot_beat_the_best(monkeypatch):
     monkeypatch.setattr(st, "peak_gemm_flops", lambda device, dtype: 1.0)  # every bound is astronomically slow
     x, w, geom = torch.randn(2, 16, 6, 6), torch.randn(16, 1, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 16)
-    best, times = st.autotune(x, w, None, geom, grad=False)
+    best, times, _ = st.autotune(x, w, None, geom, grad=False)
     assert best == Strategy("grouped", 16)  # the first candidate is always timed
     assert sum(t == t for t in times.values()) == 1 and len(times) == len(candidates(16, 16, (3, 3), geom))
 
@@ -198,6 +199,7 @@ def test_autotune_skips_candidates_that_cannot_beat_the_best(monkeypatch):
 def test_choices_survive_into_a_new_process(tmp_path):
     script = ("import sys, torch; from continuum import SegmentedConv2d, strategy; "
               "strategy.autotune = (lambda *a, **k: sys.exit(3)) if sys.argv[1] == 'cached' else strategy.autotune; "
+              "strategy.Tuner.busy_reason = lambda self, device, load=None: None; "
               "SegmentedConv2d(8, 8, 3, padding=1, segments=4)(torch.randn(1, 8, 6, 6, requires_grad=True))")
     env = {**os.environ, "CONTINUUM_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", script, "tune"], check=True, env=env)
@@ -256,7 +258,7 @@ def test_autotune_is_not_fooled_by_slow_first_calls(monkeypatch):
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]  # grouped/2, grouped/2+cl, unfold, grouped/1, ...
     ms = {name: [30.0] for name in names} | {"grouped/1": [300.0, 5.0]}  # the fastest is slow only when cold
     _fake_timings(monkeypatch, ms)
-    best, times = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
+    best, times, _ = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
     assert best == Strategy("grouped", 1) and times["grouped/1"] < 30
 
 
@@ -265,10 +267,11 @@ def test_autotune_always_retimes_the_plain_grouped_conv(monkeypatch):
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]
     slow_plain = {"grouped/2": [30.0], "grouped/2+cl": [30.0]}
     counts = _fake_timings(monkeypatch, {name: [5.0] for name in names} | slow_plain)
-    best, times = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
-    # screening: a warm-up and a timed call each; finalists: 3 more calls each, the plain grouped conv among them
-    assert counts["grouped/2"] == counts["grouped/2+cl"] == 5
-    assert sorted(counts.values()) == [2] * (len(names) - 3) + [5] * 3
+    best, times, _ = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
+    # screening: a warm-up and a timed call each; finalists: MIN_ROUNDS more calls each, the plain conv among them
+    rounds = 2 + st.MIN_ROUNDS
+    assert counts["grouped/2"] == counts["grouped/2+cl"] == rounds
+    assert sorted(counts.values()) == [2] * (len(names) - 3) + [rounds] * 3
     assert best.name not in ("grouped/2", "grouped/2+cl") and set(times) == set(names)
 
 
@@ -277,7 +280,9 @@ def test_a_near_tie_goes_to_the_plain_grouped_conv(monkeypatch, other_ms, wins):
     x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]
     _fake_timings(monkeypatch, {name: [60.0] for name in names} | {"grouped/2+cl": [30.0], "grouped/1": [other_ms]})
-    best, _ = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0, margin=0.2)
+    best, _, evidence = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0,
+                                    margin=0.2)
+    assert evidence.endswith("chosen") == wins
     assert best.name == ("grouped/1" if wins else "grouped/2+cl")
 
 
@@ -306,3 +311,103 @@ def test_a_cached_choice_that_cannot_compute_the_call_is_retuned_never_used(tmp_
     stored = json.loads((tmp_path / "conv_strategies.json").read_text())
     assert Strategy.parse(stored[key]) in candidates(8, 16, (3, 3), conv.geometry)
     assert stored[peak] > 0
+
+
+def test_median_interval_is_the_order_statistics_of_a_binomial():
+    assert median_interval(range(1, 10)) == (2, 8)  # n = 9: one value outside on each side (96 % coverage)
+    assert median_interval(range(1, 31)) == (10, 21)  # the textbook interval for n = 30
+    assert median_interval([5, 1, 3]) == (1, 5)  # too few values for 95 %: the range
+    assert median_interval([2.0]) == (2.0, 2.0)
+
+
+def test_a_lead_within_noise_earns_more_rounds_and_then_goes_to_the_plain_conv(monkeypatch):
+    x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
+    names = [s.name for s in candidates(4, 4, (3, 3), geom)]
+    # grouped/1 is faster in most rounds, much slower in the others: its median leads, but not beyond noise
+    counts = _fake_timings(monkeypatch, {name: [6.0] for name in names} | {"grouped/1": [1.0, 1.0] + [2.0, 9.0] * 20})
+    monkeypatch.setattr(st, "MAX_ROUNDS", 13)
+    best, _, evidence = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
+    assert best == Strategy("grouped", 2) and "13 rounds" in evidence and "the plain grouped conv kept" in evidence
+    assert counts["grouped/2"] == 2 + 13  # rounds were added past MIN_ROUNDS, up to MAX_ROUNDS
+
+
+def test_a_busy_machine_runs_the_plain_conv_caches_nothing_and_tunes_again_later(monkeypatch, tmp_path):
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
+    x = torch.randn(2, 8, 6, 6)
+    tuned = []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
+    monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: "another process")
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1, 1, 4))
+        assert st.TUNER.choose(x, conv.weight, None, conv.geometry) == Strategy("grouped", 4)
+        assert tuned == [] and not (tmp_path / "conv_strategies.json").exists()
+        monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)
+        conv(x)  # quiet now, but the retry is not due yet
+        assert tuned == []
+        monkeypatch.setattr(st, "RETRY_SECONDS", 0.0)
+        monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: "another process")
+        st.TUNER.retry_at.update(dict.fromkeys(st.TUNER.retry_at, 0.0))  # the retry falls due
+        conv(x)  # busy again: not tuned, due again at once
+        assert tuned == []
+        monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)
+        conv(x)
+    assert tuned == [1] and not st.TUNER.retry_at
+    stored = json.loads((tmp_path / "conv_strategies.json").read_text())
+    assert [k for k in stored if k.startswith(f"{st.CACHE_VERSION}|")] == [
+        st.cache_key(x, conv.weight, conv.geometry, grad=False)]
+
+
+def test_another_process_on_the_cores_is_seen_as_busy(monkeypatch):
+    monkeypatch.undo()  # the real busy check
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)
+        with st.OtherLoad() as load:
+            time.sleep(0.5)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert "other processes kept" in st.Tuner().busy_reason(torch.device("cpu"), load)
+
+
+def test_a_slow_reference_workload_means_busy(monkeypatch):
+    times = iter([2.0, 2.5, 4.0])
+    monkeypatch.setattr(st, "reference_ms", lambda device: next(times))
+    tuner = st.Tuner()
+    monkeypatch.undo()  # the real busy check, with the fake reference times
+    monkeypatch.setattr(st, "reference_ms", lambda device: next(times))
+    assert tuner.busy_reason(torch.device("cpu")) is None  # first seen: the quiet time
+    assert tuner.busy_reason(torch.device("cpu")) is None  # 1.25x: a slow spell, not busy
+    assert "4.00 ms, 2.00x its quiet 2.00 ms" in tuner.busy_reason(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cached_ms, kept", [(30.0, False), (2.0, True)])
+def test_a_cached_choice_is_checked_once_per_process_and_dropped_when_it_loses(monkeypatch, tmp_path, cached_ms,
+                                                                                kept):
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
+    x = torch.randn(2, 8, 6, 6)
+    key = st.cache_key(x, conv.weight, conv.geometry, grad=False)
+    (tmp_path / "conv_strategies.json").write_text(json.dumps({key: "grouped/1"}))
+    counts = _fake_timings(monkeypatch, {"grouped/1": [cached_ms], "grouped/4": [10.0], "grouped/4+cl": [10.0]})
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: pytest.fail("tuned despite the disk cache"))
+    with torch.no_grad():
+        conv(x)
+        conv(x)
+    assert counts["grouped/4+cl"] == 1 + st.VALIDATION_ROUNDS  # checked once: a warm-up and the rounds
+    stored = json.loads((tmp_path / "conv_strategies.json").read_text())
+    assert stored[key] == ("grouped/1" if kept else "grouped/4")
+
+
+def test_the_cache_key_names_everything_that_changes_the_answer():
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
+    x = torch.randn(2, 8, 6, 6)
+    key = st.cache_key(x, conv.weight, conv.geometry, grad=True)
+    for part in (st.CACHE_VERSION, torch.__version__, kernel_library("cpu"), device_name(x.device), "float32",
+                 "nchw/nchw", "fwd+bwd"):
+        assert part in key.split("|")
+    assert "threads" in device_name(x.device) and kernel_library("cpu").startswith("onednn ")
+    cl = st.cache_key(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.geometry, grad=False)
+    assert "cl/nchw" in cl.split("|") and "fwd" in cl.split("|")
