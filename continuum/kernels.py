@@ -10,6 +10,9 @@ float rounding:
 - ``unfold``: im2col (``F.unfold``) and one batched matrix product per segment.
 - ``shifted``: depthwise only (one input and one output channel per segment): the sum of ``k*k`` shifted copies
   of the input, each scaled per channel.
+- ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
+  pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
+  gradient instead of two. A candidate only where the C++ kernel could be built.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from continuum.compiled import depthwise_kernels
 
 
 class ConvGeometry(NamedTuple):
@@ -55,7 +61,7 @@ class Strategy:
     """One way of computing a segmented convolution.
 
     Args:
-        kind: ``"grouped"``, ``"unfold"`` or ``"shifted"``.
+        kind: ``"grouped"``, ``"unfold"``, ``"shifted"`` or ``"fused"``.
         groups: the groups a ``grouped`` strategy runs with (a divisor of the segments).
         channels_last: compute in channels-last memory format.
     """
@@ -66,7 +72,7 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        """``grouped/4``, ``grouped/4+cl``, ``unfold`` or ``shifted``."""
+        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted`` or ``fused``."""
         base = f"grouped/{self.groups}" if self.kind == "grouped" else self.kind
         return base + ("+cl" if self.channels_last else "")
 
@@ -145,6 +151,33 @@ def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
+class _FusedDepthwise(torch.autograd.Function):
+    """A channels-last depthwise conv: torch's forward pass, the C++ one-sweep backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = list(stride), list(padding), list(dilation)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])  # N x C x H' x W', channels-last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple:
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w = depthwise_kernels().backward(grad_y, x, weight, *ctx.geometry)
+        grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
+                padding: tuple[int, int]) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+        raise ValueError("strategy fused runs float32 or float64 on the CPU, without autocast")
+    x = x.contiguous(memory_format=torch.channels_last)
+    return _FusedDepthwise.apply(x, weight, bias, geom.stride, padding, geom.dilation)
+
+
 def output_pixels(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> int:
     if geom.padding == "same":
         return x.shape[2] * x.shape[3]
@@ -176,7 +209,8 @@ def run_strategy(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias
         padding = geom.numeric_padding(tuple(weight.shape[2:]))
         if padding is None:
             raise ValueError(f"strategy {strategy.name} cannot do padding={geom.padding!r} with stride {geom.stride}")
-        y = (_unfold_conv if strategy.kind == "unfold" else _shifted_conv)(x, weight, bias, geom, padding)
+        y = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv}[strategy.kind](
+            x, weight, bias, geom, padding)
     return y.contiguous(memory_format=torch.channels_last if channels_last_input else torch.contiguous_format)
 
 
@@ -196,6 +230,8 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
             found.insert(2, Strategy("unfold"))
         if geom.groups == in_channels == out_channels:
             found.insert(2, Strategy("shifted"))
+            if depthwise_kernels() is not None:
+                found.insert(2, Strategy("fused"))
     return found
 
 

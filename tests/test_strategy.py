@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from continuum import SegmentedConv2d
 from continuum import strategy as st
+from continuum.compiled import depthwise_kernels
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
 from continuum.timing import call_times, device_name, kernel_library, median_interval
 
@@ -63,7 +64,7 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
         names.append(strategy.name)
     divisors = [g for g in range(groups, 0, -1) if groups % g == 0]
     assert {f"grouped/{g}" for g in divisors} | {f"grouped/{g}+cl" for g in divisors} <= set(names)
-    assert ("shifted" in names) == (groups == c_in == c_out)
+    assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
 
 
@@ -324,7 +325,8 @@ def test_a_lead_within_noise_earns_more_rounds_and_then_goes_to_the_plain_conv(m
     x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]
     # grouped/1 is faster in most rounds, much slower in the others: its median leads, but not beyond noise
-    counts = _fake_timings(monkeypatch, {name: [6.0] for name in names} | {"grouped/1": [1.0, 1.0] + [2.0, 9.0] * 20})
+    counts = _fake_timings(monkeypatch, {name: [6.0] for name in names} | {"grouped/2+cl": [7.0],
+                                                                             "grouped/1": [1.0, 1.0] + [2.0, 9.0] * 20})
     monkeypatch.setattr(st, "MAX_ROUNDS", 13)
     best, _, evidence = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
     assert best == Strategy("grouped", 2) and "13 rounds" in evidence and "the plain grouped conv kept" in evidence
@@ -411,3 +413,27 @@ def test_the_cache_key_names_everything_that_changes_the_answer():
     assert "threads" in device_name(x.device) and kernel_library("cpu").startswith("onednn ")
     cl = st.cache_key(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.geometry, grad=False)
     assert "cl/nchw" in cl.split("|") and "fwd" in cl.split("|")
+
+
+def test_the_fused_kernel_is_built_here_and_left_out_where_it_cannot_be(monkeypatch):
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1), 8)
+    assert depthwise_kernels() is not None  # a compiler and ninja are here: the C++ kernel builds
+    assert Strategy("fused") in candidates(8, 8, (3, 3), geom)
+    monkeypatch.setenv("CONTINUUM_BUILD_KERNELS", "0")
+    depthwise_kernels.cache_clear()
+    try:
+        assert depthwise_kernels() is None and Strategy("fused") not in candidates(8, 8, (3, 3), geom)
+    finally:
+        depthwise_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernel_refuses_what_it_cannot_run(dtype):
+    x, w = torch.randn(2, 8, 5, 5, dtype=dtype), torch.randn(8, 1, 3, 3, dtype=dtype)
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1), 8)
+    if dtype == torch.float32:
+        with torch.autocast("cpu", torch.bfloat16), pytest.raises(ValueError, match="without autocast"):
+            run_strategy(Strategy("fused"), x, w, None, geom)
+    else:
+        with pytest.raises(ValueError, match="float32 or float64 on the CPU"):
+            run_strategy(Strategy("fused"), x, w, None, geom)

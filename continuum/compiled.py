@@ -1,0 +1,52 @@
+"""The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
+
+:func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv) with
+``torch.utils.cpp_extension`` the first time a process asks for it: about a minute, once per machine, torch version
+and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
+processes load the built library in a second. Where it cannot be built (no compiler, no
+``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies that need it
+are not candidates: everything still runs, on torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from continuum.timing import cpu_model
+
+SOURCES = Path(__file__).parent / "csrc"
+"""Where the C++ sources are."""
+
+log = logging.getLogger(__name__)
+
+
+def building_allowed() -> bool:
+    """``$CONTINUUM_BUILD_KERNELS`` is not ``0`` (or ``false``, ``off``, ``no``)."""
+    return os.environ.get("CONTINUUM_BUILD_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def depthwise_kernels() -> ModuleType | None:
+    """The built ``depthwise.cpp`` (its ``backward(grad_y, x, weight, stride, padding, dilation)``), or ``None``
+    where it cannot be built here. Built with ``-O3 -march=native`` under a name holding a hash of torch's version,
+    the CPU model and the source (a library built for one CPU may not run on another)."""
+    if not building_allowed():
+        return None
+    from torch.utils import cpp_extension  # imported here: it is slow to import, and only building needs it
+
+    source = SOURCES / "depthwise.cpp"
+    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}".encode() + source.read_bytes()).hexdigest()[:12]
+    try:
+        return cpp_extension.load(f"continuum_depthwise_{build}", [str(source)],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as err:  # no compiler, no ninja, a compile or link error: torch's kernels do the work
+        log.warning("the C++ depthwise kernel could not be built (%s); using torch's kernels",
+                    str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
+        return None

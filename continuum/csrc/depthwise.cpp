@@ -1,0 +1,90 @@
+// The backward pass of a depthwise 2-D convolution on channels-last CPU tensors: the input and kernel gradients in
+// one sweep over the output gradient (oneDNN computes them in two, and its kernel gradient alone takes as long as
+// the forward pass and the input gradient together).
+//
+// Layouts: x and grad_y are N x H x W x C in memory (channels-last N x C x H x W tensors), the kernels C x 1 x kh x
+// kw (used as kh x kw x C). For each output pixel and each tap, two loops over the contiguous channels (which the
+// compiler vectorises) scatter the output gradient into the input gradient and multiply it into the tap's
+// kernel-gradient sums. Images are split across threads (an image's input gradient is written by one thread); each
+// thread sums kernel gradients in its own buffer, and the buffers are added at the end.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* grad_y, scalar_t* grad_x,
+                     scalar_t* grad_taps, int64_t n, int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                     int64_t oh, int64_t ow, const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                     const std::vector<int64_t>& dilation) {
+  const int64_t tap_size = kh * kw * c, image = h * w * c, threads = at::get_num_threads();
+  std::vector<scalar_t> partial(threads * tap_size, scalar_t(0));
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    scalar_t* sums = partial.data() + at::get_thread_num() * tap_size;
+    std::fill(grad_x + begin * image, grad_x + end * image, scalar_t(0));
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t oy = 0; oy < oh; ++oy) {
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          const scalar_t* gy = grad_y + ((b * oh + oy) * ow + ox) * c;
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t iy = oy * stride[0] - padding[0] + i * dilation[0];
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t ix = ox * stride[1] - padding[1] + j * dilation[1];
+              if (ix < 0 || ix >= w) continue;
+              const int64_t at = ((b * h + iy) * w + ix) * c;
+              const scalar_t* tap = taps + (i * kw + j) * c;
+              const scalar_t* in = x + at;
+              scalar_t* gx = grad_x + at;
+              scalar_t* acc = sums + (i * kw + j) * c;
+#pragma omp simd
+              for (int64_t k = 0; k < c; ++k) gx[k] += gy[k] * tap[k];
+#pragma omp simd
+              for (int64_t k = 0; k < c; ++k) acc[k] += gy[k] * in[k];
+            }
+          }
+        }
+      }
+    }
+  });
+  std::fill(grad_taps, grad_taps + tap_size, scalar_t(0));
+  for (int64_t thread = 0; thread < threads; ++thread)
+    for (int64_t k = 0; k < tap_size; ++k) grad_taps[k] += partial[thread * tap_size + k];
+}
+
+}  // namespace
+
+// (grad_x, grad_weight) of y = conv2d(x, weight, stride, padding, dilation, groups=C) for a C x 1 x kh x kw weight.
+std::vector<torch::Tensor> depthwise_backward(torch::Tensor grad_y, torch::Tensor x, torch::Tensor weight,
+                                              std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                              std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "x: a channels-last 4-d tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1,
+              "weight: C x 1 x kh x kw for a depthwise conv of C channels");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == weight.scalar_type() &&
+                  grad_y.scalar_type() == x.scalar_type(), "grad_y, x and weight: CPU tensors of one dtype");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride, padding, dilation: pairs");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), kh = weight.size(2), kw = weight.size(3);
+  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == n && grad_y.size(1) == c && grad_y.size(2) == oh &&
+                  grad_y.size(3) == ow, "grad_y: N x C x H' x W' of the convolution's output");
+  grad_y = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  auto taps = weight.select(1, 0).permute({1, 2, 0}).contiguous();  // kh x kw x C
+  auto grad_x = torch::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto grad_taps = torch::empty_like(taps);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_backward", [&] {
+    backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
+                              grad_x.data_ptr<scalar_t>(), grad_taps.data_ptr<scalar_t>(), n, c, h, w, kh, kw, oh,
+                              ow, stride, padding, dilation);
+  });
+  return {grad_x, grad_taps.permute({2, 0, 1}).unsqueeze(1).contiguous()};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("backward", &depthwise_backward, "depthwise conv: input and kernel gradients in one sweep");
+}
