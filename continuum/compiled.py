@@ -39,7 +39,13 @@ def depthwise_kernels() -> ModuleType | None:
     the CPU model and the source (a library built for one CPU may not run on another)."""
     if not building_allowed():
         return None
-    from torch.utils import cpp_extension  # imported here: it is slow to import, and only building needs it
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # its import warns that no CUDA runtime is found: true, and beside the point
+    try:
+        from torch.utils import cpp_extension  # imported here: it is slow to import, and only building needs it
+    finally:
+        cpp_logger.setLevel(level)
 
     source = SOURCES / "depthwise.cpp"
     build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}".encode() + source.read_bytes()).hexdigest()[:12]

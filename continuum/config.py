@@ -153,6 +153,11 @@ class ConfigBase:
 RECIPES = ("cosine", "paper_sgd", "paper_rmsprop")
 """Training recipes: SGD + cosine decay; the paper's ImageNet SGD (0.045, x0.94 every 2 epochs); its JFT RMSprop."""
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Training precisions: ``bf16`` autocast (float32 weights and sums) or plain ``fp32``; ``auto`` takes bf16 where the
+hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX) and fp32 elsewhere (emulated bf16 on an AVX2 CPU
+trained 6-8x slower)."""
+
 RECIPE_DEFAULTS = {
     "cosine": {"lr": 0.05, "weight_decay": 5e-4},
     "paper_sgd": {"lr": 0.045, "weight_decay": 1e-5},
@@ -175,6 +180,8 @@ class TrainConfig(ConfigBase):
         device: ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         compile: run the model through ``torch.compile``.
         deterministic: ask torch for deterministic algorithms (slower on CUDA).
+        precision: ``"auto"``, ``"fp32"`` or ``"bf16"`` (see :data:`PRECISIONS`).
+        channels_last: the model and its batches in channels-last memory format (faster on CPUs and GPUs alike).
     """
 
     epochs: int = setting(3, "epochs per trial", integer(1), group="training")
@@ -192,6 +199,10 @@ class TrainConfig(ConfigBase):
     compile: bool = setting(False, "torch.compile the model", parse_bool, group="training", switch=True)
     deterministic: bool = setting(False, "deterministic algorithms (slower on CUDA)", parse_bool, group="training",
                                   switch=True)
+    precision: str = setting("auto", "fp32, bf16 (autocast), or auto: bf16 where the hardware has it",
+                             choices=PRECISIONS, group="training")
+    channels_last: bool = setting(True, "channels-last memory format for the model and batches: on, off", parse_bool,
+                                  group="training")
 
     @property
     def resolved_lr(self) -> float:

@@ -49,6 +49,18 @@ def kernel_library(device_type: str) -> str:
     return f"onednn {found.group(1)}" if found else "unknown"
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``: ``avx2``, ``avx512_bf16``, ...); empty off Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``float32``, ``bfloat16``, ...: the dtype without its ``torch.`` prefix."""
     return str(dtype).removeprefix("torch.")
@@ -157,7 +169,8 @@ def reference_ms(device: torch.device, repeats: int = 20) -> float:
     else is slowing this device down right now. (The fastest of 20 still varies by up to 1.4x on a quiet 2-core
     VM; another process on one of its cores slows it 2x.)"""
     x, w = _reference_tensors(device)
-    return min(call_times(lambda: F.conv2d(x, w, padding=1), device, repeats))
+    with torch.autocast(device.type, enabled=False), torch.no_grad():  # float32 whatever the caller's context
+        return min(call_times(lambda: F.conv2d(x, w, padding=1), device, repeats))
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:

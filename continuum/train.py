@@ -2,7 +2,9 @@
 
 Images stay on the device as uint8; each step gathers a batch by index, augments it on the device (random crop with
 padding, horizontal flips where the dataset allows them) and normalises it, with no per-sample Python.
-On CUDA: bf16 autocast and channels_last. Shuffling and augmentation draw from one seeded generator.
+The model and its batches are channels-last unless asked otherwise (faster on CPUs and GPUs); bf16 autocast where
+the precision asks for it (``auto``: where the hardware computes bf16 natively). Shuffling and augmentation draw
+from one seeded generator.
 
 Recipes (learning rate as a function of the run's progress ``p`` in [0, 1], stepped every batch):
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from continuum.config import TrainConfig
 from continuum.data import TensorData
+from continuum.timing import cpu_flags
 
 DECAYS = {"paper_sgd": (0.94, 50), "paper_rmsprop": (0.9, 30)}
 """Step-decay recipes: (factor per decay, decays over the run)."""
@@ -179,8 +182,16 @@ class FitResult:
         return curve_summary(self.curve)["best_val_loss"]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: ``precision``, with ``"auto"`` resolved to bf16 where ``device`` computes it
+    natively (CUDA; a CPU with AVX512-BF16 or AMX-BF16) and fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or {"avx512_bf16", "amx_bf16"} & cpu_flags() else "fp32"
+
+
 class _Inputs:
-    """Turns uint8 index batches into normalised float batches on the device, in the device's layout."""
+    """Turns uint8 index batches into normalised float batches on the device, in the run's memory format."""
 
     def __init__(self, data: TensorData, device: torch.device, cfg: TrainConfig, generator: torch.Generator):
         mean, std = data.mean_std()
@@ -189,7 +200,8 @@ class _Inputs:
         self.pad = max(1, data.input_size[-1] // 8) if cfg.augment else 0
         self.hflip = cfg.augment and data.hflip
         self.generator = generator
-        self.channels_last = self.autocast = device.type == "cuda"  # bf16 autocast and channels-last on CUDA
+        self.channels_last = cfg.channels_last
+        self.autocast = resolve_precision(cfg.precision, device) == "bf16"  # bf16 autocast
 
     def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         x = x.float()
@@ -289,7 +301,7 @@ def fit(
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     inputs = _Inputs(data, device, cfg, generator)
-    model = model.to(device, memory_format=torch.channels_last if inputs.autocast else torch.preserve_format)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from continuum.bench import paired_ratio, segment_counts
+from continuum.bench import SHAPES, paired_ratio, parse_shapes, segment_counts
 from continuum.timing import interleaved_times
 
 
@@ -58,11 +58,15 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 
 def test_bench_writes_the_conv_table(tmp_path):
-    command = [sys.executable, "-m", "continuum.bench", "--shapes", "tiny", "--repeats", "1", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "continuum.bench", "--shapes", "tiny,4x3x2", "--repeats", "1", "--tuning",
+               "loaded", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     conv = pd.read_csv(tmp_path / "conv_cpu.csv")
-    assert len(conv) == 2 * len(segment_counts(16))
+    assert len(conv) == 2 * len(segment_counts(16)) + 2 * len(segment_counts(4))
+    assert list(conv["shape"].unique()) == ["tiny", "4x3x2"] and set(conv["tuning"]) == {"loaded"}
+    assert list(conv.loc[conv["shape"] == "4x3x2", "batch"].unique()) == [2]
+    conv = conv[conv["shape"] == "tiny"]
     assert set(conv["layer"]) == {"SegmentedConv2d", "ContinuumConv"}
     assert list(conv["segments"].astype(str).unique()) == ["1", "2", "4", "8", "all"]
     assert (conv["ours_ms"] == conv[["ours_nchw_ms", "ours_cl_ms"]].min(axis=1)).all()
@@ -89,11 +93,20 @@ def test_bench_writes_the_conv_table(tmp_path):
 @pytest.mark.slow
 def test_bench_writes_the_train_table(tmp_path):
     command = [sys.executable, "-m", "continuum.bench", "--no-conv", "--train", "--train-images", "128",
-               "--train-rounds", "1", "--out", str(tmp_path)]
+               "--train-rounds", "1", "--train-segments", "4,all", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     train = pd.read_csv(tmp_path / "train_cpu.csv")
-    assert list(train["segments"].astype(str)) == ["1", "2", "4", "8", "16", "32", "all"]
-    assert (train[["native_images_per_s", "auto_images_per_s", "native_mfu", "auto_mfu"]] > 0).all().all()
+    assert list(train["segments"].astype(str)) == ["4", "all"]
+    speeds = [f"{kind}_{what}" for kind in ("nchw_auto", "cl_native", "cl_auto") for what in ("images_per_s", "mfu")]
+    assert (train[speeds + ["speedup", "tuner_speedup"]] > 0).all().all()
+    assert train["speedup"].iloc[0] == pytest.approx(train["cl_auto_images_per_s"].iloc[0]
+                                                     / train["nchw_auto_images_per_s"].iloc[0])  # one round
     assert not (tmp_path / "conv_cpu.csv").exists()
 
+
+
+def test_shapes_are_named_or_written_out():
+    shapes = parse_shapes("small_64, 96x28x64,8X4X2")
+    assert shapes[0] == SHAPES["small_64"]
+    assert [(s.channels, s.size, s.batch) for s in shapes[1:]] == [(96, 28, 64), (8, 4, 2)]

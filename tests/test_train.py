@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 import continuum  # noqa: F401
+from continuum import conv_strategy
 from continuum.config import TrainConfig
 from continuum.data import make_synthetic
-from continuum.train import TrainingFailed, augment_batch, fit, lr_factor, resolve_device
+from continuum.kernels import is_channels_last
+from continuum.train import TrainingFailed, augment_batch, fit, lr_factor, resolve_device, resolve_precision
 
 
 def test_augment_crops_with_padding_and_flips():
@@ -92,3 +94,33 @@ def test_device_resolution():
 def test_fit_on_cuda_with_bf16_and_channels_last():
     result = _run(0, device="cuda")
     assert all(math.isfinite(m["train_loss"]) for m in result.curve)
+
+
+@pytest.mark.parametrize("channels_last, precision", [(True, "fp32"), (False, "fp32"), (True, "bf16")])
+def test_memory_format_and_precision_reach_every_conv(channels_last, precision):
+    torch.manual_seed(0)
+    model = timm.create_model("continuum_small", segments=4)
+    seen = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda m, inputs, out: seen.append(
+                (out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous(), out.dtype)))
+    cfg = TrainConfig(epochs=1, batch_size=32, channels_last=channels_last, precision=precision)
+    with conv_strategy("native"):  # what reaches the convs, not how fast: no tuning
+        result = fit(model, make_synthetic(train_size=32, val_size=32), cfg, progress=False)
+    assert math.isfinite(result.curve[0]["train_loss"])
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen and all(layout == channels_last and dtype == want for layout, dtype in seen)
+    weight = next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:] == (3, 3))
+    assert is_channels_last(weight) == channels_last
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from continuum import train
+    monkeypatch.setattr(train, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(train, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"

@@ -175,12 +175,14 @@ class SweepConfig(ConfigBase):
     def fixed_settings(self) -> dict[str, Any]:
         """The settings every trial of a study must share (a rerun with other values would mix results).
 
-        Where a worker runs (device, compile, data folder) is not among them; a search's choices are, since
-        they are stored with its trials and cannot change.
+        Where and how fast a worker runs (device, compile, memory format, data folder) is not among them, nor is
+        the precision left to ``auto`` (what studies before that setting did); a search's choices are, since they
+        are stored with its trials and cannot change.
         """
+        train = {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile", "channels_last")}
         settings = {
             "data": {k: v for k, v in self.data.to_dict().items() if k != "data_dir"},
-            "train": {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile")},
+            "train": {k: v for k, v in train.items() if not (k == "precision" and v == "auto")},
             "objectives": list(self.objectives), "search": self.search, "drop_rate": self.drop_rate,
             "match_params": self.match_params, "match_flops": self.match_flops}
         if self.search != "grid":  # axes at their defaults that studies did not always have are left out
