@@ -13,6 +13,9 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two. A candidate only where the C++ kernel could be built.
+- ``triton``: depthwise only, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a backward
+  that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed, and, like
+  every candidate, chosen only when it wins the timing there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from continuum import triton_kernels
 from continuum.compiled import depthwise_kernels
 
 
@@ -61,7 +65,7 @@ class Strategy:
     """One way of computing a segmented convolution.
 
     Args:
-        kind: ``"grouped"``, ``"unfold"``, ``"shifted"`` or ``"fused"``.
+        kind: ``"grouped"``, ``"unfold"``, ``"shifted"``, ``"fused"`` or ``"triton"``.
         groups: the groups a ``grouped`` strategy runs with (a divisor of the segments).
         channels_last: compute in channels-last memory format.
     """
@@ -72,7 +76,7 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted`` or ``fused``."""
+        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted``, ``fused`` or ``triton``."""
         base = f"grouped/{self.groups}" if self.kind == "grouped" else self.kind
         return base + ("+cl" if self.channels_last else "")
 
@@ -178,6 +182,13 @@ def _fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _FusedDepthwise.apply(x, weight, bias, geom.stride, padding, geom.dilation)
 
 
+def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
+                 padding: tuple[int, int]) -> torch.Tensor:
+    if not triton_kernels.available(x.device):
+        raise ValueError("strategy triton runs on CUDA, with Triton installed")
+    return triton_kernels.depthwise_conv(x, weight, bias, list(geom.stride), list(padding), list(geom.dilation))
+
+
 def output_pixels(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> int:
     if geom.padding == "same":
         return x.shape[2] * x.shape[3]
@@ -209,19 +220,22 @@ def run_strategy(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias
         padding = geom.numeric_padding(tuple(weight.shape[2:]))
         if padding is None:
             raise ValueError(f"strategy {strategy.name} cannot do padding={geom.padding!r} with stride {geom.stride}")
-        y = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv}[strategy.kind](
+        y = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv, "triton": _triton_conv}[
+            strategy.kind](
             x, weight, bias, geom, padding)
     return y.contiguous(memory_format=torch.channels_last if channels_last_input else torch.contiguous_format)
 
 
-def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geom: ConvGeometry) -> list[Strategy]:
-    """Every strategy that can compute this convolution, fewest FLOPs first.
+def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geom: ConvGeometry,
+               device_type: str = "cpu") -> list[Strategy]:
+    """Every strategy that can compute this convolution on this kind of device, fewest FLOPs first.
 
     Args:
         in_channels: input channels.
         out_channels: output channels.
         kernel: ``(kh, kw)``.
         geom: stride, padding, dilation and groups.
+        device_type: ``"cpu"`` or ``"cuda"`` (``fused`` runs on the one, ``triton`` on the other).
     """
     divisors = [g for g in range(geom.groups, 0, -1) if geom.groups % g == 0]
     found = [Strategy("grouped", g, cl) for g in divisors for cl in (False, True)]
@@ -230,8 +244,10 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
             found.insert(2, Strategy("unfold"))
         if geom.groups == in_channels == out_channels:
             found.insert(2, Strategy("shifted"))
-            if depthwise_kernels() is not None:
+            if device_type == "cpu" and depthwise_kernels() is not None:
                 found.insert(2, Strategy("fused"))
+            if device_type == "cuda" and triton_kernels.available(torch.device("cuda")):
+                found.insert(2, Strategy("triton"))
     return found
 
 

@@ -234,7 +234,7 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g
     peak = peak_gemm_flops(device, x.dtype)
     times: dict[str, float] = {}
     found: dict[Strategy, float] = {}
-    for strategy in candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom):
+    for strategy in candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom, x.device.type):
         times[strategy.name] = float("nan")
         best = min(found.values(), default=float("inf"))
         if strategy_flops(strategy, geom, forward_flops) * (3 if grad else 1) / peak * 1e3 > best:
@@ -403,7 +403,7 @@ class Tuner:
         if key not in self.choices and not self.disk_loaded:
             self._load_disk()
         plain = Strategy("grouped", geom.groups)
-        fitting = candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom)
+        fitting = candidates(x.shape[1], weight.shape[0], tuple(weight.shape[2:]), geom, x.device.type)
         cached = self.choices.get(key)
         if cached in fitting and key in self.unchecked:
             self.unchecked.discard(key)

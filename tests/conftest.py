@@ -4,10 +4,13 @@ import os
 import tempfile
 
 import pytest
+import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CONTINUUM_CACHE", tempfile.mkdtemp(prefix="continuum-cache-"))  # autotuned conv strategies
 os.environ.setdefault("CONTINUUM_TUNE_MS", "20")  # tests check what is chosen is right, not that it is the fastest
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter, on the CPU; set before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAST = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet"]
 """Flags that make a sweep trial take about a second on a laptop CPU."""

@@ -1,0 +1,56 @@
+"""The Triton depthwise kernel against F.conv2d, forward and backward: on CUDA where there is one, else on the CPU in
+Triton's interpreter (``conftest`` sets ``TRITON_INTERPRET=1`` before anything imports Triton)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from continuum import triton_kernels
+from continuum.kernels import ConvGeometry, Strategy, candidates, run_strategy
+
+pytest.importorskip("triton")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("stride, padding, dilation, bias", [
+    (1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, True), (2, 0, 1, False), (1, 3, 3, True)])
+def test_forward_and_backward_equal_the_native_depthwise_conv(stride, padding, dilation, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 7, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)  # 40 > a block
+    x.requires_grad_(True)
+    w = torch.randn(40, 1, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(40, device=DEVICE, requires_grad=True) if bias else None
+    args = [stride] * 2, [padding] * 2, [dilation] * 2
+    y = triton_kernels.depthwise_conv(x, w, b, *args)
+    ref = F.conv2d(x, w, b, stride, padding, dilation, 40)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(ref)
+    wanted = (x, w, b) if bias else (x, w)
+    for got, want in zip(torch.autograd.grad(y, wanted, upstream), torch.autograd.grad(ref, wanted, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_op_passes_torch_library_checks():
+    x = torch.randn(1, 4, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(4, 1, 3, 3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(triton_kernels.depthwise_conv, (x, w, None, [1, 1], [1, 1], [1, 1]),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_it_is_a_strategy_on_cuda_only():
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1), 8)
+    assert Strategy("triton") not in candidates(8, 8, (3, 3), geom, "cpu")
+    x, w = torch.randn(2, 8, 5, 5, device=DEVICE), torch.randn(8, 1, 3, 3, device=DEVICE)
+    y = run_strategy(Strategy("triton"), x, w, None, geom)  # on the CPU, the interpreter runs it
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, 8), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous()  # back in the input's memory format
+
+
+def test_without_the_interpreter_the_cpu_refuses_it(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w = torch.randn(2, 8, 5, 5), torch.randn(8, 1, 3, 3)
+    with pytest.raises(ValueError, match="strategy triton runs on CUDA"):
+        run_strategy(Strategy("triton"), x, w, None, ConvGeometry((1, 1), (1, 1), (1, 1), 8))
