@@ -26,7 +26,7 @@ from continuum.sweep.record import point_cells, record
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.timing import device_name
 from continuum.tracking import Trackers
-from continuum.train import TrainingFailed, curve_summary, fit, resolve_device
+from continuum.train import TrainingFailed, curve_summary, fit, resolve_device, resolve_precision
 
 log = logging.getLogger("continuum.sweep")
 
@@ -74,6 +74,7 @@ class Objective:
             "dataset": cfg.data.dataset, "train_size": len(data.train_y), "val_size": len(data.val_y),
             "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe,
             "lr": cfg.train.resolved_lr, "weight_decay": cfg.train.resolved_weight_decay,
+            "precision": resolve_precision(cfg.train.precision, self.device), "channels_last": cfg.train.channels_last,
             "latency_batch": cfg.latency_batch, "git": _git_commit(), "worker": worker_id(),
         } | environment(self.device)
         self.settings = {k: self.context[k] for k in ("dataset", "train_size", "epochs", "batch_size", "recipe", "lr",

@@ -89,6 +89,8 @@ class TrialRun:
         recipe: training recipe.
         lr: initial learning rate in force.
         weight_decay: weight decay in force.
+        precision: the precision it trained in, ``fp32`` or ``bf16`` (``auto`` resolved on its device).
+        channels_last: whether the model and its batches were channels-last.
         latency_batch: batch size of the latency probe.
         device: the device (CPU model and threads, or GPU name).
         threads: torch's intra-op CPU threads.
@@ -115,6 +117,8 @@ class TrialRun:
     recipe: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
+    precision: str | None = None
+    channels_last: bool | None = None
     latency_batch: int | None = None
     device: str | None = None
     threads: int | None = None
