@@ -51,7 +51,8 @@ from continuum.cost import model_cost
 from continuum.data import make_synthetic
 from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import parse_segments
-from continuum.strategy import check_environment, chosen_strategy, conv_strategy, forget_choices
+from continuum.strategy import TUNER, call_signature, check_environment, chosen_strategy, conv_strategy, \
+    forget_choices
 from continuum.timing import call_times, device_name, dtype_name, interleaved_times, kernel_library, \
     measure_peak_flops
 from continuum.train import fit, resolve_device
@@ -208,6 +209,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
         ours = {layout: _layer(name, c, segments, dtype, device, layout == "cl") for layout in inputs}
         with busy_machine(loaded):  # making the calls tunes the layers
             calls = {f"ours_{layout}_ms": fwd_bwd(ours[layout], inp) for layout, inp in inputs.items()}
+        strategies = _strategies(ours, inputs)  # what the timing runs (a retry falling due during it may change it)
         calls |= {f"native_{layout}_ms": fwd_bwd(_layer(native, c, segments, dtype, device, layout == "cl"), inp,
                                                  mode)
                   for layout, inp in inputs.items()}
@@ -222,7 +224,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
             contexts[layout].append("fewer_ms")
         times = interleaved_times(calls, device, **timing, contexts=list(contexts.values()))
         weights = c * c // segments * 9 + extra_weights
-        row = _row(common, name, times, _strategies(ours, inputs), flops=3 * 2 * pixels * weights,
+        row = _row(common, name, times, strategies, flops=3 * 2 * pixels * weights,
                    tensor_bytes=3 * elem * (tensors * x.numel() + weights), **roofline)
         fewer[name] = segments, row["ours_layout"]
         rows.append(row)
@@ -231,12 +233,15 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
 
 def _strategies(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> dict[str, str]:
     """The strategy autotuning chose for each layout's layer on that layout's input (a depthwise-first unit's
-    spatial conv sees the unit's input itself)."""
+    spatial conv sees the unit's input itself), marked ``(busy)`` where the tuner found the machine busy and runs
+    the plain grouped conv until it tries again."""
     chosen = {}
     with conv_strategy("auto"):
         for layout, x in inputs.items():
             spatial = layers[layout] if isinstance(layers[layout], SegmentedConv2d) else layers[layout].spatial
             chosen[layout] = chosen_strategy(x, spatial.weight, None, spatial.geometry).name
+            if call_signature(x, spatial.weight, spatial.geometry, grad=True) in TUNER.retry_at:
+                chosen[layout] += " (busy)"
     return chosen
 
 

@@ -77,8 +77,9 @@ BUSY_SLOWDOWN = 1.75
 """The reference workload running this much slower than its quiet time, twice in a row, means the machine is busy
 (on a quiet 2-core VM its time varied by up to 1.5x; another process on one of the cores slows it 2x)."""
 
-RETRY_SECONDS = 60.0
-"""How long a call runs the plain grouped conv after tuning found the machine busy, before tuning again."""
+RETRY_SECONDS = 15.0
+"""How long a call runs the plain grouped conv after tuning found the machine busy, before tuning again (a slow
+spell of a VM lasts seconds; the check before a retry costs about 0.1 s)."""
 
 log = logging.getLogger(__name__)
 
