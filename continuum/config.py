@@ -156,7 +156,7 @@ RECIPES = ("cosine", "paper_sgd", "paper_rmsprop")
 PRECISIONS = ("auto", "fp32", "bf16")
 """Training precisions: ``bf16`` autocast (float32 weights and sums) or plain ``fp32``; ``auto`` takes bf16 where the
 hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX) and fp32 elsewhere (emulated bf16 on an AVX2 CPU
-trained 6-8x slower)."""
+trained 9-18x slower)."""
 
 RECIPE_DEFAULTS = {
     "cosine": {"lr": 0.05, "weight_decay": 5e-4},

@@ -13,9 +13,9 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two. A candidate only where the C++ kernel could be built.
-- ``triton``: depthwise only, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a backward
-  that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed, and, like
-  every candidate, chosen only when it wins the timing there.
+- ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
+  backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
+  and, like every candidate, chosen only when it wins the timing there.
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  padding: tuple[int, int]) -> torch.Tensor:
     if not triton_kernels.available(x.device):
         raise ValueError("strategy triton runs on CUDA, with Triton installed")
-    return triton_kernels.depthwise_conv(x, weight, bias, list(geom.stride), list(padding), list(geom.dilation))
+    return triton_kernels.segmented_conv(x, weight, bias, list(geom.stride), list(padding), list(geom.dilation),
+                                         geom.groups)
 
 
 def output_pixels(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> int:
@@ -246,8 +247,10 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
             found.insert(2, Strategy("shifted"))
             if device_type == "cpu" and depthwise_kernels() is not None:
                 found.insert(2, Strategy("fused"))
-            if device_type == "cuda" and triton_kernels.available(torch.device("cuda")):
-                found.insert(2, Strategy("triton"))
+        few = in_channels // geom.groups <= 16  # channels per segment, unrolled in the kernel
+        if few and device_type == "cuda" and triton_kernels.available(torch.device("cuda")):
+            found.insert(2, Strategy("triton"))
+
     return found
 
 

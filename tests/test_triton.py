@@ -1,5 +1,5 @@
-"""The Triton depthwise kernel against F.conv2d, forward and backward: on CUDA where there is one, else on the CPU in
-Triton's interpreter (``conftest`` sets ``TRITON_INTERPRET=1`` before anything imports Triton)."""
+"""The Triton segmented-conv kernel against F.conv2d, forward and backward: on CUDA where there is one, else on the
+CPU in Triton's interpreter (``conftest`` sets ``TRITON_INTERPRET=1`` before anything imports Triton)."""
 
 import pytest
 import torch
@@ -14,17 +14,19 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("channels, out, groups", [(40, 40, 40), (8, 16, 8), (48, 48, 12)],
+                         ids=["depthwise", "multiplier-2", "4-per-segment"])  # 40, 48 > a block of 32 channels
 @pytest.mark.parametrize("stride, padding, dilation, bias", [
     (1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, True), (2, 0, 1, False), (1, 3, 3, True)])
-def test_forward_and_backward_equal_the_native_depthwise_conv(stride, padding, dilation, bias):
+def test_forward_and_backward_equal_the_native_conv(channels, out, groups, stride, padding, dilation, bias):
     torch.manual_seed(0)
-    x = torch.randn(2, 40, 7, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)  # 40 > a block
+    x = torch.randn(2, channels, 7, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    w = torch.randn(40, 1, 3, 3, device=DEVICE, requires_grad=True)
-    b = torch.randn(40, device=DEVICE, requires_grad=True) if bias else None
+    w = torch.randn(out, channels // groups, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(out, device=DEVICE, requires_grad=True) if bias else None
     args = [stride] * 2, [padding] * 2, [dilation] * 2
-    y = triton_kernels.depthwise_conv(x, w, b, *args)
-    ref = F.conv2d(x, w, b, stride, padding, dilation, 40)
+    y = triton_kernels.segmented_conv(x, w, b, *args, groups)
+    ref = F.conv2d(x, w, b, stride, padding, dilation, groups)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(ref)
@@ -36,13 +38,15 @@ def test_forward_and_backward_equal_the_native_depthwise_conv(stride, padding, d
 def test_the_op_passes_torch_library_checks():
     x = torch.randn(1, 4, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.randn(4, 1, 3, 3, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(triton_kernels.depthwise_conv, (x, w, None, [1, 1], [1, 1], [1, 1]),
+    torch.library.opcheck(triton_kernels.segmented_conv, (x, w, None, [1, 1], [1, 1], [1, 1], 4),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_it_is_a_strategy_on_cuda_only():
     geom = ConvGeometry((1, 1), (1, 1), (1, 1), 8)
     assert Strategy("triton") not in candidates(8, 8, (3, 3), geom, "cpu")
+    assert Strategy("triton") in candidates(8, 8, (3, 3), geom, "cuda")  # with Triton installed
+    assert Strategy("triton") not in candidates(64, 64, (3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2), "cuda")
     x, w = torch.randn(2, 8, 5, 5, device=DEVICE), torch.randn(8, 1, 3, 3, device=DEVICE)
     y = run_strategy(Strategy("triton"), x, w, None, geom)  # on the CPU, the interpreter runs it
     torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, 8), rtol=1e-5, atol=1e-5)
