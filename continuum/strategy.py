@@ -344,14 +344,19 @@ class Tuner:
         return self.peaks[key]
 
     def busy_reason(self, device: torch.device, load: OtherLoad | None = None) -> str | None:
-        """Why the machine is too busy to trust a timing now, or ``None``: other processes kept more cores busy
-        (during ``load``) than this process's threads leave free, or the reference workload
-        (:func:`~continuum.timing.reference_ms`) ran over :data:`BUSY_SLOWDOWN` times its quiet time. The quiet
-        time is the fastest ever seen on this machine (kept in the disk cache)."""
+        """Why the machine is too busy to trust a timing now, or ``None``.
+
+        On a CPU whose system reports CPU time (``load`` measured): other processes (and the hypervisor's steal)
+        kept more cores busy than this process's threads leave free. Elsewhere (a GPU, or no ``load``): the
+        reference workload (:func:`~continuum.timing.reference_ms`) ran over :data:`BUSY_SLOWDOWN` times its quiet
+        time, twice; the quiet time is the fastest ever seen on this machine (kept in the disk cache). On a quiet
+        2-core VM the reference alone called the machine busy now and then; the CPU time is the direct evidence.
+        """
         if device.type == "cpu" and load is not None and load.other_cores is not None:
             free = (os.cpu_count() or 1) - torch.get_num_threads()
             if load.other_cores > free + 0.25:
                 return f"other processes kept {load.other_cores:.1f} cores busy and this process leaves {free} free"
+            return None
         key = f"reference|{CACHE_VERSION}|{torch.__version__}|{kernel_library(device.type)}|{device_name(device)}"
         stored = self.read_disk().get(key)
         quiet = stored if isinstance(stored, float) and math.isfinite(stored) and stored > 0 else math.inf
@@ -416,7 +421,7 @@ class Tuner:
             self.retry_at.pop(signature, None)
             return self.choices[key]
         with OtherLoad() as load, torch.no_grad() if not grad else torch.enable_grad():
-            busy = self.busy_reason(x.device)
+            busy = self.busy_reason(x.device) if x.device.type != "cpu" else None  # a GPU: check before, too
             tuning = None if busy else autotune(x, weight, bias, geom, grad)
         busy = busy or self.busy_reason(x.device, load)
         if busy:

@@ -343,21 +343,25 @@ def test_a_busy_machine_runs_the_plain_conv_caches_nothing_and_tunes_again_later
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1, 1, 4))
         assert st.TUNER.choose(x, conv.weight, None, conv.geometry) == Strategy("grouped", 4)
-        assert tuned == [] and not (tmp_path / "conv_strategies.json").exists()
+        assert tuned == [1] and not _choices_on_disk(tmp_path)  # tuned, found busy, dropped
         monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)
         conv(x)  # quiet now, but the retry is not due yet
-        assert tuned == []
+        assert tuned == [1]
         monkeypatch.setattr(st, "RETRY_SECONDS", 0.0)
         monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: "another process")
         st.TUNER.retry_at.update(dict.fromkeys(st.TUNER.retry_at, 0.0))  # the retry falls due
-        conv(x)  # busy again: not tuned, due again at once
-        assert tuned == []
+        conv(x)  # busy again: dropped again, due again at once
+        assert tuned == [1, 1] and not _choices_on_disk(tmp_path)
         monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)
         conv(x)
-    assert tuned == [1] and not st.TUNER.retry_at
-    stored = json.loads((tmp_path / "conv_strategies.json").read_text())
-    assert [k for k in stored if k.startswith(f"{st.CACHE_VERSION}|")] == [
-        st.cache_key(x, conv.weight, conv.geometry, grad=False)]
+    assert tuned == [1, 1, 1] and not st.TUNER.retry_at
+    assert _choices_on_disk(tmp_path) == [st.cache_key(x, conv.weight, conv.geometry, grad=False)]
+
+
+def _choices_on_disk(folder) -> list[str]:
+    """The keys of the strategy choices in the disk cache (not its peak rates and reference times)."""
+    path = folder / "conv_strategies.json"
+    return [k for k in json.loads(path.read_text()) if k.startswith(f"{st.CACHE_VERSION}|")] if path.exists() else []
 
 
 def test_another_process_on_the_cores_is_seen_as_busy(monkeypatch):
@@ -437,3 +441,12 @@ def test_the_fused_kernel_refuses_what_it_cannot_run(dtype):
     else:
         with pytest.raises(ValueError, match="float32 or float64 on the CPU"):
             run_strategy(Strategy("fused"), x, w, None, geom)
+
+
+def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monkeypatch):
+    monkeypatch.undo()  # the real busy check
+    monkeypatch.setattr(st, "reference_ms", lambda device: pytest.fail("the reference ran"))
+    with st.OtherLoad() as load:
+        pass
+    load.share = 0.0  # measured: quiet
+    assert st.Tuner().busy_reason(torch.device("cpu"), load) is None
