@@ -190,6 +190,10 @@ def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                          geom.groups)
 
 
+_COMPUTED_BY = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv, "triton": _triton_conv}
+"""The function computing each strategy other than ``grouped``, given numeric padding."""
+
+
 def output_pixels(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry) -> int:
     if geom.padding == "same":
         return x.shape[2] * x.shape[3]
@@ -221,9 +225,7 @@ def run_strategy(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias
         padding = geom.numeric_padding(tuple(weight.shape[2:]))
         if padding is None:
             raise ValueError(f"strategy {strategy.name} cannot do padding={geom.padding!r} with stride {geom.stride}")
-        y = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv, "triton": _triton_conv}[
-            strategy.kind](
-            x, weight, bias, geom, padding)
+        y = _COMPUTED_BY[strategy.kind](x, weight, bias, geom, padding)
     return y.contiguous(memory_format=torch.channels_last if channels_last_input else torch.contiguous_format)
 
 

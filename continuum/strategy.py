@@ -9,10 +9,11 @@ conv must lie below ``1 - margin``; rounds are added while the interval straddle
 shown after :data:`MAX_ROUNDS` rounds goes to the plain conv.
 
 A busy machine fools timings (a choice made while another process used a core ran 2x slower later, on a quiet
-machine), so tuning checks for one: before and after, it times a reference workload against its fastest time seen
-(kept in the cache), and during it counts the CPU time other processes used. When other processes kept more cores
-busy than this process leaves free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its quiet time, the
-result is neither trusted nor cached: the call runs the plain grouped conv, and tuning is tried again after
+machine), so tuning checks for one (:meth:`Tuner.busy_reason`): on a Linux CPU it counts the CPU time other
+processes used while it tuned; on a GPU, or where the system does not report that, it times a reference workload
+before and after against its fastest time seen (kept in the cache). When other processes kept more cores busy than
+this process leaves free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its quiet time, the result is
+neither trusted nor cached: the call runs the plain grouped conv, and tuning is tried again after
 :data:`RETRY_SECONDS`.
 
 Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``),
@@ -177,14 +178,14 @@ def _race(calls: dict[Strategy, Callable[[], None]], natives: set[Strategy], dev
           min_total_ms: float) -> tuple[Strategy, dict[str, list[float]], str]:
     """Time ``calls`` in interleaved rounds until the fastest one's lead over the fastest of ``natives`` is shown
     beyond noise (the 95 % interval of its median per-round ratio below ``1 - margin``: it wins), or shown not
-    to be that large (the interval above it), or ``max_rounds`` pass (the native wins).
+    to be that large (the interval above it), or :data:`MAX_ROUNDS` pass (the native wins).
 
     Returns:
         ``(winner, {name: ms per round}, evidence in words)``.
     """
     names = {strategy.name: strategy for strategy in calls}
-    times = interleaved_times({s.name: call for s, call in calls.items()}, device, rounds=MIN_ROUNDS,
-                              min_total_ms=min_total_ms, max_rounds=MAX_ROUNDS)
+    named = {s.name: call for s, call in calls.items()}
+    times = interleaved_times(named, device, rounds=MIN_ROUNDS, min_total_ms=min_total_ms, max_rounds=MAX_ROUNDS)
     while True:
         medians = {name: statistics.median(ms) for name, ms in times.items()}
         plain = min((s for s in natives if s in calls), key=lambda s: medians[s.name])
@@ -200,7 +201,7 @@ def _race(calls: dict[Strategy, Callable[[], None]], natives: set[Strategy], dev
             return fastest, times, f"{said}: a lead beyond noise, chosen"
         if low >= 1 - margin or len(ratios) >= MAX_ROUNDS:
             return plain, times, f"{said}: no {margin:.0%} lead beyond noise, the plain grouped conv kept"
-        more = interleaved_times({s.name: call for s, call in calls.items()}, device, rounds=4, min_total_ms=0)
+        more = interleaved_times(named, device, rounds=4, min_total_ms=0)
         times = {name: times[name] + more[name] for name in times}
 
 
@@ -274,8 +275,7 @@ def still_wins(strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias: 
 class Tuner:
     """The tuner's state, in one place: the mode, the choices (by call signature and by cache key), the peak
     rates and quiet reference times, the disk cache behind them (read once, when first needed), the choices read
-    from disk and not yet checked in this process, the calls waiting for a quiet machine, and why each choice was
-    made."""
+    from disk and not yet checked in this process, and the calls waiting for a quiet machine."""
 
     def __init__(self) -> None:
         self.mode: str | None = None  # set by conv_strategy(); else the environment's
@@ -286,7 +286,6 @@ class Tuner:
         self.disk_loaded = False
         self.unchecked: set[str] = set()  # keys read from disk, not yet checked against the plain conv
         self.retry_at: dict[tuple, float] = {}  # signatures tuned on a busy machine: when to try again
-        self.evidence: dict[str, str] = {}  # key: why its choice was made (this process's decisions)
         self.used: dict[tuple, Strategy] | None = None  # filled inside recording()
 
     def current_mode(self) -> str:
@@ -307,7 +306,6 @@ class Tuner:
         self.peaks.clear()
         self.unchecked.clear()
         self.retry_at.clear()
-        self.evidence.clear()
         self.disk_loaded = False
 
     @staticmethod
@@ -432,7 +430,8 @@ class Tuner:
             self.retry_at[signature] = time.monotonic() + RETRY_SECONDS
             return plain
         self.retry_at.pop(signature, None)
-        self.choices[key], self.evidence[key] = tuning.strategy, tuning.evidence
+        self.choices[key] = tuning.strategy
+        log.debug("conv strategy for %s: %s", key, tuning.evidence)
         self.write_disk(key, tuning.strategy.name)
         return tuning.strategy
 
