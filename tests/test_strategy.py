@@ -379,10 +379,11 @@ def test_another_process_on_the_cores_is_seen_as_busy(monkeypatch):
     assert "other processes kept" in st.Tuner().busy_reason(torch.device("cpu"), load)
 
 
-def test_a_slow_reference_workload_means_busy(monkeypatch):
+def test_a_slow_reference_workload_means_busy(monkeypatch, tmp_path):
     times = iter([2.0, 3.0, 5.0, 2.2, 4.2, 4.0])
     tuner = st.Tuner()
     monkeypatch.undo()  # the real busy check, with the fake reference times
+    monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))  # undone too: no quiet time from other tests
     monkeypatch.setattr(st, "reference_ms", lambda device: next(times))
     assert tuner.busy_reason(torch.device("cpu")) is None  # first seen: the quiet time
     assert tuner.busy_reason(torch.device("cpu")) is None  # 1.5x: a slow spell, not busy
