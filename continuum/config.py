@@ -100,6 +100,11 @@ def text(value: Any) -> str:
     return value.strip()
 
 
+def learning_rate(value: Any) -> float:
+    """An initial learning rate: a finite number > 0."""
+    return number(0, low_open=True)(value)
+
+
 def optional(parse: Parser) -> Parser:
     """``parse``, with ``None`` and ``""`` meaning unset."""
     def parse_optional(value: Any) -> Any:
@@ -173,7 +178,9 @@ class TrainConfig(ConfigBase):
         epochs: passes over the training images.
         batch_size: images per step.
         recipe: ``"cosine"``, ``"paper_sgd"`` or ``"paper_rmsprop"`` (see :mod:`continuum.train`).
-        lr: initial learning rate; ``None`` takes the recipe's.
+        lr: initial learning rate; ``None`` takes the recipe's (a sweep sets it per point: its ``lr`` axis).
+        warmup_epochs: epochs of linear learning-rate warm-up (from ``lr / steps`` to ``lr``) before the recipe's
+            schedule, which then runs over the remaining steps; 0: none.
         weight_decay: L2 weight decay; ``None`` takes the recipe's.
         label_smoothing: cross-entropy label smoothing.
         augment: random crop with padding (and flips where the dataset allows them), on the device.
@@ -188,8 +195,9 @@ class TrainConfig(ConfigBase):
     batch_size: int = setting(128, "images per step", integer(1), group="training")
     recipe: str = setting("cosine", "training recipe (paper_sgd: 0.045 x0.94 per 2 epochs, scaled)", choices=RECIPES,
                           group="training")
-    lr: float | None = setting(None, "initial learning rate (default: the recipe's)",
-                               optional(number(0, low_open=True)), group="training")
+    lr: float | None = None  # not a study setting: the sweep's lr axis sets it per point
+    warmup_epochs: float = setting(0.0, "epochs of linear learning-rate warm-up before the recipe's schedule "
+                                        "(fractions allowed)", number(0), group="training")
     weight_decay: float | None = setting(None, "L2 weight decay (default: the recipe's)", optional(number(0)),
                                          group="training")
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing", number(0, 1, high_open=True),
@@ -203,6 +211,15 @@ class TrainConfig(ConfigBase):
                              choices=PRECISIONS, group="training")
     channels_last: bool = setting(True, "channels-last memory format for the model and batches: on, off", parse_bool,
                                   group="training")
+
+    def validate(self) -> TrainConfig:
+        """A copy with every field checked (the learning rate too), and a warm-up shorter than the run."""
+        cfg = super().validate()
+        lr = checked("lr", optional(learning_rate), cfg.lr)
+        if cfg.warmup_epochs >= cfg.epochs:
+            raise ValueError(f"warmup_epochs={cfg.warmup_epochs:g} is not valid; warm up for fewer epochs than the "
+                             f"run's {cfg.epochs}")
+        return dataclasses.replace(cfg, lr=lr)
 
     @property
     def resolved_lr(self) -> float:
@@ -224,6 +241,9 @@ class DataConfig(ConfigBase):
         data_dir: where to look for (and download) it; ``None``: ``$CONTINUUM_DATA`` and the usual places.
         train_size: training images to use (a fixed random subset); ``None`` or 0: all.
         val_size: validation images to use; ``None`` or 0: all.
+        holdout: validation images carved, class-stratified, from the training images (a fixed split); the
+            dataset's own test split is then scored once, after training, for the reported numbers. 0: the test
+            split validates (no test score).
     """
 
     dataset: str = setting("fashion-mnist", f"the images: {', '.join(DATASETS)}", text, group="data")
@@ -231,6 +251,9 @@ class DataConfig(ConfigBase):
                                    optional(text), group="data")
     train_size: int | None = setting(10_000, "training images used, 0 = all", optional(integer(0)), group="data")
     val_size: int | None = setting(2_000, "validation images used, 0 = all", optional(integer(0)), group="data")
+    holdout: int = setting(0, "validation images held out of the training images, class-stratified; the test split "
+                              "is then scored once after training (0: the test split validates)", integer(0),
+                           group="data")
 
 
 @dataclass(frozen=True)

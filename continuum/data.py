@@ -2,11 +2,13 @@
 
 Sources: Fashion-MNIST (``--data-dir``, ``$CONTINUUM_DATA``, Debian's ``dataset-fashion-mnist`` package, or a
 torchvision download), CIFAR-10/100 and ImageFolder through torchvision, and a small synthetic set for tests.
-The official test split serves as the validation set.
+The official test split validates, unless a validation split is held out of the training images
+(:meth:`TensorData.holdout`): the test split is then kept apart, to be scored once after training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -42,6 +44,9 @@ class TensorData:
         val_y: int64 ``M`` validation labels.
         num_classes: number of classes.
         hflip: horizontal flips are a valid augmentation (clothes, objects; not digits or text).
+        test_x: uint8 ``T x C x H x W`` test images, kept apart from every choice; ``None``: no test split (the
+            validation images are the dataset's test split).
+        test_y: int64 ``T`` test labels.
     """
 
     name: str
@@ -51,6 +56,8 @@ class TensorData:
     val_y: torch.Tensor
     num_classes: int
     hflip: bool = True
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -80,7 +87,42 @@ class TensorData:
 
         train_x, train_y = pick(self.train_x, self.train_y, train_size)
         val_x, val_y = pick(self.val_x, self.val_y, val_size)
-        return TensorData(self.name, train_x, train_y, val_x, val_y, self.num_classes, self.hflip)
+        return dataclasses.replace(self, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+
+    def holdout(self, size: int, seed: int = 0) -> TensorData:
+        """A copy that validates on ``size`` training images and keeps the current validation images (the
+        dataset's test split) apart as its test split.
+
+        The held-out images are drawn class-stratified: each class gives its share of ``size`` (largest remainders
+        rounding), drawn at random with ``seed``, so the split is the same in every run.
+
+        Args:
+            size: validation images to hold out; 0 returns the data unchanged.
+            seed: the draw's seed.
+
+        Raises:
+            DataError: a test split is already held apart, or ``size`` leaves no training image of some class.
+        """
+        if not size:
+            return self
+        if self.test_x is not None:
+            raise DataError(f"{self.name}: a validation split is already held out; hold out once")
+        counts = torch.bincount(self.train_y, minlength=self.num_classes)
+        share = counts.double() * size / len(self.train_y)
+        take = share.floor().long()
+        extra = torch.argsort(share - take, descending=True, stable=True)[:size - int(take.sum())]
+        take[extra] += 1
+        if (take >= counts).any():
+            raise DataError(f"holdout={size} is not valid for {self.name}'s {len(self.train_y)} training images; "
+                            "hold out fewer so that every class keeps training images")
+        generator = torch.Generator().manual_seed(seed)
+        held = torch.zeros(len(self.train_y), dtype=torch.bool)
+        for label in range(self.num_classes):
+            members = torch.nonzero(self.train_y == label).flatten()
+            held[members[torch.randperm(len(members), generator=generator)[:int(take[label])]]] = True
+        return dataclasses.replace(self, train_x=self.train_x[~held], train_y=self.train_y[~held],
+                                   val_x=self.train_x[held], val_y=self.train_y[held], test_x=self.val_x,
+                                   test_y=self.val_y)
 
 
 def _as_nchw_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -19,19 +19,20 @@ from optuna.trial import TrialState
 
 from continuum.checkpoint import load_checkpoint
 from continuum.sweep.points import KEYED_WHEN_SET
-from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, TrialId, \
-    TrialMetrics, format_knob, names, study_frames
+from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, OLD_EPOCH_NAMES, \
+    TEXT_METRICS, TrialId, TrialMetrics, format_knob, names, study_frames
 
-LATER_KNOBS = {name: format_knob(default) for name, default in KEYED_WHEN_SET.items()}
+LATER_KNOBS = {name: format_knob(default) for name, default in KEYED_WHEN_SET.items() if name != "lr"}
 """Point columns added after tables had been written: a table without them reads them as these defaults (what its
 trials ran with)."""
 
-KEY_COLUMNS = {kind: [c for c in columns if c not in LATER_KNOBS] for kind, columns in
+KEY_COLUMNS = {kind: [c for c in columns if c not in LATER_KNOBS and c != "lr"] for kind, columns in
                {"trials": [*names(TrialId), *POINT_COLUMNS], "curves": ["trial", *POINT_COLUMNS, "epoch"]}.items()}
 """Columns a table must have to be read: what identifies each row (others, added by later versions, may be
-missing from older tables and read as empty, or as :data:`LATER_KNOBS`)."""
+missing from older tables and read as empty, or as :data:`LATER_KNOBS`; older curves tables have no ``lr``)."""
 
-NUMERIC_COLUMNS = ["trial", "epoch", "seed", "width", "drop_rate", *names(TrialMetrics), *names(EpochMetrics)]
+NUMERIC_COLUMNS = ["trial", "epoch", "seed", "width", "drop_rate", "lr",
+                   *(c for c in names(TrialMetrics) if c not in TEXT_METRICS), *names(EpochMetrics)]
 """Columns whose cells must be numbers (or empty)."""
 
 
@@ -74,6 +75,8 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
             frame = pd.read_csv(path)
         except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise TableError(f"{path} is not a CSV table ({type(err).__name__})") from None
+    if kind == "curves" and not set(OLD_EPOCH_NAMES.values()) & set(frame):
+        frame = frame.rename(columns=OLD_EPOCH_NAMES)  # a table from before the renaming
     missing = [column for column in KEY_COLUMNS[kind] if column not in frame]
     if missing:
         raise TableError(f"{path} lacks the columns {missing}: not a continuum {kind} table")

@@ -6,7 +6,8 @@ The model and its batches are channels-last unless asked otherwise (faster on CP
 the precision asks for it (``auto``: where the hardware computes bf16 natively). Shuffling and augmentation draw
 from one seeded generator.
 
-Recipes (learning rate as a function of the run's progress ``p`` in [0, 1], stepped every batch):
+Recipes (learning rate as a function of the run's progress ``p`` in [0, 1], stepped every batch, after the
+optional linear warm-up of ``warmup_epochs``, over the steps that follow it):
 
 - ``cosine``: SGD, Nesterov momentum 0.9, ``lr * (1 + cos(pi p)) / 2``.
 - ``paper_sgd``: the paper's ImageNet recipe, SGD momentum 0.9, ``lr * 0.94 ** floor(50 p)``: its "x0.94 every
@@ -70,13 +71,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                            weight_decay=decay)
 
 
-def lr_factor(recipe: str, progress: float) -> float:
-    """Multiplier of the initial learning rate at ``progress`` (0 = start, 1 = end of the run).
+def lr_factor(recipe: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Multiplier of the initial learning rate at ``step`` (0-based) of a run of ``total_steps``.
+
+    The first ``warmup_steps`` rise linearly to 1 (``1/w, 2/w, ..., 1``); the recipe's schedule then runs over the
+    steps left.
 
     Args:
         recipe: a recipe name from :data:`continuum.config.RECIPES`.
-        progress: share of the run's steps done.
+        step: the step about to be taken.
+        total_steps: steps of the whole run.
+        warmup_steps: steps of linear warm-up.
     """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if recipe == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     factor, decays = DECAYS[recipe]
@@ -118,7 +127,7 @@ class EpochMetrics:
         train_acc: training accuracy over the epoch (augmented images, the model changing as it goes).
         val_loss: validation loss after the epoch.
         val_acc: validation accuracy after the epoch.
-        lr: the learning rate at the epoch's start.
+        epoch_lr: the learning rate at the epoch's start.
         seconds: the epoch's training and validation time.
         images_per_s: training images per second of the epoch.
     """
@@ -128,7 +137,7 @@ class EpochMetrics:
     train_acc: float
     val_loss: float
     val_acc: float
-    lr: float
+    epoch_lr: float
     seconds: float
     images_per_s: float
 
@@ -156,10 +165,19 @@ class FitResult:
     Args:
         curve: one :class:`EpochMetrics` dict per epoch.
         train_seconds: time spent in training and validation.
+        test_loss: mean test loss after training; ``None`` without a test split.
+        test_correct: bool ``T``: whether each test image (in the dataset's order) was classified right.
     """
 
     curve: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    test_loss: float | None = None
+    test_correct: torch.Tensor | None = None
+
+    @property
+    def test_acc(self) -> float | None:
+        """Test accuracy after training; ``None`` without a test split."""
+        return None if self.test_correct is None else self.test_correct.float().mean().item()
 
     @property
     def val_acc(self) -> float:
@@ -212,18 +230,19 @@ class _Inputs:
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: Callable, batch_size: int,
-             autocast: bool) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on device tensors ``x`` (uint8) and ``y``."""
+             autocast: bool) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy of ``model`` on device tensors ``x`` (uint8) and ``y``, and which images it got right
+    (bool ``N``, on the CPU; its mean is the accuracy)."""
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    correct = torch.empty(len(y), device=x.device, dtype=torch.bool)
     with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
         for start in range(0, len(y), batch_size):
             logits = model(inputs(x[start:start + batch_size], train=False)).float()
             target = y[start:start + batch_size]
             loss_sum += F.cross_entropy(logits, target, reduction="sum")
-            correct += (logits.argmax(1) == target).sum()
-    return loss_sum.item() / len(y), correct.item() / len(y)
+            correct[start:start + batch_size] = logits.argmax(1) == target
+    return loss_sum.item() / len(y), correct.cpu()
 
 
 def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -276,7 +295,8 @@ def fit(
     progress: bool = True,
     description: str = "",
 ) -> FitResult:
-    """Train ``model`` on ``data`` with ``cfg`` and validate after every epoch.
+    """Train ``model`` on ``data`` with ``cfg``, validate after every epoch, and score the test split (when ``data``
+    holds one apart) once, after the last.
 
     Args:
         model: the model; moved to ``cfg.device`` (and compiled when ``cfg.compile``).
@@ -288,7 +308,7 @@ def fit(
         description: the bar's label.
 
     Returns:
-        The per-epoch curve and the final and best validation metrics.
+        The per-epoch curve, the final and best validation metrics, and the test loss and per-image correctness.
 
     Raises:
         TrainingFailed: the training or validation loss became NaN or infinite.
@@ -306,7 +326,9 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.recipe, step / total_steps))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg.recipe, step, total_steps, warmup_steps))
     result = FitResult()
     bar = tqdm(total=total_steps, desc=description, disable=not progress, leave=False, unit="step")
     start_run = time.perf_counter()
@@ -318,7 +340,8 @@ def fit(
                                                 cfg, generator, bar)
             if not math.isfinite(train_loss):
                 raise TrainingFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
-            val_loss, val_acc = evaluate(step_model, val_x, val_y, inputs, 2 * cfg.batch_size, inputs.autocast)
+            val_loss, val_correct = evaluate(step_model, val_x, val_y, inputs, 2 * cfg.batch_size, inputs.autocast)
+            val_acc = val_correct.float().mean().item()
             if not math.isfinite(val_loss):
                 raise TrainingFailed(f"non-finite validation loss ({val_loss}) after epoch {epoch}: the weights "
                                      "diverged")
@@ -329,6 +352,10 @@ def fit(
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
             if on_epoch is not None:
                 on_epoch(metrics)
+        if data.test_x is not None:  # once, after training: no choice sees it
+            result.test_loss, result.test_correct = evaluate(step_model, data.test_x.to(device),
+                                                             data.test_y.to(device), inputs, 2 * cfg.batch_size,
+                                                             inputs.autocast)
     finally:
         bar.close()
     result.train_seconds = time.perf_counter() - start_run

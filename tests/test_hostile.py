@@ -65,7 +65,7 @@ EXPERIMENT_FILES = [
     ("train = [1, 2]\n", "train=[1, 2] is not valid; [train] is a table of settings"),
     ("segments = []\n", "segments: give at least one value"),
     ("[segments]\na = 1\n", "[segments] is not valid; segments is a value, not a table"),
-    ("[train]\nlr = -1.0\n", "lr=-1.0 is not valid; use 0 < value"),
+    ("[train]\nlr = -1.0\n", "lr=-1.0 is not valid; use learning rates > 0"),
     ("[data]\ntrain_size = -3\n", "train_size=-3 is not valid"),
     ("epochs = \n", "not valid TOML"),
     (b"\xff\xfe\x00 epochs = 1", "x.toml: cannot read it (UnicodeDecodeError"),

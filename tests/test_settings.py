@@ -6,7 +6,7 @@ import pytest
 
 from continuum.config import DataConfig, ModelConfig, TrainConfig
 from continuum.sweep.cli import build_parser
-from continuum.sweep.points import grid_points, point_key
+from continuum.sweep.points import GridPoint, grid_points, point_key
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, TrialRecord, record
 from continuum.sweep.settings import SweepConfig, axis_fields, from_settings, read_experiment, setting_fields
 from continuum.train import EpochMetrics
@@ -41,7 +41,17 @@ def test_flags_files_and_field_names_give_the_same_config(tmp_path):
     ({"epochs": True}, "epochs=True is not valid; use a whole number"),
     ({"epochs": "0"}, "epochs=0 is not valid; use a whole number >= 1"),
     ({"train_size": -5}, "train_size=-5 is not valid; use a whole number >= 0"),
-    ({"lr": "nan"}, "lr=nan is not valid; use a finite number"),
+    ({"lr": "nan"}, "lr=nan is not valid; use learning rates > 0"),
+    ({"lr": "0.1,0"}, "lr=0.0 is not valid; use learning rates > 0"),
+    ({"lr": "0.1,0.1"}, "lr: 0.1 is listed twice"),
+    ({"lr": "tuned"}, "lr=tuned takes each grid point's learning rate from a finished study"),
+    ({"lr": "tuned,0.1", "lr_study": "x"}, "lr=tuned takes each grid point's learning rate"),
+    ({"lr": "tuned", "lr_study": "default"}, "lr_study=default is this study"),
+    ({"lr_study": "x"}, "lr_study is where --lr tuned reads the learning rates"),
+    ({"lr": "0.1,0.2", "search": "tpe"}, "several learning rates are a grid axis"),
+    ({"holdout": -1}, "holdout=-1 is not valid; use a whole number >= 0"),
+    ({"warmup_epochs": "x"}, "warmup_epochs='x' is not valid; use a number"),
+    ({"warmup_epochs": 3, "epochs": 3}, "warmup_epochs=3 is not valid; warm up for fewer epochs"),
     ({"width": "inf"}, "width=inf is not valid; use a finite number"),
     ({"width": "-1"}, "width=-1.0 is not valid; use 0 < value"),
     ({"recipe": "adam"}, "recipe='adam' is not valid; choose one of cosine, paper_sgd, paper_rmsprop"),
@@ -79,12 +89,14 @@ def test_unreadable_experiment_files_are_one_line_errors(tmp_path):
 
 def test_grid_axes_are_the_model_configs_knobs_in_loop_order():
     assert [f.metadata["axis"] for f in axis_fields()] == [
-        "model", "width", "depths", "residual", "mid_act", "order", "kernel_size", "segment_width", "segments", "seed"]
-    assert {f.metadata["axis"] for f in axis_fields()} - {"seed"} <= {f.name for f in dataclasses.fields(ModelConfig)}
+        "model", "width", "depths", "residual", "mid_act", "order", "kernel_size", "segment_width", "segments", "lr",
+        "seed"]
+    knobs = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {f.metadata["axis"] for f in axis_fields()} - {"seed", "lr"} <= knobs
     cfg = from_settings({"segments": "1,all", "order": "depthwise_first,pointwise_first", "seeds": "0,1"})
     points = list(grid_points(cfg))
     assert len(points) == 8 and len(set(map(repr, points))) == 8
-    assert [(c.order, c.segments, s) for c, s in points[:3]] == [
+    assert [(c.order, c.segments, s) for c, _, s in points[:3]] == [
         ("depthwise_first", 1, 0), ("depthwise_first", 1, 1), ("depthwise_first", "all", 0)]
 
 
@@ -98,17 +110,17 @@ def test_new_axes_read_the_same_from_flags_and_files_and_keep_old_point_keys(tmp
     assert from_file == from_flags
     assert (from_file.kernel_sizes, from_file.segment_widths, from_file.depths) == ((3, 7), (8, 16), ((1, 2, 1), 2))
     assert from_file.segments == ("all",) and from_file.match_flops == 30_000_000
-    points = [config for config, _ in grid_points(from_file)]
+    points = [point.config for point in grid_points(from_file)]
     assert len(points) == 8 and {c.segments for c in points} == {None}
     # a point at the new knobs' defaults keeps the key it had before they existed
-    assert point_key(ModelConfig(segments=4).validate(), 0) == (
+    assert point_key(GridPoint(ModelConfig(segments=4).validate(), None, 0)) == (
         '{"drop_rate": 0.0, "mid_act": null, "model": "continuum_small", "order": "depthwise_first", '
         '"residual": true, "seed": 0, "segments": 4, "width": 1.0, "width_divisor": null}')
 
 
 def test_the_trial_record_is_the_table():
     assert TRIAL_COLUMNS[:2] == ["trial", "state"]
-    assert POINT_COLUMNS == [f.name for f in dataclasses.fields(ModelConfig)] + ["seed"]
+    assert POINT_COLUMNS == [f.name for f in dataclasses.fields(ModelConfig)] + ["lr", "seed"]
     assert TRIAL_COLUMNS == [f.name for f in dataclasses.fields(TrialRecord)]
     assert "worker" in TRIAL_COLUMNS and len(set(TRIAL_COLUMNS)) == len(TRIAL_COLUMNS)
     assert CURVE_COLUMNS == ["trial", *POINT_COLUMNS, *(f.name for f in dataclasses.fields(EpochMetrics))]

@@ -58,7 +58,7 @@ def test_tensorboard_gets_scalars_per_epoch_and_the_hparams_view(tracked):
     assert [run.name for run in runs] == ["trial_0000", "trial_0001"]
     events = EventAccumulator(str(runs[1])).Reload()
     assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
-    for tag in ("train_loss", "val_loss", "lr", "images_per_s", "final/val_acc", "final/latency_ms"):
+    for tag in ("train_loss", "val_loss", "epoch_lr", "images_per_s", "final/val_acc", "final/latency_ms"):
         assert tag in events.Tags()["scalars"], tag
     plugins = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins and b"segments" in plugins["_hparams_/session_start_info"]

@@ -31,9 +31,20 @@ def test_augment_crops_with_padding_and_flips():
 
 
 def test_recipes():
-    assert lr_factor("cosine", 0) == 1 and lr_factor("cosine", 1) == pytest.approx(0)
-    assert lr_factor("paper_sgd", 0.5) == pytest.approx(0.94 ** 25)
-    assert lr_factor("paper_rmsprop", 1 / 30) == pytest.approx(0.9)
+    assert lr_factor("cosine", 0, 100) == 1 and lr_factor("cosine", 100, 100) == pytest.approx(0)
+    assert lr_factor("paper_sgd", 50, 100) == pytest.approx(0.94 ** 25)
+    assert lr_factor("paper_rmsprop", 10, 300) == pytest.approx(0.9)
+
+
+def test_warm_up_rises_linearly_then_the_recipe_runs_over_the_steps_left():
+    factors = [lr_factor("cosine", step, 14, warmup_steps=4) for step in range(14)]
+    assert factors[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert factors[4 + 5] == pytest.approx(0.5)  # half-way through the 10 steps after the warm-up
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+    with pytest.raises(ValueError, match="warmup_epochs=2 is not valid; warm up for fewer epochs than the run's 2"):
+        TrainConfig(epochs=2, warmup_epochs=2).validate()
+    with pytest.raises(ValueError, match="lr=-1 is not valid"):
+        TrainConfig(lr=-1).validate()
     assert TrainConfig(recipe="paper_sgd").resolved_lr == 0.045
     assert TrainConfig(recipe="paper_sgd").resolved_weight_decay == 1e-5
 
@@ -48,9 +59,9 @@ def _run(seed: int, **kwargs):
 def test_fit_records_curves_and_is_deterministic():
     first, again, other = _run(0), _run(0), _run(1)
     assert [m["epoch"] for m in first.curve] == [1, 2]
-    assert set(first.curve[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+    assert set(first.curve[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_lr", "seconds",
                                    "images_per_s"}
-    assert first.curve[1]["lr"] < first.curve[0]["lr"] == 0.05
+    assert first.curve[1]["epoch_lr"] < first.curve[0]["epoch_lr"] == 0.05
     assert first.best_val_acc == max(m["val_acc"] for m in first.curve)
     assert [m["train_loss"] for m in first.curve] == [m["train_loss"] for m in again.curve]
     assert first.curve[0]["train_loss"] != other.curve[0]["train_loss"]

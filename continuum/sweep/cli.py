@@ -91,10 +91,11 @@ def prepare(cfg: SweepConfig) -> TensorData:
     check_environment()
     check_paths(cfg)
     Trackers(cfg.trackers)  # each can be made (installed, importable)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir).subset(cfg.data.train_size, cfg.data.val_size)
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir).holdout(cfg.data.holdout).subset(
+        cfg.data.train_size, cfg.data.val_size)
     if cfg.search == "grid":
-        for config, _ in grid_points(cfg):
-            build_model(matched(config, cfg, data), data)
+        for point in grid_points(cfg):
+            build_model(matched(point.config, cfg, data), data)
     return data
 
 

@@ -8,6 +8,7 @@ import platform
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -17,12 +18,11 @@ import torch
 from continuum.checkpoint import save_checkpoint
 from continuum.cost import measure_latency, model_cost
 from continuum.data import TensorData
-from continuum.config import ModelConfig
 from continuum.knobs import SegmentError
 from continuum.strategy import TUNER, strategies_fingerprint
-from continuum.sweep.points import INTERRUPTED, TrialFailed, build_model, creation_kwargs, grid_point, matched, \
-    show_point, suggest_point, varied_knobs
-from continuum.sweep.record import point_cells, record
+from continuum.sweep.points import INTERRUPTED, GridPoint, TrialFailed, build_model, creation_kwargs, grid_point, \
+    matched, show_point, suggest_point, varied_knobs
+from continuum.sweep.record import encode_correct, point_cells, record
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.timing import device_name
 from continuum.tracking import Trackers
@@ -72,36 +72,42 @@ class Objective:
         self.device = resolve_device(cfg.train.device)
         self.context = {
             "dataset": cfg.data.dataset, "train_size": len(data.train_y), "val_size": len(data.val_y),
-            "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe,
-            "lr": cfg.train.resolved_lr, "weight_decay": cfg.train.resolved_weight_decay,
+            "test_size": None if data.test_y is None else len(data.test_y), "epochs": cfg.train.epochs,
+            "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe, "warmup_epochs": cfg.train.warmup_epochs,
+            "weight_decay": cfg.train.resolved_weight_decay,
             "precision": resolve_precision(cfg.train.precision, self.device), "channels_last": cfg.train.channels_last,
             "latency_batch": cfg.latency_batch, "git": _git_commit(), "worker": worker_id(),
         } | environment(self.device)
-        self.settings = {k: self.context[k] for k in ("dataset", "train_size", "epochs", "batch_size", "recipe", "lr",
+        self.settings = {k: self.context[k] for k in ("dataset", "train_size", "epochs", "batch_size", "recipe",
                                                       "weight_decay")}
         self.folder = Path(cfg.out) / cfg.study
         self.trackers = Trackers(cfg.trackers)
 
-    def configure(self, trial: optuna.Trial) -> tuple[ModelConfig, int]:
-        """The trial's point, width-matched when ``match_params`` or ``match_flops`` is set."""
+    def configure(self, trial: optuna.Trial) -> GridPoint:
+        """The trial's point (width-matched when ``match_params`` or ``match_flops`` is set), its learning rate
+        (the recipe's unless set) and its seed."""
         if self.cfg.search == "grid":
-            config, seed = grid_point(trial, self.cfg.retry_failed)
+            point = grid_point(trial, self.cfg.retry_failed)
         else:
             config, seed = suggest_point(trial, self.cfg)
-        config = matched(config, self.cfg, self.data)
+            point = GridPoint(config, self.cfg.lrs[0], seed)
+        point = point._replace(config=matched(point.config, self.cfg, self.data),
+                               lr=replace(self.cfg.train, lr=point.lr).resolved_lr)
         if self.cfg.search == "grid":
-            show_point(trial, config, varied_knobs(self.cfg))
-        return config, seed
+            show_point(trial, point.config, point.lr, varied_knobs(self.cfg))
+        return point
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
         for key, value in trial.user_attrs.items():  # a retried trial inherits its stale original's records
             if key != "point" and value is not None:
                 trial.set_user_attr(key, None)
-        config, seed = self.configure(trial)
-        trial.set_user_attr("config", config.to_dict() | {"seed": seed})
-        record(trial, **self.context)
-        hparams = {k: "none" if v is None else v for k, v in point_cells(config.to_dict() | {"seed": seed}).items()}
+        config, lr, seed = self.configure(trial)
+        train = replace(self.cfg.train, lr=lr)
+        trial.set_user_attr("config", config.to_dict() | {"lr": lr, "seed": seed})
+        record(trial, lr=lr, **self.context)
+        hparams = {k: "none" if v is None else v
+                   for k, v in point_cells(config.to_dict() | {"lr": lr, "seed": seed}).items()}
         self.trackers.start_trial(trial.number, hparams | self.settings, self.folder)
         curve: list[dict] = []
         final: dict = {}
@@ -127,11 +133,14 @@ class Objective:
             final.update(costs)
             record(trial, **costs)
             with TUNER.recording() as strategies:
-                fit(model, self.data, self.cfg.train, seed, on_epoch, self.progress, f"trial {trial.number}")
+                result = fit(model, self.data, train, seed, on_epoch, self.progress, f"trial {trial.number}")
                 # after training, so that this trial's own training does not slow it; other work still may: recorded
                 latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
             measured = {"latency_ms": latency.median_ms, "latency_load": latency.other_load,
                         "conv_strategies": strategies_fingerprint(strategies)}
+            if result.test_correct is not None:
+                measured |= {"test_acc": result.test_acc, "test_loss": result.test_loss,
+                             "test_correct": encode_correct(result.test_correct)}
             final.update(measured)
             record(trial, **measured)
             if self.cfg.save_models:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
-from typing import Any, Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import optuna
+import pandas as pd
 import timm
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -20,7 +24,10 @@ from continuum.config import ModelConfig
 from continuum.cost import model_cost
 from continuum.data import TensorData
 from continuum.knobs import MID_ACTS, ORDERS, SegmentError
-from continuum.sweep.settings import LATER_AXES, SweepConfig, axis_fields, parse_depths
+from continuum.sweep.record import point_cells
+from continuum.sweep.settings import LATER_AXES, TUNED, SweepConfig, axis_fields, parse_depths
+
+log = logging.getLogger("continuum.sweep")
 
 MATCH_TOLERANCE = 0.02
 """``--match-params`` accepts widths giving the target parameter count within this fraction."""
@@ -127,19 +134,79 @@ only when they differ from these defaults, so an existing study's points keep th
 them done)."""
 
 
-def point_key(config: ModelConfig, seed: int) -> str:
-    """The canonical text of a grid point x seed: how a rerun recognises work already done."""
-    knobs = {k: v for k, v in config.to_dict().items() if k not in KEYED_WHEN_SET or v != KEYED_WHEN_SET[k]}
-    return json.dumps(knobs | {"seed": seed}, sort_keys=True, default=list)
+class GridPoint(NamedTuple):
+    """One trial of a grid: the model's point, its learning rate (``None``: the recipe's) and its seed."""
+
+    config: ModelConfig
+    lr: float | None
+    seed: int
 
 
-def grid_points(cfg: SweepConfig) -> Iterator[tuple[ModelConfig, int]]:
-    """Every point x seed of a grid sweep, in run order: the product of the config's axes (outermost first)."""
+def point_key(point: GridPoint) -> str:
+    """The canonical text of a grid point: how a rerun recognises work already done."""
+    knobs = point.config.to_dict() | {"lr": point.lr}
+    knobs = {k: v for k, v in knobs.items() if k not in KEYED_WHEN_SET or v != KEYED_WHEN_SET[k]}
+    return json.dumps(knobs | {"seed": point.seed}, sort_keys=True, default=list)
+
+
+def grid_points(cfg: SweepConfig) -> Iterator[GridPoint]:
+    """Every point x learning rate x seed of a grid sweep, in run order: the product of the config's axes
+    (outermost first); with ``lr=tuned``, each point's rate from the ``lr_study`` (:func:`tuned_lr`).
+
+    Raises:
+        ValueError: ``lr=tuned`` and the ``lr_study`` has no finished trial of some point.
+    """
     axes = axis_fields()
+    tried = tried_lrs(cfg) if cfg.lrs == (TUNED,) else None
     for values in itertools.product(*(getattr(cfg, field.name) for field in axes)):
         knobs = {field.metadata["axis"]: value for field, value in zip(axes, values)}
-        seed = knobs.pop("seed")
-        yield ModelConfig(**knobs, drop_rate=cfg.drop_rate).validate(), seed
+        seed, lr = knobs.pop("seed"), knobs.pop("lr")
+        config = ModelConfig(**knobs, drop_rate=cfg.drop_rate).validate()
+        yield GridPoint(config, lr if tried is None else tuned_lr(config, cfg, tried), seed)
+
+
+def tried_lrs(cfg: SweepConfig) -> pd.DataFrame:
+    """The finished trials of ``cfg``'s ``lr_study`` (its ``trials.csv`` under the same results root), every cell
+    as the text written.
+
+    Raises:
+        ValueError: the table is missing, unreadable or has no finished trial.
+    """
+    path = Path(cfg.out) / cfg.lr_study / "trials.csv"
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ValueError(f"lr_study={cfg.lr_study}: no {path}; run that study first (it tries the learning rates)") \
+            from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"lr_study={cfg.lr_study}: {path} is not a results table ({type(err).__name__})") from None
+    missing = sorted({"state", "lr", "val_acc", *(f.name for f in fields(ModelConfig))} - set(table))
+    if missing:
+        raise ValueError(f"lr_study={cfg.lr_study}: {path} lacks the columns {missing}; rerun that study")
+    return table[table["state"] == "COMPLETE"]
+
+
+def tuned_lr(config: ModelConfig, cfg: SweepConfig, tried: pd.DataFrame) -> float:
+    """The learning rate of ``config`` with the best mean validation accuracy among ``tried`` (the lr study's
+    finished trials of the same point; its width is not compared when ``cfg`` matches parameters or FLOPs, since
+    matching sets it); ties go to the smaller rate.
+
+    Raises:
+        ValueError: no finished trial of the point, or one of them trained with a single rate only.
+    """
+    cells = {k: str(v) for k, v in point_cells(config.to_dict()).items() if k in {f.name for f in fields(ModelConfig)}}
+    if cfg.match_params or cfg.match_flops:
+        cells = {k: v for k, v in cells.items() if k not in ("width", "width_divisor")}
+    rows = tried[(tried[list(cells)] == pd.Series(cells)).all(axis=1)]
+    if rows.empty:
+        shown = ", ".join(f"{k}={cells[k]}" for k in varied_knobs(cfg) if k in cells) or config.model
+        raise ValueError(f"lr_study={cfg.lr_study} has no finished trial of {shown}; run it with the same points "
+                         "first")
+    means = rows.assign(lr=rows["lr"].astype(float), val_acc=rows["val_acc"].astype(float)).groupby("lr")["val_acc"]
+    if means.ngroups < 2:
+        log.warning("lr_study=%s tried one learning rate only at %s", cfg.lr_study, cells)
+    scores = means.mean()
+    return float(scores[scores == scores.max()].index.min())
 
 
 def suggest_point(trial: optuna.Trial, cfg: SweepConfig) -> tuple[ModelConfig, int]:
@@ -170,7 +237,7 @@ SEGMENTS_ALL = 2**16
 channels, that is one per channel (the far end of the dashboard's log-scaled segments axis)."""
 
 
-def point_params(config: ModelConfig, knobs: Sequence[str]) -> dict[str, tuple[Any, BaseDistribution]]:
+def point_params(config: ModelConfig, lr: float, knobs: Sequence[str]) -> dict[str, tuple[Any, BaseDistribution]]:
     """A grid point's ``knobs`` as Optuna params ``{name: (value, distribution)}``, so that optuna-dashboard lists
     them and plots against them.
 
@@ -187,6 +254,7 @@ def point_params(config: ModelConfig, knobs: Sequence[str]) -> dict[str, tuple[A
                     CategoricalDistribution(["none" if act is None else act for act in MID_ACTS])),
         "residual": (config.residual, CategoricalDistribution((True, False))),
         "width": (config.width, FloatDistribution(1 / 64, 64.0, log=True)),
+        "lr": (lr, FloatDistribution(1e-6, 100.0, log=True)),
     }
 
     def fits(value: Any, distribution: BaseDistribution) -> bool:
@@ -204,20 +272,20 @@ def varied_knobs(cfg: SweepConfig) -> list[str]:
     varied = [f.metadata["axis"] for f in axis_fields()
               if f.metadata["axis"] != "seed" and len(getattr(cfg, f.name)) > 1]
     matching = cfg.match_params or cfg.match_flops
-    return varied + (["width"] if matching and "width" not in varied else [])
+    return varied + (["width"] if matching and "width" not in varied else []) + (["lr"] if cfg.lrs == (TUNED,) else [])
 
 
-def show_point(trial: optuna.Trial, config: ModelConfig, knobs: Sequence[str]) -> None:
+def show_point(trial: optuna.Trial, config: ModelConfig, lr: float, knobs: Sequence[str]) -> None:
     """Record a grid trial's :func:`point_params` on it (directly in the storage: the sampler draws nothing). A
     parameter an older study recorded with another distribution is left out rather than refused."""
-    for name, (value, distribution) in point_params(config, knobs).items():
+    for name, (value, distribution) in point_params(config, lr, knobs).items():
         try:
             trial.storage.set_trial_param(trial._trial_id, name, distribution.to_internal_repr(value), distribution)
         except ValueError:
             pass
 
 
-def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> tuple[ModelConfig, int]:
+def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> GridPoint:
     """The enqueued point of a grid trial (its ``point`` user attribute).
 
     Workers enqueueing at the same time may queue a point twice; the trial then stands down (fails as a
@@ -237,8 +305,9 @@ def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> tuple[ModelCo
         trial.set_user_attr("fail_reason", f"{DUPLICATE}: trial {taken} has this point")
         raise TrialFailed(DUPLICATE)
     point = json.loads(key)
-    seed = point.pop("seed")
-    return ModelConfig.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in point.items()}), seed
+    seed, lr = point.pop("seed"), point.pop("lr", None)
+    return GridPoint(ModelConfig.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in point.items()}), lr,
+                     seed)
 
 
 def point_taken(trials: Sequence[optuna.trial.FrozenTrial], before: int | None = None,

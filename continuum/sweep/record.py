@@ -7,10 +7,12 @@ reads), plus ``config`` (the point), ``curve`` (the epochs) and, in a grid, ``po
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
+import numpy as np
 import optuna
 import pandas as pd
 
@@ -35,9 +37,10 @@ class TrialId:
 
 
 TrialPoint = dataclasses.make_dataclass(
-    "TrialPoint", [(f.name, Any, None) for f in fields(ModelConfig)] + [("seed", Any, None)])
-"""The point of the continuum a trial trained: :class:`~continuum.config.ModelConfig`'s fields and the seed (a
-list-valued knob is shown per stage, joined by ``/``)."""
+    "TrialPoint", [(f.name, Any, None) for f in fields(ModelConfig)] + [("lr", Any, None), ("seed", Any, None)])
+"""The point of the continuum a trial trained: :class:`~continuum.config.ModelConfig`'s fields, the initial learning
+rate in force (a sweep's ``lr`` axis, or the recipe's) and the seed (a list-valued knob is shown per stage, joined
+by ``/``)."""
 
 
 @dataclass
@@ -59,6 +62,10 @@ class TrialMetrics:
         train_s: training and validation seconds.
         wall_s: the trial's seconds, from start to its last record.
         images_per_s: mean training images per second.
+        test_acc: test accuracy after training (``holdout`` studies; the test split touched once).
+        test_loss: test loss after training.
+        test_correct: which test images the trained model got right, in the test split's order:
+            :func:`encode_correct`'s text (``decode_correct`` reads it back), for paired tests between trials.
     """
 
     val_acc: float | None = None
@@ -74,6 +81,34 @@ class TrialMetrics:
     train_s: float | None = None
     wall_s: float | None = None
     images_per_s: float | None = None
+    test_acc: float | None = None
+    test_loss: float | None = None
+    test_correct: str | None = None
+
+
+TEXT_METRICS = ("test_correct",)
+"""Measurements held as text, not numbers."""
+
+
+def encode_correct(correct: Any) -> str:
+    """Per-image correctness (a bool sequence) as compact text: the bits packed (NumPy's ``packbits``, first image
+    in the highest bit) and base64-encoded; 10,000 images take 1,668 characters."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
+
+
+def decode_correct(text: str, images: int) -> np.ndarray:
+    """The bool array of ``images`` entries that :func:`encode_correct` wrote.
+
+    Raises:
+        ValueError: the text is not such an encoding of ``images`` entries.
+    """
+    try:
+        packed = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"per-image correctness is not valid base64 ({err})") from None
+    if len(packed) != (images + 7) // 8:
+        raise ValueError(f"per-image correctness holds {len(packed) * 8} bits, not {images} images' worth")
+    return np.unpackbits(packed)[:images].astype(bool)
 
 
 @dataclass
@@ -84,10 +119,11 @@ class TrialRun:
         dataset: the dataset's name.
         train_size: training images.
         val_size: validation images.
+        test_size: test images (scored once, after training), in a ``holdout`` study.
         epochs: epochs asked for.
         batch_size: images per step.
         recipe: training recipe.
-        lr: initial learning rate in force.
+        warmup_epochs: epochs of linear learning-rate warm-up.
         weight_decay: weight decay in force.
         precision: the precision it trained in, ``fp32`` or ``bf16`` (``auto`` resolved on its device).
         channels_last: whether the model and its batches were channels-last.
@@ -112,10 +148,11 @@ class TrialRun:
     dataset: str | None = None
     train_size: int | None = None
     val_size: int | None = None
+    test_size: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
     recipe: str | None = None
-    lr: float | None = None
+    warmup_epochs: float | None = None
     weight_decay: float | None = None
     precision: str | None = None
     channels_last: bool | None = None
@@ -156,8 +193,9 @@ TRIAL_COLUMNS = names(TrialRecord)
 CURVE_COLUMNS = ["trial", *POINT_COLUMNS, *names(EpochMetrics)]
 """The columns of ``curves.csv``."""
 
-RECORDED = set(names(TrialMetrics)) | set(names(TrialRun))
-"""What an objective may record on a trial, one user attribute each (:func:`record`)."""
+RECORDED = set(names(TrialMetrics)) | set(names(TrialRun)) | {"lr"}
+"""What an objective may record on a trial, one user attribute each (:func:`record`); the learning rate in force
+is recorded too (trials of older studies have it there only, not in their ``config``)."""
 
 
 def record(trial: optuna.Trial, **values: Any) -> None:
@@ -181,10 +219,17 @@ def format_knob(value: Any) -> Any:
 
 
 def point_cells(config: dict[str, Any]) -> dict[str, Any]:
-    """The point columns of a trial's ``config`` attribute (segments always as text)."""
+    """The point columns of a trial's ``config`` attribute (segments always as text, the learning rate a number)."""
     cells = {key: format_knob(config.get(key)) for key in POINT_COLUMNS}
     cells["segments"] = str(cells["segments"])
+    cells["lr"] = config.get("lr")
     return cells
+
+
+def trial_point(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The point columns of a trial (its learning rate from its records where its ``config`` predates it)."""
+    attrs = trial.user_attrs
+    return point_cells({"lr": attrs.get("lr"), **attrs["config"]})
 
 
 def trial_record(trial: optuna.trial.FrozenTrial) -> TrialRecord | None:
@@ -192,8 +237,8 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> TrialRecord | None:
     attrs = trial.user_attrs
     if attrs.get("config") is None or trial.state == optuna.trial.TrialState.WAITING:
         return None
-    row = TrialRecord(trial.number, trial.state.name, **point_cells(attrs["config"]),
-                      **{key: attrs.get(key) for key in RECORDED})
+    row = TrialRecord(trial.number, trial.state.name, **trial_point(trial),
+                      **{key: attrs.get(key) for key in RECORDED - {"lr"}})
     row.started = trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None
     row.completed = trial.datetime_complete.isoformat(timespec="seconds") if trial.datetime_complete else None
     if trial.state == optuna.trial.TrialState.FAIL and not row.fail_reason:
@@ -201,11 +246,15 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> TrialRecord | None:
     return row
 
 
+OLD_EPOCH_NAMES = {"lr": "epoch_lr"}
+"""Epoch metrics under their former names (in older trials and ``curves.csv`` tables), and their names now."""
+
+
 def curve_rows(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
     """One row per finished epoch of a trial that has a :func:`trial_record`."""
-    point = point_cells(trial.user_attrs["config"])
-    return [{"trial": trial.number, **point, **{k: epoch.get(k) for k in names(EpochMetrics)}}
-            for epoch in trial.user_attrs.get("curve") or []]
+    point = trial_point(trial)
+    epochs = [{OLD_EPOCH_NAMES.get(k, k): v for k, v in epoch.items()} for epoch in trial.user_attrs.get("curve") or []]
+    return [{"trial": trial.number, **point, **{k: epoch.get(k) for k in names(EpochMetrics)}} for epoch in epochs]
 
 
 TrialRows = tuple[dict[str, Any], list[dict[str, Any]]]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-from continuum.config import ConfigBase, DataConfig, TrainConfig, flag_name, integer, number, optional, parse_field, \
-    setting, text
+from continuum.config import ConfigBase, DataConfig, TrainConfig, flag_name, integer, learning_rate, number, optional, \
+    parse_field, setting, text
 from continuum.knobs import ORDERS, parse_bool, parse_kernel_size, parse_mid_act, parse_order, parse_segments
 
 SEARCH_MODES = ("grid", "tpe", "nsga2")
@@ -33,9 +33,12 @@ class Objective(NamedTuple):
 OBJECTIVES = {"val_acc": Objective("maximize", "val_acc"), "flops": Objective("minimize", "flops"),
               "latency": Objective("minimize", "latency_ms"), "params": Objective("minimize", "params")}
 PRUNERS = ("none", "median", "hyperband")
-LATER_AXES = ("depths", "kernel_sizes", "segment_widths")
+LATER_AXES = ("depths", "kernel_sizes", "segment_widths", "lrs")
 """Axes added after studies had been run: at their defaults, they are left out of a search's stored choices (and,
 see :data:`~continuum.sweep.points.KEYED_WHEN_SET`, of grid points' keys), so those studies still resume."""
+LATER_SETTINGS = {("train", "precision"): "auto", ("data", "holdout"): 0, ("train", "warmup_epochs"): 0.0}
+"""Settings added after studies had been run, and the value those studies ran with: at it, a setting is left out
+of a study's fixed settings, so those studies still resume."""
 NESTED = {"data": DataConfig, "train": TrainConfig}
 """Sub-configs of a :class:`SweepConfig`: their fields are settings too (``[data]`` / ``[train]`` in a file)."""
 
@@ -76,6 +79,24 @@ def parse_depths(value: Any) -> Any:
             from None
 
 
+TUNED = "tuned"
+"""The ``lr`` axis value that takes each point's learning rate from the ``lr_study`` (its best on validation)."""
+
+
+def lr_choice(value: Any) -> float | str | None:
+    """A learning rate: a number > 0, ``tuned`` (from the ``lr_study``), or ``none`` (the recipe's)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == TUNED:
+        return TUNED
+    try:
+        return learning_rate(value)
+    except ValueError as err:
+        shown = str(err).split(" is not valid")[0]  # the value as the number parser read it
+        raise ValueError(f"{shown} is not valid; use learning rates > 0 (0.05,0.1), tuned, or none (the recipe's)") \
+            from None
+
+
 def optional_count(value: Any) -> int | None:
     """A whole number >= 1, or ``none``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
@@ -111,7 +132,12 @@ class SweepConfig(ConfigBase):
                                               flag="segment-width", axis="segment_width", group="axes")
     segments: tuple[Any, ...] = setting((1, 4, 16, "all"), "segment counts: ints and/or all", parse_segments,
                                         axis="segments", group="axes", search=(1, 2, 4, 8, 16, 32, "all"))
+    lrs: tuple[Any, ...] = setting((None,), "initial learning rates; none: the recipe's; tuned: each point's best "
+                                            "in --lr-study", lr_choice, flag="lr", axis="lr", group="training")
     seeds: tuple[int, ...] = setting((0,), "seeds; every point runs once per seed", seed, axis="seed", group="axes")
+    lr_study: str | None = setting(None, "with --lr tuned: the study (in the same results root) whose trials chose "
+                                         "each point's learning rate, by mean validation accuracy",
+                                   optional(study_name))
     drop_rate: float = setting(0.0, "dropout before the classifier", number(0, 1, high_open=True))
     match_params: int | None = setting(None, "scale each point's width to N parameters (within 2 %%)",
                                        optional(integer(1)))
@@ -167,6 +193,15 @@ class SweepConfig(ConfigBase):
         if (cfg.match_params or cfg.match_flops) is not None and cfg.widths != (1.0,):
             raise ValueError(f"{'match_params' if cfg.match_params else 'match_flops'} needs no explicit widths "
                              "(it sets the width)")
+        if TUNED in cfg.lrs and (cfg.lrs != (TUNED,) or cfg.lr_study is None or cfg.search != "grid"):
+            raise ValueError("lr=tuned takes each grid point's learning rate from a finished study: give it alone, "
+                             "with --lr-study NAME, in a grid")
+        if cfg.lr_study is not None and cfg.lrs != (TUNED,):
+            raise ValueError("lr_study is where --lr tuned reads the learning rates; give --lr tuned with it")
+        if cfg.lr_study is not None and cfg.lr_study == cfg.study:
+            raise ValueError(f"lr_study={cfg.lr_study} is this study; name the finished study that tried the rates")
+        if len(cfg.lrs) > 1 and cfg.search != "grid":
+            raise ValueError("several learning rates are a grid axis; a search trains with one (--lr 0.05)")
         if cfg.segment_widths != (None,) and cfg.segments != ("all",):
             raise ValueError("segment_width and segments are two ways to size the segments; give one of them "
                              "(with segment_width, leave segments out)")
@@ -175,16 +210,23 @@ class SweepConfig(ConfigBase):
     def fixed_settings(self) -> dict[str, Any]:
         """The settings every trial of a study must share (a rerun with other values would mix results).
 
-        Where and how fast a worker runs (device, compile, memory format, data folder) is not among them, nor is
-        the precision left to ``auto`` (what studies before that setting did); a search's choices are, since they
-        are stored with its trials and cannot change.
+        Where and how fast a worker runs (device, compile, memory format, data folder) is not among them, nor are
+        settings added later while at the value studies before them ran with (:data:`LATER_SETTINGS`); a single
+        learning rate is (several are a grid axis, and part of each point); a search's choices are, since they are
+        stored with its trials and cannot change.
         """
         train = {k: v for k, v in self.train.to_dict().items() if k not in ("device", "compile", "channels_last")}
+        train["lr"] = self.lrs[0]
+        if len(self.lrs) > 1:
+            del train["lr"]
+        data = {k: v for k, v in self.data.to_dict().items() if k != "data_dir"}
         settings = {
-            "data": {k: v for k, v in self.data.to_dict().items() if k != "data_dir"},
-            "train": {k: v for k, v in train.items() if not (k == "precision" and v == "auto")},
+            "data": {k: v for k, v in data.items() if LATER_SETTINGS.get(("data", k), ...) != v},
+            "train": {k: v for k, v in train.items() if LATER_SETTINGS.get(("train", k), ...) != v},
             "objectives": list(self.objectives), "search": self.search, "drop_rate": self.drop_rate,
             "match_params": self.match_params, "match_flops": self.match_flops}
+        if self.lr_study is not None:
+            settings["lr_study"] = self.lr_study
         if self.search != "grid":  # axes at their defaults that studies did not always have are left out
             settings["choices"] = {f.name: [str(v) for v in getattr(self, f.name)] for f in axis_fields()
                                    if not (f.name in LATER_AXES and getattr(self, f.name) == f.default)}
@@ -209,7 +251,7 @@ def setting_fields() -> Iterator[tuple[str | None, dataclasses.Field]]:
     """Every setting as ``(sub-config name or None, field)``: the study's own, then ``data`` and ``train``."""
     for field in fields(SweepConfig):
         if field.name in NESTED:
-            yield from ((field.name, sub) for sub in fields(NESTED[field.name]))
+            yield from ((field.name, sub) for sub in fields(NESTED[field.name]) if sub.metadata)
         else:
             yield None, field
 
@@ -251,8 +293,9 @@ def from_settings(settings: dict[str, Any]) -> SweepConfig:
     for key, value in flat.items():
         part, _, name = key.rpartition(".")
         name = name.replace("-", "_")
-        if name not in names or (part and names[name][0] != part):
-            unknown.append(key)
+        training = name in names and names[name][1].metadata["group"] == "training"
+        if name not in names or (part and names[name][0] != part and not (part == "train" and training)):
+            unknown.append(key)  # (a study-level training setting, the lr axis, may sit under [train] too)
             continue
         owner, field = names[name]
         if value is None:

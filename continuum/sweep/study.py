@@ -242,7 +242,7 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
     if command:
         with open(folder / "command.txt", "a") as handle:
             handle.write(command + "\n")
-    grid = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
+    grid = [point_key(point) for point in grid_points(cfg)] if cfg.search == "grid" else []
     objective = Objective(cfg, data, progress)
     tables = StudyTables(study, folder)
     bar = tqdm(total=remaining(study, cfg, grid), desc=f"sweep {cfg.study}", unit="trial", disable=not progress)

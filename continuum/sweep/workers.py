@@ -74,7 +74,7 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
     url = storage_url(cfg)
     study = connect(cfg, worker=0)
     storage = open_storage(url, cfg.heartbeat)
-    keys = [point_key(c, s) for c, s in grid_points(cfg)] if cfg.search == "grid" else []
+    keys = [point_key(point) for point in grid_points(cfg)] if cfg.search == "grid" else []
     if keys:
         plan_grid(study, keys, cfg.retry_failed)  # once here, so workers seldom race to queue the same points
     log.warning("%d workers on %s", cfg.workers, url)
