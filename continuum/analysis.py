@@ -1,12 +1,16 @@
-"""Results tables -> summaries with confidence intervals, EDFs and Pareto fronts (pandas in, pandas out)."""
+"""Results tables -> summaries with confidence intervals, paired tests (t, TOST equivalence, McNemar, Holm's
+correction), EDFs and Pareto fronts (pandas in, pandas out)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.weightstats import ttost_paired
 
 from continuum.cost import CONTENDED_LOAD
 from continuum.sweep.record import POINT_COLUMNS
@@ -131,6 +135,97 @@ def difference(trials: pd.DataFrame, column: str, baseline: str, other: str, met
             "n": min(len(a), len(b))}
 
 
+class Comparison(NamedTuple):
+    """A paired comparison of two arms over seeds, in the metric's units (accuracy as a fraction).
+
+    Args:
+        diff: mean per-seed difference, other - baseline.
+        ci_low: low end of its 95 % paired t-interval.
+        ci_high: high end.
+        n: seeds paired.
+        sd: standard deviation of the per-seed differences.
+        p: two-sided paired t-test p-value of "no difference".
+        p_equivalent: TOST p-value of "the difference lies within ± margin" (equivalence when small).
+        margin: the equivalence margin.
+    """
+
+    diff: float
+    ci_low: float
+    ci_high: float
+    n: int
+    sd: float
+    p: float
+    p_equivalent: float
+    margin: float
+
+
+def paired_sides(trials: pd.DataFrame, column: str, baseline: str, other: str, metric: str = "test_acc"
+                 ) -> tuple[pd.Series, pd.Series]:
+    """The completed trials' ``metric`` on each side of ``column`` (``baseline``, ``other``; compared as text), one
+    value per seed (a seed's mean if it ran twice), restricted to the seeds both sides have, in seed order."""
+    done = trials[trials["state"] == "COMPLETE"]
+    sides = [done[done[column].astype(str) == str(value)].groupby("seed")[metric].mean() for value in (baseline, other)]
+    common = sides[0].index.intersection(sides[1].index).sort_values()
+    return sides[0][common].astype(float), sides[1][common].astype(float)
+
+
+def compare(baseline: Sequence[float], other: Sequence[float], margin: float = 0.01, level: float = 0.95
+            ) -> Comparison:
+    """Paired comparison of ``other`` with ``baseline`` (equal-length, paired by position, e.g. by seed): the mean
+    difference with its t-interval, the paired t-test, and the equivalence test (two one-sided t-tests, TOST) with
+    bounds ``± margin``.
+
+    Args:
+        baseline: one value per pair.
+        other: one value per pair.
+        margin: the equivalence margin (0.01 = 1 accuracy point).
+        level: confidence level of the interval.
+
+    Raises:
+        ValueError: the sides differ in length or hold fewer than 2 pairs.
+    """
+    a, b = np.asarray(baseline, dtype=float), np.asarray(other, dtype=float)
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired comparison needs two equal sides of at least 2 values, not {len(a)} and {len(b)}")
+    d = b - a
+    low, high = t_interval(d, level)
+    sd = float(d.std(ddof=1))
+    if sd == 0:  # identical spreads: the t statistics are undefined; decide on the mean alone
+        p = 1.0 if d.mean() == 0 else 0.0
+        p_equivalent = 0.0 if abs(d.mean()) < margin else 1.0
+    else:
+        p = float(stats.ttest_rel(b, a).pvalue)
+        p_equivalent = float(ttost_paired(b, a, -margin, margin)[0])
+    return Comparison(float(d.mean()), low, high, len(d), sd, p, p_equivalent, margin)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values of one family of tests (statsmodels' ``multipletests``), in the order given."""
+    if len(pvalues) == 0:
+        return []
+    return [float(p) for p in multipletests(list(pvalues), method="holm")[1]]
+
+
+def mcnemar_test(baseline: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> dict[str, float]:
+    """McNemar's test on per-image correctness, the pairs of runs (seeds) pooled into one table of discordant
+    images.
+
+    Args:
+        baseline: per pair, a bool array of which test images the baseline run got right.
+        other: the same images for the other run, paired by position.
+
+    Returns:
+        ``only_baseline`` and ``only_other`` (images only one side got right, summed over pairs) and ``p`` (exact
+        binomial test when fewer than 25 discordant images, else the chi-square form with continuity correction).
+    """
+    only_baseline = int(sum((a & ~b).sum() for a, b in zip(baseline, other)))
+    only_other = int(sum((~a & b).sum() for a, b in zip(baseline, other)))
+    table = [[0, only_baseline], [only_other, 0]]
+    exact = only_baseline + only_other < 25
+    return {"only_baseline": only_baseline, "only_other": only_other,
+            "p": float(mcnemar(table, exact=exact, correction=True).pvalue)}
+
+
 def efficiency(summary: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
     """A :func:`summarize` table with accuracy per GFLOP and per millisecond of latency added.
 
@@ -163,8 +258,15 @@ def pareto_front(frame: pd.DataFrame, maximize: str = "val_acc", minimize: str =
 
 
 def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = None) -> str:
-    """The Markdown summary of a study: the per-config table, trial states and the command that made it."""
+    """The Markdown summary of a study: the per-config table (with test accuracy, in a study that scored a test
+    split), trial states and the command that made it."""
     table = summarize(trials)
+    tested = "test_acc" in trials and trials["test_acc"].notna().any()
+    if tested:
+        test = summarize(trials, metric="test_acc")
+        at = table.columns.get_loc("val_acc_ci_high") + 1
+        for offset, column in enumerate(("test_acc_mean", "test_acc_ci_low", "test_acc_ci_high")):
+            table.insert(at + offset, column, test[column].to_numpy())
     states = trials["state"].value_counts().to_dict()
     lines = [f"# {title}", ""]
     if command:
@@ -173,9 +275,10 @@ def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = Non
     per_batch = f"median ms per inference batch of {int(batch[0])} images" if len(batch) == 1 else "median ms"
     lines += [f"Trials: {sum(states.values())} ({', '.join(f'{v} {k}' for k, v in states.items())}). "
               "Accuracy: validation accuracy after the last epoch; mean ± std over seeds, 95 % CI of the mean "
-              f"(Student t); MACs (multiply-adds) and FLOPs (2 per MAC) per image; latency: {per_batch}.", ""]
+              f"(Student t){'; test: the test split, scored once after training' if tested else ''}; "
+              f"MACs (multiply-adds) and FLOPs (2 per MAC) per image; latency: {per_batch}.", ""]
     shown = table.copy()
-    for column in ("val_acc_mean", "val_acc_std", "val_acc_ci_low", "val_acc_ci_high"):
+    for column in [c for c in shown if c.startswith(("val_acc_", "test_acc_"))]:
         shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "–")
     shown["params"] = shown["params"].map(lambda v: f"{v:,.0f}")
     for column in ("macs", "flops"):

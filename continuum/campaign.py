@@ -1,0 +1,366 @@
+"""The campaign's pre-registered rules (``experiments/PROTOCOL.md``) as code: the verdict vocabulary, the pilot's
+training-length check and seed count, and the report they write.
+
+    python -m continuum.campaign results/campaign          # writes results/campaign/README.md from the tables
+
+Every number in the report is recomputed from the studies' ``trials.csv``; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import pandas as pd
+from scipy import stats
+
+from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, summarize
+from continuum.files import atomic_write
+from continuum.results import TableError, load
+from continuum.sweep.record import decode_correct
+
+ALPHA = 0.05
+"""Family-wise error rate of each ablation's family of comparisons (Holm), and the level of every test."""
+
+MARGIN = 0.01
+"""Equivalence margin: ± 1 accuracy point."""
+
+LENGTH_TOLERANCE = 0.003
+"""The pilot's length check: the two arms' difference may move by less than 0.3 points from 1x to 3x the length."""
+
+HALF_WIDTH = 0.01
+"""Seeds are chosen so that a primary comparison's 95 % interval has at most this half-width (1 point)."""
+
+MIN_SEEDS = 3
+"""Fewest seeds per arm, whatever the pilot's spread."""
+
+MAX_SEEDS = 10
+"""Most seeds per arm this machine can afford; where the target needs more, the report says the target is not met."""
+
+VERDICTS = {
+    "reproduced": "the paper's direction, Holm-adjusted p < 0.05 (the interval excludes 0 on the paper's side)",
+    "contradicted": "a significant difference (Holm-adjusted p < 0.05) against the paper's claim",
+    "equivalent within ±1 pt": "not significantly different, and TOST within ±1 point with Holm-adjusted p < 0.05",
+    "inconclusive": "neither a significant difference nor equivalence",
+    "not tested": "the claim's conditions are not in these experiments",
+}
+"""The only words a verdict may use, each with its rule."""
+
+CLAIMS = ("higher", "lower", "equal")
+"""What the paper claims of ``other`` against ``baseline``: better, worse, or no difference."""
+
+
+def verdict(comparison: Comparison | None, p: float, p_equivalent: float, claim: str | None) -> str:
+    """The verdict on a claim, by the rules of :data:`VERDICTS`.
+
+    Args:
+        comparison: the paired comparison (other - baseline); ``None``: not run.
+        p: its Holm-adjusted p-value of "no difference".
+        p_equivalent: its Holm-adjusted TOST p-value.
+        claim: one of :data:`CLAIMS`; ``None``: the paper claims nothing testable here.
+
+    Raises:
+        ValueError: an unknown claim.
+    """
+    if claim is not None and claim not in CLAIMS:
+        raise ValueError(f"claim={claim!r} is not valid; choose one of {', '.join(CLAIMS)}")
+    if comparison is None or claim is None:
+        return "not tested"
+    if p < ALPHA:
+        agrees = {"higher": comparison.diff > 0, "lower": comparison.diff < 0, "equal": False}[claim]
+        return "reproduced" if agrees else "contradicted"
+    if p_equivalent < ALPHA:
+        return "equivalent within ±1 pt"
+    return "inconclusive"
+
+
+class LengthCheck(NamedTuple):
+    """The pilot's training-length check.
+
+    Args:
+        short: the arms' paired comparison at the chosen length.
+        long: the same at 3x the length.
+        same_ranking: both differences have the same sign.
+        moved: how far the difference moved (points as a fraction), long - short.
+        passed: same ranking and ``|moved| <`` :data:`LENGTH_TOLERANCE`.
+    """
+
+    short: Comparison
+    long: Comparison
+    same_ranking: bool
+    moved: float
+    passed: bool
+
+
+def length_check(short: Comparison, long: Comparison, tolerance: float = LENGTH_TOLERANCE) -> LengthCheck:
+    """Whether the ranking of two arms and their difference hold from the chosen length to 3x it."""
+    same = (short.diff > 0) == (long.diff > 0)
+    moved = long.diff - short.diff
+    return LengthCheck(short, long, same, moved, same and abs(moved) < tolerance)
+
+
+def seeds_needed(sd: float, half_width: float = HALF_WIDTH, level: float = 0.95) -> int:
+    """The fewest seeds (at least :data:`MIN_SEEDS`) whose paired t-interval has at most ``half_width`` when the
+    per-seed differences have standard deviation ``sd``; more than :data:`MAX_SEEDS` is returned as it is, for the
+    report to say the target is out of reach."""
+    n = MIN_SEEDS
+    while stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) > half_width and n < 1000:
+        n += 1
+    return n
+
+
+def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
+    """The report's pilot section: per-arm results at both lengths, the length check and the seed count.
+
+    Args:
+        root: the campaign's results root (``pilot`` and ``pilot_long`` studies beneath it).
+        metric: what the pilot compares (the validation split's accuracy: the test split decides nothing).
+    """
+    lines = ["## Pilot: training length and seeds", ""]
+    comparisons = {}
+    for study, label in (("pilot", "5 epochs"), ("pilot_long", "15 epochs")):
+        try:
+            trials = load(root / study)
+        except (FileNotFoundError, TableError):
+            lines.append(f"- {label} (`{study}`): not run yet.")
+            continue
+        a, b = paired_sides(trials, "segments", "1", "all", metric)
+        if len(a) < 2:
+            lines.append(f"- {label} (`{study}`): {len(a)} paired seed(s) finished; the check needs 2 or more.")
+            continue
+        c = comparisons[study] = compare(a, b, MARGIN)
+        lines.append(f"- {label} (`{study}`, n = {c.n} paired seeds): {metric} segments=1 {a.mean():.4f}, "
+                     f"all {b.mean():.4f}; all - 1 = {100 * c.diff:+.2f} points [{100 * c.ci_low:+.2f}, "
+                     f"{100 * c.ci_high:+.2f}], sd of the paired differences {100 * c.sd:.2f} points.")
+    lines.append("")
+    if "pilot" in comparisons:
+        n = seeds_needed(comparisons["pilot"].sd)
+        reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
+        lines.append(f"- Seeds: sd {100 * comparisons['pilot'].sd:.2f} points -> {n} seeds per arm for a 95 % "
+                     f"half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
+    if {"pilot", "pilot_long"} <= set(comparisons):
+        check = length_check(comparisons["pilot"], comparisons["pilot_long"])
+        outcome = "passed: 5 epochs" if check.passed else "failed: 15 epochs"
+        lines.append(f"- Length check ({'same' if check.same_ranking else 'different'} ranking, difference moved "
+                     f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
+    else:
+        lines.append("- Length check: waits for both pilot studies.")
+    return lines + [""]
+
+
+class Claim(NamedTuple):
+    """One pre-registered comparison: in ``study``, the trials where ``where`` holds, ``column == other`` against
+    ``column == baseline``, paired by seed.
+
+    Args:
+        label: how the report names it.
+        study: the study (a folder under the campaign's root).
+        column: the column that differs between the arms.
+        baseline: its value in the baseline arm (as text).
+        other: its value in the other arm.
+        claim: what the paper claims of other - baseline (:data:`CLAIMS`); ``None``: a finding, not a claim.
+        where: other columns' values both arms share (as text), e.g. ``{"segments": "all"}``.
+        minus: for an interaction, the comparison whose per-seed differences are subtracted from this one's.
+    """
+
+    label: str
+    study: str
+    column: str
+    baseline: str
+    other: str
+    claim: str | None
+    where: tuple[tuple[str, str], ...] = ()
+    minus: Claim | None = None
+
+
+class Ablation(NamedTuple):
+    """One ablation of the protocol: its question, its studies and its family of comparisons (Holm within it)."""
+
+    name: str
+    question: str
+    studies: tuple[str, ...]
+    family: tuple[Claim, ...]
+    limitations: str
+
+
+SPECTRUM_COUNTS = ("1", "2", "4", "8", "16", "32")
+INTERIOR_COUNTS = ("2", "4", "8", "16", "32")
+
+
+def _spectrum(study: str, budget: str) -> Ablation:
+    return Ablation(
+        f"The spectrum at matched {budget} (`{study}`)",
+        "Where on the continuum is accuracy best at a fixed budget? The paper: depthwise (all) is best.",
+        (study,),
+        tuple(Claim(f"all vs {k}", study, "segments", k, "all", "higher") for k in SPECTRUM_COUNTS),
+        "Fashion-MNIST at 28 px and a 300,000-parameter net, not ImageNet; one learning-rate grid per arm.")
+
+
+ABLATIONS = (
+    _spectrum("spectrum_params", "parameters"),
+    _spectrum("spectrum_flops", "FLOPs"),
+    Ablation("Operation order (`order`)", "Does the order of the 1x1 and the spatial conv matter? The paper: no.",
+             ("order",), tuple(Claim(f"pointwise_first vs depthwise_first at segments {s}", "order", "order",
+                                     "depthwise_first", "pointwise_first", "equal", (("segments", s),))
+                               for s in ("all", "4")),
+             "Two points of the continuum only."),
+    Ablation("Intermediate activation (`mid_act_depthwise`, `mid_act_deep`)",
+             "Does a non-linearity between the two ops hurt in 1-channel-deep spaces and help in deep ones?",
+             ("mid_act_depthwise", "mid_act_deep"),
+             (*(Claim(f"{act} - none at depthwise", "mid_act_depthwise", "mid_act", "none", act, "lower")
+                for act in ("relu", "elu")),
+              *(Claim(f"{act} - none at 16 ch/segment", "mid_act_deep", "mid_act", "none", act, "higher")
+                for act in ("relu", "elu")),
+              Claim("interaction: (relu - none at 16 ch) - (relu - none at depthwise)", "mid_act_deep", "mid_act",
+                    "none", "relu", "higher",
+                    minus=Claim("", "mid_act_depthwise", "mid_act", "none", "relu", None))),
+             "16 channels per segment is the deep end here; the paper's deep spaces were Inception's."),
+    Ablation("Residual connections (`residual`)", "Do shortcuts help a deep separable net? The paper: yes.",
+             ("residual",), (Claim("on vs off", "residual", "residual", "False", "True", "higher"),),
+             "24 separable units on Fashion-MNIST; the paper's 36-layer ImageNet net is not tested."),
+    Ablation("Xception vs Inception (`xception_vs_inception`)",
+             "At equal parameters, is the Xception-style net better than the Inception-style one? The paper: yes.",
+             ("xception_vs_inception",), (Claim("Xception vs Inception", "xception_vs_inception", "model",
+                                               "continuum_inception_small", "continuum_small", "higher"),),
+             "Small nets for 28 px images stand in for the paper's ImageNet/JFT models."),
+)
+"""The protocol's ablations and their families, as ``experiments/PROTOCOL.md`` names them."""
+
+
+def _sides(claim: Claim, tables: dict[str, pd.DataFrame], metric: str) -> tuple[pd.Series, pd.Series] | None:
+    """The claim's two arms, one value per common seed (the interaction: per-seed differences of two claims)."""
+    if claim.study not in tables:
+        return None
+    trials = tables[claim.study]
+    for column, value in claim.where:
+        trials = trials[trials[column].astype(str) == value]
+    a, b = paired_sides(trials, claim.column, claim.baseline, claim.other, metric)
+    if claim.minus is None:
+        return a, b
+    inner = _sides(claim.minus, tables, metric)
+    if inner is None:
+        return None
+    d_inner = inner[1] - inner[0]
+    seeds = a.index.intersection(d_inner.index)
+    return d_inner[seeds], (b - a)[seeds]
+
+
+def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], metric: str = "test_acc") -> pd.DataFrame:
+    """One row per comparison of ``ablation``'s family: the paired difference with its interval, p, Holm-adjusted p
+    and TOST p, McNemar's pooled per-image p (plain comparisons with stored correctness) and the verdict.
+
+    Args:
+        ablation: the ablation.
+        tables: its studies' trials tables by study name (a missing study leaves its comparisons not tested).
+        metric: the reported metric.
+    """
+    rows, tested = [], []
+    for claim in ablation.family:
+        sides = _sides(claim, tables, metric)
+        comparison = compare(*sides, MARGIN) if sides is not None and len(sides[0]) >= 2 else None
+        rows.append({"comparison": claim.label, "claim": claim.claim or "-", "n": 0 if comparison is None
+                     else comparison.n, "comparison_": comparison, "mcnemar_p": _mcnemar(claim, tables)})
+        if comparison is not None:
+            tested.append(len(rows) - 1)
+    adjusted = dict(zip(tested, holm([rows[i]["comparison_"].p for i in tested])))
+    adjusted_eq = dict(zip(tested, holm([rows[i]["comparison_"].p_equivalent for i in tested])))
+    for i, row in enumerate(rows):
+        c = row.pop("comparison_")
+        row |= {"diff": c.diff if c else math.nan, "ci_low": c.ci_low if c else math.nan,
+                "ci_high": c.ci_high if c else math.nan, "p": c.p if c else math.nan,
+                "p_holm": adjusted.get(i, math.nan), "p_tost_holm": adjusted_eq.get(i, math.nan),
+                "verdict": verdict(c, adjusted.get(i, 1.0), adjusted_eq.get(i, 1.0),
+                                   ablation.family[i].claim)}
+    return pd.DataFrame(rows, columns=["comparison", "claim", "n", "diff", "ci_low", "ci_high", "p", "p_holm",
+                                       "p_tost_holm", "mcnemar_p", "verdict"])
+
+
+def _mcnemar(claim: Claim, tables: dict[str, pd.DataFrame]) -> float:
+    """McNemar's p over the claim's paired runs' test images; NaN for an interaction or without stored correctness."""
+    trials = tables.get(claim.study)
+    if claim.minus is not None or trials is None or "test_correct" not in trials:
+        return math.nan
+    done = trials[(trials["state"] == "COMPLETE") & trials["test_correct"].notna()]
+    for column, value in claim.where:
+        done = done[done[column].astype(str) == value]
+    arms = [done[done[claim.column].astype(str) == v].drop_duplicates("seed").set_index("seed") for v in
+            (claim.baseline, claim.other)]
+    seeds = arms[0].index.intersection(arms[1].index)
+    if not len(seeds):
+        return math.nan
+    images = int(arms[0]["test_size"].iloc[0])
+    correct = [[decode_correct(arm.loc[s, "test_correct"], images) for s in seeds] for arm in arms]
+    return mcnemar_test(*correct)["p"]
+
+
+def _points(value: float) -> str:
+    return "–" if pd.isna(value) else f"{100 * value:+.2f}"
+
+
+def ablation_section(ablation: Ablation, root: Path) -> list[str]:
+    """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
+    of comparisons with their verdicts, core-hours, plots and limitations."""
+    tables = {}
+    for study in ablation.studies:
+        try:
+            tables[study] = load(root / study)
+        except (FileNotFoundError, TableError):
+            pass
+    lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
+    if not tables:
+        return lines + ["Not run yet.", ""]
+    for study, trials in tables.items():
+        summary = summarize(trials, metric="test_acc")
+        done = trials[trials["state"] == "COMPLETE"]
+        hours = (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
+        lines += [f"`{study}` ({len(done)} trials, {hours:.1f} core-hours; test accuracy, mean and 95 % "
+                  "interval over seeds):", ""]
+        shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
+        lines += [shown.to_markdown(index=False, floatfmt=".4f"), ""]
+    family = family_table(ablation, tables)
+    shown = family.assign(**{"diff (points)": family["diff"].map(_points),
+                             "95 % CI": [f"[{_points(lo)}, {_points(hi)}]" for lo, hi in
+                                         zip(family["ci_low"], family["ci_high"])]})
+    shown = shown[["comparison", "claim", "n", "diff (points)", "95 % CI", "p", "p_holm", "p_tost_holm",
+                   "mcnemar_p", "verdict"]]
+    lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "",
+              shown.to_markdown(index=False, floatfmt=".4f"), ""]
+    for study in tables:
+        for plot in ("spectrum.png", "curves.png"):
+            if (root / study / plot).exists():
+                lines += [f"![{study} {plot[:-4]}]({study}/{plot})", ""]
+    return lines + [f"**Limitations**: {ablation.limitations}", ""]
+
+
+def report(root: Path) -> str:
+    """The campaign's report (Markdown) from the tables under ``root``."""
+    lines = ["# Campaign report", "", "Protocol: `experiments/PROTOCOL.md`. Regenerate with "
+             f"`python -m continuum.campaign {root}`.", ""]
+    lines += pilot_section(root)
+    for ablation in ABLATIONS:
+        lines += ablation_section(ablation, root)
+    lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m continuum.campaign ROOT``: write ``ROOT/README.md``."""
+    parser = argparse.ArgumentParser(prog="python -m continuum.campaign", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="the campaign's results root (results/campaign)")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: {args.root} is not a folder; give the campaign's results root (results/campaign)",
+              file=sys.stderr)
+        return 2
+    text = report(args.root)
+    atomic_write(args.root / "README.md", lambda path: path.write_text(text, encoding="utf-8"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The campaign's rules as code: paired tests, Holm, TOST, McNemar, the verdict vocabulary, the pilot's length
+check and seed count, and the report written from tables alone."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from continuum import campaign
+from continuum.analysis import compare, holm, mcnemar_test, paired_sides
+from continuum.campaign import length_check, seeds_needed, verdict
+from continuum.sweep.record import encode_correct
+from continuum.sweep.record import TRIAL_COLUMNS
+
+
+def test_compare_is_a_paired_t_test_with_its_interval_and_tost():
+    a, b = [0.900, 0.910, 0.905, 0.900], [0.902, 0.912, 0.906, 0.903]
+    c = compare(a, b)
+    assert c.diff == pytest.approx(0.002) and c.n == 4 and c.ci_low < 0.002 < c.ci_high
+    assert c.p == pytest.approx(0.01628, abs=1e-4)  # scipy's ttest_rel
+    assert c.p_equivalent < 0.001  # 0.2 points, tightly: equivalent within ±1 point
+    far = compare([0.90, 0.91, 0.905], [0.93, 0.945, 0.935])
+    assert far.p < 0.01 and far.p_equivalent > 0.9
+    with pytest.raises(ValueError, match="at least 2 values, not 1 and 1"):
+        compare([0.9], [0.8])
+    with pytest.raises(ValueError, match="not 2 and 3"):
+        compare([0.9, 0.8], [0.8, 0.7, 0.6])
+    same = compare([0.9, 0.8], [0.91, 0.81])  # every pair differs by exactly 1 point minus rounding
+    assert same.sd < 1e-12 and same.p == 0.0
+
+
+def test_holm_adjusts_in_the_order_given():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([]) == []
+
+
+def test_mcnemar_pools_the_discordant_images_of_every_pair():
+    a = [np.array([True, True, False, False]), np.array([True, False, True, True])]
+    b = [np.array([True, False, True, True]), np.array([False, False, True, True])]
+    result = mcnemar_test(a, b)
+    assert (result["only_baseline"], result["only_other"]) == (2, 2) and result["p"] == pytest.approx(1.0)
+
+
+def test_paired_sides_pair_by_seed_and_drop_unpaired_or_unfinished_trials():
+    trials = pd.DataFrame({"state": ["COMPLETE"] * 5 + ["FAIL"], "segments": ["1", "1", "all", "all", "all", "1"],
+                           "seed": [0, 1, 1, 0, 2, 2], "test_acc": [0.8, 0.9, 0.95, 0.85, 0.5, 0.1]})
+    a, b = paired_sides(trials, "segments", "1", "all")
+    assert list(a.index) == [0, 1] and list(a) == [0.8, 0.9] and list(b) == [0.85, 0.95]
+
+
+@pytest.mark.parametrize("diff, p, p_eq, claim, word", [
+    (0.02, 0.01, 0.9, "higher", "reproduced"),
+    (-0.02, 0.01, 0.9, "higher", "contradicted"),
+    (-0.02, 0.01, 0.9, "lower", "reproduced"),
+    (0.02, 0.01, 0.9, "equal", "contradicted"),
+    (0.002, 0.40, 0.01, "equal", "equivalent within ±1 pt"),
+    (0.002, 0.40, 0.01, "higher", "equivalent within ±1 pt"),
+    (0.01, 0.20, 0.30, "higher", "inconclusive"),
+    (0.01, 0.01, 0.01, None, "not tested"),
+])
+def test_verdicts_follow_their_rules(diff, p, p_eq, claim, word):
+    comparison = compare([0.9, 0.9, 0.9], [0.9 + diff + e for e in (-0.001, 0, 0.001)])
+    assert verdict(comparison, p, p_eq, claim) == word
+    assert word in campaign.VERDICTS
+
+
+def test_a_claim_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="claim='better' is not valid; choose one of higher, lower, equal"):
+        verdict(None, 0.0, 0.0, "better")
+    assert verdict(None, 0.0, 0.0, "higher") == "not tested"
+
+
+def test_length_check_and_seed_count():
+    short = compare([0.90, 0.91, 0.92], [0.88, 0.885, 0.90])
+    assert length_check(short, compare([0.91, 0.92, 0.93], [0.89, 0.895, 0.91])).passed  # moved 0
+    moved = length_check(short, compare([0.91, 0.92, 0.93], [0.885, 0.89, 0.90]))
+    assert moved.same_ranking and not moved.passed and moved.moved < -0.003
+    assert not length_check(short, compare([0.90, 0.91, 0.92], [0.91, 0.92, 0.93])).same_ranking
+    assert seeds_needed(0.001) == campaign.MIN_SEEDS
+    # t(0.975, n-1) * sd / sqrt(n) <= 1 point: sd 1.5 points needs 12 seeds (t=2.201, 2.201*1.5/3.46=0.953)
+    assert seeds_needed(0.015) == 12 and seeds_needed(0.01) == 7
+
+
+def _pilot_table(folder, diffs):
+    rows = []
+    for seed, d in enumerate(diffs):
+        for segments, acc in (("1", 0.90 + seed / 1000), ("all", 0.90 + seed / 1000 + d)):
+            rows.append({"trial": len(rows), "state": "COMPLETE", "model": "continuum_small", "segments": segments,
+                         "seed": seed, "val_acc": acc, "test_acc": acc})
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows, columns=TRIAL_COLUMNS).to_csv(folder / "trials.csv", index=False)
+
+
+def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
+    assert campaign.main([str(tmp_path)]) == 0
+    assert "not run yet" in (tmp_path / "README.md").read_text()
+    _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
+    _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
+    assert campaign.main([str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "all - 1 = -2.00 points" in text and "**passed: 5 epochs**" in text
+    assert "sd 0.20 points -> 3 seeds" in text
+    assert campaign.main([str(tmp_path / "nothing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def _study_table(folder, arms, seeds=(0, 1, 2), images=40):
+    """A finished study's trials.csv: ``arms`` maps a dict of point columns to per-seed test accuracies."""
+    rows = []
+    for cells, accuracies in arms:
+        for seed, acc in zip(seeds, accuracies):
+            correct = np.zeros(images, dtype=bool)
+            correct[:round(acc * images)] = True
+            rows.append({"trial": len(rows), "state": "COMPLETE", "model": "continuum_small", "segments": "all",
+                         "order": "depthwise_first", "mid_act": "none", "residual": True, "seed": seed,
+                         "val_acc": acc, "test_acc": acc, "test_size": images, "params": 1000, "macs": 10,
+                         "flops": 20, "train_s": 3600.0, "threads": 1,
+                         "test_correct": encode_correct(correct)} | cells)
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows, columns=TRIAL_COLUMNS).to_csv(folder / "trials.csv", index=False)
+
+
+def test_an_ablation_family_is_holm_corrected_and_judged(tmp_path):
+    _study_table(tmp_path / "order", [
+        ({"segments": "all", "order": "depthwise_first"}, [0.900, 0.910, 0.920]),
+        ({"segments": "all", "order": "pointwise_first"}, [0.901, 0.911, 0.920]),
+        ({"segments": "4", "order": "depthwise_first"}, [0.900, 0.910, 0.920]),
+        ({"segments": "4", "order": "pointwise_first"}, [0.850, 0.862, 0.868])])
+    order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
+    family = campaign.family_table(order, {"order": campaign.load(tmp_path / "order")})
+    assert list(family["n"]) == [3, 3]
+    assert family["diff"].tolist() == pytest.approx([0.000667, -0.05], abs=1e-5)
+    p = sorted(family["p"])
+    assert sorted(family["p_holm"]) == pytest.approx([2 * p[0], max(2 * p[0], p[1])])
+    assert list(family["verdict"]) == ["equivalent within ±1 pt", "contradicted"]
+    assert family["mcnemar_p"].iloc[1] < 0.05  # 6 images lost per seed, none won
+    text = "\n".join(campaign.ablation_section(order, tmp_path))
+    assert "equivalent within ±1 pt" in text and "`order` (12 trials, 12.0 core-hours" in text
+
+
+def test_an_interaction_subtracts_the_per_seed_differences_of_another_study(tmp_path):
+    _study_table(tmp_path / "mid_act_depthwise", [({"mid_act": "none"}, [0.90, 0.91, 0.92]),
+                                                  ({"mid_act": "relu"}, [0.88, 0.89, 0.905]),
+                                                  ({"mid_act": "elu"}, [0.89, 0.90, 0.91])])
+    _study_table(tmp_path / "mid_act_deep", [({"mid_act": "none"}, [0.90, 0.91, 0.92]),
+                                             ({"mid_act": "relu"}, [0.92, 0.93, 0.94]),
+                                             ({"mid_act": "elu"}, [0.91, 0.92, 0.93])])
+    ablation = next(a for a in campaign.ABLATIONS if "mid_act_deep" in a.studies)
+    tables = {s: campaign.load(tmp_path / s) for s in ablation.studies}
+    family = campaign.family_table(ablation, tables).set_index("comparison")
+    interaction = family.loc["interaction: (relu - none at 16 ch) - (relu - none at depthwise)"]
+    assert interaction["diff"] == pytest.approx(0.02 - (-0.0183333), abs=1e-6) and interaction["n"] == 3
+    assert np.isnan(interaction["mcnemar_p"])
+    assert family.loc["relu - none at depthwise", "verdict"] in ("reproduced", "inconclusive")
+    missing = campaign.family_table(ablation, {"mid_act_deep": tables["mid_act_deep"]})
+    assert set(missing.set_index("comparison").loc[["relu - none at depthwise"], "verdict"]) == {"not tested"}
