@@ -17,7 +17,8 @@ from typing import NamedTuple, Sequence
 import pandas as pd
 from scipy import stats
 
-from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, summarize
+from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, summarize, \
+    varying_columns
 from continuum.files import atomic_write
 from continuum.results import TableError, load
 from continuum.sweep.record import decode_correct
@@ -112,6 +113,24 @@ def seeds_needed(sd: float, half_width: float = HALF_WIDTH, level: float = 0.95)
     return n
 
 
+def lr_lines(root: Path, study: str) -> list[str]:
+    """The learning-rate study's validation accuracy per arm and rate, and the rate each arm takes (the best mean,
+    ties to the smaller: what ``--lr tuned`` reads)."""
+    try:
+        trials = load(root / study)
+    except (FileNotFoundError, TableError):
+        return [f"Learning rates (`{study}`): not run yet.", ""]
+    done = trials[trials["state"] == "COMPLETE"]
+    if done.empty:
+        return [f"Learning rates (`{study}`): no trial finished yet.", ""]
+    arms = [c for c in varying_columns(trials) if c != "lr"]
+    grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
+    chosen = grid.apply(lambda row: row[row == row.max()].index.min(), axis=1).rename("chosen lr")
+    table = grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index()
+    return [f"Learning rates (`{study}`, validation accuracy after the last epoch, seed 0):", "",
+            table.to_markdown(index=False, floatfmt=".4f"), ""]
+
+
 def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
     """The report's pilot section: per-arm results at both lengths, the length check and the seed count.
 
@@ -120,6 +139,7 @@ def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
         metric: what the pilot compares (the validation split's accuracy: the test split decides nothing).
     """
     lines = ["## Pilot: training length and seeds", ""]
+    lines += lr_lines(root, "pilot_lr")
     comparisons = {}
     for study, label in (("pilot", "5 epochs"), ("pilot_long", "15 epochs")):
         try:
@@ -177,13 +197,15 @@ class Claim(NamedTuple):
 
 
 class Ablation(NamedTuple):
-    """One ablation of the protocol: its question, its studies and its family of comparisons (Holm within it)."""
+    """One ablation of the protocol: its question, its studies, its family of comparisons (Holm within it), what it
+    cannot say, and the plots (each study's, written by the sweep) the report shows."""
 
     name: str
     question: str
     studies: tuple[str, ...]
     family: tuple[Claim, ...]
     limitations: str
+    plots: tuple[str, ...] = ("curves.png",)
 
 
 SPECTRUM_COUNTS = ("1", "2", "4", "8", "16", "32")
@@ -196,7 +218,8 @@ def _spectrum(study: str, budget: str) -> Ablation:
         "Where on the continuum is accuracy best at a fixed budget? The paper: depthwise (all) is best.",
         (study,),
         tuple(Claim(f"all vs {k}", study, "segments", k, "all", "higher") for k in SPECTRUM_COUNTS),
-        "Fashion-MNIST at 28 px and a 300,000-parameter net, not ImageNet; one learning-rate grid per arm.")
+        "Fashion-MNIST at 28 px and a 300,000-parameter net, not ImageNet; one learning-rate grid per arm.",
+        ("spectrum.png", "pareto_macs.png", "curves.png"))
 
 
 ABLATIONS = (
@@ -328,10 +351,7 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
                    "mcnemar_p", "verdict"]]
     lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "",
               shown.to_markdown(index=False, floatfmt=".4f"), ""]
-    for study in tables:
-        for plot in ("spectrum.png", "curves.png"):
-            if (root / study / plot).exists():
-                lines += [f"![{study} {plot[:-4]}]({study}/{plot})", ""]
+    lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study in tables for plot in ablation.plots]
     return lines + [f"**Limitations**: {ablation.limitations}", ""]
 
 

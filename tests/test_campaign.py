@@ -99,6 +99,16 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     text = (tmp_path / "README.md").read_text()
     assert "all - 1 = -2.00 points" in text and "**passed: 5 epochs**" in text
     assert "sd 0.20 points -> 3 seeds" in text
+    assert "Learning rates (`pilot_lr`): not run yet." in text
+    rates = [("1", 0.025, 0.90), ("1", 0.05, 0.92), ("all", 0.025, 0.91), ("all", 0.05, 0.91)]
+    (tmp_path / "pilot_lr").mkdir()
+    pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": s, "lr": lr, "seed": 0,
+                   "val_acc": acc} for i, (s, lr, acc) in enumerate(rates)],
+                 columns=TRIAL_COLUMNS).to_csv(tmp_path / "pilot_lr" / "trials.csv", index=False)
+    lines = campaign.lr_lines(tmp_path, "pilot_lr")
+    assert "| segments   |   lr 0.025 |   lr 0.05 |   chosen lr |" in lines[2]
+    assert lines[2].splitlines()[-2:] == ["| 1          |     0.9000 |    0.9200 |      0.0500 |",
+                                          "| all        |     0.9100 |    0.9100 |      0.0250 |"]  # a tie: smaller
     assert campaign.main([str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 

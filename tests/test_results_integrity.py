@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from continuum import campaign
 from continuum.report import write_summary
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-STUDIES = sorted(path.parent.name for path in RESULTS.glob("*/trials.csv"))
+STUDIES = sorted(str(path.parent.relative_to(RESULTS)) for path in RESULTS.rglob("trials.csv"))
 
 
 def test_the_committed_studies_are_found():
@@ -19,8 +20,21 @@ def test_the_committed_studies_are_found():
 @pytest.mark.parametrize("name", STUDIES)
 def test_committed_summary_regenerates_from_its_committed_tables(name, tmp_path):
     source, copy = RESULTS / name, tmp_path / name
-    copy.mkdir()
+    copy.mkdir(parents=True)
     for table in ("trials.csv", "curves.csv", "command.txt"):  # only what is committed, no local Parquet copy
         if (source / table).exists():
             shutil.copy(source / table, copy / table)
     assert write_summary(copy).read_text() == (source / "summary.md").read_text()
+
+
+def test_the_campaign_report_regenerates_from_its_committed_tables(tmp_path):
+    source = RESULTS / "campaign"
+    if not (source / "README.md").exists():
+        pytest.skip("no campaign report committed")
+    copy = tmp_path / "campaign"
+    for table in source.rglob("*"):  # the tables and command files only
+        if table.name in ("trials.csv", "curves.csv", "command.txt"):
+            (copy / table.parent.relative_to(source)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(table, copy / table.relative_to(source))
+    committed = (source / "README.md").read_text()
+    assert campaign.report(copy).replace(str(copy), "results/campaign") == committed
