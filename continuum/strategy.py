@@ -10,11 +10,13 @@ shown after :data:`MAX_ROUNDS` rounds goes to the plain conv.
 
 A busy machine fools timings (a choice made while another process used a core ran 2x slower later, on a quiet
 machine), so tuning checks for one (:meth:`Tuner.busy_reason`): on a Linux CPU it counts the CPU time other
-processes used while it tuned; on a GPU, or where the system does not report that, it times a reference workload
-before and after against its fastest time seen (kept in the cache). When other processes kept more cores busy than
-this process leaves free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its quiet time, the result is
-neither trusted nor cached: the call runs the plain grouped conv, and tuning is tried again after
-:data:`RETRY_SECONDS`.
+processes used during a short probe before it tunes (:data:`PROBE_SECONDS`: a busy machine times nothing) and while
+it tunes; on a GPU, or where the system does not report that, it times a reference workload before and after
+against its fastest time seen (kept in the cache). When other processes kept more cores busy than this process leaves
+free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its quiet time, the result is neither trusted nor
+cached: the call runs the plain grouped conv, and tuning is tried again after :data:`RETRY_SECONDS`, twice as long
+after each further busy finding (up to :data:`RETRY_MAX_SECONDS`), so that a machine busy for hours is not probed
+for ever.
 
 Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``),
 keyed by everything that changes the answer: torch and the convolution library's versions, the CPU model and thread
@@ -81,6 +83,13 @@ BUSY_SLOWDOWN = 1.75
 RETRY_SECONDS = 15.0
 """How long a call runs the plain grouped conv after tuning found the machine busy, before tuning again (a slow
 spell of a VM lasts seconds; the check before a retry costs about 0.1 s)."""
+
+RETRY_MAX_SECONDS = 600.0
+"""The longest wait between tries: the wait doubles after each busy finding for the same call, up to this."""
+
+PROBE_SECONDS = 0.1
+"""How long, on a CPU whose system reports CPU time, other processes' use is measured before tuning starts: a machine
+already busy then is not timed at all (tuning a model's convs while another job runs cost more than the training)."""
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +295,7 @@ class Tuner:
         self.disk_loaded = False
         self.unchecked: set[str] = set()  # keys read from disk, not yet checked against the plain conv
         self.retry_at: dict[tuple, float] = {}  # signatures tuned on a busy machine: when to try again
+        self.busy_streak: dict[tuple, int] = {}  # signatures: busy findings in a row (each doubles the wait)
         self.used: dict[tuple, Strategy] | None = None  # filled inside recording()
 
     def current_mode(self) -> str:
@@ -306,6 +316,7 @@ class Tuner:
         self.peaks.clear()
         self.unchecked.clear()
         self.retry_at.clear()
+        self.busy_streak.clear()
         self.disk_loaded = False
 
     @staticmethod
@@ -418,22 +429,34 @@ class Tuner:
         if self.choices.get(key) in fitting:
             self.retry_at.pop(signature, None)
             return self.choices[key]
+        busy = self._busy_before(x.device)
         with OtherLoad() as load, torch.no_grad() if not grad else torch.enable_grad():
-            busy = self.busy_reason(x.device) if x.device.type != "cpu" else None  # a GPU: check before, too
             tuning = None if busy else autotune(x, weight, bias, geom, grad)
         busy = busy or self.busy_reason(x.device, load)
         if busy:
+            streak = self.busy_streak[signature] = self.busy_streak.get(signature, 0) + 1
+            wait = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** (streak - 1))
             (log.debug if self.retry_at else log.warning)(
                 "conv strategies not tuned while the machine is busy (%s): the plain grouped conv runs, and tuning "
-                "is tried again in %.0f s", busy, RETRY_SECONDS)
+                "is tried again in %.0f s", busy, wait)
             log.debug("not tuned: %s", key)
-            self.retry_at[signature] = time.monotonic() + RETRY_SECONDS
+            self.retry_at[signature] = time.monotonic() + wait
             return plain
         self.retry_at.pop(signature, None)
+        self.busy_streak.pop(signature, None)
         self.choices[key] = tuning.strategy
         log.debug("conv strategy for %s: %s", key, tuning.evidence)
         self.write_disk(key, tuning.strategy.name)
         return tuning.strategy
+
+    def _busy_before(self, device: torch.device) -> str | None:
+        """:meth:`busy_reason` before tuning: other processes' CPU use over :data:`PROBE_SECONDS` on a CPU (the
+        reference workload where the system does not report it), the reference workload on a GPU."""
+        if device.type != "cpu":
+            return self.busy_reason(device)
+        with OtherLoad() as probe:
+            time.sleep(PROBE_SECONDS)
+        return self.busy_reason(device, probe)
 
     def _still_wins(self, strategy: Strategy, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     geom: ConvGeometry, grad: bool) -> bool:

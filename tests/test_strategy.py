@@ -324,9 +324,10 @@ def test_median_interval_is_the_order_statistics_of_a_binomial():
 def test_a_lead_within_noise_earns_more_rounds_and_then_goes_to_the_plain_conv(monkeypatch):
     x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]
-    # grouped/1 is far faster in half the rounds, far slower in the others: its median leads, but not beyond noise
-    # (the gaps are wide so that a loaded machine stretching the busy-waits by a few ms does not change the ranks)
-    alternating = {"grouped/2+cl": [7.0], "grouped/1": [1.0, 1.0] + [0.5, 40.0] * 20}
+    # grouped/1 is far faster in two rounds of three and far slower in the third: its median leads, whichever round
+    # the pattern starts in, but not beyond noise (the gaps are wide so that a loaded machine stretching the
+    # busy-waits by a few ms does not change the ranks)
+    alternating = {"grouped/2+cl": [12.0], "grouped/1": [1.0, 1.0] + [0.5, 0.5, 40.0] * 20}
     counts = _fake_timings(monkeypatch, {name: [6.0] for name in names} | alternating)
     monkeypatch.setattr(st, "MAX_ROUNDS", 13)
     best, _, evidence = st.autotune(x, w, None, geom, grad=False, finalists=1, screen_ms=0, final_ms=0)
@@ -344,19 +345,40 @@ def test_a_busy_machine_runs_the_plain_conv_caches_nothing_and_tunes_again_later
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1, 1, 4))
         assert st.TUNER.choose(x, conv.weight, None, conv.geometry) == Strategy("grouped", 4)
-        assert tuned == [1] and not _choices_on_disk(tmp_path)  # tuned, found busy, dropped
+        assert tuned == [] and not _choices_on_disk(tmp_path)  # busy before tuning: nothing timed, nothing cached
         monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)
         conv(x)  # quiet now, but the retry is not due yet
-        assert tuned == [1]
-        monkeypatch.setattr(st, "RETRY_SECONDS", 0.0)
+        assert tuned == []
         monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: "another process")
         st.TUNER.retry_at.update(dict.fromkeys(st.TUNER.retry_at, 0.0))  # the retry falls due
-        conv(x)  # busy again: dropped again, due again at once
-        assert tuned == [1, 1] and not _choices_on_disk(tmp_path)
+        conv(x)  # busy again: the wait doubles
+        signature = next(iter(st.TUNER.retry_at))
+        assert st.TUNER.busy_streak[signature] == 2
+        assert st.TUNER.retry_at[signature] - time.monotonic() == pytest.approx(2 * st.RETRY_SECONDS, abs=1)
         monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: None)
+        st.TUNER.retry_at.update(dict.fromkeys(st.TUNER.retry_at, 0.0))
         conv(x)
-    assert tuned == [1, 1, 1] and not st.TUNER.retry_at
+    assert tuned == [1] and not st.TUNER.retry_at and not st.TUNER.busy_streak
     assert _choices_on_disk(tmp_path) == [st.cache_key(x, conv.weight, conv.geometry, grad=False)]
+
+
+def test_a_machine_that_turns_busy_while_tuning_drops_the_result_and_waits_at_most_the_cap(monkeypatch, tmp_path):
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
+    x = torch.randn(2, 8, 6, 6)
+    tuned, checks = [], []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
+    # each try checks twice: the probe before tuning finds the machine quiet, the tuning's own window busy
+    monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: checks.append(1) or (
+        None if len(checks) % 2 else "busy while tuning"))
+    monkeypatch.setattr(st, "RETRY_MAX_SECONDS", 20.0)
+    with torch.no_grad():
+        for _ in range(4):
+            st.TUNER.retry_at.update(dict.fromkeys(st.TUNER.retry_at, 0.0))
+            conv(x)
+    signature = next(iter(st.TUNER.retry_at))
+    assert tuned == [1] * 4 and st.TUNER.busy_streak[signature] == 4 and not _choices_on_disk(tmp_path)
+    assert st.TUNER.retry_at[signature] - time.monotonic() == pytest.approx(20.0, abs=1)  # 15, 30 -> capped at 20
 
 
 def _choices_on_disk(folder) -> list[str]:
