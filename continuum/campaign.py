@@ -123,7 +123,7 @@ def lr_lines(root: Path, study: str) -> list[str]:
     done = trials[trials["state"] == "COMPLETE"]
     if done.empty:
         return [f"Learning rates (`{study}`): no trial finished yet.", ""]
-    arms = [c for c in varying_columns(trials) if c != "lr"]
+    arms = [c for c in varying_columns(trials) if c != "lr"] or ["segments"]  # one arm finished: still named
     grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
     chosen = grid.apply(lambda row: row[row == row.max()].index.min(), axis=1).rename("chosen lr")
     table = grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index()

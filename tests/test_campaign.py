@@ -109,6 +109,10 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     assert "| segments   |   lr 0.025 |   lr 0.05 |   chosen lr |" in lines[2]
     assert lines[2].splitlines()[-2:] == ["| 1          |     0.9000 |    0.9200 |      0.0500 |",
                                           "| all        |     0.9100 |    0.9100 |      0.0250 |"]  # a tie: smaller
+    one_arm = pd.read_csv(tmp_path / "pilot_lr" / "trials.csv").iloc[:2]  # only segments=1 finished so far
+    one_arm.to_csv(tmp_path / "pilot_lr" / "trials.csv", index=False)
+    assert campaign.lr_lines(tmp_path, "pilot_lr")[2].splitlines()[-1] == "|          1 |     0.9000 |    0.9200 " \
+                                                                            "|      0.0500 |"
     assert campaign.main([str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
