@@ -210,6 +210,25 @@ def test_ctrl_c_leaves_the_study_consistent_and_a_rerun_completes_it(tmp_path):
     assert len(table) == 5
 
 
+@pytest.mark.slow
+def test_sigterm_stops_workers_started_from_a_background_script(tmp_path):
+    """A sweep started with ``&`` from a script inherits SIGINT ignored; SIGTERM must still stop it and its workers."""
+    command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--quiet", "--out", str(tmp_path),
+               "--batch-size", "32", "--workers", "2", *AXES]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    journal = tmp_path / "default" / "study.journal"  # several local workers share a journal file
+    deadline = time.time() + 300
+    while not (journal.exists() and "epochs_done" in journal.read_text()):  # a trial has finished an epoch
+        assert time.time() < deadline and process.poll() is None, "the sweep did not reach a running trial in time"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "rerun the same command to resume" in stderr, stderr
+    trials = results.load(tmp_path / "default")
+    assert "RUNNING" not in set(trials["state"]) and (trials["fail_reason"] == "interrupted").sum() >= 1
+
+
 def test_sigkill_loses_only_the_trial_in_progress(tmp_path):
     process = _spawn(tmp_path, *AXES, "--heartbeat", "1")
     _wait_for_running(tmp_path, completed=1)

@@ -71,12 +71,14 @@ def quiet_logs(quiet: bool) -> None:
 
 def stop_on_sigterm() -> None:
     """Make SIGTERM (a batch system's time limit, ``kill``) stop the sweep as Ctrl-C does: the trial in progress
-    is marked interrupted and the tables are written."""
+    is marked interrupted and the tables are written. SIGINT does so too even where it was inherited ignored (a
+    process started with ``&`` from a script ignores it, and Python then raises no ``KeyboardInterrupt``)."""
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def prepare(cfg: SweepConfig) -> TensorData:

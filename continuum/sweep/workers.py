@@ -101,9 +101,9 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
             bar.n = min(done, total)
             bar.refresh()
     except KeyboardInterrupt:
-        for process in processes:
+        for process in processes:  # SIGTERM: a worker started from a background shell inherits SIGINT ignored
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait()
         raise
