@@ -20,11 +20,11 @@ LAYERS = [
     # data, settings, training
     "continuum.data", "continuum.config", "continuum.train", "continuum.tracking", "continuum.checkpoint", "continuum",
     # the sweep (the only place Optuna lives)
-    "continuum.sweep", "continuum.sweep.settings", "continuum.sweep.points", "continuum.sweep.record",
+    "continuum.sweep", "continuum.sweep.settings", "continuum.sweep.record", "continuum.sweep.points",
     "continuum.sweep.storage", "continuum.sweep.tables", "continuum.sweep.objective", "continuum.sweep.study",
     "continuum.sweep.workers",
     # results -> analysis -> plots -> report
-    "continuum.results", "continuum.analysis", "continuum.plots", "continuum.report",
+    "continuum.results", "continuum.analysis", "continuum.plots", "continuum.report", "continuum.campaign",
     # command lines
     "continuum.sweep.cli", "continuum.sweep.worker", "continuum.sweep.__main__", "continuum.spectrum",
     "continuum.bench", "continuum.cli", "continuum.__main__",
