@@ -253,13 +253,18 @@ ABLATIONS = (
 """The protocol's ablations and their families, as ``experiments/PROTOCOL.md`` names them."""
 
 
+def _where(trials: pd.DataFrame, claim: Claim) -> pd.DataFrame:
+    """The trials where the claim's shared column values (``where``) hold."""
+    for column, value in claim.where:
+        trials = trials[trials[column].astype(str) == value]
+    return trials
+
+
 def _sides(claim: Claim, tables: dict[str, pd.DataFrame], metric: str) -> tuple[pd.Series, pd.Series] | None:
     """The claim's two arms, one value per common seed (the interaction: per-seed differences of two claims)."""
     if claim.study not in tables:
         return None
-    trials = tables[claim.study]
-    for column, value in claim.where:
-        trials = trials[trials[column].astype(str) == value]
+    trials = _where(tables[claim.study], claim)
     a, b = paired_sides(trials, claim.column, claim.baseline, claim.other, metric)
     if claim.minus is None:
         return a, b
@@ -306,9 +311,7 @@ def _mcnemar(claim: Claim, tables: dict[str, pd.DataFrame]) -> float:
     trials = tables.get(claim.study)
     if claim.minus is not None or trials is None or "test_correct" not in trials:
         return math.nan
-    done = trials[(trials["state"] == "COMPLETE") & trials["test_correct"].notna()]
-    for column, value in claim.where:
-        done = done[done[column].astype(str) == value]
+    done = _where(trials[(trials["state"] == "COMPLETE") & trials["test_correct"].notna()], claim)
     arms = [done[done[claim.column].astype(str) == v].drop_duplicates("seed").set_index("seed") for v in
             (claim.baseline, claim.other)]
     seeds = arms[0].index.intersection(arms[1].index)

@@ -104,10 +104,10 @@ class Objective:
                 trial.set_user_attr(key, None)
         config, lr, seed = self.configure(trial)
         train = replace(self.cfg.train, lr=lr)
-        trial.set_user_attr("config", config.to_dict() | {"lr": lr, "seed": seed})
+        knobs = config.to_dict() | {"lr": lr, "seed": seed}
+        trial.set_user_attr("config", knobs)
         record(trial, lr=lr, **self.context)
-        hparams = {k: "none" if v is None else v
-                   for k, v in point_cells(config.to_dict() | {"lr": lr, "seed": seed}).items()}
+        hparams = {k: "none" if v is None else v for k, v in point_cells(knobs).items()}
         self.trackers.start_trial(trial.number, hparams | self.settings, self.folder)
         curve: list[dict] = []
         final: dict = {}

@@ -192,7 +192,7 @@ def tuned_lr(config: ModelConfig, cfg: SweepConfig, tried: pd.DataFrame) -> floa
     matching sets it); ties go to the smaller rate.
 
     Raises:
-        ValueError: no finished trial of the point, or one of them trained with a single rate only.
+        ValueError: no finished trial of the point (one tried rate only is logged as a warning).
     """
     cells = {k: str(v) for k, v in point_cells(config.to_dict()).items() if k in {f.name for f in fields(ModelConfig)}}
     if cfg.match_params or cfg.match_flops:
