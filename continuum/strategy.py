@@ -9,14 +9,14 @@ conv must lie below ``1 - margin``; rounds are added while the interval straddle
 shown after :data:`MAX_ROUNDS` rounds goes to the plain conv.
 
 A busy machine fools timings (a choice made while another process used a core ran 2x slower later, on a quiet
-machine), so tuning checks for one (:meth:`Tuner.busy_reason`): on a Linux CPU it counts the CPU time other
-processes used during a short probe before it tunes (:data:`PROBE_SECONDS`: a busy machine times nothing) and while
-it tunes; on a GPU, or where the system does not report that, it times a reference workload before and after
-against its fastest time seen (kept in the cache). When other processes kept more cores busy than this process leaves
-free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its quiet time, the result is neither trusted nor
-cached: the call runs the plain grouped conv, and tuning is tried again after :data:`RETRY_SECONDS`, twice as long
-after each further busy finding (up to :data:`RETRY_MAX_SECONDS`), so that a machine busy for hours is not probed
-for ever.
+machine), so tuning checks for one (:meth:`Tuner.busy_reason`): on a Linux CPU it counts the CPU time other processes
+used during a short probe before it tunes (:data:`PROBE_SECONDS`: a busy machine times nothing; convs tuned in a row
+share one, :data:`QUIET_TRUSTED_SECONDS`) and while it tunes; on a GPU, or where the system does not report that, it
+times a reference workload before and after against its fastest time seen (kept in the cache). When other processes
+kept more cores busy than this process leaves free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its
+quiet time, the result is neither trusted nor cached: the call runs the plain grouped conv, and tuning is tried again
+after :data:`RETRY_SECONDS`, twice as long after each further busy finding (up to :data:`RETRY_MAX_SECONDS`), so that
+a machine busy for hours is not probed for ever.
 
 Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``),
 keyed by everything that changes the answer: torch and the convolution library's versions, the CPU model and thread
@@ -90,6 +90,11 @@ RETRY_MAX_SECONDS = 600.0
 PROBE_SECONDS = 0.1
 """How long, on a CPU whose system reports CPU time, other processes' use is measured before tuning starts: a machine
 already busy then is not timed at all (tuning a model's convs while another job runs cost more than the training)."""
+
+QUIET_TRUSTED_SECONDS = 1.0
+"""A quiet reading (the probe, or the window of the tuning just done) younger than this stands in for the probe: a
+model's first forward pass tunes its convs one after another, and one probe covers them all (each tuning is still
+checked in its own window)."""
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +301,7 @@ class Tuner:
         self.unchecked: set[str] = set()  # keys read from disk, not yet checked against the plain conv
         self.retry_at: dict[tuple, float] = {}  # signatures tuned on a busy machine: when to try again
         self.busy_streak: dict[tuple, int] = {}  # signatures: busy findings in a row (each doubles the wait)
+        self.quiet_until = 0.0  # time.monotonic() until which the last quiet reading stands in for the probe
         self.used: dict[tuple, Strategy] | None = None  # filled inside recording()
 
     def current_mode(self) -> str:
@@ -317,6 +323,7 @@ class Tuner:
         self.unchecked.clear()
         self.retry_at.clear()
         self.busy_streak.clear()
+        self.quiet_until = 0.0
         self.disk_loaded = False
 
     @staticmethod
@@ -433,6 +440,7 @@ class Tuner:
         with OtherLoad() as load, torch.no_grad() if not grad else torch.enable_grad():
             tuning = None if busy else autotune(x, weight, bias, geom, grad)
         busy = busy or self.busy_reason(x.device, load)
+        self.quiet_until = 0.0 if busy else time.monotonic() + QUIET_TRUSTED_SECONDS
         if busy:
             streak = self.busy_streak[signature] = self.busy_streak.get(signature, 0) + 1
             wait = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** (streak - 1))
@@ -451,9 +459,12 @@ class Tuner:
 
     def _busy_before(self, device: torch.device) -> str | None:
         """:meth:`busy_reason` before tuning: other processes' CPU use over :data:`PROBE_SECONDS` on a CPU (the
-        reference workload where the system does not report it), the reference workload on a GPU."""
+        reference workload where the system does not report it), the reference workload on a GPU; ``None`` at once
+        on a CPU found quiet within the last :data:`QUIET_TRUSTED_SECONDS`."""
         if device.type != "cpu":
             return self.busy_reason(device)
+        if time.monotonic() < self.quiet_until:
+            return None
         with OtherLoad() as probe:
             time.sleep(PROBE_SECONDS)
         return self.busy_reason(device, probe)

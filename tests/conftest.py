@@ -12,8 +12,11 @@ os.environ.setdefault("CONTINUUM_TUNE_MS", "20")  # tests check what is chosen i
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter, on the CPU; set before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-FAST = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet"]
-"""Flags that make a sweep trial take about a second on a laptop CPU."""
+SYNTHETIC = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet"]
+"""One epoch on the synthetic set, for tests that set the width themselves (``--match-params``)."""
+
+FAST = [*SYNTHETIC, "--width", "0.25"]
+"""Flags that make a sweep trial take about a second on a laptop CPU: a quarter-width net (99k parameters)."""
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from continuum.sweep.settings import from_settings
 from continuum.sweep.storage import open_storage
 from conftest import FAST
 
-AXES = ["--segments", "1,all", "--epochs", "3", "--train-size", "256", "--val-size", "128"]
-"""Two grid points of three short epochs: time to stop one mid-trial."""
+AXES = ["--segments", "1,all", "--epochs", "4", "--width", "0.25", "--train-size", "256", "--val-size", "128"]
+"""Two grid points of four short epochs (a quarter-width net): time to stop one mid-trial."""
 
 
 def _spawn(out: Path, storage: str, *extra: str) -> subprocess.Popen:
@@ -57,7 +57,7 @@ def _file_storages(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("kind, stop", [
     ("journal", signal.SIGKILL),
     pytest.param("journal", signal.SIGTERM, marks=pytest.mark.slow),
-    pytest.param("sqlite", signal.SIGTERM, marks=pytest.mark.slow),  # SIGKILL on SQLite: test_sweep.py
+    pytest.param("sqlite", signal.SIGTERM, marks=pytest.mark.slow),  # SIGKILL on SQLite: test_sweep.py (slow)
     pytest.param("postgres", signal.SIGKILL, marks=pytest.mark.slow),
     pytest.param("postgres", signal.SIGTERM, marks=pytest.mark.slow),
 ])

@@ -259,10 +259,13 @@ def test_bench_and_spectrum_refuse_an_out_that_is_a_file(tmp_path, capsys):
 
 
 def test_from_the_shell_bad_input_is_one_line_without_traceback(tmp_path):
-    for module, args in [("continuum.sweep", ["--seeds", "0,4294967296"]), ("continuum.report", [str(tmp_path)]),
-                         ("continuum.bench", ["--segments", "0"]), ("continuum.spectrum", ["--batch-size", "0"])]:
-        result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=tmp_path,
-                                timeout=120)
-        assert result.returncode == 2, (module, result.stderr)
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (module, result.stderr)
+    commands = {module: subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # started together:
+                for module, args in [("continuum.sweep", ["--seeds", "0,4294967296"]),  # their imports overlap
+                                     ("continuum.report", [str(tmp_path)]), ("continuum.bench", ["--segments", "0"]),
+                                     ("continuum.spectrum", ["--batch-size", "0"])]}
+    for module, process in commands.items():
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, (module, stderr)
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, (module, stderr)
     assert list(tmp_path.iterdir()) == []

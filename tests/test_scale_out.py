@@ -86,10 +86,12 @@ def test_database_restart_mid_sweep(postgres, tmp_path):
     _assert_exactly_once(postgres.url, "restart")
 
 
-LOCAL_AXES = ["--segments", "1,4,all", "--seeds", "0,1", "--epochs", "2", "--train-size", "256", "--val-size", "128"]
-"""6 small grid points x seeds: enough for one to die mid-trial while another has completed."""
+LOCAL_AXES = ["--segments", "1,4,all", "--seeds", "0,1", "--epochs", "4", "--width", "0.25", "--train-size", "256",
+              "--val-size", "128"]
+"""6 small grid points x seeds (a quarter-width net): enough for one to die mid-trial while another has completed."""
 
 
+@pytest.mark.slow
 def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path):
     command = [sys.executable, "-m", "continuum.sweep", "--dataset", "synthetic", "--batch-size", "32", "--quiet",
                "--out", str(tmp_path), "--workers", "2", *LOCAL_AXES]

@@ -1,6 +1,7 @@
 """Each setting is declared once: flags, experiment files, validation, grid axes and table columns derive from it."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,17 @@ def test_only_columns_of_the_record_can_be_recorded():
     with pytest.raises(KeyError, match="val_accuracy"):
         record(Trial(), val_accuracy=0.5)
     assert "val_accuracy" not in stored
+
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.rglob("*.toml")), ids=lambda p: p.stem)
+def test_each_experiment_file_is_valid_and_names_its_command(path):
+    cfg = from_settings(read_experiment(path))
+    assert f"python -m continuum.sweep --config {path.relative_to(EXPERIMENTS.parent)}" in path.read_text()
+    if path.parent.name == "campaign":  # resumable from the repository: the journal lies beside the tables
+        assert cfg.study == path.stem and cfg.storage == f"journal:results/campaign/{cfg.study}/journal.log"
+        assert cfg.data.holdout == 5000 and cfg.out == "results/campaign"
+        assert cfg.lrs != ("tuned",) or (path.parent / f"{cfg.lr_study}.toml").exists()

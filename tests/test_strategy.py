@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from continuum import SegmentedConv2d
 from continuum import strategy as st
+from continuum import timing
 from continuum.compiled import depthwise_kernels
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
 from continuum.timing import call_times, device_name, kernel_library, median_interval
@@ -240,12 +242,15 @@ def test_call_times_times_short_calls_more_often_and_gives_up_on_slow_ones():
 
 
 def _fake_timings(monkeypatch, ms: dict[str, list[float]]) -> dict[str, int]:
-    """Make each strategy take the listed milliseconds, call after call (the last repeating); returns call counts."""
+    """Make each strategy take the listed milliseconds, call after call (the last repeating), on a clock that only
+    these calls move (so the timings are exact however busy the machine is); returns call counts."""
     counts = {name: 0 for name in ms}
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def run(strategy, x, weight, bias, geom):
         times = ms[strategy.name]
-        _busy(times[min(counts[strategy.name], len(times) - 1)])
+        clock.now += times[min(counts[strategy.name], len(times) - 1)] / 1e3
         counts[strategy.name] += 1
         return F.conv2d(x, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
 
@@ -325,8 +330,7 @@ def test_a_lead_within_noise_earns_more_rounds_and_then_goes_to_the_plain_conv(m
     x, w, geom = torch.randn(2, 4, 6, 6), torch.randn(4, 2, 3, 3), ConvGeometry((1, 1), (1, 1), (1, 1), 2)
     names = [s.name for s in candidates(4, 4, (3, 3), geom)]
     # grouped/1 is far faster in two rounds of three and far slower in the third: its median leads, whichever round
-    # the pattern starts in, but not beyond noise (the gaps are wide so that a loaded machine stretching the
-    # busy-waits by a few ms does not change the ranks)
+    # the pattern starts in, but not beyond noise
     alternating = {"grouped/2+cl": [12.0], "grouped/1": [1.0, 1.0] + [0.5, 0.5, 40.0] * 20}
     counts = _fake_timings(monkeypatch, {name: [6.0] for name in names} | alternating)
     monkeypatch.setattr(st, "MAX_ROUNDS", 13)
@@ -379,6 +383,20 @@ def test_a_machine_that_turns_busy_while_tuning_drops_the_result_and_waits_at_mo
     signature = next(iter(st.TUNER.retry_at))
     assert tuned == [1] * 4 and st.TUNER.busy_streak[signature] == 4 and not _choices_on_disk(tmp_path)
     assert st.TUNER.retry_at[signature] - time.monotonic() == pytest.approx(20.0, abs=1)  # 15, 30 -> capped at 20
+
+
+def test_convs_tuned_in_a_row_share_one_probe_and_a_stale_reading_is_probed_again(monkeypatch):
+    probes = []
+    sleep = st.time.sleep
+    monkeypatch.setattr(st.time, "sleep", lambda s: probes.append(s) if s == st.PROBE_SECONDS else sleep(s))
+    convs = [SegmentedConv2d(8, 8, 3, padding=1, segments=4), SegmentedConv2d(8, 16, 3, padding=1, segments=2)]
+    with torch.no_grad():
+        for conv in convs:
+            conv(torch.randn(2, 8, 6, 6))  # two calls tuned in a row: the second trusts the first's quiet window
+        assert len(probes) == 1
+        st.TUNER.quiet_until = time.monotonic() - 1  # the quiet reading is now older than QUIET_TRUSTED_SECONDS
+        convs[0](torch.randn(2, 8, 7, 7))
+    assert len(probes) == 2
 
 
 def _choices_on_disk(folder) -> list[str]:
