@@ -10,8 +10,9 @@ call :func:`keep_freed_memory` at start; call it yourself in your own CPU traini
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
+
+from continuum.files import env_switch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -21,12 +22,16 @@ def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse: blocks up to 1 GiB come from the heap (32 MiB on glibc
     versions that allow no more) and the heap is never trimmed, so the process keeps its peak memory.
 
-    Does nothing where the C library is not glibc, or when ``$CONTINUUM_KEEP_FREED_MEMORY`` is ``0``.
+    Does nothing where the C library is not glibc, or when ``$CONTINUUM_KEEP_FREED_MEMORY`` is off (``0``; see
+    :func:`~continuum.files.env_switch`).
 
     Returns:
         Whether the allocator's settings were changed.
+
+    Raises:
+        ValueError: ``$CONTINUUM_KEEP_FREED_MEMORY`` says neither on nor off.
     """
-    if os.environ.get("CONTINUUM_KEEP_FREED_MEMORY", "1").strip() == "0" or platform.libc_ver()[0] != "glibc":
+    if not env_switch("CONTINUUM_KEEP_FREED_MEMORY") or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the running process's C library

@@ -408,8 +408,8 @@ def _choices(text: str, known: dict, what: str) -> list:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.bench") -> int:
     """Run the command with ``argv`` (``prog``: how it is called); returns the exit code (2: bad input)."""
     args = build_parser(prog).parse_args(argv)
-    keep_freed_memory()
     try:
+        keep_freed_memory()
         device = resolve_device(args.device)
         dtypes = _choices(args.dtypes, DTYPES, "dtype(s)")
         shapes = parse_shapes(args.shapes)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from continuum.files import env_switch
 from continuum.timing import cpu_model
 
 SOURCES = Path(__file__).parent / "csrc"
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def building_allowed() -> bool:
-    """``$CONTINUUM_BUILD_KERNELS`` is not ``0`` (or ``false``, ``off``, ``no``)."""
-    return os.environ.get("CONTINUUM_BUILD_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+    """``$CONTINUUM_BUILD_KERNELS`` is on (:func:`~continuum.files.env_switch`; unset: on)."""
+    return env_switch("CONTINUUM_BUILD_KERNELS")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,5 @@
-"""Where continuum keeps files, and how it writes them: one cache root, one atomic write."""
+"""Where continuum keeps files, and how it writes them: one cache root, one atomic write; and how an on/off
+environment variable reads."""
 
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ def cache_root(variable: str = "CONTINUUM_CACHE") -> Path:
         variable: ``CONTINUUM_CACHE`` (autotuned strategies) or ``CONTINUUM_DATA`` (datasets).
     """
     return Path(os.environ.get(variable) or DEFAULT_CACHE.expanduser())
+
+
+SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
+                 "no": False}
+"""What an on/off environment variable may say (any case, spaces ignored)."""
+
+
+def env_switch(variable: str, default: bool = True) -> bool:
+    """Whether ``$variable`` is on: 1/true/on/yes or 0/false/off/no; ``default`` when it is unset or empty.
+
+    Raises:
+        ValueError: any other value, naming the variable and what it may say.
+    """
+    text = os.environ.get(variable, "").strip().lower()
+    if not text:
+        return default
+    if text not in SWITCH_VALUES:
+        raise ValueError(f"{variable}={os.environ[variable]!r} is not valid; use 1 or 0 (on, off)")
+    return SWITCH_VALUES[text]
 
 
 STALE_TEMP_SECONDS = 600

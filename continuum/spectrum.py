@@ -141,9 +141,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m continu
 def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spectrum") -> int:
     """Run the command with ``argv`` (``prog``: how it is called); returns the exit code (2: bad input)."""
     args = parse_args(argv, prog)
-    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
+        keep_freed_memory()
         segments = [parse_segments(text) for text in args.segments.split(",") if text.strip()]
         if not segments:
             raise ValueError("--segments: give at least one count, such as 1,4,all")

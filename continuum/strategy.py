@@ -51,7 +51,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from continuum.files import atomic_write, cache_root
+from continuum.files import atomic_write, cache_root, env_switch
 from continuum.kernels import ConvGeometry, Strategy, candidates, is_channels_last, output_pixels, run_strategy, \
     strategy_flops
 from continuum.timing import OtherLoad, call_times, device_name, dtype_name, interleaved_times, kernel_library, \
@@ -144,10 +144,13 @@ def tuning_ms() -> float:
 
 
 def check_environment() -> None:
-    """Refuse a bad ``$CONTINUUM_CONV_STRATEGY``, ``$CONTINUUM_TUNE_MS`` or ``$CONTINUUM_CACHE`` before a run
-    starts (raising ``ValueError`` naming the variable), rather than in the middle of a trial."""
+    """Refuse a bad ``$CONTINUUM_CONV_STRATEGY``, ``$CONTINUUM_TUNE_MS``, ``$CONTINUUM_CACHE`` or on/off switch
+    (``$CONTINUUM_BUILD_KERNELS``, ``$CONTINUUM_KEEP_FREED_MEMORY``) before a run starts (raising ``ValueError``
+    naming the variable), rather than in the middle of a trial."""
     check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "auto").strip().lower() or "auto")
     tuning_ms()
+    for switch in ("CONTINUUM_BUILD_KERNELS", "CONTINUUM_KEEP_FREED_MEMORY"):
+        env_switch(switch)
     root = cache_root()
     if root.exists() and not root.is_dir():
         raise ValueError(f"CONTINUUM_CACHE={root} is not a folder; point it at a folder (or unset it)")

@@ -139,6 +139,8 @@ def test_bad_paths_and_names(study, capsys):
     ("CONTINUUM_TUNE_MS", "nan", "CONTINUUM_TUNE_MS='nan' is not valid"),
     ("CONTINUUM_CONV_STRATEGY", "fastest", "conv strategy mode 'fastest' is not valid"),
     ("CONTINUUM_CACHE", "/etc/hostname", "CONTINUUM_CACHE=/etc/hostname is not a folder"),
+    ("CONTINUUM_BUILD_KERNELS", "maybe", "CONTINUUM_BUILD_KERNELS='maybe' is not valid; use 1 or 0 (on, off)"),
+    ("CONTINUUM_KEEP_FREED_MEMORY", "2", "CONTINUUM_KEEP_FREED_MEMORY='2' is not valid; use 1 or 0"),
 ])
 def test_bad_environment(study, capsys, monkeypatch, variable, value, message):
     monkeypatch.setenv(variable, value)

@@ -106,10 +106,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.swe
     bad input, 1: a disk or database fault, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
-    quiet_logs(args.quiet)
     stop_on_sigterm()
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet") and v is not None}
     try:
+        quiet_logs(args.quiet)
         cfg = from_settings((read_experiment(args.config) if args.config else {}) | settings)
         data = prepare(cfg)
         command = f"{prog} {shlex.join(argv)}"
