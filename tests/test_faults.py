@@ -253,3 +253,29 @@ def test_tables_and_plots_get_the_usual_file_mode_and_killed_writes_leave_no_tem
     modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir() if path.suffix in (".csv", ".png",
                                                                                                      ".md")}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_worker_whose_trial_another_failed_goes_on_and_the_point_reruns(tmp_path, monkeypatch):
+    """A worker paused or suspended past its heartbeat's grace finds its trial failed by another on waking: it logs
+    that and goes on (it used to stop with a traceback), and the point reruns."""
+    from continuum.sweep import objective
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    fit, calls = objective.fit, []
+
+    def fail_from_outside_then_fit(*args, **kwargs):
+        if not calls:  # the first trial: another worker fails it as stale once its first epoch is done
+            on_epoch = args[4]
+
+            def epoch_then_failed(metrics):
+                on_epoch(metrics)
+                study = optuna.load_study(study_name="default", storage=storage)
+                running = study.get_trials(states=[optuna.trial.TrialState.RUNNING])[0]
+                study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+            args = (*args[:4], epoch_then_failed, *args[5:])
+        calls.append(1)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "fit", fail_from_outside_then_fit)
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1", "--epochs", "2", "--storage", storage]) == 0
+    states = [t.state.name for t in optuna.load_study(study_name="default", storage=storage).get_trials()]
+    assert states == ["FAIL", "COMPLETE"] and len(calls) == 2

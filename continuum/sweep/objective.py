@@ -69,6 +69,7 @@ class Objective:
         self.cfg = cfg
         self.data = data
         self.progress = progress
+        self.trial_number = -1  # the trial this worker runs or ran last
         self.device = resolve_device(cfg.train.device)
         self.context = {
             "dataset": cfg.data.dataset, "train_size": len(data.train_y), "val_size": len(data.val_y),
@@ -99,6 +100,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
+        self.trial_number = trial.number
         for key, value in trial.user_attrs.items():  # a retried trial inherits its stale original's records
             if key != "point" and value is not None:
                 trial.set_user_attr(key, None)
@@ -156,6 +158,8 @@ class Objective:
             raise
         except KeyboardInterrupt:
             record(trial, fail_reason=INTERRUPTED)
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it (our heartbeat lapsed)
             raise
         except Exception as err:  # an unexpected error stops the sweep; the table says why, not "no heartbeat"
             record(trial, fail_reason=f"{type(err).__name__}: {str(err).strip()[:300]}")

@@ -258,9 +258,14 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,),
                                callbacks=[write, lambda s, t: bar.update()])
-            except optuna.exceptions.UpdateFinishedTrialError as err:
-                # our heartbeat lapsed (database down too long), so another worker failed and reran this trial
-                log.warning("a trial was taken over by another worker; going on (%s)", err)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+                # Optuna refuses to tell a trial that is already finished ("Cannot tell a FAIL trial"): our heartbeat
+                # lapsed (the database down too long, the machine suspended or paused), another worker failed the
+                # trial, and its point is queued again
+                if isinstance(err, ValueError) and not str(err).startswith("Cannot tell a"):
+                    raise
+                log.warning("trial %d was failed by another worker while this one ran it (its heartbeat lapsed); its "
+                            "point is queued again; going on", objective.trial_number)
     finally:
         bar.close()
         write(study)
