@@ -113,6 +113,13 @@ def seeds_needed(sd: float, half_width: float = HALF_WIDTH, level: float = 0.95)
     return n
 
 
+def core_hours(trials: pd.DataFrame) -> float:
+    """Core-hours of training and validation behind a study's finished trials (epochs a trial resumed from an
+    interrupted one's saved state included; work lost in failed trials not)."""
+    done = trials[trials["state"] == "COMPLETE"]
+    return (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
+
+
 def lr_lines(root: Path, study: str) -> list[str]:
     """The learning-rate study's validation accuracy per arm and rate, and the rate each arm takes (the best mean,
     ties to the smaller: what ``--lr tuned`` reads)."""
@@ -127,7 +134,8 @@ def lr_lines(root: Path, study: str) -> list[str]:
     grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
     chosen = grid.apply(lambda row: row[row == row.max()].index.min(), axis=1).rename("chosen lr")
     table = grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index()
-    return [f"Learning rates (`{study}`, validation accuracy after the last epoch, seed 0):", "",
+    return [f"Learning rates (`{study}`, {core_hours(trials):.1f} core-hours; validation accuracy after the last "
+            "epoch, seed 0):", "",
             table.to_markdown(index=False, floatfmt=".4f"), ""]
 
 
@@ -152,7 +160,8 @@ def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
             lines.append(f"- {label} (`{study}`): {len(a)} paired seed(s) finished; the check needs 2 or more.")
             continue
         c = comparisons[study] = compare(a, b, MARGIN)
-        lines.append(f"- {label} (`{study}`, n = {c.n} paired seeds): {metric} segments=1 {a.mean():.4f}, "
+        lines.append(f"- {label} (`{study}`, n = {c.n} paired seeds, {core_hours(trials):.1f} core-hours): "
+                     f"{metric} segments=1 {a.mean():.4f}, "
                      f"all {b.mean():.4f}; all - 1 = {100 * c.diff:+.2f} points [{100 * c.ci_low:+.2f}, "
                      f"{100 * c.ci_high:+.2f}], sd of the paired differences {100 * c.sd:.2f} points.")
     lines.append("")
@@ -340,10 +349,8 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():
         summary = summarize(trials, metric="test_acc")
-        done = trials[trials["state"] == "COMPLETE"]
-        hours = (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
-        lines += [f"`{study}` ({len(done)} trials, {hours:.1f} core-hours; test accuracy, mean and 95 % "
-                  "interval over seeds):", ""]
+        lines += [f"`{study}` ({(trials['state'] == 'COMPLETE').sum()} trials, {core_hours(trials):.1f} "
+                  "core-hours; test accuracy, mean and 95 % interval over seeds):", ""]
         shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
         lines += [shown.to_markdown(index=False, floatfmt=".4f"), ""]
     family = family_table(ablation, tables)

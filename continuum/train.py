@@ -6,6 +6,11 @@ The model and its batches are channels-last unless asked otherwise (faster on CP
 the precision asks for it (``auto``: where the hardware computes bf16 natively). Shuffling and augmentation draw
 from one seeded generator.
 
+Given a ``snapshot`` file, ``fit`` saves the whole training state there after every epoch (weights, optimiser,
+schedule, random generators, the curve so far) and, when the file already holds a run of the same configuration and
+seed, continues it after its last epoch: an interrupted run resumes losing at most the epoch in progress, and ends
+with the weights the uninterrupted run would have.
+
 Recipes (learning rate as a function of the run's progress ``p`` in [0, 1], stepped every batch, after the
 optional linear warm-up of ``warmup_epochs``, over the steps that follow it):
 
@@ -18,10 +23,12 @@ optional linear warm-up of ``warmup_epochs``, over the steps that follow it):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,10 @@ from tqdm.auto import tqdm
 
 from continuum.config import TrainConfig
 from continuum.data import TensorData
+from continuum.files import atomic_write
 from continuum.timing import cpu_flags
+
+log = logging.getLogger(__name__)
 
 DECAYS = {"paper_sgd": (0.94, 50), "paper_rmsprop": (0.9, 30)}
 """Step-decay recipes: (factor per decay, decays over the run)."""
@@ -164,15 +174,17 @@ class FitResult:
 
     Args:
         curve: one :class:`EpochMetrics` dict per epoch.
-        train_seconds: time spent in training and validation.
+        train_seconds: time this call spent in training and validation (resumed epochs not counted).
         test_loss: mean test loss after training; ``None`` without a test split.
         test_correct: bool ``T``: whether each test image (in the dataset's order) was classified right.
+        resumed_epochs: epochs taken from a snapshot of an interrupted run (their metrics as measured then).
     """
 
     curve: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     test_loss: float | None = None
     test_correct: torch.Tensor | None = None
+    resumed_epochs: int = 0
 
     @property
     def test_acc(self) -> float | None:
@@ -286,6 +298,74 @@ def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
+class Snapshot:
+    """A run's training state after its last finished epoch, in one file written atomically after each epoch.
+
+    Args:
+        path: the file.
+        run: what the state belongs to (the training configuration and seed); a file of another run is not used.
+        model: the model being trained.
+        optimizer: its optimiser.
+        schedule: its learning-rate schedule.
+        generator: the run's generator (order and augmentation); the global generators (dropout) are kept too.
+    """
+
+    def __init__(self, path: Path, run: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> None:
+        self.path, self.run = path, run
+        self.model, self.optimizer, self.schedule, self.generator = model, optimizer, schedule, generator
+
+    def save(self, curve: list[dict]) -> None:
+        """Write the state after the last epoch of ``curve``; a failed write (a full disk) is logged, and the run
+        goes on without it."""
+        state = {"run": self.run, "curve": curve, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+        try:
+            atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            reason = err if isinstance(err, OSError) else "the write failed; is the disk full?"
+            log.warning("could not save the training state to %s (%s); the run goes on without it", self.path,
+                        reason)
+
+    def restore(self) -> list[dict]:
+        """Load the file's state into the run, and return the curve of the epochs it holds; ``[]`` (and the file
+        removed) when there is none, it cannot be read, or it belongs to another run."""
+        if not self.path.exists():
+            return []
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state["run"] != self.run:
+                raise ValueError("it belongs to another configuration or seed")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["cpu_rng"])
+            if state["cuda_rng"]:
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            curve = list(state["curve"])
+        except Exception as err:  # a file that cannot resume this run: train from the start
+            log.warning("not resuming from %s (%s: %s); training from the start", self.path, type(err).__name__,
+                        err)
+            discard_snapshot(self.path)
+            return []
+        log.info("resuming after epoch %d from %s", len(curve), self.path)
+        return curve
+
+
+
+def discard_snapshot(path: Path) -> None:
+    """Remove a run's snapshot file (the run ended: finished, failed or stopped for good), and its folder once
+    empty."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # other runs' files are still there, or it is gone
+        pass
+
+
 def fit(
     model: nn.Module,
     data: TensorData,
@@ -294,6 +374,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = True,
     description: str = "",
+    snapshot: Path | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with ``cfg``, validate after every epoch, and score the test split (when ``data``
     holds one apart) once, after the last.
@@ -306,9 +387,13 @@ def fit(
         on_epoch: called with each epoch's metrics; may raise to stop (e.g. ``optuna.TrialPruned``).
         progress: show a tqdm bar over the run's steps.
         description: the bar's label.
+        snapshot: a file to save the training state to after every epoch, and to resume from when it holds this
+            run's state (the same ``cfg`` and ``seed``). Removed when the run finishes or its loss diverges; kept
+            when an interruption or another error stops it, so that a rerun resumes.
 
     Returns:
-        The per-epoch curve, the final and best validation metrics, and the test loss and per-image correctness.
+        The per-epoch curve (resumed epochs included), the final and best validation metrics, and the test loss and
+        per-image correctness.
 
     Raises:
         TrainingFailed: the training or validation loss became NaN or infinite.
@@ -329,11 +414,18 @@ def fit(
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg.recipe, step, total_steps, warmup_steps))
-    result = FitResult()
-    bar = tqdm(total=total_steps, desc=description, disable=not progress, leave=False, unit="step")
+    saved = Snapshot(snapshot, {"cfg": asdict(cfg), "seed": seed}, model, optimizer, schedule, generator) \
+        if snapshot is not None else None
+    curve = saved.restore() if saved is not None else []
+    result = FitResult(curve=curve, resumed_epochs=len(curve))
+    bar = tqdm(total=total_steps, initial=result.resumed_epochs * steps_per_epoch, desc=description,
+               disable=not progress, leave=False, unit="step")
     start_run = time.perf_counter()
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for metrics in result.curve:  # the resumed epochs, as they were measured
+            if on_epoch is not None:
+                on_epoch(metrics)
+        for epoch in range(result.resumed_epochs + 1, cfg.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_epoch(model, step_model, optimizer, schedule, train_x, train_y, inputs,
@@ -352,10 +444,18 @@ def fit(
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
             if on_epoch is not None:
                 on_epoch(metrics)
+            if saved is not None:  # after on_epoch: a run it stopped saves nothing more
+                saved.save(result.curve)
         if data.test_x is not None:  # once, after training: no choice sees it
             result.test_loss, result.test_correct = evaluate(step_model, data.test_x.to(device),
                                                              data.test_y.to(device), inputs, 2 * cfg.batch_size,
                                                              inputs.autocast)
+        if snapshot is not None:
+            discard_snapshot(snapshot)
+    except TrainingFailed:
+        if snapshot is not None:
+            discard_snapshot(snapshot)
+        raise
     finally:
         bar.close()
     result.train_seconds = time.perf_counter() - start_run

@@ -85,7 +85,7 @@ def _pilot_table(folder, diffs):
     for seed, d in enumerate(diffs):
         for segments, acc in (("1", 0.90 + seed / 1000), ("all", 0.90 + seed / 1000 + d)):
             rows.append({"trial": len(rows), "state": "COMPLETE", "model": "continuum_small", "segments": segments,
-                         "seed": seed, "val_acc": acc, "test_acc": acc})
+                         "seed": seed, "val_acc": acc, "test_acc": acc, "train_s": 1800.0, "threads": 1})
     folder.mkdir(parents=True)
     pd.DataFrame(rows, columns=TRIAL_COLUMNS).to_csv(folder / "trials.csv", index=False)
 
@@ -98,6 +98,7 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     assert campaign.main([str(tmp_path)]) == 0
     text = (tmp_path / "README.md").read_text()
     assert "all - 1 = -2.00 points" in text and "**passed: 5 epochs**" in text
+    assert "(`pilot`, n = 3 paired seeds, 3.0 core-hours)" in text
     assert "sd 0.20 points -> 3 seeds" in text
     assert "Learning rates (`pilot_lr`): not run yet." in text
     rates = [("1", 0.025, 0.90), ("1", 0.05, 0.92), ("all", 0.025, 0.91), ("all", 0.05, 0.91)]

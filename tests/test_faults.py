@@ -41,13 +41,13 @@ def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
-def _wait_for_an_epoch(storage: str, timeout: float = 240) -> None:
+def _wait_for_a_snapshot(folder: Path, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(t.state.name == "RUNNING" and t.user_attrs.get("epochs_done") for t in _trials(storage)):
+        if list(folder.glob("snapshots/*.pt")):
             return
-        time.sleep(0.2)
-    raise AssertionError("no trial got through an epoch in time")
+        time.sleep(0.05)
+    raise AssertionError("no trial saved its training state in time")
 
 
 def _file_storages(tmp_path: Path) -> dict[str, str]:
@@ -64,7 +64,7 @@ def _file_storages(tmp_path: Path) -> dict[str, str]:
 def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_path, request, kind, stop):
     storage = _file_storages(tmp_path).get(kind) or _fresh_database(request.getfixturevalue("postgres"))
     process = _spawn(tmp_path, storage)
-    _wait_for_an_epoch(storage)
+    _wait_for_a_snapshot(tmp_path / "default")
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     if stop == signal.SIGTERM:  # stopped as by Ctrl-C: the trial is marked, the tables are written
@@ -78,6 +78,9 @@ def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_p
     assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"} and len(trials) == 3
     table = results.load(tmp_path / "default")
     assert len(table) == 3 and table["trial"].is_unique
+    resumed = table[table["resumed_epochs"] > 0]  # the stopped point went on from its last saved epoch
+    assert len(resumed) == 1 and resumed["state"].item() == "COMPLETE" and resumed["epochs_done"].item() == 4
+    assert not (tmp_path / "default" / "snapshots").exists()
 
 
 def _fresh_database(server) -> str:

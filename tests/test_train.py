@@ -91,6 +91,87 @@ def test_on_epoch_can_stop_the_run():
     assert seen == [1]
 
 
+def _fit_tiny(snapshot, on_epoch=None, seed=0, epochs=3, lr=0.05):
+    """A dropout net (the global generator matters too) on 64 images, native convs: runs that must be equal are."""
+    torch.manual_seed(seed)
+    model = timm.create_model("continuum_small", width_mult=0.25, drop_rate=0.5)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr)
+    with conv_strategy("native"):
+        result = fit(model, make_synthetic(train_size=64, val_size=32), cfg, seed=seed, on_epoch=on_epoch,
+                     progress=False, snapshot=snapshot)
+    return model, result
+
+
+def _stop_after(epoch):
+    def stop(metrics):
+        if metrics["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return stop
+
+
+def _same_run(a, b):
+    model_a, result_a = a
+    model_b, result_b = b
+    assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    assert [(m["train_loss"], m["val_acc"]) for m in result_a.curve] == \
+        [(m["train_loss"], m["val_acc"]) for m in result_b.curve]
+
+
+def test_an_interrupted_run_resumes_from_its_snapshot_to_the_uninterrupted_runs_weights(tmp_path):
+    snapshot = tmp_path / "state" / "run.pt"
+    straight = _fit_tiny(None)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_tiny(snapshot, on_epoch=_stop_after(2))  # stopped during epoch 2's record: epoch 1 is saved
+    assert snapshot.exists()
+    seen = []
+    resumed = _fit_tiny(snapshot, on_epoch=lambda metrics: seen.append(metrics["epoch"]))
+    assert resumed[1].resumed_epochs == 1 and seen == [1, 2, 3]  # the saved epoch is replayed to on_epoch
+    _same_run(straight, resumed)
+    assert not snapshot.parent.exists()  # removed when the run finished, with its folder
+
+
+@pytest.mark.parametrize("other", [{"seed": 1}, {"lr": 0.1}, {"epochs": 4}])
+def test_a_snapshot_of_another_run_is_not_resumed(tmp_path, other, caplog):
+    snapshot = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _fit_tiny(snapshot, on_epoch=_stop_after(2), **other)
+    with caplog.at_level("WARNING", logger="continuum.train"):
+        resumed = _fit_tiny(snapshot)
+    assert resumed[1].resumed_epochs == 0 and "belongs to another configuration or seed" in caplog.text
+    _same_run(_fit_tiny(None), resumed)
+
+
+def test_an_unreadable_snapshot_trains_from_the_start(tmp_path, caplog):
+    snapshot = tmp_path / "run.pt"
+    snapshot.write_bytes(b"half a file")
+    with caplog.at_level("WARNING", logger="continuum.train"):
+        model, result = _fit_tiny(snapshot, epochs=1)
+    assert result.resumed_epochs == 0 and "training from the start" in caplog.text and not snapshot.exists()
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "is the disk full?"),
+])
+def test_a_snapshot_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, caplog, error, reason):
+    from continuum import train
+
+    def disk_full(path, write):  # torch.save reports a full disk as the RuntimeError above
+        raise error
+
+    monkeypatch.setattr(train, "atomic_write", disk_full)
+    with caplog.at_level("WARNING", logger="continuum.train"):
+        _same_run(_fit_tiny(None, epochs=2), _fit_tiny(tmp_path / "run.pt", epochs=2))
+    assert reason in caplog.text and "goes on without it" in caplog.text
+
+
+def test_a_diverged_run_removes_its_snapshot(tmp_path):
+    snapshot = tmp_path / "run.pt"
+    with pytest.raises(TrainingFailed):
+        _fit_tiny(snapshot, lr=1e30)
+    assert not snapshot.exists()
+
+
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -26,7 +27,7 @@ from continuum.sweep.record import encode_correct, point_cells, record
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.timing import device_name
 from continuum.tracking import Trackers
-from continuum.train import TrainingFailed, curve_summary, fit, resolve_device, resolve_precision
+from continuum.train import TrainingFailed, curve_summary, discard_snapshot, fit, resolve_device, resolve_precision
 
 log = logging.getLogger("continuum.sweep")
 
@@ -98,6 +99,15 @@ class Objective:
             show_point(trial, point.config, point.lr, varied_knobs(self.cfg))
         return point
 
+    def snapshot(self, trial: optuna.Trial) -> Path | None:
+        """Where a grid trial saves its training state after each epoch, named by its point and the data: a rerun
+        of an interrupted point resumes from there. ``None`` in a search, whose failed points are not rerun."""
+        if self.cfg.search != "grid":
+            return None
+        run = [trial.user_attrs["point"], self.context["dataset"], self.context["train_size"],
+               self.context["val_size"]]
+        return self.folder / "snapshots" / f"{hashlib.sha256(repr(run).encode()).hexdigest()[:20]}.pt"
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
         self.trial_number = trial.number
@@ -135,11 +145,13 @@ class Objective:
             final.update(costs)
             record(trial, **costs)
             with TUNER.recording() as strategies:
-                result = fit(model, self.data, train, seed, on_epoch, self.progress, f"trial {trial.number}")
+                result = fit(model, self.data, train, seed, on_epoch, self.progress, f"trial {trial.number}",
+                             self.snapshot(trial))
                 # after training, so that this trial's own training does not slow it; other work still may: recorded
                 latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
             measured = {"latency_ms": latency.median_ms, "latency_load": latency.other_load,
-                        "conv_strategies": strategies_fingerprint(strategies)}
+                        "conv_strategies": strategies_fingerprint(strategies),
+                        "resumed_epochs": result.resumed_epochs}
             if result.test_correct is not None:
                 measured |= {"test_acc": result.test_acc, "test_loss": result.test_loss,
                              "test_correct": encode_correct(result.test_correct)}
@@ -155,6 +167,8 @@ class Objective:
             self._fail(trial, f"CUDA out of memory at batch size {self.cfg.train.batch_size}; lower --batch-size")
         except optuna.TrialPruned:
             state = "PRUNED"
+            if (snapshot := self.snapshot(trial)) is not None:
+                discard_snapshot(snapshot)  # a pruned point is not rerun
             raise
         except KeyboardInterrupt:
             record(trial, fail_reason=INTERRUPTED)

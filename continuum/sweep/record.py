@@ -138,6 +138,8 @@ class TrialRun:
         cudnn: cuDNN's version, on a GPU.
         conv_strategies: the kernels the segmented convs ran with
             (:func:`~continuum.strategy.strategies_fingerprint`).
+        resumed_epochs: epochs taken from the training state an interrupted earlier trial of the point saved
+            (their metrics as measured then).
         git: the commit of the code (``-dirty`` with local changes).
         worker: ``host:pid`` of the process that ran it.
         fail_reason: why it failed or stood down.
@@ -166,6 +168,7 @@ class TrialRun:
     cuda: str | None = None
     cudnn: str | None = None
     conv_strategies: str | None = None
+    resumed_epochs: int | None = None
     git: str | None = None
     worker: str | None = None
     fail_reason: str | None = None
