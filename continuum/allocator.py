@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import platform
 
-from continuum.files import env_switch
+from continuum.files import KEEP_FREED_MEMORY, env_switch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -31,7 +31,7 @@ def keep_freed_memory() -> bool:
     Raises:
         ValueError: ``$CONTINUUM_KEEP_FREED_MEMORY`` says neither on nor off.
     """
-    if not env_switch("CONTINUUM_KEEP_FREED_MEMORY") or platform.libc_ver()[0] != "glibc":
+    if not env_switch(KEEP_FREED_MEMORY) or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the running process's C library

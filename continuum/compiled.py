@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from continuum.files import env_switch
+from continuum.files import BUILD_KERNELS, env_switch
 from continuum.timing import cpu_model
 
 SOURCES = Path(__file__).parent / "csrc"
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def building_allowed() -> bool:
     """``$CONTINUUM_BUILD_KERNELS`` is on (:func:`~continuum.files.env_switch`; unset: on)."""
-    return env_switch("CONTINUUM_BUILD_KERNELS")
+    return env_switch(BUILD_KERNELS)
 
 
 @functools.lru_cache(maxsize=None)

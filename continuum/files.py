@@ -30,6 +30,17 @@ SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "
 """What an on/off environment variable may say (any case, spaces ignored)."""
 
 
+BUILD_KERNELS = "CONTINUUM_BUILD_KERNELS"
+"""On/off: build (and use) the compiled C++ kernels (:mod:`continuum.compiled`); unset: on."""
+
+KEEP_FREED_MEMORY = "CONTINUUM_KEEP_FREED_MEMORY"
+"""On/off: keep freed memory in the process instead of returning it to the system (:mod:`continuum.allocator`);
+unset: on."""
+
+SWITCHES = (BUILD_KERNELS, KEEP_FREED_MEMORY)
+"""Every on/off environment variable, checked before a run starts."""
+
+
 def env_switch(variable: str, default: bool = True) -> bool:
     """Whether ``$variable`` is on: 1/true/on/yes or 0/false/off/no; ``default`` when it is unset or empty.
 

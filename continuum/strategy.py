@@ -51,7 +51,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from continuum.files import atomic_write, cache_root, env_switch
+from continuum.files import SWITCHES, atomic_write, cache_root, env_switch
 from continuum.kernels import ConvGeometry, Strategy, candidates, is_channels_last, output_pixels, run_strategy, \
     strategy_flops
 from continuum.timing import OtherLoad, call_times, device_name, dtype_name, interleaved_times, kernel_library, \
@@ -107,6 +107,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def env_mode() -> str:
+    """The mode ``$CONTINUUM_CONV_STRATEGY`` sets (``auto`` when unset).
+
+    Raises:
+        ValueError: it names no mode.
+    """
+    return check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "").strip().lower() or "auto")
+
+
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
     """The autotuning cache key: everything that changes which strategy is fastest. The tuner's version, torch's and
     the convolution library's, the device (CPU model and thread count, or GPU), dtype (and autocast), memory formats
@@ -147,9 +156,9 @@ def check_environment() -> None:
     """Refuse a bad ``$CONTINUUM_CONV_STRATEGY``, ``$CONTINUUM_TUNE_MS``, ``$CONTINUUM_CACHE`` or on/off switch
     (``$CONTINUUM_BUILD_KERNELS``, ``$CONTINUUM_KEEP_FREED_MEMORY``) before a run starts (raising ``ValueError``
     naming the variable), rather than in the middle of a trial."""
-    check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "auto").strip().lower() or "auto")
+    env_mode()
     tuning_ms()
-    for switch in ("CONTINUUM_BUILD_KERNELS", "CONTINUUM_KEEP_FREED_MEMORY"):
+    for switch in SWITCHES:
         env_switch(switch)
     root = cache_root()
     if root.exists() and not root.is_dir():
@@ -313,7 +322,7 @@ class Tuner:
         if self.mode:
             return self.mode
         if self.env_mode is None:
-            self.env_mode = check_mode(os.environ.get("CONTINUUM_CONV_STRATEGY", "auto").strip().lower() or "auto")
+            self.env_mode = env_mode()
         return self.env_mode
 
     def forget(self) -> None:
