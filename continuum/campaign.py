@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 import pandas as pd
 from scipy import stats
 
-from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, summarize, \
+from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, pareto_front, summarize, \
     varying_columns
 from continuum.files import atomic_write
 from continuum.results import TableError, load
@@ -113,6 +113,14 @@ def seeds_needed(sd: float, half_width: float = HALF_WIDTH, level: float = 0.95)
     return n
 
 
+def _table_or_none(root: Path, study: str) -> pd.DataFrame | None:
+    """A study's trials, or ``None`` when it has not written its table yet."""
+    try:
+        return load(root / study)
+    except (FileNotFoundError, TableError):
+        return None
+
+
 def core_hours(trials: pd.DataFrame) -> float:
     """Core-hours of training and validation behind a study's finished trials (epochs a trial resumed from an
     interrupted one's saved state included; work lost in failed trials not)."""
@@ -123,9 +131,8 @@ def core_hours(trials: pd.DataFrame) -> float:
 def lr_lines(root: Path, study: str) -> list[str]:
     """The learning-rate study's validation accuracy per arm and rate, and the rate each arm takes (the best mean,
     ties to the smaller: what ``--lr tuned`` reads)."""
-    try:
-        trials = load(root / study)
-    except (FileNotFoundError, TableError):
+    trials = _table_or_none(root, study)
+    if trials is None:
         return [f"Learning rates (`{study}`): not run yet.", ""]
     done = trials[trials["state"] == "COMPLETE"]
     if done.empty:
@@ -150,9 +157,8 @@ def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
     lines += lr_lines(root, "pilot_lr")
     comparisons = {}
     for study, label in (("pilot", "5 epochs"), ("pilot_long", "15 epochs")):
-        try:
-            trials = load(root / study)
-        except (FileNotFoundError, TableError):
+        trials = _table_or_none(root, study)
+        if trials is None:
             lines.append(f"- {label} (`{study}`): not run yet.")
             continue
         a, b = paired_sides(trials, "segments", "1", "all", metric)
@@ -335,24 +341,46 @@ def _points(value: float) -> str:
     return "–" if pd.isna(value) else f"{100 * value:+.2f}"
 
 
+def _test_table(study: str, trials: pd.DataFrame) -> list[str]:
+    """A study's arms on the test split (mean and 95 % interval over seeds, n, size), with its trials and
+    core-hours."""
+    summary = summarize(trials, metric="test_acc")
+    shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
+    return [f"`{study}` ({(trials['state'] == 'COMPLETE').sum()} trials, {core_hours(trials):.1f} core-hours; test "
+            "accuracy, mean and 95 % interval over seeds):", "", shown.to_markdown(index=False, floatfmt=".4f"), ""]
+
+
+def search_section(root: Path, search: str = "search", retrain: str = "search_retrain") -> list[str]:
+    """The report's section on the search, a finding with no paper claim and no verdict: the search's Pareto front
+    in validation accuracy and FLOPs, and the front's best configurations trained again with the campaign's seeds,
+    on the test split."""
+    lines = [f"## Search (`{search}`, `{retrain}`)", "",
+             "**Question**: Which configurations (per-stage segments, order, activation, width) does NSGA-II find on "
+             "the accuracy-FLOPs front? No paper claim: a finding, no verdict.", ""]
+    trials = _table_or_none(root, search)
+    if trials is None:
+        return lines + ["Not run yet.", ""]
+    done = trials[trials["state"] == "COMPLETE"]
+    front = pareto_front(done, "val_acc", "flops").sort_values("val_acc", ascending=False)
+    front = front.assign(**{c: front[c].map("{:,.0f}".format) for c in ("flops", "params")})
+    knobs = [c for c in ("model", "segments", "order", "mid_act", "residual", "width") if c in varying_columns(done)]
+    lines += [f"`{search}` ({len(done)} trials, {core_hours(trials):.1f} core-hours), its front (validation "
+              "accuracy, one seed each):", "",
+              front[["trial", *knobs, "val_acc", "flops", "params"]].to_markdown(index=False, floatfmt=".4f"), "",
+              f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
+    again = _table_or_none(root, retrain)
+    return lines + (_test_table(retrain, again) if again is not None else [f"`{retrain}`: not run yet.", ""])
+
+
 def ablation_section(ablation: Ablation, root: Path) -> list[str]:
     """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
     of comparisons with their verdicts, core-hours, plots and limitations."""
-    tables = {}
-    for study in ablation.studies:
-        try:
-            tables[study] = load(root / study)
-        except (FileNotFoundError, TableError):
-            pass
+    tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
     if not tables:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():
-        summary = summarize(trials, metric="test_acc")
-        lines += [f"`{study}` ({(trials['state'] == 'COMPLETE').sum()} trials, {core_hours(trials):.1f} "
-                  "core-hours; test accuracy, mean and 95 % interval over seeds):", ""]
-        shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
-        lines += [shown.to_markdown(index=False, floatfmt=".4f"), ""]
+        lines += _test_table(study, trials)
     family = family_table(ablation, tables)
     shown = family.assign(**{"diff (points)": family["diff"].map(_points),
                              "95 % CI": [f"[{_points(lo)}, {_points(hi)}]" for lo, hi in
@@ -372,6 +400,7 @@ def report(root: Path) -> str:
     lines += pilot_section(root)
     for ablation in ABLATIONS:
         lines += ablation_section(ablation, root)
+    lines += search_section(root)
     lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()), ""]
     return "\n".join(lines)
 

@@ -168,3 +168,22 @@ def test_an_interaction_subtracts_the_per_seed_differences_of_another_study(tmp_
     assert family.loc["relu - none at depthwise", "verdict"] in ("reproduced", "inconclusive")
     missing = campaign.family_table(ablation, {"mid_act_deep": tables["mid_act_deep"]})
     assert set(missing.set_index("comparison").loc[["relu - none at depthwise"], "verdict"]) == {"not tested"}
+
+
+def test_the_search_section_shows_the_front_and_the_retrained_configurations(tmp_path):
+    assert "Not run yet." in campaign.search_section(tmp_path)
+    searched = [("1/4/all", 0.75, 0.91, 3e7), ("all", 1.5, 0.93, 6e7), ("4", 1.5, 0.90, 7e7)]  # the last: dominated
+    (tmp_path / "search").mkdir()
+    pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": s, "width": w,
+                   "val_acc": acc, "flops": flops, "params": 1000, "train_s": 1800.0, "threads": 1}
+                  for i, (s, w, acc, flops) in enumerate(searched)],
+                 columns=TRIAL_COLUMNS).to_csv(tmp_path / "search" / "trials.csv", index=False)
+    text = "\n".join(campaign.search_section(tmp_path))
+    assert "`search` (3 trials, 1.5 core-hours)" in text and "`search_retrain`: not run yet." in text
+    front = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("|")]
+    assert front[2:] == ["1", "0"]  # best validation accuracy first
+    assert "| 60,000,000 |" in text
+    _study_table(tmp_path / "search_retrain", [({"segments": "all", "width": 1.5}, [0.92, 0.93, 0.925]),
+                                               ({"segments": "1/4/all", "width": 0.75}, [0.90, 0.91, 0.905])])
+    text = "\n".join(campaign.search_section(tmp_path))
+    assert "`search_retrain` (6 trials, 6.0 core-hours; test accuracy" in text and "1/4/all" in text

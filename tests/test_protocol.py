@@ -12,8 +12,9 @@ import torch
 from continuum import results
 from continuum.data import DataError, TensorData, make_synthetic
 from continuum.sweep.cli import main
-from continuum.sweep.points import grid_points, point_key
-from continuum.sweep.record import decode_correct, encode_correct
+from continuum.config import ModelConfig
+from continuum.sweep.points import grid_points, point_key, table_config
+from continuum.sweep.record import TRIAL_COLUMNS, decode_correct, encode_correct, point_cells
 from continuum.sweep.settings import from_settings
 from conftest import FAST
 
@@ -123,3 +124,80 @@ def test_tensor_data_without_a_test_split_scores_none():
     data = TensorData("x", torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
                       torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), 2)
     assert data.test_x is None and data.subset(2, 1).test_x is None
+
+
+SEARCHED = [  # what a search trained: (config, val_acc, flops)
+    (ModelConfig(segments=(1, 4, "all"), order=("depthwise_first", "pointwise_first", "depthwise_first"),
+                 mid_act=(None, "relu", None), residual=(True, False, True), width=0.75), 0.91, 30e6),
+    (ModelConfig(segments="all", width=1.5), 0.93, 60e6),
+    (ModelConfig(segments=(16, 16, "all"), mid_act="elu", width=1.25, depths=(2, 1, 1)), 0.92, 40e6),
+    (ModelConfig(segments="all", width=1.5), 0.925, 60e6),  # trained again (another seed): counts once
+    (ModelConfig(segments=4, width=1.5), 0.90, 70e6),  # dominated: more FLOPs and less accurate
+    (ModelConfig(segment_width=8, width=0.5, kernel_size=5, width_divisor=16, drop_rate=0.1), 0.89, 20e6),
+]
+
+
+def write_search(root, rows=SEARCHED, name="search"):
+    """A finished search's trials.csv, its point cells written as the sweep writes them."""
+    frame = pd.DataFrame([point_cells(config.validate().to_dict() | {"lr": 0.05})
+                          | {"trial": i, "state": "COMPLETE", "val_acc": acc, "flops": flops}
+                          for i, (config, acc, flops) in enumerate(rows)], columns=TRIAL_COLUMNS)
+    (root / name).mkdir(parents=True)
+    frame.to_csv(root / name / "trials.csv", index=False)
+
+
+def test_every_configuration_a_table_shows_reads_back_as_it_was():
+    for config, _, _ in SEARCHED:
+        cells = pd.Series({k: "" if v is None else str(v) for k, v in point_cells(config.to_dict()).items()})
+        assert table_config(cells) == config.validate()
+    with pytest.raises(ValueError, match="trial 7's configuration cannot be read back .*segments"):
+        table_config(pd.Series(point_cells(ModelConfig().to_dict()) | {"segments": "3.5", "trial": 7}))
+
+
+def test_a_retrain_trains_the_searchs_front_best_first_once_per_seed(tmp_path):
+    write_search(tmp_path)
+    cfg = from_settings({"retrain": "search", "retrain_top": 3, "seeds": "0,1", "lr": 0.05, "out": str(tmp_path),
+                         "study": "again"})
+    points = list(grid_points(cfg))
+    best = [SEARCHED[i][0].validate() for i in (1, 2, 0)]  # the front by accuracy: 0.93, 0.92, 0.91 (then 0.89)
+    assert [(p.config, p.lr, p.seed) for p in points] == [(c, 0.05, s) for c in best for s in (0, 1)]
+    assert len({point_key(p) for p in points}) == 6
+    everything = from_settings({"retrain": "search", "retrain_top": 10, "out": str(tmp_path), "study": "again"})
+    assert [p.config for p in grid_points(everything)] == [*best, SEARCHED[5][0].validate()]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"search": "nsga2"}, "retrain=search trains a search's configurations again; use it in a grid"),
+    ({"study": "search"}, "retrain=search is this study; name the finished search"),
+    ({"segments": "4", "mid_act": "relu"}, "takes the architectures from the search; leave out mid-act, segments"),
+    ({"match_params": 1000}, "leave out match_params"),
+    ({"retrain_top": 0}, "0 is not valid; use a whole number >= 1"),
+])
+def test_a_retrain_that_cannot_take_the_searchs_configurations_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        from_settings({"retrain": "search", "study": "again"} | settings)
+
+
+def test_a_retrain_of_a_search_without_finished_trials_is_refused(tmp_path):
+    cfg = from_settings({"retrain": "search", "out": str(tmp_path), "study": "again"})
+    with pytest.raises(ValueError, match="retrain=search: no .*trials.csv; run that study first"):
+        list(grid_points(cfg))
+    write_search(tmp_path, rows=[])
+    with pytest.raises(ValueError, match="retrain=search: .*trials.csv has no finished trial; finish that study"):
+        list(grid_points(cfg))
+
+
+@pytest.mark.slow
+def test_a_search_then_a_retrain_of_its_best_configuration_with_new_seeds(tmp_path):
+    assert main([*FAST, "--out", str(tmp_path), "--study", "search", "--search", "nsga2", "--n-trials", "2",
+                 "--width", "0.25,0.5"]) == 0
+    searched = results.load(tmp_path / "search")
+    best = searched.sort_values("val_acc", ascending=False).iloc[0]
+    assert main([*FAST[:-2], "--out", str(tmp_path), "--study", "again", "--retrain", "search", "--retrain-top", "1",
+                 "--seeds", "3,4"]) == 0
+    again = results.load(tmp_path / "again")
+    assert list(again["seed"]) == [3, 4] and set(again["state"]) == {"COMPLETE"}
+    for column in ("segments", "order", "mid_act", "residual", "width"):
+        assert set(again[column].astype(str)) == {str(best[column])}
+    assert main([*FAST[:-2], "--out", str(tmp_path), "--study", "again", "--retrain", "search", "--retrain-top", "2",
+                 "--seeds", "3,4"]) == 2  # another top is another study's setting

@@ -161,3 +161,4 @@ def test_each_experiment_file_is_valid_and_names_its_command(path):
         assert cfg.study == path.stem and cfg.storage == f"journal:results/campaign/{cfg.study}/journal.log"
         assert cfg.data.holdout == 5000 and cfg.out == "results/campaign"
         assert cfg.lrs != ("tuned",) or (path.parent / f"{cfg.lr_study}.toml").exists()
+        assert cfg.retrain is None or (path.parent / f"{cfg.retrain}.toml").exists()

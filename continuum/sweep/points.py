@@ -20,6 +20,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 import continuum.models  # noqa: F401  (registers the models with timm)
+from continuum.analysis import pareto_front
 from continuum.config import ModelConfig
 from continuum.cost import model_cost
 from continuum.data import TensorData
@@ -151,39 +152,108 @@ def point_key(point: GridPoint) -> str:
 
 def grid_points(cfg: SweepConfig) -> Iterator[GridPoint]:
     """Every point x learning rate x seed of a grid sweep, in run order: the product of the config's axes
-    (outermost first); with ``lr=tuned``, each point's rate from the ``lr_study`` (:func:`tuned_lr`).
+    (outermost first), or with ``retrain`` the search's best configurations (:func:`front_configs`) x learning
+    rates x seeds; with ``lr=tuned``, each point's rate from the ``lr_study`` (:func:`tuned_lr`).
 
     Raises:
-        ValueError: ``lr=tuned`` and the ``lr_study`` has no finished trial of some point.
+        ValueError: ``lr=tuned`` and the ``lr_study`` has no finished trial of some point, or ``retrain`` names a
+            study without finished trials.
     """
-    axes = axis_fields()
-    tried = tried_lrs(cfg) if cfg.lrs == (TUNED,) else None
-    for values in itertools.product(*(getattr(cfg, field.name) for field in axes)):
-        knobs = {field.metadata["axis"]: value for field, value in zip(axes, values)}
-        seed, lr = knobs.pop("seed"), knobs.pop("lr")
-        config = ModelConfig(**knobs, drop_rate=cfg.drop_rate).validate()
+    tried = finished_trials(cfg, "lr_study", REQUIRED_COLUMNS) if cfg.lrs == (TUNED,) else None
+    if cfg.retrain is not None:
+        points = itertools.product(front_configs(cfg), cfg.lrs, cfg.seeds)
+    else:
+        points = (_axis_point(cfg, values) for values in itertools.product(*(getattr(cfg, f.name)
+                                                                               for f in axis_fields())))
+    for config, lr, seed in points:
         yield GridPoint(config, lr if tried is None else tuned_lr(config, cfg, tried), seed)
 
 
-def tried_lrs(cfg: SweepConfig) -> pd.DataFrame:
-    """The finished trials of ``cfg``'s ``lr_study`` (its ``trials.csv`` under the same results root), every cell
-    as the text written.
+def _axis_point(cfg: SweepConfig, values: Sequence[Any]) -> tuple[ModelConfig, Any, int]:
+    """The config, learning rate and seed of one combination of the axes' values (in :func:`axis_fields` order)."""
+    knobs = {field.metadata["axis"]: value for field, value in zip(axis_fields(), values)}
+    seed, lr = knobs.pop("seed"), knobs.pop("lr")
+    return ModelConfig(**knobs, drop_rate=cfg.drop_rate).validate(), lr, seed
+
+
+REQUIRED_COLUMNS = ("state", "lr", "val_acc", *(f.name for f in fields(ModelConfig)))
+"""What another study's ``trials.csv`` must hold to be read for its learning rates or configurations."""
+
+
+def finished_trials(cfg: SweepConfig, option: str, columns: Sequence[str]) -> pd.DataFrame:
+    """The finished trials of the study ``cfg.<option>`` names (its ``trials.csv`` under the same results root),
+    every cell as the text written.
+
+    Args:
+        cfg: the sweep.
+        option: ``lr_study`` (whose trials tried the learning rates) or ``retrain`` (the search).
+        columns: the columns the table must have.
 
     Raises:
-        ValueError: the table is missing, unreadable or has no finished trial.
+        ValueError: the table is missing, unreadable, lacks a column, or has no finished trial.
     """
-    path = Path(cfg.out) / cfg.lr_study / "trials.csv"
+    study = getattr(cfg, option)
+    path = Path(cfg.out) / study / "trials.csv"
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise ValueError(f"lr_study={cfg.lr_study}: no {path}; run that study first (it tries the learning rates)") \
-            from None
+        raise ValueError(f"{option}={study}: no {path}; run that study first") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ValueError(f"lr_study={cfg.lr_study}: {path} is not a results table ({type(err).__name__})") from None
-    missing = sorted({"state", "lr", "val_acc", *(f.name for f in fields(ModelConfig))} - set(table))
+        raise ValueError(f"{option}={study}: {path} is not a results table ({type(err).__name__})") from None
+    missing = sorted(set(columns) - set(table))
     if missing:
-        raise ValueError(f"lr_study={cfg.lr_study}: {path} lacks the columns {missing}; rerun that study")
-    return table[table["state"] == "COMPLETE"]
+        raise ValueError(f"{option}={study}: {path} lacks the columns {missing}; rerun that study")
+    done = table[table["state"] == "COMPLETE"]
+    if done.empty:
+        raise ValueError(f"{option}={study}: {path} has no finished trial; finish that study first")
+    return done
+
+
+def table_config(row: pd.Series) -> ModelConfig:
+    """The :class:`~continuum.config.ModelConfig` a row of ``trials.csv`` shows (the inverse of
+    :func:`~continuum.sweep.record.point_cells`: per-stage values split at ``/``, ``none`` and empty cells as
+    ``None``).
+
+    Raises:
+        ValueError: a cell is not a valid value of its knob.
+    """
+    def cell(name: str) -> Any:
+        text = str(row[name]).strip()
+        if text.lower() in ("", "none", "nan"):
+            return None
+        parts = tuple(part.strip() for part in text.split("/"))
+        return parts if len(parts) > 1 else text
+
+    knobs = {f.name: cell(f.name) for f in fields(ModelConfig)}
+    try:
+        knobs["width"] = float(knobs["width"])
+        knobs["drop_rate"] = float(knobs["drop_rate"] or 0.0)
+        knobs["width_divisor"] = None if knobs["width_divisor"] is None else int(float(knobs["width_divisor"]))
+        knobs["residual"] = True if knobs["residual"] is None else knobs["residual"]
+        knobs["kernel_size"] = knobs["kernel_size"] or 3
+        return ModelConfig(**knobs).validate()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"trial {row.get('trial', '?')}'s configuration cannot be read back ({err})") from None
+
+
+def front_configs(cfg: SweepConfig) -> list[ModelConfig]:
+    """The ``retrain_top`` configurations of the ``retrain`` search's Pareto front in validation accuracy (higher
+    is better) and FLOPs per image (lower is better), best validation accuracy first. A configuration the search
+    trained several times counts once, with its best trial.
+
+    Raises:
+        ValueError: the search's table cannot be read, or has no finished trial.
+    """
+    done = finished_trials(cfg, "retrain", (*REQUIRED_COLUMNS, "flops"))
+    scores = done.assign(val_acc=pd.to_numeric(done["val_acc"], errors="coerce"),
+                         flops=pd.to_numeric(done["flops"], errors="coerce"))
+    front = pareto_front(scores, "val_acc", "flops").sort_values("val_acc", ascending=False, kind="stable")
+    configs: list[ModelConfig] = []
+    for _, row in front.iterrows():
+        config = table_config(row)
+        if config not in configs:
+            configs.append(config)
+    return configs[:cfg.retrain_top]
 
 
 def tuned_lr(config: ModelConfig, cfg: SweepConfig, tried: pd.DataFrame) -> float:
@@ -270,7 +340,8 @@ def varied_knobs(cfg: SweepConfig) -> list[str]:
     these are shown as params: a constant one would only add noise to the dashboard's importance plot. The seed
     is a replicate, not a knob; it stays in the ``config`` user attribute."""
     varied = [f.metadata["axis"] for f in axis_fields()
-              if f.metadata["axis"] != "seed" and len(getattr(cfg, f.name)) > 1]
+              if f.metadata["axis"] != "seed" and len(getattr(cfg, f.name)) > 1
+              and (cfg.retrain is None or f.metadata["axis"] == "lr")]  # a retrain's architectures are the search's
     matching = cfg.match_params or cfg.match_flops
     return varied + (["width"] if matching and "width" not in varied else []) + (["lr"] if cfg.lrs == (TUNED,) else [])
 

@@ -138,6 +138,10 @@ class SweepConfig(ConfigBase):
     lr_study: str | None = setting(None, "with --lr tuned: the study (in the same results root) whose trials chose "
                                          "each point's learning rate, by mean validation accuracy",
                                    optional(study_name))
+    retrain: str | None = setting(None, "a finished search (in the same results root): train again the "
+                                        "configurations on its Pareto front in validation accuracy and FLOPs, best "
+                                        "first, once per seed", optional(study_name))
+    retrain_top: int = setting(3, "with --retrain: how many of the front's configurations", integer(1))
     drop_rate: float = setting(0.0, "dropout before the classifier", number(0, 1, high_open=True))
     match_params: int | None = setting(None, "scale each point's width to N parameters (within 2 %%)",
                                        optional(integer(1)))
@@ -200,12 +204,29 @@ class SweepConfig(ConfigBase):
             raise ValueError("lr_study is where --lr tuned reads the learning rates; give --lr tuned with it")
         if cfg.lr_study is not None and cfg.lr_study == cfg.study:
             raise ValueError(f"lr_study={cfg.lr_study} is this study; name the finished study that tried the rates")
+        if cfg.retrain is not None:
+            cfg.check_retrain()
         if len(cfg.lrs) > 1 and cfg.search != "grid":
             raise ValueError("several learning rates are a grid axis; a search trains with one (--lr 0.05)")
         if cfg.segment_widths != (None,) and cfg.segments != ("all",):
             raise ValueError("segment_width and segments are two ways to size the segments; give one of them "
                              "(with segment_width, leave segments out)")
         return cfg
+
+    def check_retrain(self) -> None:
+        """Refuse a ``retrain`` that cannot take its configurations from the search: in a search, of itself, or
+        with architecture axes or width matching of its own."""
+        if self.search != "grid":
+            raise ValueError(f"retrain={self.retrain} trains a search's configurations again; use it in a grid "
+                             "(--search grid)")
+        if self.retrain == self.study:
+            raise ValueError(f"retrain={self.retrain} is this study; name the finished search")
+        given = [flag_name(f) for f in axis_fields() if f.metadata["axis"] not in ("lr", "seed")
+                 and getattr(self, f.name) != f.default]
+        given += [name for name in ("match_params", "match_flops") if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"retrain={self.retrain} takes the architectures from the search; leave out "
+                             f"{', '.join(given)}")
 
     def fixed_settings(self) -> dict[str, Any]:
         """The settings every trial of a study must share (a rerun with other values would mix results).
@@ -227,6 +248,8 @@ class SweepConfig(ConfigBase):
             "match_params": self.match_params, "match_flops": self.match_flops}
         if self.lr_study is not None:
             settings["lr_study"] = self.lr_study
+        if self.retrain is not None:
+            settings |= {"retrain": self.retrain, "retrain_top": self.retrain_top}
         if self.search != "grid":  # axes at their defaults that studies did not always have are left out
             settings["choices"] = {f.name: [str(v) for v in getattr(self, f.name)] for f in axis_fields()
                                    if not (f.name in LATER_AXES and getattr(self, f.name) == f.default)}

@@ -13,6 +13,7 @@ ablations=()
 for name in spectrum_params spectrum_flops order mid_act_depthwise mid_act_deep residual xception_vs_inception; do
     ablations+=("${name}_lr" "$name")
 done
+ablations+=(search search_retrain)  # the search's rate is the pilot's; the retrain trains its front again
 case "${1:-}" in
     "") studies=("${pilot[@]}") ;;
     ablations) studies=("${ablations[@]}") ;;
