@@ -227,6 +227,37 @@ SPECTRUM_COUNTS = ("1", "2", "4", "8", "16", "32")
 INTERIOR_COUNTS = ("2", "4", "8", "16", "32")
 
 
+def interior_family(study: str) -> Ablation:
+    """The pre-registered test for an interior optimum in a spectrum study: each interior count against both ends
+    (10 comparisons, Holm across them). Not a paper claim: its outcome follows :func:`interior_outcome`."""
+    return Ablation(f"Interior optimum (`{study}`)", "Is some count between 1 and all better than both ends?",
+                    (study,), tuple(Claim(f"{k} vs {end}", study, "segments", end, k, None)
+                                    for k in INTERIOR_COUNTS for end in ("1", "all")), "")
+
+
+def interior_outcome(family: pd.DataFrame) -> str:
+    """The interior-optimum rule: shown at each count better than segments 1 and than all, both with Holm-adjusted
+    p < :data:`ALPHA`; else not shown (waiting while a comparison lacks 2 paired seeds).
+
+    Args:
+        family: :func:`family_table` of :func:`interior_family`.
+    """
+    if (family["n"] < 2).any():
+        return "waits for every arm's paired seeds"
+    better = family.assign(count=[label.split(" vs ")[0] for label in family["comparison"]],
+                           won=(family["p_holm"] < ALPHA) & (family["diff"] > 0)).groupby("count", sort=False)["won"]
+    winners = [count for count, won in better.all().items() if won]
+    return f"shown at segments {', '.join(winners)}" if winners else "no interior optimum shown"
+
+
+def interior_lines(study: str, tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The report's lines on the interior-optimum test of a spectrum study."""
+    family = family_table(interior_family(study), tables)
+    return [f"Interior optimum (pre-registered; {len(family)} comparisons, Holm, paired by seed, test accuracy): "
+            f"**{interior_outcome(family)}**.", "",
+            _in_points(family, ["comparison", "n", "diff (points)", "95 % CI", "p", "p_holm"]), ""]
+
+
 def _spectrum(study: str, budget: str) -> Ablation:
     return Ablation(
         f"The spectrum at matched {budget} (`{study}`)",
@@ -237,9 +268,11 @@ def _spectrum(study: str, budget: str) -> Ablation:
         ("spectrum.png", "pareto_macs.png", "curves.png"))
 
 
+SPECTRUM_STUDIES = {"spectrum_params": "parameters", "spectrum_flops": "FLOPs"}
+"""The spectrum studies (ablation 1), each with its budget; each has the interior-optimum test too."""
+
 ABLATIONS = (
-    _spectrum("spectrum_params", "parameters"),
-    _spectrum("spectrum_flops", "FLOPs"),
+    *(_spectrum(study, budget) for study, budget in SPECTRUM_STUDIES.items()),
     Ablation("Operation order (`order`)", "Does the order of the 1x1 and the spatial conv matter? The paper: no.",
              ("order",), tuple(Claim(f"pointwise_first vs depthwise_first at segments {s}", "order", "order",
                                      "depthwise_first", "pointwise_first", "equal", (("segments", s),))
@@ -341,6 +374,14 @@ def _points(value: float) -> str:
     return "–" if pd.isna(value) else f"{100 * value:+.2f}"
 
 
+def _in_points(family: pd.DataFrame, columns: list[str]) -> str:
+    """A :func:`family_table` as Markdown, ``columns`` of it, differences and intervals in signed points."""
+    shown = family.assign(**{"diff (points)": family["diff"].map(_points),
+                             "95 % CI": [f"[{_points(lo)}, {_points(hi)}]" for lo, hi in
+                                         zip(family["ci_low"], family["ci_high"])]})
+    return shown[columns].to_markdown(index=False, floatfmt=".4f")
+
+
 def _test_table(study: str, trials: pd.DataFrame) -> list[str]:
     """A study's arms on the test split (mean and 95 % interval over seeds, n, size), with its trials and
     core-hours."""
@@ -382,13 +423,10 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
     for study, trials in tables.items():
         lines += _test_table(study, trials)
     family = family_table(ablation, tables)
-    shown = family.assign(**{"diff (points)": family["diff"].map(_points),
-                             "95 % CI": [f"[{_points(lo)}, {_points(hi)}]" for lo, hi in
-                                         zip(family["ci_low"], family["ci_high"])]})
-    shown = shown[["comparison", "claim", "n", "diff (points)", "95 % CI", "p", "p_holm", "p_tost_holm",
-                   "mcnemar_p", "verdict"]]
-    lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "",
-              shown.to_markdown(index=False, floatfmt=".4f"), ""]
+    shown = _in_points(family, ["comparison", "claim", "n", "diff (points)", "95 % CI", "p", "p_holm",
+                                "p_tost_holm", "mcnemar_p", "verdict"])
+    lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "", shown, ""]
+    lines += [line for study in ablation.studies if study in SPECTRUM_STUDIES for line in interior_lines(study, tables)]
     lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study in tables for plot in ablation.plots]
     return lines + [f"**Limitations**: {ablation.limitations}", ""]
 

@@ -187,3 +187,30 @@ def test_the_search_section_shows_the_front_and_the_retrained_configurations(tmp
                                                ({"segments": "1/4/all", "width": 0.75}, [0.90, 0.91, 0.905])])
     text = "\n".join(campaign.search_section(tmp_path))
     assert "`search_retrain` (6 trials, 6.0 core-hours; test accuracy" in text and "1/4/all" in text
+
+
+def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_path):
+    seeds = tuple(range(6))
+    flat = [0.900, 0.905, 0.910, 0.915, 0.920, 0.925]
+    arms = {"1": flat, "2": flat, "4": [a + 0.03 for a in flat], "8": [a + 0.01 for a in flat], "16": flat,
+            "32": flat, "all": [a + 0.02 for a in flat]}
+    _study_table(tmp_path / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()], seeds=seeds,
+                 images=400)
+    tables = {"spectrum_params": campaign.load(tmp_path / "spectrum_params")}
+    family = campaign.family_table(campaign.interior_family("spectrum_params"), tables)
+    assert len(family) == 10 and set(family["verdict"]) == {"not tested"}  # a finding, not a paper claim
+    assert campaign.interior_outcome(family) == "shown at segments 4"  # 8 beats 1, not all
+    text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path))
+    assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
+    del arms["4"]
+    _study_table(tmp_path / "flat" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
+                 seeds=seeds, images=400)
+    missing = campaign.family_table(campaign.interior_family("spectrum_params"),
+                                    {"spectrum_params": campaign.load(tmp_path / "flat" / "spectrum_params")})
+    assert campaign.interior_outcome(missing) == "waits for every arm's paired seeds"
+    arms["4"] = flat
+    _study_table(tmp_path / "none" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
+                 seeds=seeds, images=400)
+    none = campaign.family_table(campaign.interior_family("spectrum_params"),
+                                 {"spectrum_params": campaign.load(tmp_path / "none" / "spectrum_params")})
+    assert campaign.interior_outcome(none) == "no interior optimum shown"
