@@ -19,6 +19,7 @@ from scipy import stats
 
 from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, pareto_front, summarize, \
     varying_columns
+from continuum.arm_latency import LATENCY_FILE
 from continuum.files import atomic_write
 from continuum.results import TableError, load
 from continuum.sweep.record import decode_correct
@@ -258,6 +259,24 @@ def interior_lines(study: str, tables: dict[str, pd.DataFrame]) -> list[str]:
             _in_points(family, ["comparison", "n", "diff (points)", "95 % CI", "p", "p_holm"]), ""]
 
 
+def latency_lines(study: str, root: Path, trials: pd.DataFrame) -> list[str]:
+    """A spectrum study's arms by test accuracy and quiet-machine latency (``latency.csv``, written by
+    ``python -m continuum.arm_latency``), the accuracy-latency Pareto front marked."""
+    path = root / study / LATENCY_FILE
+    if not path.exists():
+        return [f"Quiet-machine latency: not measured yet (`python -m continuum.arm_latency {root / study}`).", ""]
+    latency = pd.read_csv(path, dtype={"segments": str})
+    accuracy = summarize(trials, metric="test_acc")[["segments", "test_acc_mean", "n"]]
+    arms = accuracy.astype({"segments": str}).merge(latency[["segments", "width", "params", "latency_ms"]],
+                                                   on="segments")
+    front = pareto_front(arms.rename(columns={"test_acc_mean": "acc"}), "acc", "latency_ms")
+    arms["on the front"] = ["yes" if i in front.index else "" for i in arms.index]
+    first = latency.iloc[0]
+    return [f"Test accuracy against inference latency on a quiet machine ({first['device']}, batch "
+            f"{first['batch_size']}, median ms, measured {first['measured']}; the accuracy-latency front marked):",
+            "", arms.to_markdown(index=False, floatfmt=".4f"), ""]
+
+
 def _spectrum(study: str, budget: str) -> Ablation:
     return Ablation(
         f"The spectrum at matched {budget} (`{study}`)",
@@ -426,7 +445,8 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
     shown = _in_points(family, ["comparison", "claim", "n", "diff (points)", "95 % CI", "p", "p_holm",
                                 "p_tost_holm", "mcnemar_p", "verdict"])
     lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "", shown, ""]
-    lines += [line for study in ablation.studies if study in SPECTRUM_STUDIES for line in interior_lines(study, tables)]
+    for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
+        lines += interior_lines(study, tables) + latency_lines(study, root, tables[study])
     lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study in tables for plot in ablation.plots]
     return lines + [f"**Limitations**: {ablation.limitations}", ""]
 
