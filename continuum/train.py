@@ -355,7 +355,6 @@ class Snapshot:
         return curve
 
 
-
 def discard_snapshot(path: Path) -> None:
     """Remove a run's snapshot file (the run ended: finished, failed or stopped for good), and its folder once
     empty."""
