@@ -105,7 +105,6 @@ def test_bench_writes_the_train_table(tmp_path):
     assert not (tmp_path / "conv_cpu.csv").exists()
 
 
-
 def test_shapes_are_named_or_written_out():
     shapes = parse_shapes("small_64, 96x28x64,8X4X2")
     assert shapes[0] == SHAPES["small_64"]

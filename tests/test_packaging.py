@@ -14,6 +14,7 @@ from packaging.requirements import Requirement
 from continuum import cli
 from continuum.sweep import storage
 
+
 def test_the_console_script_is_declared_and_runs_each_command(capsys):
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="continuum")
     assert script.load() is cli.main

@@ -149,7 +149,6 @@ def test_only_columns_of_the_record_can_be_recorded():
     assert "val_accuracy" not in stored
 
 
-
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 

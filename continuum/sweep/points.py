@@ -48,6 +48,7 @@ INTERRUPTED = "interrupted"
 TRANSIENT_FAILURES = (INTERRUPTED, DUPLICATE, WORKER_LOST)
 """``fail_reason`` prefixes that say nothing about the point itself: it runs again."""
 
+
 class TrialFailed(Exception):
     """A trial that failed for a recorded reason; the sweep goes on."""
 
