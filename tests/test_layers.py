@@ -20,11 +20,12 @@ LAYERS = [
     # data, settings, training
     "continuum.data", "continuum.config", "continuum.train", "continuum.tracking", "continuum.checkpoint", "continuum",
     # the sweep (the only place Optuna lives)
-    "continuum.sweep", "continuum.sweep.settings", "continuum.sweep.record", "continuum.sweep.points",
-    "continuum.sweep.storage", "continuum.sweep.tables", "continuum.sweep.objective", "continuum.sweep.study",
-    "continuum.sweep.workers",
-    # results -> analysis -> plots -> report
-    "continuum.results", "continuum.analysis", "continuum.plots", "continuum.report", "continuum.campaign",
+    "continuum.sweep", "continuum.sweep.settings", "continuum.sweep.record",
+    "continuum.analysis",  # statistics over the record's columns (a retrain reads a search's Pareto front)
+    "continuum.sweep.points", "continuum.sweep.storage", "continuum.sweep.tables", "continuum.sweep.objective",
+    "continuum.sweep.study", "continuum.sweep.workers",
+    # results -> plots -> report -> the campaign's measurements and report
+    "continuum.results", "continuum.plots", "continuum.report", "continuum.arm_latency", "continuum.campaign",
     # command lines
     "continuum.sweep.cli", "continuum.sweep.worker", "continuum.sweep.__main__", "continuum.spectrum",
     "continuum.bench", "continuum.cli", "continuum.__main__",

@@ -16,7 +16,7 @@ from continuum.config import ModelConfig
 from continuum.sweep.points import grid_points, point_key, table_config
 from continuum.sweep.record import TRIAL_COLUMNS, decode_correct, encode_correct, point_cells
 from continuum.sweep.settings import from_settings
-from conftest import FAST
+from conftest import FAST, SYNTHETIC
 
 
 def test_holdout_is_stratified_fixed_and_keeps_the_test_split_apart():
@@ -57,7 +57,7 @@ def test_correctness_text_round_trips_and_refuses_garbage():
 
 def test_a_holdout_sweep_validates_on_held_out_images_and_scores_the_test_split_once(tmp_path):
     assert main([*FAST, "--out", str(tmp_path), "--segments", "4", "--holdout", "64", "--warmup-epochs", "0.5",
-                 "--lr", "0.02,0.1"]) == 0
+                 "--lr", "0.02,0.1", "--train-size", "0", "--val-size", "0"]) == 0  # the whole synthetic set
     trials = results.load(tmp_path / "default")
     assert list(trials["lr"]) == [0.02, 0.1] and set(trials["state"]) == {"COMPLETE"}
     assert set(trials["train_size"]) == {448} and set(trials["val_size"]) == {64}
@@ -193,11 +193,10 @@ def test_a_search_then_a_retrain_of_its_best_configuration_with_new_seeds(tmp_pa
                  "--width", "0.25,0.5"]) == 0
     searched = results.load(tmp_path / "search")
     best = searched.sort_values("val_acc", ascending=False).iloc[0]
-    assert main([*FAST[:-2], "--out", str(tmp_path), "--study", "again", "--retrain", "search", "--retrain-top", "1",
-                 "--seeds", "3,4"]) == 0
+    retrain = [*SYNTHETIC, "--out", str(tmp_path), "--study", "again", "--retrain", "search"]  # the search's widths
+    assert main([*retrain, "--retrain-top", "1", "--seeds", "3,4"]) == 0
     again = results.load(tmp_path / "again")
     assert list(again["seed"]) == [3, 4] and set(again["state"]) == {"COMPLETE"}
     for column in ("segments", "order", "mid_act", "residual", "width"):
         assert set(again[column].astype(str)) == {str(best[column])}
-    assert main([*FAST[:-2], "--out", str(tmp_path), "--study", "again", "--retrain", "search", "--retrain-top", "2",
-                 "--seeds", "3,4"]) == 2  # another top is another study's setting
+    assert main([*retrain, "--retrain-top", "2", "--seeds", "3,4"]) == 2  # another top is another study's setting

