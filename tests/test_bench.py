@@ -57,14 +57,15 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert ratio == 2.0 and low <= 2.0 <= high <= 2.2
 
 
-def test_bench_writes_the_conv_table(tmp_path):
+@pytest.mark.parametrize("tuning", ["cold", pytest.param("loaded", marks=pytest.mark.slow)])  # loaded: busy cores
+def test_bench_writes_the_conv_table(tmp_path, tuning):
     command = [sys.executable, "-m", "continuum.bench", "--shapes", "tiny,4x3x2", "--repeats", "1", "--tuning",
-               "loaded", "--out", str(tmp_path)]
+               tuning, "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     conv = pd.read_csv(tmp_path / "conv_cpu.csv")
     assert len(conv) == 2 * len(segment_counts(16)) + 2 * len(segment_counts(4))
-    assert list(conv["shape"].unique()) == ["tiny", "4x3x2"] and set(conv["tuning"]) == {"loaded"}
+    assert list(conv["shape"].unique()) == ["tiny", "4x3x2"] and set(conv["tuning"]) == {tuning}
     assert list(conv.loc[conv["shape"] == "4x3x2", "batch"].unique()) == [2]
     conv = conv[conv["shape"] == "tiny"]
     assert set(conv["layer"]) == {"SegmentedConv2d", "ContinuumConv"}
