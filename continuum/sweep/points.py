@@ -226,12 +226,13 @@ def table_config(row: pd.Series) -> ModelConfig:
         return parts if len(parts) > 1 else text
 
     knobs = {f.name: cell(f.name) for f in fields(ModelConfig)}
+    for name in ("residual", "kernel_size", "drop_rate"):  # columns older tables may leave empty: the default
+        if knobs[name] is None:
+            knobs[name] = ModelConfig.__dataclass_fields__[name].default
     try:
         knobs["width"] = float(knobs["width"])
-        knobs["drop_rate"] = float(knobs["drop_rate"] or 0.0)
+        knobs["drop_rate"] = float(knobs["drop_rate"])
         knobs["width_divisor"] = None if knobs["width_divisor"] is None else int(float(knobs["width_divisor"]))
-        knobs["residual"] = True if knobs["residual"] is None else knobs["residual"]
-        knobs["kernel_size"] = knobs["kernel_size"] or 3
         return ModelConfig(**knobs).validate()
     except (TypeError, ValueError) as err:
         raise ValueError(f"trial {row.get('trial', '?')}'s configuration cannot be read back ({err})") from None
