@@ -89,10 +89,10 @@ processes keep every core busy (the load stops before the timing starts), or fro
 TRAIN_KINDS = {  # name: (channels-last, conv strategy mode, precision)
     "nchw_auto": (False, "auto", "fp32"),  # what a trial ran with before channels-last became the default
     "cl_native": (True, "native", "fp32"),
-    "cl_auto": (True, "auto", "fp32"),  # the default now
+    "cl_auto": (True, "auto", "fp32"),  # the default now where bf16 is not native
 }
-"""The ways a training run is timed: memory format, strategy mode and precision; ``cl_auto_bf16`` joins them with
-``--dtypes bf16``."""
+"""The ways a training run is timed: memory format, strategy mode and precision; ``cl_auto_bf16`` (the default
+where bf16 is native: ``--precision auto``) joins them with ``--dtypes bf16``."""
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -329,8 +329,8 @@ def targets(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def train_table(device: torch.device, images: int, peak: float, segments: Sequence[int | str], rounds: int = 2,
-                kinds: dict[str, tuple[bool, str, str]] = TRAIN_KINDS) -> pd.DataFrame:
+def train_table(device: torch.device, images: int, peaks: dict[str, float], segments: Sequence[int | str],
+                rounds: int = 2, kinds: dict[str, tuple[bool, str, str]] = TRAIN_KINDS) -> pd.DataFrame:
     """Training throughput of a sweep trial (``continuum_small``, batch 128, 28 px images) run each of ``kinds`` of
     way: NCHW or channels-last, native or autotuned kernels, fp32 or bf16.
 
@@ -341,7 +341,7 @@ def train_table(device: torch.device, images: int, peak: float, segments: Sequen
     Args:
         device: where to train.
         images: synthetic 28 px training images per epoch (the speed of Fashion-MNIST's).
-        peak: the device's peak FLOP/s, for the model FLOP utilisation.
+        peaks: the device's peak FLOP/s per precision (``fp32``, ``bf16``), for the model FLOP utilisation.
         segments: segment counts of the model.
         rounds: trainings per kind.
         kinds: ``{name: (channels-last, strategy mode, precision)}``.
@@ -362,10 +362,11 @@ def train_table(device: torch.device, images: int, peak: float, segments: Sequen
                 speeds[kind].append(result.curve[-1]["images_per_s"])
         for kind, measured in speeds.items():
             row[f"{kind}_images_per_s"] = max(measured)
-            row[f"{kind}_mfu"] = max(measured) * 3 * flops / peak
+            row[f"{kind}_mfu"] = max(measured) * 3 * flops / peaks[kinds[kind][2]]
         for name, (faster, slower) in {"speedup": ("cl_auto", "nchw_auto"),
                                        "tuner_speedup": ("cl_auto", "cl_native"),
-                                       "bf16_speedup": ("cl_auto_bf16", "cl_auto")}.items():
+                                       "bf16_speedup": ("cl_auto_bf16", "cl_auto"),
+                                       "bf16_total_speedup": ("cl_auto_bf16", "nchw_auto")}.items():
             if faster in speeds and slower in speeds:
                 row[name] = statistics.median(a / b for a, b in zip(speeds[faster], speeds[slower]))
         rows.append(row)
@@ -441,25 +442,25 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         forget_choices()
     print(f"device: {device_name(device)}; torch {torch.__version__}; {kernel_library(device.type)}; "
           f"tuning: {args.tuning}")
-    peak = None
+    measured: dict[str, float] = {}  # peak FLOP/s by dtype name, and the copy bandwidth
     if not args.no_conv:
-        table, peaks = conv_table(shapes, dtypes, device, args.repeats, args.min_ms, segments,
+        table, measured = conv_table(shapes, dtypes, device, args.repeats, args.min_ms, segments,
                                   loaded=args.tuning == "loaded")
         table["tuning"] = args.tuning
         atomic_write(out / f"conv_{tag}.csv", lambda path: table.to_csv(path, index=False))
-        gemm = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items() if k in ("float32", "bfloat16"))
-        print(f"peak GEMM: {gemm}; copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+        gemm = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in measured.items() if k in ("float32", "bfloat16"))
+        print(f"peak GEMM: {gemm}; copy {measured['copy_bytes_per_s'] / 1e9:.1f} GB/s")
         columns = ["shape", "dtype", "layer", "segments", "ours_ms", "ours_layout", "strategy", "native_nchw_ms",
                    "native_cl_ms", "timm_separable_ms", "speedup_vs_native", "speedup_low", "speedup_high",
                    "x_fewer_segments", "achieved_gflops", "floor_ms", "x_floor"]
         print(table[[c for c in columns if c in table]].to_markdown(index=False, floatfmt=".3g"))
         print(targets(table))
         print(f"table: {out / f'conv_{tag}.csv'}")
-        peak = peaks.get("float32")
     if args.train:
-        peak = peak or roofline_peak(device, torch.float32)
         kinds = TRAIN_KINDS | ({"cl_auto_bf16": (True, "auto", "bf16")} if torch.bfloat16 in dtypes else {})
-        train = train_table(device, args.train_images, peak, train_segments, args.train_rounds, kinds)
+        peaks = {precision: measured.get(dtype_name(DTYPES[precision])) or roofline_peak(device, DTYPES[precision])
+                 for precision in {kind[2] for kind in kinds.values()}}
+        train = train_table(device, args.train_images, peaks, train_segments, args.train_rounds, kinds)
         atomic_write(out / f"train_{tag}.csv", lambda path: train.to_csv(path, index=False))
         print(train.to_markdown(index=False, floatfmt=".3g"))
         print(f"table: {out / f'train_{tag}.csv'}")

@@ -94,13 +94,16 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
 @pytest.mark.slow
 def test_bench_writes_the_train_table(tmp_path):
     command = [sys.executable, "-m", "continuum.bench", "--no-conv", "--train", "--train-images", "128",
-               "--train-rounds", "1", "--train-segments", "4,all", "--out", str(tmp_path)]
+               "--train-rounds", "1", "--train-segments", "4,all", "--dtypes", "fp32,bf16", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     train = pd.read_csv(tmp_path / "train_cpu.csv")
     assert list(train["segments"].astype(str)) == ["4", "all"]
-    speeds = [f"{kind}_{what}" for kind in ("nchw_auto", "cl_native", "cl_auto") for what in ("images_per_s", "mfu")]
-    assert (train[speeds + ["speedup", "tuner_speedup"]] > 0).all().all()
+    speeds = [f"{kind}_{what}" for kind in ("nchw_auto", "cl_native", "cl_auto", "cl_auto_bf16")
+              for what in ("images_per_s", "mfu")]
+    assert (train[speeds + ["speedup", "tuner_speedup", "bf16_speedup", "bf16_total_speedup"]] > 0).all().all()
+    assert train["bf16_total_speedup"].iloc[0] == pytest.approx(train["cl_auto_bf16_images_per_s"].iloc[0]
+                                                                / train["nchw_auto_images_per_s"].iloc[0])
     assert train["speedup"].iloc[0] == pytest.approx(train["cl_auto_images_per_s"].iloc[0]
                                                      / train["nchw_auto_images_per_s"].iloc[0])  # one round
     assert not (tmp_path / "conv_cpu.csv").exists()
