@@ -1,6 +1,7 @@
 """Every committed ``results/*/summary.md`` regenerates exactly from the committed tables beside it (``trials.csv``,
 ``command.txt``), as ``python -m continuum.report`` draws it in a fresh clone: no number comes from elsewhere."""
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -38,3 +39,16 @@ def test_the_campaign_report_regenerates_from_its_committed_tables(tmp_path):
             shutil.copy(table, copy / table.relative_to(source))
     committed = (source / "README.md").read_text()
     assert campaign.report(copy).replace(str(copy), "results/campaign") == committed
+
+
+def test_the_precision_comparison_regenerates_from_its_committed_tables(tmp_path):
+    source = RESULTS / "precision"
+    script = RESULTS.parent / "benchmarks" / "precision_accuracy.py"
+    spec = importlib.util.spec_from_file_location("precision_accuracy", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for side in module.SIDES:
+        (tmp_path / f"precision_{side}").mkdir()
+        shutil.copy(source / f"precision_{side}" / "trials.csv", tmp_path / f"precision_{side}" / "trials.csv")
+    assert module.report(tmp_path) == (source / "README.md").read_text()
+    assert "--precision auto` trains in bf16 where it is native" in module.report(tmp_path)
