@@ -73,10 +73,10 @@ def verdict(table: pd.DataFrame) -> str:
             "on CPUs")
 
 
-def report(root: Path) -> str:
-    """The Markdown report of the comparison under ``root`` (``results/precision``)."""
-    pairs = paired(root)
-    table = comparison_table(pairs)
+def report(root: Path, table: pd.DataFrame | None = None) -> str:
+    """The Markdown report of the comparison under ``root`` (``results/precision``); ``table``: its
+    :func:`comparison_table`, when already computed."""
+    table = comparison_table(paired(root)) if table is None else table
     devices = sorted(set(load(root / "precision_bf16")["device"].dropna()))
     shown = table.copy()
     for column in ("fp32_val_acc", "bf16_val_acc"):
@@ -103,8 +103,9 @@ def main() -> None:
     parser.add_argument("--root", default="results/precision", help="folder of the two studies")
     args = parser.parse_args()
     root = Path(args.root)
-    text = report(root)
-    atomic_write(root / "comparison.csv", lambda path: comparison_table(paired(root)).to_csv(path, index=False))
+    table = comparison_table(paired(root))
+    text = report(root, table)
+    atomic_write(root / "comparison.csv", lambda path: table.to_csv(path, index=False))
     atomic_write(root / "README.md", lambda path: path.write_text(text))
     print(text)
 
