@@ -54,7 +54,7 @@ from continuum.knobs import parse_segments
 from continuum.strategy import TUNER, call_signature, check_environment, chosen_strategy, conv_strategy, \
     forget_choices
 from continuum.timing import call_times, device_name, dtype_name, interleaved_times, kernel_library, \
-    measure_peak_flops
+    measure_peak_flops, median_interval
 from continuum.train import fit, resolve_device
 
 
@@ -336,7 +336,8 @@ def train_table(device: torch.device, images: int, peaks: dict[str, float], segm
 
     Each round trains a fresh model for two epochs of each kind in turn and measures the second epoch; the best
     round per kind is kept (a slow spell of the machine lowers a round, it cannot raise one), and the speedups are
-    medians of per-round ratios (paired: the two kinds ran in the same round).
+    medians of per-round ratios (paired: the two kinds ran in the same round) with their 95 % intervals (``_low``,
+    ``_high``; with few rounds, the range of the ratios: a difference within it is not shown).
 
     Args:
         device: where to train.
@@ -368,7 +369,9 @@ def train_table(device: torch.device, images: int, peaks: dict[str, float], segm
                                        "bf16_speedup": ("cl_auto_bf16", "cl_auto"),
                                        "bf16_total_speedup": ("cl_auto_bf16", "nchw_auto")}.items():
             if faster in speeds and slower in speeds:
-                row[name] = statistics.median(a / b for a, b in zip(speeds[faster], speeds[slower]))
+                ratios = [a / b for a, b in zip(speeds[faster], speeds[slower])]
+                row[name] = statistics.median(ratios)
+                row[f"{name}_low"], row[f"{name}_high"] = median_interval(ratios)
         rows.append(row)
         print(f"  train segments={count}: done", file=sys.stderr, flush=True)
     return pd.DataFrame(rows)

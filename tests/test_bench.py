@@ -106,6 +106,8 @@ def test_bench_writes_the_train_table(tmp_path):
                                                                 / train["nchw_auto_images_per_s"].iloc[0])
     assert train["speedup"].iloc[0] == pytest.approx(train["cl_auto_images_per_s"].iloc[0]
                                                      / train["nchw_auto_images_per_s"].iloc[0])  # one round
+    assert (train["tuner_speedup_low"] == train["tuner_speedup"]).all()  # one round: the interval is its ratio
+    assert (train["tuner_speedup_high"] == train["tuner_speedup"]).all()
     assert not (tmp_path / "conv_cpu.csv").exists()
 
 
