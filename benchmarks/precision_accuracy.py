@@ -103,7 +103,10 @@ def main() -> None:
     parser.add_argument("--root", default="results/precision", help="folder of the two studies")
     args = parser.parse_args()
     root = Path(args.root)
-    table = comparison_table(paired(root))
+    try:
+        table = comparison_table(paired(root))
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     text = report(root, table)
     atomic_write(root / "comparison.csv", lambda path: table.to_csv(path, index=False))
     atomic_write(root / "README.md", lambda path: path.write_text(text))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import continuum  # noqa: F401
 from continuum import conv_strategy, keep_freed_memory
-from continuum.files import atomic_write
+from continuum.config import argument, comma_list, integer
+from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import parse_segments
 from continuum.timing import cpu_flags, device_name, median_interval
 from continuum.train import resolve_device
@@ -87,22 +88,26 @@ def summary_row(seconds: dict[str, list[float]], batch: int) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=argument(resolve_device))
     parser.add_argument("--segments", default="4,all", help="segment counts (default: 4,all)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=40,
-                        help="paired rounds (default: 40)")
+    parser.add_argument("--batch", type=argument(integer(1)), default=128)
+    parser.add_argument("--rounds", type=argument(integer(1)), default=40, help="paired rounds (default: 40)")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args()
+    try:
+        segments = comma_list("--segments", parse_segments, "4,all")(args.segments)
+        check_writable_folder(Path(args.out), "--out")
+    except ValueError as err:
+        parser.error(str(err))
     keep_freed_memory()
-    device = resolve_device(args.device)
+    device: torch.device = args.device
     bf16_native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) if device.type == "cpu" else True
     rows = []
-    for text in args.segments.split(","):
-        seconds = step_seconds(parse_segments(text), device, args.batch, args.rounds)
-        rows.append({"segments": text, **summary_row(seconds, args.batch), "rounds": args.rounds,
+    for count in segments:
+        seconds = step_seconds(count, device, args.batch, args.rounds)
+        rows.append({"segments": str(count), **summary_row(seconds, args.batch), "rounds": args.rounds,
                      "device": device_name(device), "native_bf16": bf16_native, "torch": torch.__version__})
-        print(f"  segments={text}: done", flush=True)
+        print(f"  segments={count}: done", flush=True)
     table = pd.DataFrame(rows)
     out = Path(args.out) / f"precision_step_{device.type}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

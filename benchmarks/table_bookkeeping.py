@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from continuum.config import ModelConfig
+from continuum.config import ModelConfig, argument, integer
 from continuum.files import atomic_write
 from continuum.report import write_summary
 from continuum.sweep.points import point_key
@@ -70,9 +70,10 @@ def timed(call) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--storage", help="Optuna storage URL (default: a SQLite file in a temporary folder)")
-    parser.add_argument("--trials", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per trial's curve")
-    parser.add_argument("--every", type=int, default=50, help="time the rebuild every N trials (it is slow)")
+    parser.add_argument("--trials", type=argument(integer(1)), default=500)
+    parser.add_argument("--epochs", type=argument(integer(1)), default=10, help="epochs per trial's curve")
+    parser.add_argument("--every", type=argument(integer(1)), default=50,
+                        help="time the rebuild every N trials (it is slow)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="continuum-tables-"))
     storage = args.storage or f"sqlite:///{scratch / 'study.db'}"

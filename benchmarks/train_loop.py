@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 import continuum  # noqa: F401
-from continuum.config import TrainConfig
+from continuum.config import TrainConfig, argument, checked, comma_list, integer
 from continuum.data import fashion_mnist_root, load_fashion_mnist
+from continuum.files import check_writable_folder
+from continuum.knobs import parse_segments
 from continuum.timing import device_name
 from continuum.train import fit, make_optimizer, resolve_device
 
@@ -66,21 +68,27 @@ def continuum_images_per_s(segments, images: int, batch_size: int, device: torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu", type=argument(resolve_device))
+    parser.add_argument("--images", type=argument(integer(1, 60_000)), default=10_000)
+    parser.add_argument("--batch-size", type=argument(integer(1)), default=128)
     parser.add_argument("--segments", default="all,4")
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts to compare")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    try:
+        segment_counts = comma_list("--segments", parse_segments, "all,4")(args.segments)
+        worker_counts = comma_list("--workers", lambda text: checked("--workers", integer(0), text), "0,2")(
+            args.workers)
+        check_writable_folder(Path(args.out), "--out")
+    except ValueError as err:
+        parser.error(str(err))
+    device: torch.device = args.device
     name = device_name(device)
     rows = []
-    for segments in args.segments.split(","):
-        segments = segments if segments == "all" else int(segments)
+    for segments in segment_counts:
         ours = continuum_images_per_s(segments, args.images, args.batch_size, device)
         rows.append({"segments": segments, "loop": "continuum (tensors on device)", "images_per_s": ours})
-        for workers in map(int, args.workers.split(",")):
+        for workers in worker_counts:
             theirs = dataloader_images_per_s(segments, args.images, args.batch_size, device, workers)
             rows.append({"segments": segments, "loop": f"torchvision DataLoader, {workers} workers",
                          "images_per_s": theirs})

@@ -46,7 +46,7 @@ import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
 from continuum.analysis import bootstrap_interval
 from continuum.block import ContinuumConv, SegmentedConv2d
-from continuum.config import TrainConfig, checked, choice, integer, number
+from continuum.config import TrainConfig, checked, choice, comma_list, integer, number
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
 from continuum.files import atomic_write, check_writable_folder
@@ -417,16 +417,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         device = resolve_device(args.device)
         dtypes = _choices(args.dtypes, DTYPES, "dtype(s)")
         shapes = parse_shapes(args.shapes)
-        train_segments = [parse_segments(text) for text in args.train_segments.split(",") if text.strip()]
-        if not train_segments:
-            raise ValueError("--train-segments: give at least one count, such as 1,4,16,all")
-        if args.segments is not None:
-            counts = [text for text in args.segments.split(",") if text.strip()]
-            segments = [checked("--segments", integer(1), text) for text in counts]
-            if not segments:
-                raise ValueError("--segments: give at least one count, such as 1,4,16")
-        else:
-            segments = None
+        train_segments = comma_list("--train-segments", parse_segments, "1,4,16,all")(args.train_segments)
+        segments = None if args.segments is None else comma_list(
+            "--segments", lambda text: checked("--segments", integer(1), text), "1,4,16")(args.segments)
         args.tuning = checked("--tuning", choice(TUNINGS), args.tuning)
         args.repeats = checked("--repeats", integer(1), args.repeats)
         args.train_rounds = checked("--train-rounds", integer(1), args.train_rounds)

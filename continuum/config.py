@@ -8,6 +8,7 @@ tables derive from: its flag, help, parser, and whether it is a grid axis or a c
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, fields
@@ -126,6 +127,33 @@ def checked(name: str, parse: Parser, value: Any) -> Any:
     except ValueError as err:
         message = str(err)
         raise ValueError(message if message.startswith(f"{name}=") else f"{name}={message}") from None
+
+
+def comma_list(name: str, parse: Parser, example: str) -> Callable[[str], list]:
+    """A parser of a comma list of one value or more (``1,4,all``), each checked by ``parse``.
+
+    Args:
+        name: the setting's name as the user wrote it, for the message about an empty list.
+        parse: the parser of one item.
+        example: a valid list, shown in that message.
+    """
+    def parse_list(text: str) -> list:
+        items = [parse(item) for item in str(text).split(",") if item.strip()]
+        if not items:
+            raise ValueError(f"{name}: give at least one value, such as {example}")
+        return items
+    return parse_list
+
+
+def argument(parse: Parser) -> Callable[[str], Any]:
+    """``parse`` as an ``argparse`` type: a value it refuses ends the command with its message (``error: argument
+    --rounds: 0 is not valid; use a whole number >= 1``) and exit code 2."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return convert
 
 
 def parse_field(field: dataclasses.Field, value: Any) -> Any:

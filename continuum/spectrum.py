@@ -22,7 +22,7 @@ import torch
 
 import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
-from continuum.config import checked, integer, optional
+from continuum.config import checked, comma_list, integer, optional
 from continuum.cost import measure_latency, model_cost
 from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import SegmentError, parse_order, parse_segments
@@ -144,9 +144,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spe
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         keep_freed_memory()
-        segments = [parse_segments(text) for text in args.segments.split(",") if text.strip()]
-        if not segments:
-            raise ValueError("--segments: give at least one count, such as 1,4,all")
+        segments = comma_list("--segments", parse_segments, "1,4,all")(args.segments)
         order = parse_order(args.order)
         input_size = None
         if args.input_size:

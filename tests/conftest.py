@@ -1,7 +1,10 @@
 """Shared helpers: tiny sweeps on synthetic data."""
 
+import importlib.util
 import os
 import tempfile
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -25,13 +28,21 @@ def fast_args():
     return list(FAST)
 
 
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/NAME.py`` as a module (the folder is not a package)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 import glob  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 
 @dataclass

@@ -15,7 +15,7 @@ from PIL import Image
 from continuum import bench, report, results, spectrum
 from continuum.strategy import TUNER
 from continuum.sweep.cli import main
-from conftest import FAST
+from conftest import FAST, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_report_on_a_missing_folder_or_a_file(study, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--segments", "5x"], "--segments='5x' is not valid"),
     (["--segments", "0"], "--segments=0 is not valid; use a whole number >= 1"),
-    (["--segments", ","], "--segments: give at least one count"),
+    (["--segments", ","], "--segments: give at least one value"),
     (["--train", "--no-conv", "--train-images", "0"], "--train-images=0 is not valid"),
     (["--repeats", "0"], "--repeats=0 is not valid"),
     (["--min-ms", "-1"], "--min-ms=-1.0 is not valid"),
@@ -229,7 +229,7 @@ def test_report_on_a_missing_folder_or_a_file(study, capsys):
     (["--shapes", "8x-4x2"], "CxHxB with positive integers"),
     (["--shapes", " , "], "--shapes: give at least one shape"),
     (["--train-segments", "3x"], "segments='3x' is not valid"),
-    (["--train-segments", ","], "--train-segments: give at least one count"),
+    (["--train-segments", ","], "--train-segments: give at least one value"),
     (["--tuning", "warm"], "--tuning='warm' is not valid; choose one of cold, loaded, cached"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device 'cuda:"),
@@ -237,6 +237,31 @@ def test_report_on_a_missing_folder_or_a_file(study, capsys):
 def test_bad_bench_options_keep_its_tables(tmp_path, capsys, args, message):
     (tmp_path / "conv_cpu.csv").write_text("an earlier table\n")
     _refused(lambda: bench.main(["--out", str(tmp_path), *args]), tmp_path, capsys, message)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("precision_step", ["--segments", "4,x"], "segments='x' is not valid; use an int >= 1 or 'all'"),
+    ("precision_step", ["--segments", " , "], "--segments: give at least one value, such as 4,all"),
+    ("precision_step", ["--rounds", "0"], "argument --rounds: 0 is not valid; use a whole number >= 1"),
+    ("precision_step", ["--batch", "1.5"], "argument --batch: '1.5' is not valid; use a whole number"),
+    ("precision_step", ["--device", "tpu"], "argument --device: device 'tpu' is not valid"),
+    ("precision_step", ["--out", "{tmp}/table.csv"], "table.csv is a file, not a folder"),
+    ("train_loop", ["--images", "60001"], "argument --images: 60001 is not valid; use a whole number in 1..60000"),
+    ("train_loop", ["--workers", "0,-1"], "--workers=-1 is not valid; use a whole number >= 0"),
+    ("train_loop", ["--segments", "all,0"], "segments=0 is not valid"),
+    ("table_bookkeeping", ["--every", "0"], "argument --every: 0 is not valid; use a whole number >= 1"),
+    ("precision_accuracy", ["--root", "{tmp}/none"], "no results table at"),
+])
+def test_bad_benchmark_options_end_in_one_error_line(tmp_path, capsys, monkeypatch, script, args, message):
+    (tmp_path / "table.csv").write_text("an earlier table\n")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *(arg.format(tmp=tmp_path) for arg in args)])
+    before = _digest(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark(script).main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"{script}.py: error: ") and message in err.splitlines()[-1], err
+    assert "Traceback" not in err and _digest(tmp_path) == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,7 +1,6 @@
 """Every committed ``results/*/summary.md`` regenerates exactly from the committed tables beside it (``trials.csv``,
 ``command.txt``), as ``python -m continuum.report`` draws it in a fresh clone: no number comes from elsewhere."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 
 from continuum import campaign
 from continuum.report import write_summary
+from conftest import load_benchmark
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 STUDIES = sorted(str(path.parent.relative_to(RESULTS)) for path in RESULTS.rglob("trials.csv"))
@@ -43,10 +43,7 @@ def test_the_campaign_report_regenerates_from_its_committed_tables(tmp_path):
 
 def test_the_precision_comparison_regenerates_from_its_committed_tables(tmp_path):
     source = RESULTS / "precision"
-    script = RESULTS.parent / "benchmarks" / "precision_accuracy.py"
-    spec = importlib.util.spec_from_file_location("precision_accuracy", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("precision_accuracy")
     for side in module.SIDES:
         (tmp_path / f"precision_{side}").mkdir()
         shutil.copy(source / f"precision_{side}" / "trials.csv", tmp_path / f"precision_{side}" / "trials.csv")
