@@ -1,7 +1,8 @@
 """The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
 
-:func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv) with
-``torch.utils.cpp_extension`` the first time a process asks for it: about a minute, once per machine, torch version
+:func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv) and
+:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-8 channels per group, AVX-512 CPUs only) with
+``torch.utils.cpp_extension`` the first time a process asks for one: about a minute, once per machine, torch version
 and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
 processes load the built library in a second. Where it cannot be built (no compiler, no
 ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies that need it
@@ -19,7 +20,7 @@ from types import ModuleType
 import torch
 
 from continuum.files import BUILD_KERNELS, env_switch
-from continuum.timing import cpu_model
+from continuum.timing import cpu_flags, cpu_model
 
 SOURCES = Path(__file__).parent / "csrc"
 """Where the C++ sources are."""
@@ -33,10 +34,10 @@ def building_allowed() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def depthwise_kernels() -> ModuleType | None:
-    """The built ``depthwise.cpp`` (its ``backward(grad_y, x, weight, stride, padding, dilation)``), or ``None``
-    where it cannot be built here. Built with ``-O3 -march=native`` under a name holding a hash of torch's version,
-    the CPU model and the source (a library built for one CPU may not run on another)."""
+def built(name: str) -> ModuleType | None:
+    """``csrc/NAME.cpp`` built (or loaded from an earlier build), or ``None`` where it cannot be built here. Built
+    with ``-O3 -march=native`` under a name holding a hash of torch's version, the CPU model and the source (a
+    library built for one CPU may not run on another)."""
     if not building_allowed():
         return None
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
@@ -47,12 +48,26 @@ def depthwise_kernels() -> ModuleType | None:
     finally:
         cpp_logger.setLevel(level)
 
-    source = SOURCES / "depthwise.cpp"
+    source = SOURCES / f"{name}.cpp"
     build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}".encode() + source.read_bytes()).hexdigest()[:12]
     try:
-        return cpp_extension.load(f"continuum_depthwise_{build}", [str(source)],
+        return cpp_extension.load(f"continuum_{name}_{build}", [str(source)],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler, no ninja, a compile or link error: torch's kernels do the work
-        log.warning("the C++ depthwise kernel could not be built (%s); using torch's kernels",
+        log.warning("the C++ kernel %s.cpp could not be built (%s); using torch's kernels", name,
                     str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
         return None
+
+
+def depthwise_kernels() -> ModuleType | None:
+    """``depthwise.cpp`` built: ``backward(grad_y, x, weight, stride, padding, dilation)``, or ``None``."""
+    return built("depthwise")
+
+
+def few_channel_kernels() -> ModuleType | None:
+    """``few_channel.cpp`` built (``forward(x, taps, stride, padding, dilation)`` and ``backward(grad_y, x,
+    back_taps, stride, padding, dilation)``), or ``None`` where it cannot be built or the CPU lacks AVX-512."""
+    if "avx512f" not in cpu_flags():  # not worth a minute's build
+        return None
+    module = built("few_channel")
+    return module if module is not None and module.available else None

@@ -13,6 +13,10 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two. A candidate only where the C++ kernel could be built.
+- ``rotated``: 2, 4 or 8 input and output channels per segment, on an AVX-512 CPU in float32/float64: a C++
+  kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row of
+  channels-last pixels, so that the work is K depthwise multiply-adds on data read once; its backward pass computes
+  both gradients in one sweep. A candidate only where the C++ kernel could be built.
 - ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
   backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
   and, like every candidate, chosen only when it wins the timing there.
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from continuum import triton_kernels
-from continuum.compiled import depthwise_kernels
+from continuum.compiled import depthwise_kernels, few_channel_kernels
 
 
 class ConvGeometry(NamedTuple):
@@ -65,7 +69,7 @@ class Strategy:
     """One way of computing a segmented convolution.
 
     Args:
-        kind: ``"grouped"``, ``"unfold"``, ``"shifted"``, ``"fused"`` or ``"triton"``.
+        kind: ``"grouped"``, ``"unfold"``, ``"shifted"``, ``"fused"``, ``"rotated"`` or ``"triton"``.
         groups: the groups a ``grouped`` strategy runs with (a divisor of the segments).
         channels_last: compute in channels-last memory format.
     """
@@ -76,7 +80,7 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted``, ``fused`` or ``triton``."""
+        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted``, ``fused``, ``rotated`` or ``triton``."""
         base = f"grouped/{self.groups}" if self.kind == "grouped" else self.kind
         return base + ("+cl" if self.channels_last else "")
 
@@ -182,6 +186,57 @@ def _fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _FusedDepthwise.apply(x, weight, bias, geom.stride, padding, geom.dilation)
 
 
+ROTATED_WIDTHS = (2, 4, 8)
+"""Channels per segment the ``rotated`` kernel computes (a segment must not straddle 16 float lanes)."""
+
+
+def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A ``C x K x kh x kw`` grouped kernel (``K`` channels per group, in and out) as the ``rotated`` kernel reads it.
+
+    Returns:
+        ``taps`` (``kh x kw x K x C``): ``taps[i, j, e, c] = weight[base(c) + (c % K + e) % K, c % K, i, j]``, the
+        entry from input channel ``c`` to the output channel ``e`` places further round its group; and where each
+        tap came from in ``weight`` (``(rows, columns)``, each ``K x C``), to put the taps' gradient back.
+    """
+    channels, k = weight.shape[:2]
+    channel = torch.arange(channels, device=weight.device)
+    position = channel % k  # within the group
+    rows = channel - position + (position + torch.arange(k, device=weight.device).view(k, 1)) % k  # K x C
+    columns = position.expand(k, -1)
+    return weight[rows, columns].permute(2, 3, 0, 1).contiguous(), (rows, columns)  # K x C x kh x kw -> kh x kw x K x C
+
+
+class _RotatedGrouped(torch.autograd.Function):
+    """A channels-last grouped conv of 2-8 channels per group: the C++ ``rotated`` kernel, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+        taps, origin = rotations(weight)
+        ctx.save_for_backward(x, taps, *origin)
+        ctx.geometry = list(stride), list(padding), list(dilation)
+        y = few_channel_kernels().forward(x, taps, *ctx.geometry)  # N x C x H' x W', channels-last
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple:
+        x, taps, rows, columns = ctx.saved_tensors
+        grad_x, grad_taps = few_channel_kernels().backward(grad_y, x, taps, *ctx.geometry)
+        grad_w = grad_taps.new_empty(rows.shape[1], rows.shape[0], *taps.shape[:2])  # C x K x kh x kw
+        grad_w[rows, columns] = grad_taps.permute(2, 3, 0, 1)  # each entry once: (rows, columns) covers weight
+        grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _rotated_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
+                  padding: tuple[int, int]) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+        raise ValueError("strategy rotated runs float32 or float64 on the CPU, without autocast")
+    x = x.contiguous(memory_format=torch.channels_last)
+    return _RotatedGrouped.apply(x, weight, bias, geom.stride, padding, geom.dilation)
+
+
 def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
                  padding: tuple[int, int]) -> torch.Tensor:
     if not triton_kernels.available(x.device):
@@ -190,7 +245,8 @@ def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                          geom.groups)
 
 
-_COMPUTED_BY = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv, "triton": _triton_conv}
+_COMPUTED_BY = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv, "rotated": _rotated_conv,
+                "triton": _triton_conv}
 """The function computing each strategy other than ``grouped``, given numeric padding."""
 
 
@@ -249,7 +305,11 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
             found.insert(2, Strategy("shifted"))
             if device_type == "cpu" and depthwise_kernels() is not None:
                 found.insert(2, Strategy("fused"))
-        few = in_channels // geom.groups <= 16  # channels per segment, unrolled in the kernel
+        width = in_channels // geom.groups  # channels per segment
+        if (device_type == "cpu" and in_channels == out_channels and width in ROTATED_WIDTHS
+                and in_channels % 16 == 0 and few_channel_kernels() is not None):
+            found.insert(2, Strategy("rotated"))
+        few = width <= 16  # unrolled in the Triton kernel
         if few and device_type == "cuda" and triton_kernels.available(torch.device("cuda")):
             found.insert(2, Strategy("triton"))
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from continuum import SegmentedConv2d
 from continuum import strategy as st
 from continuum import timing
-from continuum.compiled import depthwise_kernels
+from continuum.compiled import built, depthwise_kernels, few_channel_kernels
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
-from continuum.timing import call_times, device_name, kernel_library, median_interval
+from continuum.timing import call_times, cpu_flags, device_name, kernel_library, median_interval
 
 CASES = [
     # in, out, groups, kernel, stride, padding, dilation
@@ -27,6 +27,9 @@ CASES = [
     (12, 24, 3, (3, 5), 1, (0, 2), 1),
     (8, 8, 2, (3, 3), 1, "valid", 1),
     (8, 8, 1, (1, 1), 1, (0, 0), 1),
+    (32, 32, 16, (3, 3), 1, (1, 1), 1),  # 2 channels per segment: rotated
+    (32, 32, 8, (3, 3), 2, (1, 1), 1),  # 4, stride 2
+    (16, 16, 2, (3, 5), 1, "same", 2),  # 8, dilated
 ]
 
 
@@ -68,6 +71,8 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
     assert {f"grouped/{g}" for g in divisors} | {f"grouped/{g}+cl" for g in divisors} <= set(names)
     assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
+    rotated = c_in == c_out and c_in // groups in (2, 4, 8) and c_in % 16 == 0
+    assert ("rotated" in names) == (rotated and few_channel_kernels() is not None)
 
 
 def test_block_diagonal_puts_each_segment_on_the_diagonal():
@@ -117,7 +122,7 @@ def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
     assert len(calls) == 2
     stored = json.loads((tmp_path / "conv_strategies.json").read_text())
     chosen = [v for k, v in stored.items() if k.startswith(f"{st.CACHE_VERSION}|")]
-    assert len(chosen) == 2 and all(Strategy.parse(name).kind in ("grouped", "unfold") for name in chosen)
+    assert len(chosen) == 2 and all(Strategy.parse(name).kind in ("grouped", "unfold", "rotated") for name in chosen)
     assert any(k.startswith("peak|") for k in stored)
 
     st.forget_choices()  # a new process: the disk cache answers, nothing is timed again
@@ -461,28 +466,34 @@ def test_the_cache_key_names_everything_that_changes_the_answer():
     assert "cl/nchw" in cl.split("|") and "fwd" in cl.split("|")
 
 
-def test_the_fused_kernel_is_built_here_and_left_out_where_it_cannot_be(monkeypatch):
-    geom = ConvGeometry((1, 1), (1, 1), (1, 1), 8)
-    assert depthwise_kernels() is not None  # a compiler and ninja are here: the C++ kernel builds
-    assert Strategy("fused") in candidates(8, 8, (3, 3), geom)
+def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkeypatch):
+    depthwise, two_per_segment = ConvGeometry((1, 1), (1, 1), (1, 1), 16), ConvGeometry((1, 1), (1, 1), (1, 1), 8)
+    assert depthwise_kernels() is not None  # a compiler and ninja are here: the C++ kernels build
+    assert Strategy("fused") in candidates(16, 16, (3, 3), depthwise)
+    if "avx512f" in cpu_flags():
+        assert few_channel_kernels() is not None and Strategy("rotated") in candidates(16, 16, (3, 3), two_per_segment)
+    else:
+        assert few_channel_kernels() is None
     monkeypatch.setenv("CONTINUUM_BUILD_KERNELS", "0")
-    depthwise_kernels.cache_clear()
+    built.cache_clear()
     try:
-        assert depthwise_kernels() is None and Strategy("fused") not in candidates(8, 8, (3, 3), geom)
+        assert depthwise_kernels() is None and Strategy("fused") not in candidates(16, 16, (3, 3), depthwise)
+        assert few_channel_kernels() is None and Strategy("rotated") not in candidates(16, 16, (3, 3), two_per_segment)
     finally:
-        depthwise_kernels.cache_clear()
+        built.cache_clear()
 
 
+@pytest.mark.parametrize("kind, groups", [("fused", 16), ("rotated", 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_kernel_refuses_what_it_cannot_run(dtype):
-    x, w = torch.randn(2, 8, 5, 5, dtype=dtype), torch.randn(8, 1, 3, 3, dtype=dtype)
-    geom = ConvGeometry((1, 1), (1, 1), (1, 1), 8)
+def test_the_cpp_kernels_refuse_what_they_cannot_run(dtype, kind, groups):
+    x, w = torch.randn(2, 16, 5, 5, dtype=dtype), torch.randn(16, 16 // groups, 3, 3, dtype=dtype)
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1), groups)
     if dtype == torch.float32:
         with torch.autocast("cpu", torch.bfloat16), pytest.raises(ValueError, match="without autocast"):
-            run_strategy(Strategy("fused"), x, w, None, geom)
+            run_strategy(Strategy(kind), x, w, None, geom)
     else:
         with pytest.raises(ValueError, match="float32 or float64 on the CPU"):
-            run_strategy(Strategy("fused"), x, w, None, geom)
+            run_strategy(Strategy(kind), x, w, None, geom)
 
 
 def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monkeypatch):
