@@ -147,21 +147,30 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
               const int64_t first = lead > 0 ? (lead + g.sw - 1) / g.sw : 0;
               const int64_t last = room < 0 ? 0 : std::min<int64_t>(g.ow, room / g.sw + 1);
               const int64_t tap = (i * g.kw + j) * K * g.c + cb;
-              V entry[K], acc[K];
-              for (int e = 0; e < K; ++e) entry[e] = V::load(taps + tap + e * g.c), acc[e] = V::zero();
-              for (int64_t ox = first; ox < last; ++ox) {
+              constexpr int P = K <= 4 ? 2 : 1;  // pixels in flight: P sets of kernel-gradient sums in registers
+              V entry[K], acc[P][K];
+              for (int e = 0; e < K; ++e) entry[e] = V::load(taps + tap + e * g.c);
+              for (int p = 0; p < P; ++p)
+                for (int e = 0; e < K; ++e) acc[p][e] = V::zero();
+              auto pixel = [&](int64_t ox, V* sums_of_pixel) {
                 const int64_t at = ((b * g.h + iy) * g.w + g.in_x(ox, j)) * g.c + cb;
                 const V in = V::load(x + at);
-                V gx = V::load(grad_x + at);
                 const scalar_t* dy = rotated_row.data() + ox * K * L;
+                V even = V::load(grad_x + at), odd = V::zero();  // two chains of multiply-adds, not one
                 for (int e = 0; e < K; ++e) {
                   const V d = V::load(dy + e * L);
-                  gx = gx.fma(entry[e], d);
-                  acc[e] = acc[e].fma(d, in);
+                  if (e % 2 == 0) even = even.fma(entry[e], d); else odd = odd.fma(entry[e], d);
+                  sums_of_pixel[e] = sums_of_pixel[e].fma(d, in);
                 }
-                gx.store(grad_x + at);
-              }
-              for (int e = 0; e < K; ++e) (V::load(sums + tap + e * g.c) + acc[e]).store(sums + tap + e * g.c);
+                (even + odd).store(grad_x + at);
+              };
+              int64_t ox = first;
+              for (; ox + P <= last; ox += P)
+                for (int p = 0; p < P; ++p) pixel(ox + p, acc[p]);
+              for (; ox < last; ++ox) pixel(ox, acc[0]);
+              for (int p = 1; p < P; ++p)
+                for (int e = 0; e < K; ++e) acc[0][e] = acc[0][e] + acc[p][e];
+              for (int e = 0; e < K; ++e) (V::load(sums + tap + e * g.c) + acc[0][e]).store(sums + tap + e * g.c);
             }
           }
         }
