@@ -13,10 +13,10 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two. A candidate only where the C++ kernel could be built.
-- ``rotated``: 2, 4 or 8 input and output channels per segment, on an AVX-512 CPU in float32/float64: a C++
-  kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row of
-  channels-last pixels, so that the work is K depthwise multiply-adds on data read once; its backward pass computes
-  both gradients in one sweep. A candidate only where the C++ kernel could be built.
+- ``rotated``: 2, 3, 4, 6, 8, 12 or 16 input and output channels per segment, on an AVX-512 CPU in float32 (and
+  float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row
+  of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; its backward pass
+  computes both gradients in one sweep. A candidate only where the C++ kernel could be built.
 - ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
   backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
   and, like every candidate, chosen only when it wins the timing there.
@@ -186,8 +186,9 @@ def _fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _FusedDepthwise.apply(x, weight, bias, geom.stride, padding, geom.dilation)
 
 
-ROTATED_WIDTHS = (2, 4, 8)
-"""Channels per segment the ``rotated`` kernel computes (a segment must not straddle 16 float lanes)."""
+ROTATED_WIDTHS = (2, 3, 4, 6, 8, 12, 16)
+"""Channels per segment the ``rotated`` kernel computes (whole segments in 16 float lanes; the C++ kernel has a
+version for each)."""
 
 
 def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -207,7 +208,7 @@ def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, t
 
 
 class _RotatedGrouped(torch.autograd.Function):
-    """A channels-last grouped conv of 2-8 channels per group: the C++ ``rotated`` kernel, forward and backward."""
+    """A channels-last grouped conv of 2-16 channels per group: the C++ ``rotated`` kernel, forward and backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
@@ -307,7 +308,7 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
                 found.insert(2, Strategy("fused"))
         width = in_channels // geom.groups  # channels per segment
         if (device_type == "cpu" and in_channels == out_channels and width in ROTATED_WIDTHS
-                and in_channels % 16 == 0 and few_channel_kernels() is not None):
+                and few_channel_kernels() is not None):
             found.insert(2, Strategy("rotated"))
         few = width <= 16  # unrolled in the Triton kernel
         if few and device_type == "cuda" and triton_kernels.available(torch.device("cuda")):

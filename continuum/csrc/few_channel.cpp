@@ -1,11 +1,11 @@
-// A grouped 2-D convolution with few channels per group (K = 2, 4 or 8 in and out per group) on channels-last CPU
+// A grouped 2-D convolution with few channels per group (K = 2, 3, 4, 6, 8, 12 or 16 in and out per group) on channels-last CPU
 // tensors, forward and backward. oneDNN's grouped kernels run such convolutions 3-8x above their memory floor,
 // slower than a depthwise conv of the same width although the work per pixel is only K times a depthwise conv's.
 //
 // The channels of a pixel sit in a row; a group is K neighbours in it. The kernel entries come prepared as taps
 // [i][j][e][c'] = weight[base(c') + (c' % K + e) % K, c' % K, i, j]: the entry from input channel c' to the output
-// channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On 16 (float) or 8
-// (double) channels at once, rotating a row by e within each group is one in-register permutation, so:
+// channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of 16
+// channels (whole groups), rotating a row by e within each group is one in-register permutation, so:
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
 //   is the sum over e of sums[e] rotated back by e (K - 1 rotations per 16 outputs, not per tap);
 // - backward, one sweep over the output gradient: its row rotated by e (once per pixel) times taps[e] adds into the
@@ -23,42 +23,69 @@
 #ifdef __AVX512F__
 namespace {
 
-// Sixteen floats or eight doubles in one AVX-512 register, with the within-group rotation of a group size K.
+// Sixteen channels at once, with the rotation within groups of K of them: floats in one AVX-512 register; doubles
+// in a plain array the compiler vectorises (they serve the float64 equivalence tests, not speed). A block holds
+// 16 / K whole groups (lanes = 16 / K * K channels: all 16 for K = 2, 4, 8, 16; 15 for K = 3; 12 for K = 6, 12);
+// loads and stores of a block touch its lanes only, and the last block of a row may hold fewer groups.
 template <typename scalar_t>
 struct Lanes;
 
 template <>
 struct Lanes<float> {
-  static constexpr int size = 16;
+  using Index = __m512i;
+  using Mask = __mmask16;
   __m512 v;
-  static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Mask mask(int64_t lanes) { return static_cast<Mask>((1u << lanes) - 1); }
+  static Lanes load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
   static Lanes zero() { return {_mm512_setzero_ps()}; }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }  // all 16 (scratch)
+  static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }
   Lanes fma(Lanes a, Lanes b) const { return {_mm512_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm512_add_ps(v, a.v)}; }
-  static __m512i rotation(int k, int d) {  // lane l takes lane base(l) + (l % k + d) % k
+  static Index rotation(int k, int d) {  // lane l takes lane base(l) + (l % k + d) % k (lanes past the groups: l)
     alignas(64) int index[16];
-    for (int l = 0; l < 16; ++l) index[l] = l / k * k + (l % k + d) % k;
+    for (int l = 0; l < 16; ++l) index[l] = l < 16 / k * k ? l / k * k + (l % k + d) % k : l;
     return _mm512_load_si512(index);
   }
-  Lanes rotated(__m512i index) const { return {_mm512_permutexvar_ps(index, v)}; }
+  Lanes rotated(Index index) const { return {_mm512_permutexvar_ps(index, v)}; }
 };
 
 template <>
 struct Lanes<double> {
-  static constexpr int size = 8;
-  __m512d v;
-  static Lanes load(const double* p) { return {_mm512_loadu_pd(p)}; }
-  static Lanes zero() { return {_mm512_setzero_pd()}; }
-  void store(double* p) const { _mm512_storeu_pd(p, v); }
-  Lanes fma(Lanes a, Lanes b) const { return {_mm512_fmadd_pd(a.v, b.v, v)}; }
-  Lanes operator+(Lanes a) const { return {_mm512_add_pd(v, a.v)}; }
-  static __m512i rotation(int k, int d) {
-    alignas(64) int64_t index[8];
-    for (int l = 0; l < 8; ++l) index[l] = l / k * k + (l % k + d) % k;
-    return _mm512_load_si512(index);
+  struct Index { int at[16]; };
+  using Mask = int64_t;
+  double v[16];
+  static Mask mask(int64_t lanes) { return lanes; }
+  static Lanes load(const double* p, Mask m) {
+    Lanes r = zero();
+    for (int l = 0; l < m; ++l) r.v[l] = p[l];
+    return r;
   }
-  Lanes rotated(__m512i index) const { return {_mm512_permutexvar_pd(index, v)}; }
+  static Lanes zero() { return Lanes{}; }
+  void store(double* p, Mask m) const { for (int l = 0; l < m; ++l) p[l] = v[l]; }
+  void store(double* p) const { store(p, 16); }
+  static Lanes load(const double* p) { return load(p, 16); }
+  Lanes fma(Lanes a, Lanes b) const {
+    Lanes r;
+    for (int l = 0; l < 16; ++l) r.v[l] = v[l] + a.v[l] * b.v[l];
+    return r;
+  }
+  Lanes operator+(Lanes a) const {
+    Lanes r;
+    for (int l = 0; l < 16; ++l) r.v[l] = v[l] + a.v[l];
+    return r;
+  }
+  static Index rotation(int k, int d) {
+    Index index;
+    for (int l = 0; l < 16; ++l) index.at[l] = l < 16 / k * k ? l / k * k + (l % k + d) % k : l;
+    return index;
+  }
+  Lanes rotated(const Index& index) const {
+    Lanes r;
+    for (int l = 0; l < 16; ++l) r.v[l] = v[index.at[l]];
+    return r;
+  }
 };
 
 struct Geometry {
@@ -68,12 +95,14 @@ struct Geometry {
 };
 
 template <typename scalar_t, int K, int P>
-void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g, const __m512i* back,
-                    int64_t b, int64_t oy, int64_t ox) {
+void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
+                    const typename Lanes<scalar_t>::Index* back, int64_t b, int64_t oy, int64_t ox) {
   // P neighbouring output pixels at once: each tap's K entries are loaded once for all P
   using V = Lanes<scalar_t>;
+  constexpr int64_t S = 16 / K * K;  // channels per block
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * g.c;
-  for (int64_t cb = 0; cb < g.c; cb += V::size) {
+  for (int64_t cb = 0; cb < g.c; cb += S) {
+    const typename V::Mask m = V::mask(std::min(S, g.c - cb));
     V sums[P][K];  // sums[p][e][c']: input channel c' times its entries to output channel base + (c' % K + e) % K
     for (int p = 0; p < P; ++p)
       for (int e = 0; e < K; ++e) sums[p][e] = V::zero();
@@ -84,11 +113,11 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
       for (int64_t j = 0; j < g.kw; ++j) {
         const scalar_t* tap = taps + (i * g.kw + j) * K * g.c + cb;
         V entry[K];
-        for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * g.c);
+        for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * g.c, m);
         for (int p = 0; p < P; ++p) {
           const int64_t ix = g.in_x(ox + p, j);
           if (ix < 0 || ix >= g.w) continue;
-          const V in = V::load(in_row + ix * g.c);
+          const V in = V::load(in_row + ix * g.c, m);
           for (int e = 0; e < K; ++e) sums[p][e] = sums[p][e].fma(entry[e], in);
         }
       }
@@ -96,7 +125,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
     for (int p = 0; p < P; ++p) {  // output channel c collects sums[e] of input channel base + (c % K - e) % K
       V acc = sums[p][0];
       for (int e = 1; e < K; ++e) acc = acc + sums[p][e].rotated(back[e]);
-      acc.store(out + p * g.c + cb);
+      acc.store(out + p * g.c + cb, m);
     }
   }
 }
@@ -104,8 +133,8 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
 template <typename scalar_t, int K>
 void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
   using V = Lanes<scalar_t>;
-  constexpr int P = K <= 4 ? 4 : 2;  // sums in registers: P * K of the 32
-  __m512i back[K];  // rotation by -e
+  constexpr int P = K <= 4 ? 4 : K <= 8 ? 2 : 1;  // sums in registers: P * K of the 32
+  typename V::Index back[K];  // rotation by -e
   for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
   at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -121,8 +150,9 @@ template <typename scalar_t, int K>
 void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* grad_y, scalar_t* grad_x,
                      scalar_t* grad_taps, const Geometry& g) {
   using V = Lanes<scalar_t>;
-  constexpr int L = V::size;
-  __m512i rotation[K];
+  constexpr int L = 16;  // a scratch slot
+  constexpr int64_t S = 16 / K * K;  // channels per block
+  typename V::Index rotation[K];
   for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
   const int64_t tap_size = g.kh * g.kw * K * g.c, image = g.h * g.w * g.c, threads = at::get_num_threads();
   std::vector<scalar_t> partial(threads * tap_size, scalar_t(0));
@@ -132,10 +162,11 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
     std::fill(grad_x + begin * image, grad_x + end * image, scalar_t(0));
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t oy = 0; oy < g.oh; ++oy) {
-        for (int64_t cb = 0; cb < g.c; cb += L) {
+        for (int64_t cb = 0; cb < g.c; cb += S) {
+          const typename V::Mask m = V::mask(std::min(S, g.c - cb));
           // rotated_row[ox][e][c']: the gradient of output channel base + (c' % K + e) % K at (oy, ox)
           for (int64_t ox = 0; ox < g.ow; ++ox) {
-            const V plain = V::load(grad_y + ((b * g.oh + oy) * g.ow + ox) * g.c + cb);
+            const V plain = V::load(grad_y + ((b * g.oh + oy) * g.ow + ox) * g.c + cb, m);
             for (int e = 0; e < K; ++e) plain.rotated(rotation[e]).store(rotated_row.data() + (ox * K + e) * L);
           }
           for (int64_t i = 0; i < g.kh; ++i) {
@@ -149,20 +180,20 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
               const int64_t tap = (i * g.kw + j) * K * g.c + cb;
               constexpr int P = K <= 4 ? 2 : 1;  // pixels in flight: P sets of kernel-gradient sums in registers
               V entry[K], acc[P][K];
-              for (int e = 0; e < K; ++e) entry[e] = V::load(taps + tap + e * g.c);
+              for (int e = 0; e < K; ++e) entry[e] = V::load(taps + tap + e * g.c, m);
               for (int p = 0; p < P; ++p)
                 for (int e = 0; e < K; ++e) acc[p][e] = V::zero();
               auto pixel = [&](int64_t ox, V* sums_of_pixel) {
                 const int64_t at = ((b * g.h + iy) * g.w + g.in_x(ox, j)) * g.c + cb;
-                const V in = V::load(x + at);
+                const V in = V::load(x + at, m);
                 const scalar_t* dy = rotated_row.data() + ox * K * L;
-                V even = V::load(grad_x + at), odd = V::zero();  // two chains of multiply-adds, not one
+                V even = V::load(grad_x + at, m), odd = V::zero();  // two chains of multiply-adds, not one
                 for (int e = 0; e < K; ++e) {
                   const V d = V::load(dy + e * L);
                   if (e % 2 == 0) even = even.fma(entry[e], d); else odd = odd.fma(entry[e], d);
                   sums_of_pixel[e] = sums_of_pixel[e].fma(d, in);
                 }
-                (even + odd).store(grad_x + at);
+                (even + odd).store(grad_x + at, m);
               };
               int64_t ox = first;
               for (; ox + P <= last; ox += P)
@@ -170,7 +201,10 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
               for (; ox < last; ++ox) pixel(ox, acc[0]);
               for (int p = 1; p < P; ++p)
                 for (int e = 0; e < K; ++e) acc[0][e] = acc[0][e] + acc[p][e];
-              for (int e = 0; e < K; ++e) (V::load(sums + tap + e * g.c) + acc[0][e]).store(sums + tap + e * g.c);
+              for (int e = 0; e < K; ++e) {
+                scalar_t* sum = sums + tap + e * g.c;
+                (V::load(sum, m) + acc[0][e]).store(sum, m);
+              }
             }
           }
         }
@@ -193,9 +227,8 @@ Geometry geometry(const torch::Tensor& x, const torch::Tensor& taps, const std::
              stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  const int64_t lanes = x.scalar_type() == at::kFloat ? 16 : 8;
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "float32 or float64 only");
-  TORCH_CHECK(g.c % lanes == 0, "channels: a multiple of ", lanes);
+  TORCH_CHECK(g.c % taps.size(2) == 0, "channels: a multiple of the channels per group");
   return g;
 }
 
@@ -203,9 +236,13 @@ template <typename Call>
 void by_group_size(int64_t k, const Call& call) {
   switch (k) {
     case 2: call(std::integral_constant<int, 2>()); break;
+    case 3: call(std::integral_constant<int, 3>()); break;
     case 4: call(std::integral_constant<int, 4>()); break;
+    case 6: call(std::integral_constant<int, 6>()); break;
     case 8: call(std::integral_constant<int, 8>()); break;
-    default: TORCH_CHECK(false, "channels per group: 2, 4 or 8, not ", k);
+    case 12: call(std::integral_constant<int, 12>()); break;
+    case 16: call(std::integral_constant<int, 16>()); break;
+    default: TORCH_CHECK(false, "channels per group: 2, 3, 4, 6, 8, 12 or 16, not ", k);
   }
 }
 
@@ -261,6 +298,6 @@ std::vector<torch::Tensor> few_channel_backward(torch::Tensor, torch::Tensor, to
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("available") = kAvailable;
-  m.def("forward", &few_channel_forward, "grouped conv, 2-8 channels per group, channels-last");
+  m.def("forward", &few_channel_forward, "grouped conv, 2-16 channels per group, channels-last");
   m.def("backward", &few_channel_backward, "its input and kernel gradients in one sweep");
 }
