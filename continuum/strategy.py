@@ -63,9 +63,9 @@ MODES = ("auto", "native")
 CACHE_FILE = "conv_strategies.json"
 """The disk cache's file name in the cache root."""
 
-CACHE_VERSION = "v2"
-"""Part of every cache key: choices cached by a tuner that decided differently (v1 trusted a 3 % lead in one
-median, busy machine or not) are not reused."""
+CACHE_VERSION = "v3"
+"""Part of every cache key: choices cached by a tuner that decided differently or from other candidates are not
+reused (v1 trusted a 3 % lead in one median, busy machine or not; v2 had no ``rotated`` kernel)."""
 
 MIN_ROUNDS = 5
 """Interleaved rounds a decision takes at least (fewer cannot give a 95 % interval narrower than their range)."""
