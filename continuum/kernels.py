@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -178,14 +178,6 @@ class _FusedDepthwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
-                padding: tuple[int, int]) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
-        raise ValueError("strategy fused runs float32 or float64 on the CPU, without autocast")
-    x = x.contiguous(memory_format=torch.channels_last)
-    return _FusedDepthwise.apply(x, weight, bias, geom.stride, padding, geom.dilation)
-
-
 ROTATED_WIDTHS = (2, 3, 4, 6, 8, 12, 16)
 """Channels per segment the ``rotated`` kernel computes (whole segments in 16 float lanes; the C++ kernel has a
 version for each)."""
@@ -230,12 +222,16 @@ class _RotatedGrouped(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _rotated_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
-                  padding: tuple[int, int]) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
-        raise ValueError("strategy rotated runs float32 or float64 on the CPU, without autocast")
-    x = x.contiguous(memory_format=torch.channels_last)
-    return _RotatedGrouped.apply(x, weight, bias, geom.stride, padding, geom.dilation)
+def _cpp_strategy(kernel: type[torch.autograd.Function], name: str) -> Callable[..., torch.Tensor]:
+    """The strategy ``name``: ``kernel`` (a C++ kernel's autograd function of channels-last float32 or float64 CPU
+    tensors: ``apply(x, weight, bias, stride, padding, dilation)``) on the call's tensors."""
+    def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
+             padding: tuple[int, int]) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+            raise ValueError(f"strategy {name} runs float32 or float64 on the CPU, without autocast")
+        x = x.contiguous(memory_format=torch.channels_last)
+        return kernel.apply(x, weight, bias, geom.stride, padding, geom.dilation)
+    return conv
 
 
 def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
@@ -246,8 +242,8 @@ def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                          geom.groups)
 
 
-_COMPUTED_BY = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _fused_conv, "rotated": _rotated_conv,
-                "triton": _triton_conv}
+_COMPUTED_BY = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _cpp_strategy(_FusedDepthwise, "fused"),
+                "rotated": _cpp_strategy(_RotatedGrouped, "rotated"), "triton": _triton_conv}
 """The function computing each strategy other than ``grouped``, given numeric padding."""
 
 
