@@ -1,7 +1,7 @@
 """The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
 
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv) and
-:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-16 channels per group, AVX-512 CPUs only) with
+:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-4 channels per group, AVX-512 CPUs only) with
 ``torch.utils.cpp_extension`` the first time a process asks for one: about a minute, once per machine, torch version
 and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
 processes load the built library in a second. Where it cannot be built (no compiler, no

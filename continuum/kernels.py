@@ -13,7 +13,7 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two. A candidate only where the C++ kernel could be built.
-- ``rotated``: 2, 3, 4, 6, 8, 12 or 16 input and output channels per segment, on an AVX-512 CPU in float32 (and
+- ``rotated``: 2, 3 or 4 input and output channels per segment, on an AVX-512 CPU in float32 (and
   float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row
   of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; its backward pass
   computes both gradients in one sweep. A candidate only where the C++ kernel could be built.
@@ -178,9 +178,9 @@ class _FusedDepthwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-ROTATED_WIDTHS = (2, 3, 4, 6, 8, 12, 16)
-"""Channels per segment the ``rotated`` kernel computes (whole segments in 16 float lanes; the C++ kernel has a
-version for each)."""
+ROTATED_WIDTHS = (2, 3, 4)
+"""Channels per segment the ``rotated`` kernel computes. Versions for 6, 8, 12 and 16 (whole segments in 16 float
+lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.2-2.1x faster."""
 
 
 def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -200,7 +200,7 @@ def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, t
 
 
 class _RotatedGrouped(torch.autograd.Function):
-    """A channels-last grouped conv of 2-16 channels per group: the C++ ``rotated`` kernel, forward and backward."""
+    """A channels-last grouped conv of 2-4 channels per group: the C++ ``rotated`` kernel, forward and backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],

@@ -29,8 +29,7 @@ CASES = [
     (8, 8, 1, (1, 1), 1, (0, 0), 1),
     (32, 32, 16, (3, 3), 1, (1, 1), 1),  # 2 channels per segment: rotated
     (32, 32, 8, (3, 3), 2, (1, 1), 1),  # 4, stride 2
-    (16, 16, 2, (3, 5), 1, "same", 2),  # 8, dilated
-    (36, 36, 3, (3, 3), 1, (1, 1), 1),  # 12: one segment in 12 of 16 lanes
+    (12, 12, 4, (3, 5), 1, "same", 2),  # 3, dilated: four segments in a block of 15 lanes
     (18, 18, 6, (3, 3), 1, (1, 1), 1),  # 3: five segments in 15 lanes, a last block of one
 ]
 
@@ -73,7 +72,7 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
     assert {f"grouped/{g}" for g in divisors} | {f"grouped/{g}+cl" for g in divisors} <= set(names)
     assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
-    rotated = c_in == c_out and c_in // groups in (2, 3, 4, 6, 8, 12, 16)
+    rotated = c_in == c_out and c_in // groups in (2, 3, 4)
     assert ("rotated" in names) == (rotated and few_channel_kernels() is not None)
 
 

@@ -1,4 +1,4 @@
-// A grouped 2-D convolution with few channels per group (K = 2, 3, 4, 6, 8, 12 or 16 in and out per group) on channels-last CPU
+// A grouped 2-D convolution with few channels per group (K = 2, 3 or 4 in and out per group) on channels-last CPU
 // tensors, forward and backward. oneDNN's grouped kernels run such convolutions 3-8x above their memory floor,
 // slower than a depthwise conv of the same width although the work per pixel is only K times a depthwise conv's.
 //
@@ -25,7 +25,7 @@ namespace {
 
 // Sixteen channels at once, with the rotation within groups of K of them: floats in one AVX-512 register; doubles
 // in a plain array the compiler vectorises (they serve the float64 equivalence tests, not speed). A block holds
-// 16 / K whole groups (lanes = 16 / K * K channels: all 16 for K = 2, 4, 8, 16; 15 for K = 3; 12 for K = 6, 12);
+// 16 / K whole groups (lanes = 16 / K * K channels: all 16 for K = 2 and 4, 15 for K = 3);
 // loads and stores of a block touch its lanes only, and the last block of a row may hold fewer groups.
 template <typename scalar_t>
 struct Lanes;
@@ -133,7 +133,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
 template <typename scalar_t, int K>
 void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
   using V = Lanes<scalar_t>;
-  constexpr int P = K <= 4 ? 4 : K <= 8 ? 2 : 1;  // sums in registers: P * K of the 32
+  constexpr int P = 4;  // sums in registers: P * K of the 32
   typename V::Index back[K];  // rotation by -e
   for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
   at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
@@ -178,7 +178,7 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
               const int64_t first = lead > 0 ? (lead + g.sw - 1) / g.sw : 0;
               const int64_t last = room < 0 ? 0 : std::min<int64_t>(g.ow, room / g.sw + 1);
               const int64_t tap = (i * g.kw + j) * K * g.c + cb;
-              constexpr int P = K <= 4 ? 2 : 1;  // pixels in flight: P sets of kernel-gradient sums in registers
+              constexpr int P = 2;  // pixels in flight: P sets of kernel-gradient sums in registers
               V entry[K], acc[P][K];
               for (int e = 0; e < K; ++e) entry[e] = V::load(taps + tap + e * g.c, m);
               for (int p = 0; p < P; ++p)
@@ -238,11 +238,7 @@ void by_group_size(int64_t k, const Call& call) {
     case 2: call(std::integral_constant<int, 2>()); break;
     case 3: call(std::integral_constant<int, 3>()); break;
     case 4: call(std::integral_constant<int, 4>()); break;
-    case 6: call(std::integral_constant<int, 6>()); break;
-    case 8: call(std::integral_constant<int, 8>()); break;
-    case 12: call(std::integral_constant<int, 12>()); break;
-    case 16: call(std::integral_constant<int, 16>()); break;
-    default: TORCH_CHECK(false, "channels per group: 2, 3, 4, 6, 8, 12 or 16, not ", k);
+    default: TORCH_CHECK(false, "channels per group: 2, 3 or 4, not ", k);
   }
 }
 
@@ -298,6 +294,6 @@ std::vector<torch::Tensor> few_channel_backward(torch::Tensor, torch::Tensor, to
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("available") = kAvailable;
-  m.def("forward", &few_channel_forward, "grouped conv, 2-16 channels per group, channels-last");
+  m.def("forward", &few_channel_forward, "grouped conv, 2-4 channels per group, channels-last");
   m.def("backward", &few_channel_backward, "its input and kernel gradients in one sweep");
 }
