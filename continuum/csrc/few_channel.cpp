@@ -4,7 +4,7 @@
 //
 // The channels of a pixel sit in a row; a group is K neighbours in it. The kernel entries come prepared as taps
 // [i][j][e][c'] = weight[base(c') + (c' % K + e) % K, c' % K, i, j]: the entry from input channel c' to the output
-// channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of 16
+// channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of up to 16
 // channels (whole groups), rotating a row by e within each group is one in-register permutation, so:
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
 //   is the sum over e of sums[e] rotated back by e (K - 1 rotations per 16 outputs, not per tap);
