@@ -172,18 +172,21 @@ def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
                      f"all {b.mean():.4f}; all - 1 = {100 * c.diff:+.2f} points [{100 * c.ci_low:+.2f}, "
                      f"{100 * c.ci_high:+.2f}], sd of the paired differences {100 * c.sd:.2f} points.")
     lines.append("")
-    if "pilot" in comparisons:
-        n = seeds_needed(comparisons["pilot"].sd)
-        reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
-        lines.append(f"- Seeds: sd {100 * comparisons['pilot'].sd:.2f} points -> {n} seeds per arm for a 95 % "
-                     f"half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
-    if {"pilot", "pilot_long"} <= set(comparisons):
+    if {"pilot", "pilot_long"} <= set(comparisons) and comparisons["pilot_long"].n < comparisons["pilot"].n:
+        lines.append(f"- Length check: waits for `pilot_long`'s other paired seeds ({comparisons['pilot_long'].n} "
+                     f"of {comparisons['pilot'].n} finished); no verdict, and no seed count, before that.")
+    elif {"pilot", "pilot_long"} <= set(comparisons):
         check = length_check(comparisons["pilot"], comparisons["pilot_long"])
         outcome = "passed: 5 epochs" if check.passed else "failed: 15 epochs"
         lines.append(f"- Length check ({'same' if check.same_ranking else 'different'} ranking, difference moved "
                      f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
+        chosen = "pilot" if check.passed else "pilot_long"  # the seeds come from the campaign's length
+        n = seeds_needed(comparisons[chosen].sd)
+        reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
+        lines.append(f"- Seeds (`{chosen}`): sd {100 * comparisons[chosen].sd:.2f} points -> {n} seeds per arm for a "
+                     f"95 % half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
     else:
-        lines.append("- Length check: waits for both pilot studies.")
+        lines.append("- Length check and seed count: wait for both pilot studies.")
     return lines + [""]
 
 

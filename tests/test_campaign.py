@@ -99,7 +99,19 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     text = (tmp_path / "README.md").read_text()
     assert "all - 1 = -2.00 points" in text and "**passed: 5 epochs**" in text
     assert "(`pilot`, n = 3 paired seeds, 3.0 core-hours)" in text
-    assert "sd 0.20 points -> 3 seeds" in text
+    assert "Seeds (`pilot`): sd 0.20 points -> 3 seeds" in text
+    unfinished = pd.read_csv(tmp_path / "pilot_long" / "trials.csv")
+    unfinished.loc[unfinished["seed"] == 2, "state"] = "RUNNING"  # a pair not finished: no verdict yet
+    unfinished.to_csv(tmp_path / "pilot_long" / "trials.csv", index=False)
+    lines = campaign.pilot_section(tmp_path)
+    assert "- Length check: waits for `pilot_long`'s other paired seeds (2 of 3 finished); no verdict, and no seed " \
+        "count, before that." in lines and not any("Seeds" in line for line in lines)
+    _pilot_table(tmp_path / "pilot_long_moved", [0.010, 0.012, 0.008])
+    (tmp_path / "pilot_long").rename(tmp_path / "pilot_unfinished")
+    (tmp_path / "pilot_long_moved").rename(tmp_path / "pilot_long")
+    lines = campaign.pilot_section(tmp_path)
+    assert any("**failed: 15 epochs**" in line for line in lines)
+    assert any(line.startswith("- Seeds (`pilot_long`): sd 0.20 points") for line in lines)  # the longer pilot's sd
     assert "Learning rates (`pilot_lr`): not run yet." in text
     rates = [("1", 0.025, 0.90), ("1", 0.05, 0.92), ("all", 0.025, 0.91), ("all", 0.05, 0.91)]
     (tmp_path / "pilot_lr").mkdir()
