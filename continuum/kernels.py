@@ -24,6 +24,7 @@ float rounding:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -183,6 +184,16 @@ ROTATED_WIDTHS = (2, 3, 4)
 lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.2-2.1x faster."""
 
 
+@functools.lru_cache(maxsize=None)
+def _rotation_index(channels: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, columns)``, each ``K x C``: where :func:`rotations` takes each tap from (built once per shape, not
+    on every call)."""
+    channel = torch.arange(channels, device=device)
+    position = channel % k  # within the group
+    rows = channel - position + (position + torch.arange(k, device=device).view(k, 1)) % k  # K x C
+    return rows, position.expand(k, -1)
+
+
 def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """A ``C x K x kh x kw`` grouped kernel (``K`` channels per group, in and out) as the ``rotated`` kernel reads it.
 
@@ -191,11 +202,7 @@ def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, t
         entry from input channel ``c`` to the output channel ``e`` places further round its group; and where each
         tap came from in ``weight`` (``(rows, columns)``, each ``K x C``), to put the taps' gradient back.
     """
-    channels, k = weight.shape[:2]
-    channel = torch.arange(channels, device=weight.device)
-    position = channel % k  # within the group
-    rows = channel - position + (position + torch.arange(k, device=weight.device).view(k, 1)) % k  # K x C
-    columns = position.expand(k, -1)
+    rows, columns = _rotation_index(*weight.shape[:2], weight.device)
     return weight[rows, columns].permute(2, 3, 0, 1).contiguous(), (rows, columns)  # K x C x kh x kw -> kh x kw x K x C
 
 
