@@ -180,6 +180,9 @@ def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
         outcome = "passed: 5 epochs" if check.passed else "failed: 15 epochs"
         lines.append(f"- Length check ({'same' if check.same_ranking else 'different'} ranking, difference moved "
                      f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
+        if not check.passed:
+            lines.append("- **Convergence is not shown**: the ablations train 15 epochs, with the learning rates "
+                         "chosen at 5; the same check from 15 to 45 epochs was not run (it would cost 3x again).")
         chosen = "pilot" if check.passed else "pilot_long"  # the seeds come from the campaign's length
         n = seeds_needed(comparisons[chosen].sd)
         reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"

@@ -65,8 +65,8 @@ def depthwise_kernels() -> ModuleType | None:
 
 
 def few_channel_kernels() -> ModuleType | None:
-    """``few_channel.cpp`` built (``forward(x, taps, stride, padding, dilation)`` and ``backward(grad_y, x,
-    taps, stride, padding, dilation)``), or ``None`` where it cannot be built or the CPU lacks AVX-512."""
+    """``few_channel.cpp`` built (``forward(x, taps, stride, padding, dilation)`` and ``taps_gradient(grad_y, x,
+    kh, kw, k, stride, padding, dilation)``), or ``None`` where it cannot be built or the CPU lacks AVX-512."""
     if "avx512f" not in cpu_flags():  # not worth a minute's build
         return None
     module = built("few_channel")

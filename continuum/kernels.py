@@ -13,10 +13,11 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two. A candidate only where the C++ kernel could be built.
-- ``rotated``: 2, 3 or 4 input and output channels per segment, on an AVX-512 CPU in float32 (and
+- ``rotated``: 2, 3 or 4 input and output channels per segment, stride 1, on an AVX-512 CPU in float32 (and
   float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row
-  of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; its backward pass
-  computes both gradients in one sweep. A candidate only where the C++ kernel could be built.
+  of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input gradient is
+  the same kernel run over the output gradient, the kernel gradient a second kernel that sums in registers. A
+  candidate only where the C++ kernel could be built.
 - ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
   backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
   and, like every candidate, chosen only when it wins the timing there.
@@ -181,7 +182,7 @@ class _FusedDepthwise(torch.autograd.Function):
 
 ROTATED_WIDTHS = (2, 3, 4)
 """Channels per segment the ``rotated`` kernel computes. Versions for 6, 8, 12 and 16 (whole segments in 16 float
-lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.2-2.4x faster."""
+lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.5-2.2x faster."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,27 +207,54 @@ def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, t
     return weight[rows, columns].permute(2, 3, 0, 1).contiguous(), (rows, columns)  # K x C x kh x kw -> kh x kw x K x C
 
 
+def flipped_transpose(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel whose stride-1 convolution of the output gradient is the input gradient of a grouped conv
+    (``C x K x kh x kw``, ``K`` channels per group in and out): each group's ``K x K`` block transposed, each
+    kernel turned by 180 degrees."""
+    channels, k = weight.shape[:2]
+    blocks = weight.view(channels // k, k, k, *weight.shape[2:])  # G x K out x K in x kh x kw
+    return blocks.transpose(1, 2).flip(3, 4).reshape(weight.shape)
+
+
 class _RotatedGrouped(torch.autograd.Function):
-    """A channels-last grouped conv of 2-4 channels per group: the C++ ``rotated`` kernel, forward and backward."""
+    """A channels-last grouped conv of 2-4 channels per group, stride 1: the C++ ``rotated`` kernel computes the
+    forward pass, the input gradient (a forward pass over the output gradient) and the kernel gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
                 padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-        taps, origin = rotations(weight)
-        ctx.save_for_backward(x, taps, *origin)
+        if not rotated_geometry(weight.shape[2:], stride, padding, dilation):
+            raise ValueError("strategy rotated runs stride 1, with padding at most dilation * (kernel size - 1)")
+        ctx.save_for_backward(x, weight)
         ctx.geometry = list(stride), list(padding), list(dilation)
-        y = few_channel_kernels().forward(x, taps, *ctx.geometry)  # N x C x H' x W', channels-last
+        y = few_channel_kernels().forward(x, rotations(weight)[0], *ctx.geometry)  # N x C x H' x W', channels-last
         return y if bias is None else y + bias.view(1, -1, 1, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor) -> tuple:
-        x, taps, rows, columns = ctx.saved_tensors
-        grad_x, grad_taps = few_channel_kernels().backward(grad_y, x, taps, *ctx.geometry)
-        grad_w = grad_taps.new_empty(rows.shape[1], rows.shape[0], *taps.shape[:2])  # C x K x kh x kw
-        grad_w[rows, columns] = grad_taps.permute(2, 3, 0, 1)  # each entry once: (rows, columns) covers weight
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        kernels, (channels, k, kh, kw) = few_channel_kernels(), weight.shape
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # stride 1: each output pixel's gradient reaches the inputs its kernel read
+            reach = [d * (size - 1) - p for d, size, p in zip(dilation, (kh, kw), padding)]
+            grad_x = kernels.forward(grad_y, rotations(flipped_transpose(weight))[0], [1, 1], reach, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_taps = kernels.taps_gradient(grad_y, x, kh, kw, k, *ctx.geometry)  # kh x kw x K x C
+            rows, columns = _rotation_index(channels, k, weight.device)
+            grad_w = grad_taps.new_empty(weight.shape)
+            grad_w[rows, columns] = grad_taps.permute(2, 3, 0, 1)  # each entry once: (rows, columns) covers weight
         grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def rotated_geometry(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                     dilation: tuple[int, int]) -> bool:
+    """Whether the ``rotated`` kernel computes this geometry (numeric ``padding``): stride 1, and padding no wider
+    than the kernel's reach (its input gradient is a forward pass with the padding that reach leaves)."""
+    return tuple(stride) == (1, 1) and all(p <= d * (size - 1) for p, d, size in zip(padding, dilation, kernel))
 
 
 def _cpp_strategy(kernel: type[torch.autograd.Function], name: str) -> Callable[..., torch.Tensor]:
@@ -302,7 +330,8 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
     """
     divisors = [g for g in range(geom.groups, 0, -1) if geom.groups % g == 0]
     found = [Strategy("grouped", g, cl) for g in divisors for cl in (False, True)]
-    if geom.numeric_padding(kernel) is not None:
+    padding = geom.numeric_padding(kernel)
+    if padding is not None:
         if geom.groups > 1:
             found.insert(2, Strategy("unfold"))
         if geom.groups == in_channels == out_channels:
@@ -311,6 +340,7 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
                 found.insert(2, Strategy("fused"))
         width = in_channels // geom.groups  # channels per segment
         if (device_type == "cpu" and in_channels == out_channels and width in ROTATED_WIDTHS
+                and rotated_geometry(kernel, geom.stride, padding, geom.dilation)
                 and few_channel_kernels() is not None):
             found.insert(2, Strategy("rotated"))
         few = width <= 16  # unrolled in the Triton kernel

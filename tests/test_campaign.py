@@ -97,7 +97,7 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
     assert campaign.main([str(tmp_path)]) == 0
     text = (tmp_path / "README.md").read_text()
-    assert "all - 1 = -2.00 points" in text and "**passed: 5 epochs**" in text
+    assert "all - 1 = -2.00 points" in text and "**passed: 5 epochs**" in text and "Convergence" not in text
     assert "(`pilot`, n = 3 paired seeds, 3.0 core-hours)" in text
     assert "Seeds (`pilot`): sd 0.20 points -> 3 seeds" in text
     unfinished = pd.read_csv(tmp_path / "pilot_long" / "trials.csv")
@@ -111,6 +111,7 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     (tmp_path / "pilot_long_moved").rename(tmp_path / "pilot_long")
     lines = campaign.pilot_section(tmp_path)
     assert any("**failed: 15 epochs**" in line for line in lines)
+    assert any(line.startswith("- **Convergence is not shown**") for line in lines)
     assert any(line.startswith("- Seeds (`pilot_long`): sd 0.20 points") for line in lines)  # the longer pilot's sd
     assert "Learning rates (`pilot_lr`): not run yet." in text
     rates = [("1", 0.025, 0.90), ("1", 0.05, 0.92), ("all", 0.025, 0.91), ("all", 0.05, 0.91)]

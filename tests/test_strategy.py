@@ -28,7 +28,9 @@ CASES = [
     (8, 8, 2, (3, 3), 1, "valid", 1),
     (8, 8, 1, (1, 1), 1, (0, 0), 1),
     (32, 32, 16, (3, 3), 1, (1, 1), 1),  # 2 channels per segment: rotated
-    (32, 32, 8, (3, 3), 2, (1, 1), 1),  # 4, stride 2
+    (32, 32, 8, (3, 3), 2, (1, 1), 1),  # 4, stride 2: not rotated
+    (16, 16, 4, (3, 3), 1, (1, 0), 1),  # 4, padding 1 x 0: rotated
+    (16, 16, 4, (3, 3), 1, (3, 1), 1),  # 4, padding wider than the kernel reaches: not rotated
     (12, 12, 4, (3, 5), 1, "same", 2),  # 3, dilated: four segments in a block of 15 lanes
     (18, 18, 6, (3, 3), 1, (1, 1), 1),  # 3: five segments in 15 lanes, a last block of one
 ]
@@ -72,7 +74,8 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
     assert {f"grouped/{g}" for g in divisors} | {f"grouped/{g}+cl" for g in divisors} <= set(names)
     assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
-    rotated = c_in == c_out and c_in // groups in (2, 3, 4)
+    reach = isinstance(padding, str) or max(padding) <= dilation * (max(kernel) - 1)
+    rotated = c_in == c_out and c_in // groups in (2, 3, 4) and stride == 1 and reach
     assert ("rotated" in names) == (rotated and few_channel_kernels() is not None)
 
 
@@ -495,6 +498,21 @@ def test_the_cpp_kernels_refuse_what_they_cannot_run(dtype, kind, groups):
     else:
         with pytest.raises(ValueError, match="float32 or float64 on the CPU"):
             run_strategy(Strategy(kind), x, w, None, geom)
+
+
+@pytest.mark.skipif(few_channel_kernels() is None, reason="the rotated kernel needs AVX-512 and a compiler")
+def test_the_rotated_kernel_refuses_strides_and_computes_a_kernel_gradient_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="stride 1"):
+        run_strategy(Strategy("rotated"), x, w, None, ConvGeometry((2, 2), (1, 1), (1, 1), 4))
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1), 4)
+    y = run_strategy(Strategy("rotated"), x, w, None, geom)  # x needs no gradient: only the kernel's is computed
+    upstream = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, w, upstream)
+    (want,) = torch.autograd.grad(F.conv2d(x, w, None, 1, 1, 1, 4), w, upstream)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monkeypatch):
