@@ -182,7 +182,7 @@ class _FusedDepthwise(torch.autograd.Function):
 
 ROTATED_WIDTHS = (2, 3, 4)
 """Channels per segment the ``rotated`` kernel computes. Versions for 6, 8, 12 and 16 (whole segments in 16 float
-lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.5-2.2x faster."""
+lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.5-2.5x faster."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -96,34 +97,36 @@ struct Geometry {
   int64_t in_x(int64_t ox, int64_t j) const { return ox * sw - pw + j * dw; }
 };
 
-template <typename scalar_t, int K, int P>
+template <typename scalar_t, int K, int P, bool Inside>
 void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
                     const typename Lanes<scalar_t>::Index* back, int64_t b, int64_t oy, int64_t ox) {
-  // P neighbouring output pixels at once: each tap's K entries are loaded once for all P
+  // P neighbouring output pixels at once: each tap's K entries are loaded once for all P. Inside: every tap of the
+  // P pixels falls inside the input row (no checks per pixel).
   using V = Lanes<scalar_t>;
   constexpr int64_t S = 16 / K * K;  // channels per block
-  scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * g.c;
-  for (int64_t cb = 0; cb < g.c; cb += S) {
-    const typename V::Mask m = V::mask(std::min(S, g.c - cb));
+  const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, step = g.sw * c;  // in registers, not re-read
+  scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
+  for (int64_t cb = 0; cb < c; cb += S) {
+    const typename V::Mask m = V::mask(std::min(S, c - cb));
     V sums[P][K];  // sums[p][e][c']: input channel c' times its entries to output channel base + (c' % K + e) % K
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p)
       #pragma GCC unroll 16
       for (int e = 0; e < K; ++e) sums[p][e] = V::zero();
-    for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t i = 0; i < kh; ++i) {
       const int64_t iy = g.in_y(oy, i);
-      if (iy < 0 || iy >= g.h) continue;
-      const scalar_t* in_row = x + (b * g.h + iy) * g.w * g.c + cb;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const scalar_t* tap = taps + (i * g.kw + j) * K * g.c + cb;
+      if (iy < 0 || iy >= h) continue;
+      const scalar_t* in_row = x + (b * h + iy) * w * c + cb;
+      for (int64_t j = 0; j < kw; ++j) {
+        const scalar_t* tap = taps + (i * kw + j) * K * c + cb;
+        const int64_t first = g.in_x(ox, j);  // the input column of pixel 0's tap
         V entry[K];
         #pragma GCC unroll 16
-        for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * g.c, m);
+        for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * c, m);
         #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
-          const int64_t ix = g.in_x(ox + p, j);
-          if (ix < 0 || ix >= g.w) continue;
-          const V in = V::load(in_row + ix * g.c, m);
+          if (!Inside && (first + p * g.sw < 0 || first + p * g.sw >= w)) continue;
+          const V in = V::load(in_row + first * c + p * step, m);
           #pragma GCC unroll 16
           for (int e = 0; e < K; ++e) sums[p][e] = sums[p][e].fma(entry[e], in);
         }
@@ -134,7 +137,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
       V acc = sums[p][0];
       #pragma GCC unroll 16
       for (int e = 1; e < K; ++e) acc = acc + sums[p][e].rotated(back[e]);
-      acc.store(out + p * g.c + cb, m);
+      acc.store(out + p * c + cb, m);
     }
   }
 }
@@ -142,7 +145,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
 template <typename scalar_t, int K>
 void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
   using V = Lanes<scalar_t>;
-  constexpr int P = 4;  // sums in registers: P * K of the 32
+  constexpr int P = K == 2 ? 8 : K == 3 ? 5 : 4;  // pixels at once: P * K sums in registers, of the 32
   typename V::Index back[K];  // rotation by -e
   #pragma GCC unroll 16
   for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
@@ -150,8 +153,13 @@ void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.oh, oy = row % g.oh;
       int64_t ox = 0;
-      for (; ox + P <= g.ow; ox += P) forward_pixels<scalar_t, K, P>(x, taps, y, g, back, b, oy, ox);
-      for (; ox < g.ow; ++ox) forward_pixels<scalar_t, K, 1>(x, taps, y, g, back, b, oy, ox);
+      for (; ox + P <= g.ow; ox += P) {
+        if (g.in_x(ox, 0) >= 0 && g.in_x(ox + P - 1, g.kw - 1) < g.w)
+          forward_pixels<scalar_t, K, P, true>(x, taps, y, g, back, b, oy, ox);
+        else
+          forward_pixels<scalar_t, K, P, false>(x, taps, y, g, back, b, oy, ox);
+      }
+      for (; ox < g.ow; ++ox) forward_pixels<scalar_t, K, 1, false>(x, taps, y, g, back, b, oy, ox);
     }
   });
 }
@@ -163,28 +171,38 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
   // kernel columns j0 .. j0 + J - 1 of kernel row i, over one output row: J * K sums in registers
   using V = Lanes<scalar_t>;
   constexpr int64_t S = 16 / K * K;  // channels per block
-  const typename V::Mask m = V::mask(std::min(S, g.c - cb));
-  const scalar_t* in_row = x + (b * g.h + g.in_y(oy, i)) * g.w * g.c + cb;
-  const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * g.c + cb;
+  const int64_t c = g.c, w = g.w, sw = g.sw, dw = g.dw;  // in registers, not re-read
+  const typename V::Mask m = V::mask(std::min(S, c - cb));
+  const scalar_t* in_row = x + (b * g.h + g.in_y(oy, i)) * w * c + cb;
+  const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
   V acc[J][K];
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
     for (int e = 0; e < K; ++e) acc[j][e] = V::zero();
-  for (int64_t ox = 0; ox < g.ow; ++ox) {
+  auto pixel = [&](int64_t ox, auto checked) {  // checked: some of the J columns may fall outside the input row
     V d[K];  // d[e][c']: the gradient of output channel base + (c' % K + e) % K
-    d[0] = V::load(dy_row + ox * g.c, m);
+    d[0] = V::load(dy_row + ox * c, m);
     #pragma GCC unroll 16
     for (int e = 1; e < K; ++e) d[e] = d[0].rotated(rotation[e]);
+    const int64_t first = g.in_x(ox, j0);
     #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) {
-      const int64_t ix = g.in_x(ox, j0 + j);
-      if (ix < 0 || ix >= g.w) continue;
-      const V in = V::load(in_row + ix * g.c, m);
+      if constexpr (decltype(checked)::value) {
+        if (first + j * dw < 0 || first + j * dw >= w) continue;
+      }
+      const V in = V::load(in_row + (first + j * dw) * c, m);
       #pragma GCC unroll 16
       for (int e = 0; e < K; ++e) acc[j][e] = acc[j][e].fma(d[e], in);
     }
-  }
+  };
+  // the output columns whose J taps all fall inside the row: 0 <= ox * sw - pw + j0 * dw, and the last tap <= w - 1
+  const int64_t lead = g.pw - j0 * dw, tail = w - 1 + g.pw - (j0 + J - 1) * dw;
+  const int64_t begin = std::min(g.ow, lead > 0 ? (lead + sw - 1) / sw : int64_t(0));
+  const int64_t end = std::max(begin, std::min(g.ow, tail < 0 ? int64_t(0) : tail / sw + 1));
+  for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
+  for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
+  for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
