@@ -239,8 +239,8 @@ class _RotatedGrouped(torch.autograd.Function):
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # stride 1: each output pixel's gradient reaches the inputs its kernel read
-            reach = [d * (size - 1) - p for d, size, p in zip(dilation, (kh, kw), padding)]
-            grad_x = kernels.forward(grad_y, rotations(flipped_transpose(weight))[0], [1, 1], reach, dilation)
+            grad_x = kernels.forward(grad_y, rotations(flipped_transpose(weight))[0], [1, 1],
+                                     gradient_padding((kh, kw), padding, dilation), dilation)
         if ctx.needs_input_grad[1]:
             grad_taps = kernels.taps_gradient(grad_y, x, kh, kw, k, *ctx.geometry)  # kh x kw x K x C
             rows, columns = _rotation_index(channels, k, weight.device)
@@ -250,11 +250,17 @@ class _RotatedGrouped(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def gradient_padding(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
+    """The padding of the stride-1 forward pass over the output gradient that gives the input gradient: the
+    kernel's reach ``dilation * (size - 1)`` less the forward padding (negative where the padding is wider)."""
+    return [d * (size - 1) - p for size, p, d in zip(kernel, padding, dilation)]
+
+
 def rotated_geometry(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                      dilation: tuple[int, int]) -> bool:
     """Whether the ``rotated`` kernel computes this geometry (numeric ``padding``): stride 1, and padding no wider
-    than the kernel's reach (its input gradient is a forward pass with the padding that reach leaves)."""
-    return tuple(stride) == (1, 1) and all(p <= d * (size - 1) for p, d, size in zip(padding, dilation, kernel))
+    than the kernel's reach (its input gradient is a forward pass with ``gradient_padding``)."""
+    return tuple(stride) == (1, 1) and min(gradient_padding(kernel, padding, dilation)) >= 0
 
 
 def _cpp_strategy(kernel: type[torch.autograd.Function], name: str) -> Callable[..., torch.Tensor]:

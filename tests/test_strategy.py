@@ -517,17 +517,21 @@ def test_the_rotated_kernel_refuses_strides_and_computes_a_kernel_gradient_alone
 
 @pytest.mark.skipif(few_channel_kernels() is None, reason="the rotated kernel needs AVX-512 and a compiler")
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_the_rotated_kernel_is_exact_on_rows_wide_enough_for_whole_pixel_groups_inside(k):
-    torch.manual_seed(k)  # 23 columns: groups of 4-8 pixels with every tap inside the row, and edge groups
-    x = torch.randn(2, 5 * k, 4, 23, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    w = torch.randn(5 * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
-    y = run_strategy(Strategy("rotated"), x, w, None, ConvGeometry((1, 1), (1, 1), (1, 1), 5))
-    ref = F.conv2d(x, w, None, 1, 1, 1, 5)
-    upstream = torch.randn_like(ref)
-    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    for got, want in zip(torch.autograd.grad(y, (x, w), upstream), torch.autograd.grad(ref, (x, w), upstream)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+def test_the_rotated_kernel_is_exact_at_every_row_width_and_edge(k):
+    torch.manual_seed(k)  # 16-24 columns: every remainder of the 4-8 pixel groups, whole groups inside and edge groups
+    for width in range(16, 25):
+        for padding in (0, 1, 2):  # 2: taps beyond the row's left and right edges, dilation 2
+            x = torch.randn(2, 5 * k, 3, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            w = torch.randn(5 * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
+            geom = ConvGeometry((1, 1), (padding, padding), (max(padding, 1),) * 2, 5)
+            y = run_strategy(Strategy("rotated"), x, w, None, geom)
+            ref = F.conv2d(x, w, None, 1, padding, geom.dilation, 5)
+            upstream = torch.randn_like(ref)
+            torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+            for got, want in zip(torch.autograd.grad(y, (x, w), upstream),
+                                 torch.autograd.grad(ref, (x, w), upstream)):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monkeypatch):

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -95,6 +96,13 @@ struct Geometry {
   int64_t n, c, h, w, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw;
   int64_t in_y(int64_t oy, int64_t i) const { return oy * sh - ph + i * dh; }
   int64_t in_x(int64_t ox, int64_t j) const { return ox * sw - pw + j * dw; }
+  // [first, last): the output columns whose taps in kernel columns j_first .. j_last all fall inside the input row,
+  // 0 <= in_x(ox, j_first) and in_x(ox, j_last) <= w - 1
+  std::pair<int64_t, int64_t> columns_inside(int64_t j_first, int64_t j_last) const {
+    const int64_t lead = pw - j_first * dw, tail = w - 1 + pw - j_last * dw;
+    const int64_t first = std::min(ow, lead > 0 ? (lead + sw - 1) / sw : int64_t(0));
+    return {first, std::max(first, std::min(ow, tail < 0 ? int64_t(0) : tail / sw + 1))};
+  }
 };
 
 template <typename scalar_t, int K, int P, bool Inside>
@@ -104,7 +112,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
   // P pixels falls inside the input row (no checks per pixel).
   using V = Lanes<scalar_t>;
   constexpr int64_t S = 16 / K * K;  // channels per block
-  const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, step = g.sw * c;  // in registers, not re-read
+  const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
   for (int64_t cb = 0; cb < c; cb += S) {
     const typename V::Mask m = V::mask(std::min(S, c - cb));
@@ -125,7 +133,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
         for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * c, m);
         #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
-          if (!Inside && (first + p * g.sw < 0 || first + p * g.sw >= w)) continue;
+          if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
           const V in = V::load(in_row + first * c + p * step, m);
           #pragma GCC unroll 16
           for (int e = 0; e < K; ++e) sums[p][e] = sums[p][e].fma(entry[e], in);
@@ -149,12 +157,13 @@ void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
   typename V::Index back[K];  // rotation by -e
   #pragma GCC unroll 16
   for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
+  const auto [inside_first, inside_last] = g.columns_inside(0, g.kw - 1);
   at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.oh, oy = row % g.oh;
       int64_t ox = 0;
       for (; ox + P <= g.ow; ox += P) {
-        if (g.in_x(ox, 0) >= 0 && g.in_x(ox + P - 1, g.kw - 1) < g.w)
+        if (ox >= inside_first && ox + P <= inside_last)
           forward_pixels<scalar_t, K, P, true>(x, taps, y, g, back, b, oy, ox);
         else
           forward_pixels<scalar_t, K, P, false>(x, taps, y, g, back, b, oy, ox);
@@ -171,7 +180,7 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
   // kernel columns j0 .. j0 + J - 1 of kernel row i, over one output row: J * K sums in registers
   using V = Lanes<scalar_t>;
   constexpr int64_t S = 16 / K * K;  // channels per block
-  const int64_t c = g.c, w = g.w, sw = g.sw, dw = g.dw;  // in registers, not re-read
+  const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
   const typename V::Mask m = V::mask(std::min(S, c - cb));
   const scalar_t* in_row = x + (b * g.h + g.in_y(oy, i)) * w * c + cb;
   const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
@@ -196,10 +205,7 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
       for (int e = 0; e < K; ++e) acc[j][e] = acc[j][e].fma(d[e], in);
     }
   };
-  // the output columns whose J taps all fall inside the row: 0 <= ox * sw - pw + j0 * dw, and the last tap <= w - 1
-  const int64_t lead = g.pw - j0 * dw, tail = w - 1 + g.pw - (j0 + J - 1) * dw;
-  const int64_t begin = std::min(g.ow, lead > 0 ? (lead + sw - 1) / sw : int64_t(0));
-  const int64_t end = std::max(begin, std::min(g.ow, tail < 0 ? int64_t(0) : tail / sw + 1));
+  const auto [begin, end] = g.columns_inside(j0, j0 + J - 1);
   for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
   for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
   for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
