@@ -1,7 +1,8 @@
 """The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
 
-:func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv) and
-:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-4 channels per group, AVX-512 CPUs only) with
+:func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
+:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-4 channels per group, AVX-512 CPUs only) and
+:func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
 ``torch.utils.cpp_extension`` the first time a process asks for one: about a minute, once per machine, torch version
 and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
 processes load the built library in a second. Where it cannot be built (no compiler, no
@@ -49,7 +50,8 @@ def built(name: str) -> ModuleType | None:
         cpp_logger.setLevel(level)
 
     source = SOURCES / f"{name}.cpp"
-    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}".encode() + source.read_bytes()).hexdigest()[:12]
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
+    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}".encode() + source.read_bytes() + headers).hexdigest()[:12]
     try:
         return cpp_extension.load(f"continuum_{name}_{build}", [str(source)],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
@@ -57,6 +59,12 @@ def built(name: str) -> ModuleType | None:
         log.warning("the C++ kernel %s.cpp could not be built (%s); using torch's kernels", name,
                     str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
         return None
+
+
+def batch_norm_kernels() -> ModuleType | None:
+    """``batch_norm.cpp`` built: ``forward(x, weight, bias, eps)`` and ``backward(grad_y, x, weight, mean, invstd,
+    input_grad, weight_grad)``, batch norm's channels-last training pass, or ``None``."""
+    return built("batch_norm")
 
 
 def depthwise_kernels() -> ModuleType | None:

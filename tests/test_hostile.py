@@ -251,6 +251,10 @@ def test_bad_bench_options_keep_its_tables(tmp_path, capsys, args, message):
     ("train_loop", ["--segments", "all,0"], "segments=0 is not valid"),
     ("table_bookkeeping", ["--every", "0"], "argument --every: 0 is not valid; use a whole number >= 1"),
     ("precision_accuracy", ["--root", "{tmp}/none"], "no results table at"),
+    ("batch_norm", ["--shapes", "64x28"], "--shapes: '64x28' is neither a known shape"),
+    ("batch_norm", ["--segments", "0"], "segments=0 is not valid"),
+    ("batch_norm", ["--batch", "1"], "argument --batch: 1 is not valid; use a whole number >= 2"),
+    ("batch_norm", ["--out", "{tmp}/table.csv"], "table.csv is a file, not a folder"),
 ])
 def test_bad_benchmark_options_end_in_one_error_line(tmp_path, capsys, monkeypatch, script, args, message):
     (tmp_path / "table.csv").write_text("an earlier table\n")

@@ -12,8 +12,8 @@ LAYERS = [
     # vocabulary and small helpers, importing nothing of ours
     "continuum.knobs", "continuum.files", "continuum.timing", "continuum.allocator",
     # the layers and what computes them
-    "continuum.compiled", "continuum.triton_kernels", "continuum.kernels", "continuum.strategy", "continuum.block",
-    "continuum.cost",
+    "continuum.compiled", "continuum.triton_kernels", "continuum.kernels", "continuum.strategy", "continuum.norm",
+    "continuum.block", "continuum.cost",
     # models
     "continuum.models.base", "continuum.models.small", "continuum.models.xception", "continuum.models.inception",
     "continuum.models.convert", "continuum.models",

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "thread_sums.h"
+
 namespace {
 
 template <typename scalar_t>
@@ -21,10 +23,9 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
                      scalar_t* grad_taps, int64_t n, int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
                      int64_t oh, int64_t ow, const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                      const std::vector<int64_t>& dilation) {
-  const int64_t tap_size = kh * kw * c, image = h * w * c, threads = at::get_num_threads();
-  std::vector<scalar_t> partial(threads * tap_size, scalar_t(0));
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    scalar_t* sums = partial.data() + at::get_thread_num() * tap_size;
+  const int64_t tap_size = kh * kw * c, image = h * w * c;
+  const std::vector<scalar_t> total = thread_sums<scalar_t>(tap_size, n, 1, [&](scalar_t* sums, int64_t begin,
+                                                                                int64_t end) {
     std::fill(grad_x + begin * image, grad_x + end * image, scalar_t(0));
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t oy = 0; oy < oh; ++oy) {
@@ -51,9 +52,7 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
       }
     }
   });
-  std::fill(grad_taps, grad_taps + tap_size, scalar_t(0));
-  for (int64_t thread = 0; thread < threads; ++thread)
-    for (int64_t k = 0; k < tap_size; ++k) grad_taps[k] += partial[thread * tap_size + k];
+  std::copy(total.begin(), total.end(), grad_taps);
 }
 
 }  // namespace

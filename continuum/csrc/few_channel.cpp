@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include "thread_sums.h"
+
 #ifdef __AVX512F__
 namespace {
 
@@ -226,10 +228,9 @@ void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* g
   typename V::Index rotation[K];
   #pragma GCC unroll 16
   for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
-  const int64_t tap_size = g.kh * g.kw * K * g.c, threads = at::get_num_threads();
-  std::vector<scalar_t> partial(threads * tap_size, scalar_t(0));
-  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
-    scalar_t* sums = partial.data() + at::get_thread_num() * tap_size;
+  const int64_t tap_size = g.kh * g.kw * K * g.c;
+  const std::vector<scalar_t> total = thread_sums<scalar_t>(tap_size, g.n, 1, [&](scalar_t* sums, int64_t begin,
+                                                                                  int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t oy = 0; oy < g.oh; ++oy)
         for (int64_t cb = 0; cb < g.c; cb += S)
@@ -242,9 +243,7 @@ void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* g
             for (; j < g.kw; ++j) taps_gradient_columns<scalar_t, K, 1>(x, grad_y, sums, g, rotation, b, oy, i, j, cb);
           }
   });
-  std::fill(grad_taps, grad_taps + tap_size, scalar_t(0));
-  for (int64_t thread = 0; thread < threads; ++thread)
-    for (int64_t k = 0; k < tap_size; ++k) grad_taps[k] += partial[thread * tap_size + k];
+  std::copy(total.begin(), total.end(), grad_taps);
 }
 
 // The convolution of x (channels-last N x C x H x W) by kh x kw kernels of k channels per group.

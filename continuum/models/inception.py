@@ -12,6 +12,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from continuum.models.base import ClassifierHead, ContinuumClassifier, build, pretrained_config
+from continuum.norm import BatchNorm2d
 
 PAPER_PARAMS = {"continuum_xception": 22_855_952, "continuum_inception_v3": 23_626_728}
 """Parameter counts of the paper's table 3 (1000 classes, no FC layers)."""
@@ -35,7 +36,7 @@ def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int = 1, strid
     """Inception V3's basic unit: conv (``same`` padding) -> batch norm -> ReLU."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class InceptionModule(nn.Module):
