@@ -8,7 +8,7 @@ tensor passes each must make (forward: read x twice, write y; backward: read x a
 bandwidth of a copy of the same tensor, timed in the same rounds.
 
 Steps: one SGD step of ``continuum_small`` (fp32, channels-last, tuned convs) on a batch of 28 px images, the model
-with continuum's batch norm and the same model with torch's, in paired rounds.
+with continuum's batch norm and the same model with torch's, in interleaved rounds.
 
     python benchmarks/batch_norm.py --out results/bench/xeon
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -106,15 +105,10 @@ def step_row(segments, batch: int, rounds: int) -> dict:
 
         step(), step()  # warm (and the convs tuned)
         steps[name] = step
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            seconds[name].append(time.perf_counter() - start)
-    return {"segments": str(segments), **{f"{name}_images_per_s": batch / statistics.median(s)
-                                           for name, s in seconds.items()},
-            **speedup(seconds["torch"], seconds["ours"]), "rounds": rounds}
+    times = interleaved_times(steps, torch.device("cpu"), rounds, min_total_ms=0.0)
+    return {"segments": str(segments), **{f"{name}_images_per_s": batch * 1e3 / statistics.median(ms)
+                                           for name, ms in times.items()},
+            **speedup(times["torch"], times["ours"]), "rounds": rounds}
 
 
 def main() -> None:
