@@ -1,10 +1,12 @@
 """Batch normalisation whose training pass on channels-last CPU tensors runs a C++ kernel.
 
-torch's batch norm runs channels-last training passes at 2-4x their memory floor on the small images of the sweeps
-(64 channels at 28 px, batch 128: 5.4 ms forward and 17 ms backward where one copy of the tensor takes 1.8 ms); it
-was a third of a depthwise net's training step. :class:`BatchNorm2d` is ``nn.BatchNorm2d`` (same arguments, state
-dict, running statistics and results up to rounding) whose batch-statistics pass runs ``csrc/batch_norm.cpp``
-(:func:`~continuum.compiled.batch_norm_kernels`) when the input is a channels-last float32 or float64 CPU tensor.
+torch's batch norm runs channels-last training passes at 1.6-2.2x their memory floor on the small images of the
+sweeps (64 channels at 28 px, batch 128: 12.8 ms forward and backward, where the floor is 8.3 ms; this kernel
+9.0 ms, ``results/bench/README.md``); it was a third of a depthwise net's fp32 training step. :class:`BatchNorm2d`
+is ``nn.BatchNorm2d`` (same arguments, state dict, running statistics and results up to rounding) whose
+batch-statistics pass runs ``csrc/batch_norm.cpp`` (:func:`~continuum.compiled.batch_norm_kernels`) when the input
+is a channels-last CPU tensor of float32, float64 or bfloat16 (as a conv under autocast gives it; computed in
+float32, with the layer's float32 weights).
 Everything else (evaluation with running statistics, NCHW, other dtypes, CUDA, a machine that cannot build the
 kernel) and the cases in which the conv tuner runs torch's kernels (mode ``native``, deterministic algorithms,
 tracing and compiling: :func:`~continuum.strategy.use_native`) run torch's own; ``torch.jit.script`` compiles torch's
@@ -81,8 +83,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _kernel_runs(self, x: torch.Tensor) -> bool:
         """Whether the C++ kernel computes this call (else torch's batch norm, which also raises torch's errors)."""
         return (not use_native(x) and x.dim() == 4 and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.float64)
-                and (self.weight is None or self.weight.dtype == x.dtype)
+                and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+                and (self.weight is None or self.weight.dtype in (x.dtype, torch.float32))  # as torch allows
                 and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > x.shape[1] == self.num_features
                 and batch_norm_kernels() is not None)
 

@@ -253,6 +253,7 @@ def test_bad_bench_options_keep_its_tables(tmp_path, capsys, args, message):
     ("precision_accuracy", ["--root", "{tmp}/none"], "no results table at"),
     ("batch_norm", ["--shapes", "64x28"], "--shapes: '64x28' is neither a known shape"),
     ("batch_norm", ["--segments", "0"], "segments=0 is not valid"),
+    ("batch_norm", ["--dtypes", "fp32,fp16"], "--dtypes='fp16' is not valid; choose one of fp32, bf16"),
     ("batch_norm", ["--batch", "1"], "argument --batch: 1 is not valid; use a whole number >= 2"),
     ("batch_norm", ["--out", "{tmp}/table.csv"], "table.csv is a file, not a folder"),
 ])

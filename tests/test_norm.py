@@ -79,13 +79,31 @@ def test_float32_matches_torch_and_a_frozen_layer_or_input_gets_only_the_gradien
 
 
 @needs_kernel
+def test_bfloat16_input_with_float32_weights_follows_torch():
+    torch.manual_seed(2)
+    theirs, ours = twins(16, torch.float32)
+    x = (torch.randn(4, 16, 5, 5) * 2 + 30).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(4, 16, 5, 5).to(torch.bfloat16)
+    results = []
+    for layer in (theirs, ours):
+        x_in = x.clone().requires_grad_(True)
+        y = layer(x_in)
+        results.append((y, *torch.autograd.grad(y, [x_in, layer.weight, layer.bias], upstream)))
+    for got, want in zip(*reversed(results)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.05)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-3, atol=1e-3)
+
+
+@needs_kernel
 def test_torchs_kernel_runs_where_ours_does_not(monkeypatch):
     monkeypatch.setattr(continuum.norm, "_ChannelsLastBatchNorm", None)  # any use of the kernel fails
     layer = BatchNorm2d(4)
     nchw = torch.randn(2, 4, 3, 3)
     assert layer(nchw).is_contiguous()
     channels_last = nchw.contiguous(memory_format=torch.channels_last)
-    assert layer(channels_last.to(torch.bfloat16)).dtype == torch.bfloat16  # another dtype
+    assert layer(channels_last.half()).dtype == torch.float16  # another dtype
     with conv_strategy("native"):
         layer(channels_last)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -118,10 +136,12 @@ def test_models_build_it_for_batchnorm2d_and_script_with_torchs():
 @needs_kernel
 def test_the_benchmark_writes_both_tables(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["batch_norm.py", "--shapes", "8x4x2", "--segments", "all", "--batch", "4",
-                                     "--rounds", "2", "--out", str(tmp_path)])
+                                     "--dtypes", "fp32,bf16", "--rounds", "2", "--out", str(tmp_path)])
     load_benchmark("batch_norm").main()
     layers = pd.read_csv(tmp_path / "batch_norm_layers_cpu.csv")
     steps = pd.read_csv(tmp_path / "batch_norm_step_cpu.csv")
-    assert list(layers.direction) == ["fwd", "fwd+bwd"] and (layers.rounds == 2).all()
+    assert list(layers.direction) == ["fwd", "fwd+bwd"] * 2 and list(layers.dtype) == ["fp32"] * 2 + ["bf16"] * 2
+    assert (layers.rounds == 2).all()
     assert (layers.speedup_low <= layers.speedup).all() and (layers.speedup <= layers.speedup_high).all()
-    assert list(steps.segments) == ["all"] and (steps.ours_images_per_s > 0).all()
+    assert list(steps.segments) == ["all", "all"] and list(steps.dtype) == ["fp32", "bf16"]
+    assert (steps.ours_images_per_s > 0).all()
