@@ -1,16 +1,16 @@
 """Batch normalisation whose training pass on channels-last CPU tensors runs a C++ kernel.
 
-torch's batch norm runs channels-last training passes at 1.6-2.2x their memory floor on the small images of the
-sweeps (64 channels at 28 px, batch 128: 12.8 ms forward and backward, where the floor is 8.3 ms; this kernel
-9.0 ms, ``results/bench/README.md``); it was a third of a depthwise net's fp32 training step. :class:`BatchNorm2d`
-is ``nn.BatchNorm2d`` (same arguments, state dict, running statistics and results up to rounding) whose
-batch-statistics pass runs ``csrc/batch_norm.cpp`` (:func:`~continuum.compiled.batch_norm_kernels`) when the input
-is a channels-last CPU tensor of float32, float64 or bfloat16 (as a conv under autocast gives it; computed in
-float32, with the layer's float32 weights).
-Everything else (evaluation with running statistics, NCHW, other dtypes, CUDA, a machine that cannot build the
-kernel) and the cases in which the conv tuner runs torch's kernels (mode ``native``, deterministic algorithms,
-tracing and compiling: :func:`~continuum.strategy.use_native`) run torch's own; ``torch.jit.script`` compiles torch's
-module in its place. The kernel's backward is not itself differentiable (no double backward).
+torch's batch norm runs channels-last training passes at 1.7-2.0x their memory floor in float32 and 2.9-3.7x in
+bfloat16 on the small images of the sweeps (64 channels at 28 px, batch 128, float32: 9.9 ms forward and backward,
+this kernel 7.0 ms, the floor 5.6 ms; ``results/bench/README.md``); it was a third of a depthwise net's float32
+training step. :class:`BatchNorm2d` is ``nn.BatchNorm2d`` (same arguments, state dict, running statistics and
+results up to rounding) whose batch-statistics pass runs ``csrc/batch_norm.cpp``
+(:func:`~continuum.compiled.batch_norm_kernels`) when the input is a channels-last CPU tensor of float32, float64 or
+bfloat16 (as a conv under autocast gives it; computed in float32, with the layer's float32 weights). Everything else
+(evaluation with running statistics, NCHW, other dtypes, CUDA, a machine that cannot build the kernel) and the
+cases in which the conv tuner runs torch's kernels (mode ``native``, deterministic algorithms, tracing and
+compiling: :func:`~continuum.strategy.use_native`) run torch's own; ``torch.jit.script`` compiles torch's module in
+its place. The kernel's backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
