@@ -32,7 +32,7 @@ import continuum  # noqa: F401
 from continuum import keep_freed_memory
 from continuum.bench import DTYPES, parse_shapes
 from continuum.compiled import batch_norm_kernels
-from continuum.config import argument, checked, choice, comma_list, integer
+from continuum.config import argument, choice, comma_list, integer
 from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import parse_segments
 from continuum.norm import BatchNorm2d
@@ -129,8 +129,7 @@ def main() -> None:
     try:
         shapes = parse_shapes(args.shapes)
         segments = comma_list("--segments", parse_segments, "1,16,all")(args.segments)
-        precisions = comma_list("--dtypes", lambda name: checked("--dtypes", choice(tuple(DTYPES)), name),
-                                "fp32,bf16")(args.dtypes)
+        precisions = comma_list("--dtypes", choice(tuple(DTYPES)), "fp32,bf16", named=True)(args.dtypes)
         check_writable_folder(Path(args.out), "--out")
     except ValueError as err:
         parser.error(str(err))

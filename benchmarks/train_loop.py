@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 import continuum  # noqa: F401
-from continuum.config import TrainConfig, argument, checked, comma_list, integer
+from continuum.config import TrainConfig, argument, comma_list, integer
 from continuum.data import fashion_mnist_root, load_fashion_mnist
 from continuum.files import check_writable_folder
 from continuum.knobs import parse_segments
@@ -77,8 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         segment_counts = comma_list("--segments", parse_segments, "all,4")(args.segments)
-        worker_counts = comma_list("--workers", lambda text: checked("--workers", integer(0), text), "0,2")(
-            args.workers)
+        worker_counts = comma_list("--workers", integer(0), "0,2", named=True)(args.workers)
         check_writable_folder(Path(args.out), "--out")
     except ValueError as err:
         parser.error(str(err))

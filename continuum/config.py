@@ -129,16 +129,20 @@ def checked(name: str, parse: Parser, value: Any) -> Any:
         raise ValueError(message if message.startswith(f"{name}=") else f"{name}={message}") from None
 
 
-def comma_list(name: str, parse: Parser, example: str) -> Callable[[str], list]:
+def comma_list(name: str, parse: Parser, example: str, named: bool = False) -> Callable[[str], list]:
     """A parser of a comma list of one value or more (``1,4,all``), each checked by ``parse``.
 
     Args:
         name: the setting's name as the user wrote it, for the message about an empty list.
         parse: the parser of one item.
         example: a valid list, shown in that message.
+        named: an item's error names the setting in front (:func:`checked`), for parsers that do not.
     """
+    def parse_item(item: str) -> Any:
+        return checked(name, parse, item) if named else parse(item)
+
     def parse_list(text: str) -> list:
-        items = [parse(item) for item in str(text).split(",") if item.strip()]
+        items = [parse_item(item) for item in str(text).split(",") if item.strip()]
         if not items:
             raise ValueError(f"{name}: give at least one value, such as {example}")
         return items
