@@ -8,7 +8,7 @@ from torch import nn
 
 import continuum
 from conftest import load_benchmark
-from continuum.compiled import batch_norm_kernels
+from continuum.compiled import batch_norm_kernels, built
 from continuum.norm import BatchNorm2d
 from continuum.strategy import conv_strategy
 
@@ -145,3 +145,16 @@ def test_the_benchmark_writes_both_tables(tmp_path, monkeypatch):
     assert (layers.speedup_low <= layers.speedup).all() and (layers.speedup <= layers.speedup_high).all()
     assert list(steps.segments) == ["all", "all"] and list(steps.dtype) == ["fp32", "bf16"]
     assert (steps.ours_images_per_s > 0).all()
+
+
+def test_the_kernel_builds_here_and_without_it_torchs_batch_norm_runs(monkeypatch):
+    assert batch_norm_kernels() is not None  # a compiler and ninja are here, as for the conv kernels
+    monkeypatch.setenv("CONTINUUM_BUILD_KERNELS", "0")
+    built.cache_clear()
+    try:
+        assert batch_norm_kernels() is None
+        theirs, ours = twins(6, torch.float32)
+        x = torch.randn(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)  # torch's own kernel: bit for bit
+    finally:
+        built.cache_clear()
