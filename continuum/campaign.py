@@ -51,6 +51,9 @@ VERDICTS = {
 }
 """The only words a verdict may use, each with its rule."""
 
+LR_STUDY_SUFFIX = "_lr"
+"""An ablation study ``NAME`` takes each arm's learning rate from the study ``NAME_lr`` (``experiments/campaign``)."""
+
 CLAIMS = ("higher", "lower", "equal")
 """What the paper claims of ``other`` against ``baseline``: better, worse, or no difference."""
 
@@ -142,9 +145,11 @@ def lr_lines(root: Path, study: str) -> list[str]:
     grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
     chosen = grid.apply(lambda row: row[row == row.max()].index.min(), axis=1).rename("chosen lr")
     table = grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index()
-    return [f"Learning rates (`{study}`, {core_hours(trials):.1f} core-hours; validation accuracy after the last "
-            "epoch, seed 0):", "",
-            table.to_markdown(index=False, floatfmt=".4f"), ""]
+    unfinished = "" if grid.notna().all(axis=None) else "; a rate not finished yet: -, and the chosen one may change"
+    return [f"Learning rates (`{study}`, {len(done)} trials finished, {core_hours(trials):.1f} core-hours; validation "
+            f"accuracy after the last epoch, seed 0{unfinished}):", "",
+            table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-"),
+            ""]
 
 
 def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
@@ -443,6 +448,8 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
     of comparisons with their verdicts, core-hours, plots and limitations."""
     tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
+    for study in ablation.studies:  # each arm's rate, chosen before the study runs
+        lines += lr_lines(root, f"{study}{LR_STUDY_SUFFIX}")
     if not tables:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():

@@ -1,6 +1,9 @@
 """The campaign's rules as code: paired tests, Holm, TOST, McNemar, the verdict vocabulary, the pilot's length
 check and seed count, and the report written from tables alone."""
 
+import tomllib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -227,3 +230,22 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     none = campaign.family_table(campaign.interior_family("spectrum_params"),
                                  {"spectrum_params": campaign.load(tmp_path / "none" / "spectrum_params")})
     assert campaign.interior_outcome(none) == "no interior optimum shown"
+
+
+def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_report_shows_them(tmp_path):
+    files = Path(__file__).resolve().parents[1] / "experiments" / "campaign"
+    for study in (study for ablation in campaign.ABLATIONS for study in ablation.studies):
+        settings = tomllib.loads((files / f"{study}.toml").read_text())
+        assert settings["lr"] == "tuned" and settings["lr_study"] == study + campaign.LR_STUDY_SUFFIX
+        assert (files / f"{settings['lr_study']}.toml").exists()
+    order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
+    assert "Learning rates (`order_lr`): not run yet." in campaign.ablation_section(order, tmp_path)
+    _study_table(tmp_path / "order_lr", [({"order": "depthwise_first", "lr": 0.05}, [0.91]),
+                                         ({"order": "depthwise_first", "lr": 0.1}, [0.92]),
+                                         ({"order": "pointwise_first", "lr": 0.05}, [0.90])], seeds=(0,))
+    lines = campaign.ablation_section(order, tmp_path)
+    assert lines[4].startswith("Learning rates (`order_lr`, 3 trials finished, 3.0 core-hours; validation accuracy "
+                               "after the last epoch, seed 0; a rate not finished yet: -, and the chosen one may")
+    assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
+                                          "| pointwise_first |    0.9000 |   -      |      0.0500 |"]
+    assert lines[-2:] == ["Not run yet.", ""]

@@ -19,6 +19,7 @@ import pytest
 
 from continuum import results
 from continuum.sweep.cli import main
+from continuum.sweep.points import DUPLICATE
 from continuum.sweep.settings import from_settings
 from continuum.sweep.storage import open_storage
 from conftest import FAST
@@ -70,16 +71,21 @@ def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_p
     if stop == signal.SIGTERM:  # stopped as by Ctrl-C: the trial is marked, the tables are written
         assert process.returncode == 130 and "rerun the same command to resume" in stderr
         assert "interrupted" in set(results.load(tmp_path / "default")["fail_reason"].dropna())
+    else:  # killed: its trial goes stale after 3 silent heartbeats, and the rerun finds it so
+        time.sleep(3)
     rerun = _spawn(tmp_path, storage)
     assert rerun.wait(timeout=240) == 0, rerun.stderr.read()
     trials = _trials(storage)
     complete = [t.user_attrs["point"] for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2 and len(set(complete)) == 2
-    assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"} and len(trials) == 3
+    # the stopped point ran first, ahead of the point still queued, whose queued trial then stood down
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].user_attrs["fail_reason"].startswith(DUPLICATE)
     table = results.load(tmp_path / "default")
     assert len(table) == 3 and table["trial"].is_unique
     resumed = table[table["resumed_epochs"] > 0]  # the stopped point went on from its last saved epoch
     assert len(resumed) == 1 and resumed["state"].item() == "COMPLETE" and resumed["epochs_done"].item() == 4
+    assert resumed["trial"].item() == 1 and trials[1].user_attrs["point"] == trials[0].user_attrs["point"]
     assert not (tmp_path / "default" / "snapshots").exists()
 
 

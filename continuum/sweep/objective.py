@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import timm
 import torch
+from optuna.trial import TrialState
 
 from continuum.checkpoint import save_checkpoint
 from continuum.cost import measure_latency, model_cost
@@ -89,6 +90,7 @@ class Objective:
         """The trial's point (width-matched when ``match_params`` or ``match_flops`` is set), its learning rate
         (the recipe's unless set) and its seed."""
         if self.cfg.search == "grid":
+            self.resume_first(trial)
             point = grid_point(trial, self.cfg.retry_failed)
         else:
             config, seed = suggest_point(trial, self.cfg)
@@ -100,13 +102,48 @@ class Objective:
         return point
 
     def snapshot(self, trial: optuna.Trial) -> Path | None:
-        """Where a grid trial saves its training state after each epoch, named by its point and the data: a rerun
-        of an interrupted point resumes from there. ``None`` in a search, whose failed points are not rerun."""
-        if self.cfg.search != "grid":
-            return None
-        run = [trial.user_attrs["point"], self.context["dataset"], self.context["train_size"],
-               self.context["val_size"]]
+        """Where a grid trial saves its training state after each epoch (:meth:`saved_state`). ``None`` in a search,
+        whose failed points are not rerun.
+
+        Args:
+            trial: the running trial.
+        """
+        return self.saved_state(trial.user_attrs["point"]) if self.cfg.search == "grid" else None
+
+    def saved_state(self, point: str) -> Path:
+        """Where the grid point ``point`` (its key) saves its training state after each epoch, named by the point
+        and the data: a rerun of an interrupted point resumes from there.
+
+        Args:
+            point: the grid point's key (:func:`~continuum.sweep.points.point_key`).
+        """
+        run = [point, self.context["dataset"], self.context["train_size"], self.context["val_size"]]
         return self.folder / "snapshots" / f"{hashlib.sha256(repr(run).encode()).hexdigest()[:20]}.pt"
+
+    def resume_first(self, trial: optuna.Trial) -> None:
+        """Give a grid trial whose point has no saved state the first queued point that has one, so that stopped
+        points finish before new ones start: a study stopped and resumed many times then holds at most one
+        unfinished point per worker, not one per point.
+
+        The queued trial of that point later stands down as its duplicate (:func:`grid_point`), and the point given
+        up is queued again; two workers taking the same point at once are settled the same way.
+
+        Args:
+            trial: the trial just taken from the queue.
+        """
+        point = trial.user_attrs.get("point")
+        if point is None or self.saved_state(point).exists():
+            return
+        study = trial.study
+        running = {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number != trial.number}
+        for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            saved = queued.user_attrs.get("point")
+            if saved is not None and saved not in running and self.saved_state(saved).exists():
+                log.info("trial %d resumes the saved state of the point queued as trial %d first", trial.number,
+                         queued.number)
+                trial.set_user_attr("point", saved)
+                return
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()

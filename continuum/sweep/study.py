@@ -208,18 +208,19 @@ def remaining(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> int
 def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool:
     """Whether this worker has a trial to run now: a search short of ``n_trials``, or a queued grid point.
 
-    While only other workers' trials of the grid are running, waits for them, failing those whose heartbeat went
-    stale so that their points are queued again (a dead worker's point is rerun here).
+    Fails the grid's trials whose heartbeat went stale, so that their points are queued again (a dead worker's point
+    is rerun, first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`). While only
+    other workers' trials of the grid are running, waits for them.
     """
     if cfg.search != "grid":
         return count_trials(study, DONE) < cfg.n_trials
     while True:
+        optuna.storages.fail_stale_trials(study)
         plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
         if count_trials(study, (TrialState.WAITING,)):
             return True
         if not count_trials(study, (TrialState.RUNNING,), set(grid)):
             return False
-        optuna.storages.fail_stale_trials(study)
         time.sleep(min(cfg.heartbeat, 2))
 
 
