@@ -94,7 +94,17 @@ def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str
                "flops", "latency_ms"]
     if "latency_load" in done and done["latency_load"].notna().any():
         columns.append("latency_contended")
-    table = pd.DataFrame(rows, columns=columns)
+    return sort_arms(pd.DataFrame(rows, columns=columns), by)
+
+
+def sort_arms(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """``table``'s rows (one per arm) in order of the arm columns ``by``, segment counts last and by number
+    (:func:`segments_key`: 2 before 16, ``all`` last), with a fresh index.
+
+    Args:
+        table: one row per arm.
+        by: the columns that name an arm.
+    """
     if "segments" in table:
         table = table.sort_values([c for c in by if c != "segments"] + ["segments"], kind="stable",
                                   key=lambda col: col.map(segments_key) if col.name == "segments" else col)

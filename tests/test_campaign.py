@@ -249,3 +249,7 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
                                           "| pointwise_first |    0.9000 |   -      |      0.0500 |"]
     assert lines[-2:] == ["Not run yet.", ""]
+    _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
+                 seeds=(0,))
+    rows = campaign.lr_lines(tmp_path, "spectrum_params_lr")[2].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["2", "16", "all"]  # by number, depthwise last
