@@ -50,6 +50,11 @@ class TrainingFailed(RuntimeError):
     """A run that cannot go on (non-finite loss, ...); the message is the reason recorded for the trial."""
 
 
+class StopRequested(KeyboardInterrupt):
+    """A run stopped between epochs because its ``stop`` callback asked (see :func:`fit`): an interruption like
+    Ctrl-C, after which nothing is lost that was saved."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when visible, else CPU; anything else is checked to exist.
 
@@ -374,6 +379,7 @@ def fit(
     progress: bool = True,
     description: str = "",
     snapshot: Path | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with ``cfg``, validate after every epoch, and score the test split (when ``data``
     holds one apart) once, after the last.
@@ -389,6 +395,8 @@ def fit(
         snapshot: a file to save the training state to after every epoch, and to resume from when it holds this
             run's state (the same ``cfg`` and ``seed``). Removed when the run finishes or its loss diverges; kept
             when an interruption or another error stops it, so that a rerun resumes.
+        stop: asked after every epoch but the last, once the epoch is saved: ``True`` stops the run there
+            (:class:`StopRequested`), and a rerun with the snapshot goes on from the next epoch.
 
     Returns:
         The per-epoch curve (resumed epochs included), the final and best validation metrics, and the test loss and
@@ -396,6 +404,7 @@ def fit(
 
     Raises:
         TrainingFailed: the training or validation loss became NaN or infinite.
+        StopRequested: ``stop`` asked to stop.
     """
     cfg = cfg.validate()
     device = resolve_device(cfg.device)
@@ -445,6 +454,8 @@ def fit(
                 on_epoch(metrics)
             if saved is not None:  # after on_epoch: a run it stopped saves nothing more
                 saved.save(result.curve)
+            if stop is not None and epoch < cfg.epochs and stop():
+                raise StopRequested(f"stopped after epoch {epoch} of {cfg.epochs}")
         if data.test_x is not None:  # once, after training: no choice sees it
             result.test_loss, result.test_correct = evaluate(step_model, data.test_x.to(device),
                                                              data.test_y.to(device), inputs, 2 * cfg.batch_size,

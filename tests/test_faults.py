@@ -89,6 +89,23 @@ def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_p
     assert not (tmp_path / "default" / "snapshots").exists()
 
 
+def test_sigusr1_stops_each_worker_after_its_epoch_in_progress_and_the_rerun_loses_nothing(tmp_path):
+    storage = _file_storages(tmp_path)["journal"]
+    process = _spawn(tmp_path, storage, "--workers", "2")  # the parent passes the signal on to both workers
+    _wait_for_a_snapshot(tmp_path / "default")
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "stopped after the epoch in progress, which is saved" in stderr, stderr
+    stopped = results.load(tmp_path / "default")
+    assert "RUNNING" not in set(stopped["state"]) and "lost" not in stderr
+    stopped = stopped[stopped["fail_reason"] == "interrupted"].set_index("segments")["epochs_done"]
+    assert len(stopped) >= 1 and stopped.between(1, 3).all()  # each stopped after a whole epoch, before the last
+    rerun = _spawn(tmp_path, storage)
+    assert rerun.wait(timeout=240) == 0, rerun.stderr.read()
+    done = results.load(tmp_path / "default").query("state == 'COMPLETE'").set_index("segments")
+    assert len(done) == 2 and (done.loc[stopped.index, "resumed_epochs"] == stopped).all()  # every epoch kept
+
+
 def _fresh_database(server) -> str:
     """A new, empty database on the test server."""
     import sqlalchemy

@@ -12,7 +12,8 @@ from continuum import conv_strategy
 from continuum.config import TrainConfig
 from continuum.data import make_synthetic
 from continuum.kernels import is_channels_last
-from continuum.train import TrainingFailed, augment_batch, fit, lr_factor, resolve_device, resolve_precision
+from continuum.train import StopRequested, TrainingFailed, augment_batch, fit, lr_factor, resolve_device, \
+    resolve_precision
 
 
 def test_augment_crops_with_padding_and_flips():
@@ -91,14 +92,14 @@ def test_on_epoch_can_stop_the_run():
     assert seen == [1]
 
 
-def _fit_tiny(snapshot, on_epoch=None, seed=0, epochs=3, lr=0.05):
+def _fit_tiny(snapshot, on_epoch=None, seed=0, epochs=3, lr=0.05, stop=None):
     """A dropout net (the global generator matters too) on 64 images, native convs: runs that must be equal are."""
     torch.manual_seed(seed)
     model = timm.create_model("continuum_small", width_mult=0.25, drop_rate=0.5)
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr)
     with conv_strategy("native"):
         result = fit(model, make_synthetic(train_size=64, val_size=32), cfg, seed=seed, on_epoch=on_epoch,
-                     progress=False, snapshot=snapshot)
+                     progress=False, snapshot=snapshot, stop=stop)
     return model, result
 
 
@@ -128,6 +129,18 @@ def test_an_interrupted_run_resumes_from_its_snapshot_to_the_uninterrupted_runs_
     assert resumed[1].resumed_epochs == 1 and seen == [1, 2, 3]  # the saved epoch is replayed to on_epoch
     _same_run(straight, resumed)
     assert not snapshot.parent.exists()  # removed when the run finished, with its folder
+
+
+def test_a_stop_asked_for_ends_the_run_after_the_epoch_once_it_is_saved_and_loses_nothing(tmp_path):
+    snapshot = tmp_path / "run.pt"
+    asked = []
+    with pytest.raises(StopRequested, match="stopped after epoch 1 of 3"):
+        _fit_tiny(snapshot, stop=lambda: not asked.append(True))  # asks to stop at the first question
+    assert len(asked) == 1
+    asked.clear()
+    resumed = _fit_tiny(snapshot, stop=lambda: bool(asked.append(True)))  # never asks to stop
+    assert resumed[1].resumed_epochs == 1 and len(asked) == 1  # asked after epoch 2, not after the last
+    _same_run(_fit_tiny(None), resumed)
 
 
 @pytest.mark.parametrize("other", [{"seed": 1}, {"lr": 0.1}, {"epochs": 4}])

@@ -17,6 +17,7 @@ Examples:
 
 Results go to OUT/STUDY/: trials.csv (+ .parquet), curves.csv, summary.md, plots; the Optuna study lives in
 OUT/STUDY/study.db unless --storage names another database. Rerunning the same command resumes the study.
+Ctrl-C or SIGTERM stops it at once, SIGUSR1 after the epoch in progress (continuum.sweep.signals).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -39,10 +38,11 @@ from continuum.report import write_report, write_summary
 from continuum.strategy import check_environment
 from continuum.sweep.points import build_model, grid_points, matched
 from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
+from continuum.sweep.signals import install_stop_handlers
 from continuum.sweep.study import check_paths, run, storage_url
 from continuum.sweep.workers import run_workers
 from continuum.tracking import Trackers
-from continuum.train import resolve_device
+from continuum.train import StopRequested, resolve_device
 
 
 STORAGE_FAULTS = (OSError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
@@ -67,18 +67,6 @@ def quiet_logs(quiet: bool) -> None:
     keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM (a batch system's time limit, ``kill``) stop the sweep as Ctrl-C does: the trial in progress
-    is marked interrupted and the tables are written. SIGINT does so too even where it was inherited ignored (a
-    process started with ``&`` from a script ignores it, and Python then raises no ``KeyboardInterrupt``)."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-        signal.signal(signal.SIGTERM, interrupt)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def prepare(cfg: SweepConfig) -> TensorData:
@@ -106,7 +94,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.swe
     bad input, 1: a disk or database fault, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
-    stop_on_sigterm()
+    install_stop_handlers()
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet") and v is not None}
     try:
         quiet_logs(args.quiet)
@@ -120,6 +108,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.swe
     except (ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StopRequested:
+        print("stopped after the epoch in progress, which is saved: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: the study is consistent; rerun the same command to resume", file=sys.stderr)
         return 130

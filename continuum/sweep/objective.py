@@ -26,6 +26,7 @@ from continuum.sweep.points import INTERRUPTED, GridPoint, TrialFailed, build_mo
     matched, show_point, suggest_point, varied_knobs
 from continuum.sweep.record import encode_correct, point_cells, record
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
+from continuum.sweep.signals import stop_requested
 from continuum.timing import device_name
 from continuum.tracking import Trackers
 from continuum.train import TrainingFailed, curve_summary, discard_snapshot, fit, resolve_device, resolve_precision
@@ -183,7 +184,7 @@ class Objective:
             record(trial, **costs)
             with TUNER.recording() as strategies:
                 result = fit(model, self.data, train, seed, on_epoch, self.progress, f"trial {trial.number}",
-                             self.snapshot(trial))
+                             self.snapshot(trial), stop_requested)
                 # after training, so that this trial's own training does not slow it; other work still may: recorded
                 latency = measure_latency(model, self.data.input_size, self.cfg.latency_batch, self.device, 2, 5)
             measured = {"latency_ms": latency.median_ms, "latency_load": latency.other_load,

@@ -24,8 +24,10 @@ from continuum.files import check_writable_folder, made_folder
 from continuum.sweep.objective import Objective
 from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
+from continuum.sweep.signals import stop_requested
 from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage, storage_file
 from continuum.sweep.tables import StudyTables
+from continuum.train import StopRequested
 
 log = logging.getLogger("continuum.sweep")
 
@@ -211,10 +213,15 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool
     Fails the grid's trials whose heartbeat went stale, so that their points are queued again (a dead worker's point
     is rerun, first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`). While only
     other workers' trials of the grid are running, waits for them.
+
+    Raises:
+        StopRequested: SIGUSR1 asked this process to stop (:func:`~continuum.sweep.signals.stop_requested`).
     """
-    if cfg.search != "grid":
-        return count_trials(study, DONE) < cfg.n_trials
     while True:
+        if stop_requested():
+            raise StopRequested("stopped between trials")
+        if cfg.search != "grid":
+            return count_trials(study, DONE) < cfg.n_trials
         optuna.storages.fail_stale_trials(study)
         plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
         if count_trials(study, (TrialState.WAITING,)):

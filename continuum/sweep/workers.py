@@ -2,7 +2,8 @@
 
 Each worker gets one GPU when several are visible (``CUDA_VISIBLE_DEVICES``), else an equal share of the CPU
 threads. The parent watches them: a worker that dies (SIGKILL, crash) has its running trial failed at once, so a
-surviving worker reruns that point; points left when every worker has gone are run by the parent itself.
+surviving worker reruns that point; points left when every worker has gone are run by the parent itself. SIGUSR1
+is passed on to the workers (each stops after its epoch in progress), and the parent then stops too.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from continuum.data import TensorData
 from continuum.sweep.objective import worker_id
 from continuum.sweep.points import WORKER_LOST, grid_points, point_key
 from continuum.sweep.settings import SweepConfig
+from continuum.sweep.signals import stop_requested
 from continuum.sweep.storage import open_storage
 from continuum.sweep.study import DONE, connect, count_trials, plan_grid, run, storage_url
+from continuum.train import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +87,20 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
     total = len(keys) if keys else cfg.n_trials
     bar = tqdm(total=total, desc=f"sweep {cfg.study} ({cfg.workers} workers)", unit="trial", disable=not progress)
     handled: set[int] = set()
+    passed_on = False
     try:
         while len(handled) < len(processes):
             time.sleep(1)
+            if stop_requested() and not passed_on:  # each worker stops after its epoch in progress
+                for process in processes:
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGUSR1)
+                passed_on = True
             for process in processes:
                 if process.pid in handled or process.poll() is None:
                     continue
                 handled.add(process.pid)
-                if process.returncode != 0:
+                if process.returncode != 0 and not (passed_on and process.returncode == 130):
                     lost = fail_trials_of(study, storage, process.pid,
                                           f"{WORKER_LOST}: worker {process.pid} exited with code "
                                           f"{process.returncode}")
@@ -109,4 +118,6 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
         raise
     finally:
         bar.close()
+    if stop_requested():
+        raise StopRequested("the workers stopped after their epochs in progress")
     return run(dataclasses.replace(cfg, workers=1, storage=url), data, progress, command, after_export, worker=0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs (or resumes) the campaign's studies in the order experiments/PROTOCOL.md fixes; each step resumes where it
-# stopped, so rerunning this script after an interruption loses at most the trials that were in progress.
+# stopped, so rerunning this script after an interruption loses at most the epochs that were in progress (none
+# after `pkill -USR1 -f continuum.sweep`, which stops each worker once its epoch in progress is saved).
 #   bash experiments/campaign/run.sh               the pilot: pilot_lr, pilot, pilot_long
 #   bash experiments/campaign/run.sh ablations     every ablation, each learning-rate study before its study (set the
 #                                                  epochs and seeds the pilot chose in their files first)
