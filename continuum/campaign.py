@@ -133,8 +133,9 @@ def core_hours(trials: pd.DataFrame) -> float:
 
 
 def lr_lines(root: Path, study: str) -> list[str]:
-    """The learning-rate study's validation accuracy per arm and rate, and the rate each arm takes (the best mean,
-    ties to the smaller: what ``--lr tuned`` reads)."""
+    """The learning-rate study's validation accuracy per arm and rate (rates past the grid's edge where an arm was
+    best there: ``lr_extend``), and the rate each arm takes (the best mean, ties to the smaller: what ``--lr tuned``
+    reads)."""
     trials = _table_or_none(root, study)
     if trials is None:
         return [f"Learning rates (`{study}`): not run yet.", ""]
@@ -145,7 +146,8 @@ def lr_lines(root: Path, study: str) -> list[str]:
     grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
     chosen = grid.apply(lambda row: row[row == row.max()].index.min(), axis=1).rename("chosen lr")
     table = sort_arms(grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
-    unfinished = "" if grid.notna().all(axis=None) else "; a rate not finished yet: -, and the chosen one may change"
+    unfinished = "" if grid.notna().all(axis=None) else ("; -: not run or not finished, and the chosen rate may "
+                                                         "change until every rate has finished")
     return [f"Learning rates (`{study}`, {len(done)} trials finished, {core_hours(trials):.1f} core-hours; validation "
             f"accuracy after the last epoch, seed 0{unfinished}):", "",
             table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-"),

@@ -237,7 +237,8 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     for study in (study for ablation in campaign.ABLATIONS for study in ablation.studies):
         settings = tomllib.loads((files / f"{study}.toml").read_text())
         assert settings["lr"] == "tuned" and settings["lr_study"] == study + campaign.LR_STUDY_SUFFIX
-        assert (files / f"{settings['lr_study']}.toml").exists()
+        rates = tomllib.loads((files / f"{settings['lr_study']}.toml").read_text())
+        assert rates["lr"] == [0.025, 0.05, 0.1] and rates["lr_extend"] is True  # the protocol's grid and edge rule
     order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
     assert "Learning rates (`order_lr`): not run yet." in campaign.ablation_section(order, tmp_path)
     _study_table(tmp_path / "order_lr", [({"order": "depthwise_first", "lr": 0.05}, [0.91]),
@@ -245,7 +246,7 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
                                          ({"order": "pointwise_first", "lr": 0.05}, [0.90])], seeds=(0,))
     lines = campaign.ablation_section(order, tmp_path)
     assert lines[4].startswith("Learning rates (`order_lr`, 3 trials finished, 3.0 core-hours; validation accuracy "
-                               "after the last epoch, seed 0; a rate not finished yet: -, and the chosen one may")
+                               "after the last epoch, seed 0; -: not run or not finished, and the chosen rate may")
     assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
                                           "| pointwise_first |    0.9000 |   -      |      0.0500 |"]
     assert lines[-2:] == ["Not run yet.", ""]

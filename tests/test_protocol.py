@@ -13,7 +13,7 @@ from continuum import results
 from continuum.data import DataError, TensorData, make_synthetic
 from continuum.sweep.cli import main
 from continuum.config import ModelConfig
-from continuum.sweep.points import grid_points, point_key, table_config
+from continuum.sweep.points import grid_points, lr_extensions, point_key, table_config
 from continuum.sweep.record import TRIAL_COLUMNS, decode_correct, encode_correct, point_cells
 from continuum.sweep.settings import from_settings
 from conftest import FAST, SYNTHETIC
@@ -98,11 +98,30 @@ def test_tuned_rates_are_each_points_best_mean_on_validation(tmp_path):
         list(grid_points(nowhere))
 
 
+def test_lr_extend_steps_once_past_the_edge_where_a_points_best_rate_is():
+    cfg = from_settings({"segments": "1,4,all", "lr": "0.025,0.05,0.1", "seeds": "0,1", "lr_extend": "on"})
+    accuracy = {(1, 0.025): (0.9, 0.8), (1, 0.05): (0.8, 0.9), (1, 0.1): (0.7, 0.7),  # a tie: to the smaller
+                (4, 0.025): (0.7, 0.7), (4, 0.05): (0.8, 0.8), (4, 0.1): (0.7, 0.7),  # inside: none
+                ("all", 0.025): (0.7, 0.7), ("all", 0.05): (0.7, 0.8), ("all", 0.1): (0.8, 0.9)}
+    finished = {point_key(p): accuracy[p.config.segments, p.lr][p.seed] for p in grid_points(cfg)}
+    added = [(p.config.segments, p.lr, p.seed) for p in lr_extensions(cfg, finished)]
+    assert added == [(1, 0.0125, 0), (1, 0.0125, 1), ("all", 0.2, 0), ("all", 0.2, 1)]
+    del finished[point_key(next(p for p in grid_points(cfg) if p.config.segments == 1 and p.seed == 1))]
+    assert [(p.config.segments, p.lr) for p in lr_extensions(cfg, finished)] == [("all", 0.2)] * 2  # 1: unfinished
+    assert lr_extensions(from_settings({"segments": "1,4,all", "lr": "0.025,0.05,0.1", "seeds": "0,1"}),
+                         finished) == []  # not asked for
+
+
 def test_a_tuned_sweep_trains_each_point_at_its_rate(tmp_path):
-    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--lr", "0.02,0.2", "--study", "lrs"]) == 0
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--lr", "0.02,0.2", "--study", "lrs",
+                 "--lr-extend"]) == 0
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--lr", "tuned", "--lr-study", "lrs",
                  "--study", "main"]) == 0
     tried = results.load(tmp_path / "lrs")
+    first = tried[tried["lr"].isin([0.02, 0.2])].sort_values(["val_acc", "lr"], ascending=[False, True])
+    beyond = first.groupby("segments")["lr"].first().map({0.02: 0.01, 0.2: 0.4})  # two rates: the best is an edge
+    assert len(tried) == 6 and tried.groupby("segments")["lr"].apply(set).to_dict() == {
+        segments: {0.02, 0.2, rate} for segments, rate in beyond.items()}
     best = tried.sort_values(["val_acc", "lr"], ascending=[False, True]).groupby("segments")["lr"].first()
     trained = results.load(tmp_path / "main").set_index("segments")["lr"]
     assert trained.to_dict() == best.to_dict()

@@ -264,6 +264,9 @@ def test_sigkill_loses_only_the_trial_in_progress(tmp_path):
     (["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
     (["--match-params", "1000", "--segments", "32"], "--match-params 1000: segments=32 gets no closer"),
+    (["--lr", "0.05", "--lr-extend"], "lr_extend steps beyond the edges of a grid's learning rates; give two or more"),
+    (["--lr", "0.05,0.1", "--lr-extend", "--search", "tpe"], "several learning rates are a grid axis"),
+    (["--lr", "tuned", "--lr-study", "x", "--lr-extend"], "lr_extend steps beyond the edges"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(existing_study, tmp_path, capsys, args, message):
     shutil.copytree(existing_study, tmp_path, dirs_exist_ok=True)

@@ -26,7 +26,7 @@ from continuum.cost import model_cost
 from continuum.data import TensorData
 from continuum.knobs import MID_ACTS, ORDERS, SegmentError
 from continuum.sweep.record import point_cells
-from continuum.sweep.settings import LATER_AXES, TUNED, SweepConfig, axis_fields, parse_depths
+from continuum.sweep.settings import LATER_AXES, TUNED, SweepConfig, axis_fields, grid_rates, parse_depths
 
 log = logging.getLogger("continuum.sweep")
 
@@ -168,6 +168,35 @@ def grid_points(cfg: SweepConfig) -> Iterator[GridPoint]:
                                                                                for f in axis_fields())))
     for config, lr, seed in points:
         yield GridPoint(config, lr if tried is None else tuned_lr(config, cfg, tried), seed)
+
+
+def lr_extensions(cfg: SweepConfig, finished: dict[str, float]) -> list[GridPoint]:
+    """With ``lr_extend``, the grid points one factor-2 step beyond the edge of the learning rates: for each model
+    point whose rates (every seed of each) have all finished, where the rate with the best mean validation accuracy
+    (ties to the smaller, as :func:`tuned_lr` chooses) is the smallest or the largest, the same point at half or
+    twice that rate, for every seed. Only one step: the points added are not themselves extended.
+
+    Args:
+        cfg: the grid sweep.
+        finished: the validation accuracy of each finished grid point, by its key (:func:`point_key`).
+    """
+    if not cfg.lr_extend:
+        return []
+    rates = grid_rates(cfg)
+    by_model: dict[str, list[GridPoint]] = {}
+    for point in grid_points(cfg):
+        by_model.setdefault(json.dumps(point.config.to_dict(), sort_keys=True, default=list), []).append(point)
+    added = []
+    for points in by_model.values():
+        scores = {rate: [finished.get(point_key(p)) for p in points if p.lr == rate] for rate in rates}
+        if any(None in accuracies for accuracies in scores.values()):
+            continue  # a rate still to finish
+        means = {rate: sum(accuracies) / len(accuracies) for rate, accuracies in scores.items()}
+        best = min(rate for rate, mean in means.items() if mean == max(means.values()))
+        beyond = best / 2 if best == rates[0] else best * 2 if best == rates[-1] else None
+        if beyond is not None:
+            added += [p._replace(lr=beyond) for p in points if p.lr == best]
+    return added
 
 
 def _axis_point(cfg: SweepConfig, values: Sequence[Any]) -> tuple[ModelConfig, Any, int]:

@@ -97,6 +97,11 @@ def lr_choice(value: Any) -> float | str | None:
             from None
 
 
+def grid_rates(cfg: SweepConfig) -> list[float]:
+    """The numeric learning rates of ``cfg``'s grid, smallest first (without ``tuned`` or ``none``)."""
+    return sorted(lr for lr in cfg.lrs if isinstance(lr, float))
+
+
 def optional_count(value: Any) -> int | None:
     """A whole number >= 1, or ``none``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
@@ -135,6 +140,9 @@ class SweepConfig(ConfigBase):
     lrs: tuple[Any, ...] = setting((None,), "initial learning rates; none: the recipe's; tuned: each point's best "
                                             "in --lr-study", lr_choice, flag="lr", axis="lr", group="training")
     seeds: tuple[int, ...] = setting((0,), "seeds; every point runs once per seed", seed, axis="seed", group="axes")
+    lr_extend: bool = setting(False, "with several --lr: once each point's rates have all finished, where its best "
+                                     "is the smallest or the largest, try one factor-2 step beyond it (once)",
+                              parse_bool, switch=True)
     lr_study: str | None = setting(None, "with --lr tuned: the study (in the same results root) whose trials chose "
                                          "each point's learning rate, by mean validation accuracy",
                                    optional(study_name))
@@ -208,6 +216,9 @@ class SweepConfig(ConfigBase):
             cfg.check_retrain()
         if len(cfg.lrs) > 1 and cfg.search != "grid":
             raise ValueError("several learning rates are a grid axis; a search trains with one (--lr 0.05)")
+        if cfg.lr_extend and (len(grid_rates(cfg)) < 2 or cfg.search != "grid"):
+            raise ValueError("lr_extend steps beyond the edges of a grid's learning rates; give two or more numbers "
+                             "(--lr 0.025,0.05,0.1) in a grid")
         if cfg.segment_widths != (None,) and cfg.segments != ("all",):
             raise ValueError("segment_width and segments are two ways to size the segments; give one of them "
                              "(with segment_width, leave segments out)")

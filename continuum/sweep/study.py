@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from continuum.data import TensorData
 from continuum.files import check_writable_folder, made_folder
 from continuum.sweep.objective import Objective
-from continuum.sweep.points import TrialFailed, grid_points, point_key, point_taken
+from continuum.sweep.points import TrialFailed, grid_points, lr_extensions, point_key, point_taken
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.sweep.signals import stop_requested
 from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage, storage_file
@@ -222,13 +222,34 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool
             raise StopRequested("stopped between trials")
         if cfg.search != "grid":
             return count_trials(study, DONE) < cfg.n_trials
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # experimental since Optuna 2.9, and what heartbeats are for
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
         if count_trials(study, (TrialState.WAITING,)):
             return True
         if not count_trials(study, (TrialState.RUNNING,), set(grid)):
             return False
         time.sleep(min(cfg.heartbeat, 2))
+
+
+def extend_grid(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
+    """Add to ``grid`` the points ``lr_extend`` asks for now that its rates have finished
+    (:func:`~continuum.sweep.points.lr_extensions`); returns whether any were new.
+
+    Args:
+        study: the study, whose finished trials are read.
+        cfg: the grid sweep.
+        grid: the keys of the grid's points (:func:`~continuum.sweep.points.point_key`), extended in place.
+    """
+    finished = {t.user_attrs["point"]: t.user_attrs["val_acc"]
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "point" in t.user_attrs and t.user_attrs.get("val_acc") is not None}
+    new = [key for key in map(point_key, lr_extensions(cfg, finished)) if key not in grid]
+    if new:
+        log.info("%d point(s) at a learning rate beyond the grid's edge, where the best rate was", len(new))
+    grid.extend(new)
+    return bool(new)
 
 
 def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
@@ -262,7 +283,7 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             after_export(folder, tables.trials())
 
     try:
-        while has_work(study, cfg, grid):
+        while has_work(study, cfg, grid) or (extend_grid(study, cfg, grid) and has_work(study, cfg, grid)):
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,),
                                callbacks=[write, lambda s, t: bar.update()])
