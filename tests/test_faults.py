@@ -89,6 +89,7 @@ def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_p
     assert not (tmp_path / "default" / "snapshots").exists()
 
 
+@pytest.mark.slow  # three processes loading torch: the stop itself is in test_train.py's default run
 def test_sigusr1_stops_each_worker_after_its_epoch_in_progress_and_the_rerun_loses_nothing(tmp_path):
     storage = _file_storages(tmp_path)["journal"]
     process = _spawn(tmp_path, storage, "--workers", "2")  # the parent passes the signal on to both workers

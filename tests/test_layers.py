@@ -22,7 +22,8 @@ LAYERS = [
     # the sweep (the only place Optuna lives)
     "continuum.sweep", "continuum.sweep.settings", "continuum.sweep.record",
     "continuum.analysis",  # statistics over the record's columns (a retrain reads a search's Pareto front)
-    "continuum.sweep.points", "continuum.sweep.storage", "continuum.sweep.tables", "continuum.sweep.objective",
+    "continuum.sweep.points", "continuum.sweep.storage", "continuum.sweep.tables", "continuum.sweep.signals",
+    "continuum.sweep.objective",
     "continuum.sweep.study", "continuum.sweep.workers",
     # results -> plots -> report -> the campaign's measurements and report
     "continuum.results", "continuum.plots", "continuum.report", "continuum.arm_latency", "continuum.campaign",

@@ -208,7 +208,8 @@ def test_ctrl_c_leaves_the_study_consistent_and_a_rerun_completes_it(tmp_path):
     rerun = _spawn(tmp_path, *AXES)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     table = _assert_each_point_complete_once(tmp_path, 4)
-    assert len(table) == 5
+    stood_down = table["reason"].fillna("").str.startswith(DUPLICATE)  # where the stopped point ran first
+    assert len(table[~stood_down]) == 5 and stood_down.sum() <= 1
 
 
 @pytest.mark.slow
@@ -241,8 +242,8 @@ def test_sigkill_loses_only_the_trial_in_progress(tmp_path):
     rerun = _spawn(tmp_path, *AXES, "--heartbeat", "1")
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     table = _assert_each_point_complete_once(tmp_path, 4)
-    stood_down = table["reason"].fillna("").str.startswith(DUPLICATE)  # the stopped point ran before its queued trial
-    assert (table["state"] == "FAIL")[~stood_down].sum() == 1
+    stood_down = table["reason"].fillna("").str.startswith(DUPLICATE)  # where the stopped point ran first
+    assert (table["state"] == "FAIL")[~stood_down].sum() == 1 and stood_down.sum() <= 1
     trials = results.load(tmp_path / "default")
     assert "worker stopped" in trials.loc[trials["state"] == "FAIL", "fail_reason"].iloc[0]
 
