@@ -27,6 +27,15 @@ def segments_key(value: str) -> float:
     return float(text) if text.isdigit() else SEGMENT_ORDER_ALL + 1
 
 
+def best_rate(scores: pd.Series) -> float:
+    """The learning rate with the best score, ties to the smaller: how a point's rate is chosen from its tries.
+
+    Args:
+        scores: mean validation accuracy indexed by learning rate (missing scores are passed over).
+    """
+    return float(scores[scores == scores.max()].index.min())
+
+
 def varying_columns(trials: pd.DataFrame, candidates: Sequence[str] = tuple(POINT_COLUMNS)) -> list[str]:
     """Config columns that take more than one value in ``trials`` (the seed excluded): what a summary groups by."""
     return [c for c in candidates if c != "seed" and c in trials and trials[c].astype(str).nunique() > 1] or \

@@ -17,8 +17,8 @@ from typing import NamedTuple, Sequence
 import pandas as pd
 from scipy import stats
 
-from continuum.analysis import Comparison, compare, holm, mcnemar_test, paired_sides, pareto_front, sort_arms, \
-    summarize, varying_columns
+from continuum.analysis import Comparison, best_rate, compare, holm, mcnemar_test, paired_sides, pareto_front, \
+    sort_arms, summarize, varying_columns
 from continuum.arm_latency import LATENCY_FILE
 from continuum.files import atomic_write
 from continuum.results import TableError, load
@@ -144,7 +144,7 @@ def lr_lines(root: Path, study: str) -> list[str]:
         return [f"Learning rates (`{study}`): no trial finished yet.", ""]
     arms = [c for c in varying_columns(trials) if c != "lr"] or ["segments"]  # one arm finished: still named
     grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
-    chosen = grid.apply(lambda row: row[row == row.max()].index.min(), axis=1).rename("chosen lr")
+    chosen = grid.apply(best_rate, axis=1).rename("chosen lr")
     table = sort_arms(grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
     unfinished = "" if grid.notna().all(axis=None) else ("; -: not run or not finished, and the chosen rate may "
                                                          "change until every rate has finished")

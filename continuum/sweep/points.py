@@ -20,7 +20,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 import continuum.models  # noqa: F401  (registers the models with timm)
-from continuum.analysis import pareto_front
+from continuum.analysis import best_rate, pareto_front
 from continuum.config import ModelConfig
 from continuum.cost import model_cost
 from continuum.data import TensorData
@@ -191,8 +191,7 @@ def lr_extensions(cfg: SweepConfig, finished: dict[str, float]) -> list[GridPoin
         scores = {rate: [finished.get(point_key(p)) for p in points if p.lr == rate] for rate in rates}
         if any(None in accuracies for accuracies in scores.values()):
             continue  # a rate still to finish
-        means = {rate: sum(accuracies) / len(accuracies) for rate, accuracies in scores.items()}
-        best = min(rate for rate, mean in means.items() if mean == max(means.values()))
+        best = best_rate(pd.Series({rate: sum(accuracies) / len(accuracies) for rate, accuracies in scores.items()}))
         beyond = best / 2 if best == rates[0] else best * 2 if best == rates[-1] else None
         if beyond is not None:
             added += [p._replace(lr=beyond) for p in points if p.lr == best]
@@ -307,7 +306,7 @@ def tuned_lr(config: ModelConfig, cfg: SweepConfig, tried: pd.DataFrame) -> floa
     if means.ngroups < 2:
         log.warning("lr_study=%s tried one learning rate only at %s", cfg.lr_study, cells)
     scores = means.mean()
-    return float(scores[scores == scores.max()].index.min())
+    return best_rate(scores)
 
 
 def suggest_point(trial: optuna.Trial, cfg: SweepConfig) -> tuple[ModelConfig, int]:
