@@ -310,8 +310,47 @@ def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = Non
         lines += ["", f"\\* latency measured while other processes used more than {CONTENDED_LOAD * 100:.0f} % "
                   "of the machine (other workers, other jobs): contended, not to be trusted; `python -m "
                   "continuum.spectrum` measures it on a quiet machine."]
-    failed = trials[trials["state"] == "FAIL"]
-    if len(failed):
-        lines += ["", "Failed trials:", ""]
-        lines += [f"- trial {r.trial} ({r.segments}, seed {r.seed}): {r.fail_reason}" for r in failed.itertuples()]
+    failures = failures_by_point(trials)
+    if len(failures):
+        lines += ["", "Failed trials, per point (an interrupted trial's point resumes from its saved epochs in the "
+                  "next trial of that point):", ""]
+        for row in failures.itertuples():
+            outcome = (f"completed by trial {row.completed_by}" if pd.notna(row.completed_by) else
+                       f"running as trial {row.running_as}" if pd.notna(row.running_as) else "not completed")
+            lines.append(f"- {row.point}: {outcome}")
+            lines += [f"  - trial {trial}, after {epochs} epoch{'s' * (epochs != 1)}: {reason}"
+                      for trial, reason, epochs in zip(row.trials, row.reasons, row.epochs_done)]
     return "\n".join(lines) + "\n"
+
+
+def failures_by_point(trials: pd.DataFrame) -> pd.DataFrame:
+    """The failed trials of a study grouped by their point (the config columns that vary, the seed): which
+    trials failed, why, after how many epochs, and which trial later completed the point.
+
+    Args:
+        trials: a trials table (:func:`continuum.results.load`).
+
+    Returns:
+        One row per point with a failed trial, in order of its first failure: ``point`` (its text, e.g.
+        ``segments 1, lr 0.05, seed 0``), ``trials``, ``reasons``, ``epochs_done`` (lists, one entry per failed
+        trial), ``completed_by`` and ``running_as`` (a trial number, or ``<NA>``).
+    """
+    by = [*varying_columns(trials), "seed"]
+    rows = []
+    for key, group in trials.sort_values("trial").groupby(by, sort=False, dropna=False):
+        failed = group[group["state"] == "FAIL"]
+        if failed.empty:
+            continue
+        done, running = group[group["state"] == "COMPLETE"], group[group["state"] == "RUNNING"]
+        epochs = failed["epochs_done"] if "epochs_done" in failed else pd.Series(0, index=failed.index)
+        values = key if isinstance(key, tuple) else (key,)
+        rows.append({"point": ", ".join(f"{c} {v:.4g}" if isinstance(v, float) else f"{c} {v}"
+                                        for c, v in zip(by, values)),
+                     "first": int(failed["trial"].iloc[0]), "trials": [int(t) for t in failed["trial"]],
+                     "reasons": list(failed["fail_reason"].fillna("unknown")),
+                     "epochs_done": [int(e) if pd.notna(e) else 0 for e in epochs],
+                     "completed_by": int(done["trial"].iloc[0]) if len(done) else None,
+                     "running_as": int(running["trial"].iloc[0]) if len(running) else None})
+    columns = ["point", "trials", "reasons", "epochs_done", "completed_by", "running_as"]
+    table = pd.DataFrame(rows, columns=["first", *columns]).sort_values("first")[columns].reset_index(drop=True)
+    return table.astype({"completed_by": "Int64", "running_as": "Int64"})

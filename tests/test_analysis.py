@@ -75,3 +75,26 @@ def test_a_latency_measured_on_a_busy_machine_is_marked_in_the_summary():
     assert list(table["latency_contended"]) == [False, False, True]  # segments 1, 4, all
     text = summary_markdown(trials, "t")
     assert "1.00 *" in text and "contended, not to be trusted" in text
+
+
+def test_failed_trials_are_listed_per_point_with_what_became_of_it():
+    from continuum.analysis import failures_by_point, summary_markdown
+    base = {"model": "m", "params": 100, "macs": 1e6, "flops": 2e6, "latency_ms": 1.0, "seed": 0, "val_acc": 0.9}
+    rows = [(0, "1", 0.05, "FAIL", "interrupted", 2), (1, "all", 0.05, "FAIL", "interrupted", 1),
+            (2, "1", 0.05, "FAIL", "interrupted", 3), (3, "1", 0.05, "COMPLETE", None, 5),
+            (4, "all", 0.05, "RUNNING", None, 0), (5, "1", 0.1, "FAIL", "ValueError: loss is nan", 0),
+            (6, "1", 0.1, "COMPLETE", None, 5)]
+    trials = pd.DataFrame([base | dict(zip(("trial", "segments", "lr", "state", "fail_reason", "epochs_done"), row))
+                           for row in rows])
+    table = failures_by_point(trials)
+    assert list(table["point"]) == ["segments 1, lr 0.05, seed 0", "segments all, lr 0.05, seed 0",
+                                    "segments 1, lr 0.1, seed 0"]
+    assert list(table["trials"]) == [[0, 2], [1], [5]] and list(table["epochs_done"]) == [[2, 3], [1], [0]]
+    assert list(table["completed_by"].astype(object)) == [3, pd.NA, 6]
+    assert list(table["running_as"].astype(object)) == [pd.NA, 4, pd.NA]
+    text = summary_markdown(trials, "t")
+    assert ("- segments 1, lr 0.05, seed 0: completed by trial 3\n  - trial 0, after 2 epochs: interrupted\n"
+            "  - trial 2, after 3 epochs: interrupted\n") in text
+    assert "- segments all, lr 0.05, seed 0: running as trial 4\n  - trial 1, after 1 epoch: interrupted\n" in text
+    assert "completed by trial 6\n  - trial 5, after 0 epochs: ValueError: loss is nan\n" in text
+    assert failures_by_point(trials[trials["state"] != "FAIL"]).empty
