@@ -50,7 +50,7 @@ from continuum.config import TrainConfig, checked, choice, comma_list, integer, 
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
 from continuum.files import atomic_write, check_writable_folder
-from continuum.knobs import parse_segments
+from continuum.knobs import Segments, parse_segments
 from continuum.strategy import TUNER, call_signature, check_environment, chosen_strategy, conv_strategy, \
     forget_choices
 from continuum.timing import call_times, device_name, dtype_name, interleaved_times, kernel_library, \
@@ -152,14 +152,17 @@ def roofline_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, mode: str = "auto") -> Callable[[], None]:
-    """A call running ``layer`` forward and backward on ``x`` with segmented convs in strategy ``mode`` (gradients
-    accumulate; the timing does not care). Making it runs the layer once, which autotunes it in mode ``auto``."""
+    """A call running ``layer`` forward and backward on ``x`` with segmented convs in strategy ``mode``. The
+    gradients of ``x`` and of the parameters are returned, as a net's backward pass hands them on, not accumulated
+    into ``.grad`` (which would add three passes over ``x`` to every call, a third of a depthwise conv's time).
+    Making it runs the layer once, which autotunes it in mode ``auto``."""
+    wanted = [t for t in (x, *layer.parameters()) if t.requires_grad]
     with conv_strategy(mode):
         upstream = torch.ones_like(layer(x))
 
     def call() -> None:
         with conv_strategy(mode):
-            layer(x).backward(upstream)
+            torch.autograd.grad(layer(x), wanted, upstream)
 
     return call
 
@@ -267,7 +270,7 @@ def _row(common: dict, layer_name: str, times: dict[str, list[float]], strategie
 
 
 def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: torch.device, rounds: int,
-               min_total_ms: float, segments: Sequence[int] | None = None, loaded: bool = False
+               min_total_ms: float, segments: Sequence[Segments] | None = None, loaded: bool = False
                ) -> tuple[pd.DataFrame, dict]:
     """Times of both layers for every shape, dtype and segment count, with the roofline columns.
 
@@ -277,7 +280,8 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
         device: where to run.
         rounds: timed rounds per measurement at least (medians are kept).
         min_total_ms: time each call for at least this long (more rounds for short calls).
-        segments: segment counts; ``None``: :func:`segment_counts` of each shape.
+        segments: segment counts (``"all"``: the shape's channels); ``None``: :func:`segment_counts` of each
+            shape.
         loaded: tune each layer while other processes keep every core busy.
 
     Returns:
@@ -291,7 +295,8 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
         for dtype in dtypes:
             roofline = {"peak": peaks[dtype_name(dtype)], "bandwidth": bandwidth}
             fewer: dict[str, tuple[int, str]] = {}
-            for count in segments or segment_counts(shape.channels):
+            counts = [shape.channels if c == "all" else c for c in segments] if segments else None
+            for count in counts or segment_counts(shape.channels):
                 if shape.channels % count:
                     continue
                 rows += _rows_for(shape, count, dtype, device, roofline, timing, fewer, loaded)
@@ -386,7 +391,7 @@ def build_parser(prog: str = "python -m continuum.bench") -> argparse.ArgumentPa
     parser.add_argument("--tuning", default="cold",
                         help="cold: tune from an empty cache; loaded: the same while other processes keep every core "
                              "busy; cached: the strategy cache as it is (default: cold)")
-    parser.add_argument("--segments", default=None, help="comma list of segment counts (default: 1, 2, 4, ... all)")
+    parser.add_argument("--segments", default=None, help="comma list of segment counts and 'all' (default: 1, 2, 4, ... all)")
     parser.add_argument("--repeats", default="5", help="timed calls per measurement at least (default: 5)")
     parser.add_argument("--min-ms", default="400",
                         help="time each measurement for at least this many ms, in more calls (default: 400)")
@@ -418,8 +423,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         dtypes = _choices(args.dtypes, DTYPES, "dtype(s)")
         shapes = parse_shapes(args.shapes)
         train_segments = comma_list("--train-segments", parse_segments, "1,4,16,all")(args.train_segments)
-        segments = None if args.segments is None else comma_list(
-            "--segments", lambda text: checked("--segments", integer(1), text), "1,4,16")(args.segments)
+        segments = None if args.segments is None else comma_list("--segments", parse_segments, "1,4,16,all")(
+            args.segments)
         args.tuning = checked("--tuning", choice(TUNINGS), args.tuning)
         args.repeats = checked("--repeats", integer(1), args.repeats)
         args.train_rounds = checked("--train-rounds", integer(1), args.train_rounds)

@@ -20,7 +20,7 @@ a machine busy for hours is not probed for ever.
 
 Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``),
 keyed by everything that changes the answer: torch and the convolution library's versions, the CPU model and thread
-count (or the GPU), dtype and autocast, the memory formats, shapes, geometry and whether a gradient is wanted. A
+count (or the GPU), dtype and autocast, the memory formats, shapes, geometry and which gradients are wanted. A
 process checks each choice it reads from disk on first use, in a few interleaved rounds against the plain grouped
 conv, and drops one that loses (the plain conv is then cached in its place). Because ``grouped/g`` for every divisor
 ``g`` is a candidate, a count that is a multiple of another can always run as fast as it; whether the tuner picks
@@ -63,9 +63,10 @@ MODES = ("auto", "native")
 CACHE_FILE = "conv_strategies.json"
 """The disk cache's file name in the cache root."""
 
-CACHE_VERSION = "v4"
+CACHE_VERSION = "v5"
 """Part of every cache key: choices cached by a tuner that decided differently or from other candidates are not
 reused (v1 trusted a 3 % lead in one median, busy machine or not; v2 had no ``rotated`` kernel, v3 its slower
+backward, v4 timed each backward pass with an accumulation into the input's ``.grad`` and the slower ``fused``
 backward)."""
 
 MIN_ROUNDS = 5
@@ -120,13 +121,19 @@ def env_mode() -> str:
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
     """The autotuning cache key: everything that changes which strategy is fastest. The tuner's version, torch's and
     the convolution library's, the device (CPU model and thread count, or GPU), dtype (and autocast), memory formats
-    of input and kernels, shapes, geometry and whether a gradient is wanted."""
+    of input and kernels, shapes, geometry and which gradients are wanted (:func:`passes`)."""
     layout = "/".join("cl" if t.dim() == 4 and is_channels_last(t) else "nchw" for t in (x, weight))
     return "|".join(str(part) for part in (
         CACHE_VERSION, torch.__version__, kernel_library(x.device.type), device_name(x.device), dtype_name(x.dtype),
         f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
         layout, tuple(x.shape),
-        tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, "fwd+bwd" if grad else "fwd"))
+        tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, passes(x, grad)))
+
+
+def passes(x: torch.Tensor, grad: bool) -> str:
+    """What a call computes: ``"fwd"``, ``"fwd+bwd"`` (input and kernel gradients) or ``"fwd+kernel bwd"`` (a
+    backward pass for an input that needs no gradient, such as a net's first layer)."""
+    return "fwd" if not grad else "fwd+bwd" if x.requires_grad else "fwd+kernel bwd"
 
 
 def call_signature(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> tuple:
@@ -137,7 +144,7 @@ def call_signature(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, gr
     autocast = torch._C._is_any_autocast_enabled() and (
         torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type))
     return (x.shape, x.stride(), x.dtype, x.device, autocast, weight.shape, weight.stride(), geom, grad,
-            torch.get_num_threads())
+            x.requires_grad, torch.get_num_threads())
 
 
 def tuning_ms() -> float:
@@ -182,16 +189,20 @@ class Tuning(NamedTuple):
 
 def _probe(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry, grad: bool
            ) -> Callable[[Strategy], Callable[[], None]]:
-    """For a strategy, a call running it (forward, and backward when ``grad``) on fresh tensors shaped like these."""
-    probe = torch.randn_like(x).requires_grad_(grad)
+    """For a strategy, a call running it (forward, and backward when ``grad``) on fresh tensors shaped like these.
+    The backward pass computes the kernel gradient, and the input gradient where ``x`` needs one, and returns them
+    as a net's backward pass hands them on (nothing accumulates into a ``.grad``, which would add three passes
+    over the input to every call)."""
+    probe = torch.randn_like(x).requires_grad_(grad and x.requires_grad)
     kernels = weight.detach().clone().requires_grad_(grad)
     shift = None if bias is None else bias.detach().clone().requires_grad_(grad)
+    wanted = [t for t in (probe, kernels, shift) if t is not None and t.requires_grad]
 
     def call(strategy: Strategy) -> None:
         with torch.set_grad_enabled(grad):
             y = run_strategy(strategy, probe, kernels, shift, geom)
             if grad:
-                y.backward(torch.ones_like(y))
+                torch.autograd.grad(y, wanted, torch.ones_like(y))
 
     return lambda strategy: functools.partial(call, strategy)
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from continuum.bench import SHAPES, paired_ratio, parse_shapes, segment_counts
+from continuum.bench import SHAPES, fwd_bwd, paired_ratio, parse_shapes, segment_counts
 from continuum.timing import interleaved_times
 
 
@@ -52,6 +52,18 @@ def test_interleaved_times_keep_each_context_together_after_an_untimed_call():
     assert {chunk[0] for chunk in chunks if context[chunk[0]] == "ab"} == {"a", "b"}  # any member sets it up
 
 
+def test_a_timed_call_computes_the_gradients_and_accumulates_none():
+    from continuum.block import SegmentedConv2d
+    layer, x = SegmentedConv2d(4, 4, 3, padding=1, segments=2), torch.randn(2, 4, 5, 5, requires_grad=True)
+    calls = []
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(grad_in[0].shape))
+    call = fwd_bwd(layer, x, "native")
+    call()
+    call()
+    assert calls == [x.shape] * 2  # the input gradient, once per call
+    assert x.grad is None and all(p.grad is None for p in layer.parameters())
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     ratio, low, high = paired_ratio([2.0, 4.0, 8.0, 2.2, 4.4], [1.0, 2.0, 4.0, 1.0, 2.0])
     assert ratio == 2.0 and low <= 2.0 <= high <= 2.2
@@ -89,6 +101,16 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
     assert list(separable["segments"].astype(str)) == ["all"] and list(separable["layer"]) == ["ContinuumConv"]
     assert "| SegmentedConv2d" in result.stdout and "GFLOP/s" in result.stdout
     assert not (tmp_path / "train_cpu.csv").exists()
+
+
+def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path):
+    command = [sys.executable, "-m", "continuum.bench", "--shapes", "4x3x2,8x3x2", "--segments", "2,all", "--repeats",
+               "1", "--min-ms", "0", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    conv = pd.read_csv(tmp_path / "conv_cpu.csv")
+    rows = conv[conv["layer"] == "SegmentedConv2d"]
+    assert list(zip(rows["channels"], rows["segments"].astype(str))) == [(4, "2"), (4, "all"), (8, "2"), (8, "all")]
 
 
 @pytest.mark.slow
