@@ -317,6 +317,9 @@ def targets(table: pd.DataFrame) -> str:
     for layer, rows in table.groupby("layer", sort=False):
         for what, column, interval, sign, line in checks:
             rows_checked = rows.dropna(subset=[column])
+            if rows_checked.empty:  # e.g. one segment count: nothing to compare it with
+                lines.append(f"{layer} {what}: no rows to compare")
+                continue
             worse = sign * (rows_checked[column] - line) > 0
             sure = sign * (rows_checked[f"{interval}_{'low' if sign > 0 else 'high'}"] - line) > 0
             worst = rows_checked.loc[(sign * rows_checked[column]).idxmax()]

@@ -111,6 +111,10 @@ def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path):
     conv = pd.read_csv(tmp_path / "conv_cpu.csv")
     rows = conv[conv["layer"] == "SegmentedConv2d"]
     assert list(zip(rows["channels"], rows["segments"].astype(str))) == [(4, "2"), (4, "all"), (8, "2"), (8, "all")]
+    single = subprocess.run([*command[:-2], "--segments", "all", "--shapes", "4x3x2", "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    assert "slower than at the previous segment count: no rows to compare" in single.stdout
 
 
 @pytest.mark.slow
