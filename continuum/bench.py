@@ -394,7 +394,8 @@ def build_parser(prog: str = "python -m continuum.bench") -> argparse.ArgumentPa
     parser.add_argument("--tuning", default="cold",
                         help="cold: tune from an empty cache; loaded: the same while other processes keep every core "
                              "busy; cached: the strategy cache as it is (default: cold)")
-    parser.add_argument("--segments", default=None, help="comma list of segment counts and 'all' (default: 1, 2, 4, ... all)")
+    parser.add_argument("--segments", default=None,
+                        help="comma list of segment counts and 'all' (default: 1, 2, 4, ... all)")
     parser.add_argument("--repeats", default="5", help="timed calls per measurement at least (default: 5)")
     parser.add_argument("--min-ms", default="400",
                         help="time each measurement for at least this many ms, in more calls (default: 400)")
