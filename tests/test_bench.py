@@ -103,18 +103,17 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
     assert not (tmp_path / "train_cpu.csv").exists()
 
 
-def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path):
-    command = [sys.executable, "-m", "continuum.bench", "--shapes", "4x3x2,8x3x2", "--segments", "2,all", "--repeats",
-               "1", "--min-ms", "0", "--out", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    conv = pd.read_csv(tmp_path / "conv_cpu.csv")
+def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path, monkeypatch, capsys):
+    from continuum.bench import main
+    monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))  # the run points it at a fresh folder; restored after
+    quick = ["--repeats", "1", "--min-ms", "0"]
+    assert main(["--shapes", "4x3x2,8x3x2", "--segments", "2,all", *quick, "--out", str(tmp_path / "two")]) == 0
+    conv = pd.read_csv(tmp_path / "two" / "conv_cpu.csv")
     rows = conv[conv["layer"] == "SegmentedConv2d"]
     assert list(zip(rows["channels"], rows["segments"].astype(str))) == [(4, "2"), (4, "all"), (8, "2"), (8, "all")]
-    single = subprocess.run([*command[:-2], "--segments", "all", "--shapes", "4x3x2", "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    assert "slower than at the previous segment count: no rows to compare" in single.stdout
+    capsys.readouterr()
+    assert main(["--shapes", "4x3x2", "--segments", "all", *quick, "--out", str(tmp_path / "one")]) == 0
+    assert "slower than at the previous segment count: no rows to compare" in capsys.readouterr().out
 
 
 @pytest.mark.slow
