@@ -9,7 +9,8 @@
 // or bfloat16 (then computed in float32); the weight and bias are of any floating dtype. Rows are split across
 // threads; within a thread, sums over a block of rows are kept in acc_t (float32, or float64 for float64 data) and
 // added into float64.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11, at::Tensor casts (torch/extension.h: twice the build)
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -90,7 +91,7 @@ void per_channel_affine(scalar_t* out, const scalar_t* a, const scalar_t* b, con
   });
 }
 
-void check_input(const torch::Tensor& x, const std::optional<torch::Tensor>& weight) {
+void check_input(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.device().is_cpu(),
               "x: a channels-last 4-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
@@ -101,22 +102,22 @@ void check_input(const torch::Tensor& x, const std::optional<torch::Tensor>& wei
 }
 
 // The C values of an optional per-channel tensor as float64 (`otherwise` where it is absent).
-std::vector<double> as_doubles(const std::optional<torch::Tensor>& values, int64_t c, double otherwise) {
+std::vector<double> as_doubles(const std::optional<at::Tensor>& values, int64_t c, double otherwise) {
   if (!values) return std::vector<double>(c, otherwise);
-  const torch::Tensor doubles = values->detach().to(at::kDouble).contiguous();
+  const at::Tensor doubles = values->detach().to(at::kDouble).contiguous();
   return std::vector<double>(doubles.data_ptr<double>(), doubles.data_ptr<double>() + c);
 }
 
 }  // namespace
 
 // (y, mean, invstd, var): the batch's mean and biased variance per channel (float64), invstd = 1 / sqrt(var + eps).
-std::vector<torch::Tensor> batch_norm_forward(torch::Tensor x, std::optional<torch::Tensor> weight,
-                                              std::optional<torch::Tensor> bias, double eps) {
+std::vector<at::Tensor> batch_norm_forward(at::Tensor x, std::optional<at::Tensor> weight,
+                                              std::optional<at::Tensor> bias, double eps) {
   check_input(x, weight);
   TORCH_CHECK(weight.has_value() == bias.has_value(), "weight and bias: both or neither");
   const int64_t c = x.size(1), rows = x.numel() / c;
-  auto y = torch::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto stats = torch::empty({3, c}, x.options().dtype(at::kDouble));  // mean, invstd, var
+  auto y = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto stats = at::empty({3, c}, x.options().dtype(at::kDouble));  // mean, invstd, var
   double* mean = stats[0].data_ptr<double>();
   double* invstd = stats[1].data_ptr<double>();
   double* var = stats[2].data_ptr<double>();
@@ -149,9 +150,9 @@ std::vector<torch::Tensor> batch_norm_forward(torch::Tensor x, std::optional<tor
 
 // (grad_x, grad_weight, grad_bias) of batch_norm_forward, each only where asked for (else an undefined tensor); the
 // weight's and bias's gradients in the weight's dtype.
-std::vector<torch::Tensor> batch_norm_backward(torch::Tensor grad_y, torch::Tensor x,
-                                               std::optional<torch::Tensor> weight, torch::Tensor mean,
-                                               torch::Tensor invstd, bool input_grad, bool weight_grad) {
+std::vector<at::Tensor> batch_norm_backward(at::Tensor grad_y, at::Tensor x,
+                                               std::optional<at::Tensor> weight, at::Tensor mean,
+                                               at::Tensor invstd, bool input_grad, bool weight_grad) {
   check_input(x, weight);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), "grad_y: x's shape and dtype");
   const int64_t c = x.size(1), rows = x.numel() / c;
@@ -163,7 +164,7 @@ std::vector<torch::Tensor> batch_norm_backward(torch::Tensor grad_y, torch::Tens
   const double* mu = mean.data_ptr<double>();
   const double* inv = invstd.data_ptr<double>();
   const std::vector<double> w = as_doubles(weight, c, 1.0);
-  torch::Tensor grad_x, grad_weight, grad_bias;
+  at::Tensor grad_x, grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -183,7 +184,7 @@ std::vector<torch::Tensor> batch_norm_backward(torch::Tensor grad_y, torch::Tens
     if (weight_grad) {
       const auto options = weight ? weight->options() : x.options();
       auto per_channel = [&](const std::vector<double>& values) {  // copied: the vector is gone after the call
-        return torch::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(options);
+        return at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(options);
       };
       std::vector<double> scaled(c);
       for (int64_t k = 0; k < c; ++k) scaled[k] = dy_xmu_sum[k] * inv[k];
@@ -199,7 +200,7 @@ std::vector<torch::Tensor> batch_norm_backward(torch::Tensor grad_y, torch::Tens
         // (x - centre) * slope stands for (x - mean) * slope: the offset takes the difference
         offset[k] = acc_t(-g * dy_sum[k] / rows - (mu[k] - double(centre[k])) * double(slope[k]));
       }
-      grad_x = torch::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      grad_x = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
       per_channel_affine<scalar_t, acc_t>(grad_x.data_ptr<scalar_t>(), dy, xp, gain, centre, slope, offset, rows, c);
     }
   });

@@ -13,7 +13,8 @@
 // neighbours' output gradients (a forward conv with the kernel turned by 180 degrees) and adds each kernel tap's
 // products into one of 9 registers, so every pixel's input gradient is written once and no sum goes to memory
 // until the image's end. An image's 16-channel slice is read from L2 after the first slice brought it in.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11, at::Tensor casts (torch/extension.h: twice the build)
 
 #include <ATen/Parallel.h>
 
@@ -141,7 +142,7 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
 }  // namespace
 
 // (grad_x, grad_weight) of y = conv2d(x, weight, stride, padding, dilation, groups=C) for a C x 1 x kh x kw weight.
-std::vector<torch::Tensor> depthwise_backward(torch::Tensor grad_y, torch::Tensor x, torch::Tensor weight,
+std::vector<at::Tensor> depthwise_backward(at::Tensor grad_y, at::Tensor x, at::Tensor weight,
                                               std::vector<int64_t> stride, std::vector<int64_t> padding,
                                               std::vector<int64_t> dilation) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "x: a channels-last 4-d tensor");
@@ -157,8 +158,8 @@ std::vector<torch::Tensor> depthwise_backward(torch::Tensor grad_y, torch::Tenso
                   grad_y.size(3) == ow, "grad_y: N x C x H' x W' of the convolution's output");
   grad_y = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   auto taps = weight.select(1, 0).permute({1, 2, 0}).contiguous();  // kh x kw x C
-  auto grad_x = torch::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto grad_taps = torch::empty_like(taps);
+  auto grad_x = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto grad_taps = at::empty_like(taps);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_backward", [&] {
     backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
                               grad_x.data_ptr<scalar_t>(), grad_taps.data_ptr<scalar_t>(), n, c, h, w, kh, kw, oh,

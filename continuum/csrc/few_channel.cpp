@@ -14,7 +14,8 @@
 //   flipped and transposed within each group (kernels.py prepares those taps).
 //
 // Layouts: x, y, grad_y are N x H x W x C in memory (channels-last N x C x H x W tensors), taps kh x kw x K x C.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11, at::Tensor casts (torch/extension.h: twice the build)
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -247,7 +248,7 @@ void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* g
 }
 
 // The convolution of x (channels-last N x C x H x W) by kh x kw kernels of k channels per group.
-Geometry geometry(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t k, const std::vector<int64_t>& stride,
+Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const std::vector<int64_t>& stride,
                   const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.device().is_cpu(),
               "x: a channels-last 4-d CPU tensor");
@@ -273,12 +274,12 @@ void by_group_size(int64_t k, const Call& call) {
 }  // namespace
 
 // y = conv2d(x, weight, stride, padding, dilation, groups=C/K) for kernels prepared as kh x kw x K x C (taps).
-torch::Tensor few_channel_forward(torch::Tensor x, torch::Tensor taps, std::vector<int64_t> stride,
+at::Tensor few_channel_forward(at::Tensor x, at::Tensor taps, std::vector<int64_t> stride,
                                   std::vector<int64_t> padding, std::vector<int64_t> dilation) {
   TORCH_CHECK(taps.dim() == 4 && taps.size(3) == x.size(1) && taps.is_contiguous() &&
                   taps.scalar_type() == x.scalar_type(), "taps: kh x kw x K x C, contiguous, of x's dtype");
   const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(2), stride, padding, dilation);
-  auto y = torch::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_forward", [&] {
     by_group_size(taps.size(2), [&](auto k) {
       forward_kernel<scalar_t, decltype(k)::value>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(),
@@ -289,7 +290,7 @@ torch::Tensor few_channel_forward(torch::Tensor x, torch::Tensor taps, std::vect
 }
 
 // The gradient of the forward above with respect to its taps (kh x kw x K x C, laid out as the taps).
-torch::Tensor few_channel_taps_gradient(torch::Tensor grad_y, torch::Tensor x, int64_t kh, int64_t kw, int64_t k,
+at::Tensor few_channel_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh, int64_t kw, int64_t k,
                                         std::vector<int64_t> stride, std::vector<int64_t> padding,
                                         std::vector<int64_t> dilation) {
   const Geometry g = geometry(x, kh, kw, k, stride, padding, dilation);
@@ -297,7 +298,7 @@ torch::Tensor few_channel_taps_gradient(torch::Tensor grad_y, torch::Tensor x, i
                   grad_y.size(3) == g.ow && grad_y.scalar_type() == x.scalar_type(),
               "grad_y: N x C x H' x W' of the convolution's output");
   grad_y = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
-  auto grad_taps = torch::empty({kh, kw, k, g.c}, x.options());
+  auto grad_taps = at::empty({kh, kw, k, g.c}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_taps_gradient", [&] {
     by_group_size(k, [&](auto size) {
       taps_gradient_kernel<scalar_t, decltype(size)::value>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
@@ -310,11 +311,11 @@ torch::Tensor few_channel_taps_gradient(torch::Tensor grad_y, torch::Tensor x, i
 constexpr bool kAvailable = true;
 #else  // without AVX-512 the module only says so, and the strategy is not offered
 constexpr bool kAvailable = false;
-torch::Tensor few_channel_forward(torch::Tensor, torch::Tensor, std::vector<int64_t>, std::vector<int64_t>,
+at::Tensor few_channel_forward(at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<int64_t>,
                                   std::vector<int64_t>) {
   TORCH_CHECK(false, "built without AVX-512");
 }
-torch::Tensor few_channel_taps_gradient(torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, std::vector<int64_t>,
+at::Tensor few_channel_taps_gradient(at::Tensor, at::Tensor, int64_t, int64_t, int64_t, std::vector<int64_t>,
                                         std::vector<int64_t>, std::vector<int64_t>) {
   TORCH_CHECK(false, "built without AVX-512");
 }
