@@ -6,8 +6,9 @@
 ``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each (they include ATen
 and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once per machine, torch version and CPU
 model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes
-load the built library in a second. Where it cannot be built (no compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies that need it
-are not candidates: everything still runs, on torch's own kernels.
+load the built library in a second. Where it cannot be built (no compiler, no ``ninja``, a compile error) or
+``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies that need it are not candidates: everything
+still runs, on torch's own kernels.
 """
 
 from __future__ import annotations
