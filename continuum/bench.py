@@ -269,6 +269,15 @@ def _row(common: dict, layer_name: str, times: dict[str, list[float]], strategie
             "floor_ms": floor_ms, "x_floor": ours_ms / floor_ms}
 
 
+def shape_counts(shape: Shape, segments: Sequence[Segments] | None) -> list[int]:
+    """The segment counts timed at ``shape``: ``segments`` (``"all"``: its channels) that divide its channels, each
+    once, in increasing order; ``None``: :func:`segment_counts`."""
+    if segments is None:
+        return segment_counts(shape.channels)
+    counts = {shape.channels if count == "all" else count for count in segments}
+    return sorted(count for count in counts if shape.channels % count == 0)
+
+
 def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: torch.device, rounds: int,
                min_total_ms: float, segments: Sequence[Segments] | None = None, loaded: bool = False
                ) -> tuple[pd.DataFrame, dict]:
@@ -295,10 +304,7 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
         for dtype in dtypes:
             roofline = {"peak": peaks[dtype_name(dtype)], "bandwidth": bandwidth}
             fewer: dict[str, tuple[int, str]] = {}
-            counts = [shape.channels if c == "all" else c for c in segments] if segments else None
-            for count in counts or segment_counts(shape.channels):
-                if shape.channels % count:
-                    continue
+            for count in shape_counts(shape, segments):
                 rows += _rows_for(shape, count, dtype, device, roofline, timing, fewer, loaded)
                 print(f"  {shape.name} {dtype} segments={count}: done", file=sys.stderr, flush=True)
     return pd.DataFrame(rows), {**peaks, "copy_bytes_per_s": bandwidth}
@@ -434,6 +440,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         args.train_rounds = checked("--train-rounds", integer(1), args.train_rounds)
         args.train_images = checked("--train-images", integer(64), args.train_images)  # one batch at least
         args.min_ms = checked("--min-ms", number(0), args.min_ms)
+        if segments is not None and not args.no_conv:
+            for shape in shapes:
+                if not shape_counts(shape, segments):
+                    raise ValueError(f"--segments {args.segments}: none divides the {shape.channels} channels of "
+                                     f"shape {shape.name}; give divisors of it or 'all'")
         check_environment()
         check_writable_folder(Path(args.out), "--out")
     except ValueError as err:

@@ -136,6 +136,13 @@ def test_bench_writes_the_train_table(tmp_path):
     assert not (tmp_path / "conv_cpu.csv").exists()
 
 
+def test_segment_counts_per_shape_are_its_divisors_each_once():
+    from continuum.bench import shape_counts
+    shape = parse_shapes("12x3x2")[0]
+    assert shape_counts(shape, ["all", 5, 4, 12, 1, 4]) == [1, 4, 12]
+    assert shape_counts(shape, None) == segment_counts(12)
+
+
 def test_shapes_are_named_or_written_out():
     shapes = parse_shapes("small_64, 96x28x64,8X4X2")
     assert shapes[0] == SHAPES["small_64"]

@@ -216,8 +216,9 @@ def test_report_on_a_missing_folder_or_a_file(study, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--segments", "5x"], "--segments='5x' is not valid"),
-    (["--segments", "0"], "--segments=0 is not valid; use a whole number >= 1"),
+    (["--segments", "5x"], "segments='5x' is not valid; use an int >= 1 or 'all'"),
+    (["--segments", "0"], "segments=0 is not valid; use an int >= 1 or 'all'"),
+    (["--segments", "3,5", "--shapes", "small_64"], "--segments 3,5: none divides the 64 channels of shape small_64"),
     (["--segments", ","], "--segments: give at least one value"),
     (["--train", "--no-conv", "--train-images", "0"], "--train-images=0 is not valid"),
     (["--repeats", "0"], "--repeats=0 is not valid"),
