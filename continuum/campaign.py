@@ -148,8 +148,12 @@ def lr_lines(root: Path, study: str) -> list[str]:
     table = sort_arms(grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
     unfinished = "" if grid.notna().all(axis=None) else ("; -: not run or not finished, and the chosen rate may "
                                                          "change until every rate has finished")
+    tried = grid.notna().apply(lambda row: row.index[row], axis=1)  # the rates each arm has finished
+    edge = any(rate in (min(rates), max(rates)) for rate, rates in zip(chosen, tried))
+    beyond = ("; an arm best at the smallest or largest rate it has tried is trained once at half or twice that "
+              "rate (`lr_extend`), so its chosen rate is final only once that step has run") if edge else ""
     return [f"Learning rates (`{study}`, {len(done)} trials finished, {core_hours(trials):.1f} core-hours; validation "
-            f"accuracy after the last epoch, seed 0{unfinished}):", "",
+            f"accuracy after the last epoch, seed 0{unfinished}{beyond}):", "",
             table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-"),
             ""]
 

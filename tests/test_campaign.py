@@ -249,6 +249,10 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
                                "after the last epoch, seed 0; -: not run or not finished, and the chosen rate may")
     assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
                                           "| pointwise_first |    0.9000 |   -      |      0.0500 |"]
+    assert "is trained once at half or twice that rate (`lr_extend`)" in lines[4]  # 0.1: the largest tried
+    _study_table(tmp_path / "inside" / "order_lr", [({"order": order, "lr": lr}, [acc]) for order in ("depthwise_first",
+                 "pointwise_first") for lr, acc in ((0.025, 0.90), (0.05, 0.92), (0.1, 0.91))], seeds=(0,))
+    assert "half or twice" not in campaign.ablation_section(order, tmp_path / "inside")[4]  # each arm best inside
     assert lines[-2:] == ["Not run yet.", ""]
     _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
                  seeds=(0,))
