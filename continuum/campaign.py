@@ -51,6 +51,10 @@ VERDICTS = {
 }
 """The only words a verdict may use, each with its rule."""
 
+LR_GRID = (0.025, 0.05, 0.1)
+"""The protocol's learning-rate grid, which every ``NAME_lr`` study runs (with ``lr_extend``: one factor-2 step beyond
+the edge where an arm is best there)."""
+
 LR_STUDY_SUFFIX = "_lr"
 """An ablation study ``NAME`` takes each arm's learning rate from the study ``NAME_lr`` (``experiments/campaign``)."""
 
@@ -132,10 +136,11 @@ def core_hours(trials: pd.DataFrame) -> float:
     return (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
 
 
-def lr_lines(root: Path, study: str) -> list[str]:
+def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[str]:
     """The learning-rate study's validation accuracy per arm and rate (rates past the grid's edge where an arm was
     best there: ``lr_extend``), and the rate each arm takes (the best mean, ties to the smaller: what ``--lr tuned``
-    reads)."""
+    reads), with what may still change it: grid rates not finished yet, or the step beyond the grid's edge not taken
+    yet by an arm best there."""
     trials = _table_or_none(root, study)
     if trials is None:
         return [f"Learning rates (`{study}`): not run yet.", ""]
@@ -143,18 +148,26 @@ def lr_lines(root: Path, study: str) -> list[str]:
     if done.empty:
         return [f"Learning rates (`{study}`): no trial finished yet.", ""]
     arms = [c for c in varying_columns(trials) if c != "lr"] or ["segments"]  # one arm finished: still named
-    grid = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
-    chosen = grid.apply(best_rate, axis=1).rename("chosen lr")
-    table = sort_arms(grid.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
-    unfinished = "" if grid.notna().all(axis=None) else ("; -: not run or not finished, and the chosen rate may "
-                                                         "change until every rate has finished")
-    tried = grid.notna().apply(lambda row: row.index[row], axis=1)  # the rates each arm has finished
-    edge = any(rate in (min(rates), max(rates)) for rate, rates in zip(chosen, tried))
-    beyond = ("; an arm best at the smallest or largest rate it has tried is trained once at half or twice that "
-              "rate (`lr_extend`), so its chosen rate is final only once that step has run") if edge else ""
+    table = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
+    chosen = table.apply(best_rate, axis=1).rename("chosen lr")
+    in_grid = table[[rate for rate in table.columns if rate in grid]]
+    complete = in_grid.notna().sum(axis=1) == len(grid)
+    at_edge = in_grid.apply(best_rate, axis=1).isin((min(grid), max(grid)))
+    stepped = table[[rate for rate in table.columns if rate not in grid]].notna().any(axis=1)
+    waiting = [", ".join(map(str, arm if isinstance(arm, tuple) else (arm,)))
+               for arm in table.index[complete & at_edge & ~stepped]]
+    notes = []
+    if not complete.all():
+        notes.append("-: not finished yet, and the chosen rate may change until every rate of the grid has")
+    if waiting:
+        notes.append(f"best at the grid's edge, waiting for the step beyond it (`lr_extend`): {'; '.join(waiting)}")
+    if len(table.columns) > len(in_grid.columns):
+        notes.append("rates beyond the grid: the one step `lr_extend` takes for an arm best at the grid's edge "
+                     "(-: an arm best inside it takes none)")
+    shown = sort_arms(table.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
     return [f"Learning rates (`{study}`, {len(done)} trials finished, {core_hours(trials):.1f} core-hours; validation "
-            f"accuracy after the last epoch, seed 0{unfinished}{beyond}):", "",
-            table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-"),
+            f"accuracy after the last epoch, seed 0{''.join('; ' + note for note in notes)}):", "",
+            shown.astype(object).where(shown.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-"),
             ""]
 
 

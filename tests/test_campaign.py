@@ -238,7 +238,7 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
         settings = tomllib.loads((files / f"{study}.toml").read_text())
         assert settings["lr"] == "tuned" and settings["lr_study"] == study + campaign.LR_STUDY_SUFFIX
         rates = tomllib.loads((files / f"{settings['lr_study']}.toml").read_text())
-        assert rates["lr"] == [0.025, 0.05, 0.1] and rates["lr_extend"] is True  # the protocol's grid and edge rule
+        assert rates["lr"] == list(campaign.LR_GRID) and rates["lr_extend"] is True  # the protocol's grid, edge rule
     order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
     assert "Learning rates (`order_lr`): not run yet." in campaign.ablation_section(order, tmp_path)
     _study_table(tmp_path / "order_lr", [({"order": "depthwise_first", "lr": 0.05}, [0.91]),
@@ -246,13 +246,24 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
                                          ({"order": "pointwise_first", "lr": 0.05}, [0.90])], seeds=(0,))
     lines = campaign.ablation_section(order, tmp_path)
     assert lines[4].startswith("Learning rates (`order_lr`, 3 trials finished, 3.0 core-hours; validation accuracy "
-                               "after the last epoch, seed 0; -: not run or not finished, and the chosen rate may")
+                               "after the last epoch, seed 0; -: not finished yet, and the chosen rate may change")
     assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
                                           "| pointwise_first |    0.9000 |   -      |      0.0500 |"]
-    assert "is trained once at half or twice that rate (`lr_extend`)" in lines[4]  # 0.1: the largest tried
-    _study_table(tmp_path / "inside" / "order_lr", [({"order": order, "lr": lr}, [acc]) for order in ("depthwise_first",
-                 "pointwise_first") for lr, acc in ((0.025, 0.90), (0.05, 0.92), (0.1, 0.91))], seeds=(0,))
-    assert "half or twice" not in campaign.ablation_section(order, tmp_path / "inside")[4]  # each arm best inside
+    edge = [({"order": "depthwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.91), (0.1, 0.92))]
+    inside = [({"order": "pointwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.92), (0.1, 0.91))]
+    _study_table(tmp_path / "waiting" / "order_lr", edge + inside, seeds=(0,))
+    header = campaign.ablation_section(order, tmp_path / "waiting")[4]
+    assert header.endswith("seed 0; best at the grid's edge, waiting for the step beyond it (`lr_extend`): "
+                           "depthwise_first):")
+    step = ({"order": "depthwise_first", "lr": 0.2}, [0.91])
+    _study_table(tmp_path / "stepped" / "order_lr", [*edge, step, *inside], seeds=(0,))
+    lines = campaign.ablation_section(order, tmp_path / "stepped")
+    assert lines[4].endswith("seed 0; rates beyond the grid: the one step `lr_extend` takes for an arm best at the "
+                             "grid's edge (-: an arm best inside it takes none)):")
+    assert lines[6].splitlines()[-2:] == [
+        "| depthwise_first |     0.9000 |    0.9100 |   0.9200 |   0.9100 |      0.1000 |",
+        "| pointwise_first |     0.9000 |    0.9200 |   0.9100 |   -      |      0.0500 |"]
+    lines = campaign.ablation_section(order, tmp_path)
     assert lines[-2:] == ["Not run yet.", ""]
     _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
                  seeds=(0,))
