@@ -346,11 +346,11 @@ def failures_by_point(trials: pd.DataFrame) -> pd.DataFrame:
         values = key if isinstance(key, tuple) else (key,)
         rows.append({"point": ", ".join(f"{c} {v:.4g}" if isinstance(v, float) else f"{c} {v}"
                                         for c, v in zip(by, values)),
-                     "first": int(failed["trial"].iloc[0]), "trials": [int(t) for t in failed["trial"]],
+                     "trials": [int(t) for t in failed["trial"]],
                      "reasons": list(failed["fail_reason"].fillna("unknown")),
                      "epochs_done": [int(e) if pd.notna(e) else 0 for e in epochs],
                      "completed_by": int(done["trial"].iloc[0]) if len(done) else None,
                      "running_as": int(running["trial"].iloc[0]) if len(running) else None})
     columns = ["point", "trials", "reasons", "epochs_done", "completed_by", "running_as"]
-    table = pd.DataFrame(rows, columns=["first", *columns]).sort_values("first")[columns].reset_index(drop=True)
+    table = pd.DataFrame(sorted(rows, key=lambda row: row["trials"][0]), columns=columns)
     return table.astype({"completed_by": "Int64", "running_as": "Int64"})
