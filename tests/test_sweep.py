@@ -210,6 +210,8 @@ def test_ctrl_c_leaves_the_study_consistent_and_a_rerun_completes_it(tmp_path):
     table = _assert_each_point_complete_once(tmp_path, 4)
     stood_down = table["reason"].fillna("").str.startswith(DUPLICATE)  # where the stopped point ran first
     assert len(table[~stood_down]) == 5 and stood_down.sum() <= 1
+    commands = (tmp_path / "default" / "command.txt").read_text().splitlines()
+    assert len(commands) == 1 and "--segments 1,all" in commands[0]  # the resume by the same command: recorded once
 
 
 @pytest.mark.slow

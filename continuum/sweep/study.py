@@ -261,15 +261,17 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
         cfg: the validated sweep.
         data: the dataset (already subset as ``cfg.data`` asks).
         progress: tqdm bars for the sweep and each trial.
-        command: the command line, recorded in ``command.txt`` beside the tables.
+        command: the command line, recorded in ``command.txt`` beside the tables (once: a resume by the same
+            command adds no line).
         after_export: called with the results folder and the trials table after every export (the command line
             writes the summary from it, without reading the tables back).
         worker: the local worker number of ``--workers N`` (seeds a search's sampler), ``None`` on its own.
     """
     folder = Path(cfg.out) / cfg.study
     study = connect(cfg, worker)
-    if command:
-        with open(folder / "command.txt", "a") as handle:
+    commands = folder / "command.txt"
+    if command and command not in (commands.read_text().splitlines() if commands.exists() else []):
+        with open(commands, "a") as handle:
             handle.write(command + "\n")
     grid = [point_key(point) for point in grid_points(cfg)] if cfg.search == "grid" else []
     objective = Objective(cfg, data, progress)
