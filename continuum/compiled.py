@@ -1,7 +1,7 @@
 """The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
 
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
-:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-4 channels per group, AVX-512 CPUs only) and
+:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-7 channels per group, AVX-512 CPUs only) and
 :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
 ``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each (they include ATen
 and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once per machine, torch version and CPU

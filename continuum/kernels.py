@@ -14,7 +14,7 @@ float rounding:
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two (3 x 3, stride 1, "same" padding in float32 on an AVX-512 CPU: 16 channels at a time,
   the kernel gradient summed in registers). A candidate only where the C++ kernel could be built.
-- ``rotated``: 2, 3 or 4 input and output channels per segment, stride 1, on an AVX-512 CPU in float32 (and
+- ``rotated``: 2 to 7 input and output channels per segment, stride 1, on an AVX-512 CPU in float32 (and
   float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row
   of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input gradient is
   the same kernel run over the output gradient, the kernel gradient a second kernel that sums in registers. A
@@ -181,9 +181,9 @@ class _FusedDepthwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-ROTATED_WIDTHS = (2, 3, 4)
-"""Channels per segment the ``rotated`` kernel computes. Versions for 6, 8, 12 and 16 (whole segments in 16 float
-lanes) ran 1.1-3.3x slower than oneDNN's grouped kernel on the Xeon VM, 2 to 4 1.5-2.5x faster."""
+ROTATED_WIDTHS = tuple(range(2, 8))
+"""Channels per segment the ``rotated`` kernel computes: 2 to 7 ran 1.03-2.5x as fast as oneDNN's grouped kernels on
+the Xeon VM; 8 no faster, 9 to 16 (one segment in 16 float lanes) 1.5-4x slower."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,7 +218,7 @@ def flipped_transpose(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _RotatedGrouped(torch.autograd.Function):
-    """A channels-last grouped conv of 2-4 channels per group, stride 1: the C++ ``rotated`` kernel computes the
+    """A channels-last grouped conv of 2-7 channels per group, stride 1: the C++ ``rotated`` kernel computes the
     forward pass, the input gradient (a forward pass over the output gradient) and the kernel gradient."""
 
     @staticmethod

@@ -33,6 +33,10 @@ CASES = [
     (16, 16, 4, (3, 3), 1, (3, 1), 1),  # 4, padding wider than the kernel reaches: not rotated
     (12, 12, 4, (3, 5), 1, "same", 2),  # 3, dilated: four segments in a block of 15 lanes
     (18, 18, 6, (3, 3), 1, (1, 1), 1),  # 3: five segments in 15 lanes, a last block of one
+    (20, 20, 4, (3, 3), 1, (1, 1), 1),  # 5: three segments in 15 lanes, a last block of one
+    (24, 24, 4, (3, 3), 1, (1, 1), 1),  # 6: two segments in 12 lanes
+    (42, 42, 6, (3, 3), 1, (1, 1), 1),  # 7: two segments in 14 lanes, a last block of two
+    (16, 16, 2, (3, 3), 1, (1, 1), 1),  # 8: not rotated
 ]
 
 
@@ -75,7 +79,7 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
     assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
     reach = isinstance(padding, str) or max(padding) <= dilation * (max(kernel) - 1)
-    rotated = c_in == c_out and c_in // groups in (2, 3, 4) and stride == 1 and reach
+    rotated = c_in == c_out and 2 <= c_in // groups <= 7 and stride == 1 and reach
     assert ("rotated" in names) == (rotated and few_channel_kernels() is not None)
 
 
@@ -526,7 +530,7 @@ def test_the_rotated_kernel_refuses_strides_and_computes_a_kernel_gradient_alone
 
 
 @pytest.mark.usefixtures("rotated_kernel")
-@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 6, 7])
 def test_the_rotated_kernel_is_exact_at_every_row_width_and_edge(k):
     torch.manual_seed(k)  # 16-24 columns: every remainder of the 4-8 pixel groups, whole groups inside and edge groups
     for width in range(16, 25):

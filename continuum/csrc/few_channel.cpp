@@ -1,4 +1,4 @@
-// A grouped 2-D convolution with few channels per group (K = 2, 3 or 4 in and out per group) on channels-last CPU
+// A grouped 2-D convolution with few channels per group (K = 2 to 7 in and out per group) on channels-last CPU
 // tensors, forward and kernel gradient. oneDNN's grouped kernels run such convolutions 3-8x above their memory floor,
 // slower than a depthwise conv of the same width although the work per pixel is only K times a depthwise conv's.
 //
@@ -32,7 +32,7 @@ namespace {
 
 // Sixteen channels at once, with the rotation within groups of K of them: floats in one AVX-512 register; doubles
 // in a plain array the compiler vectorises (they serve the float64 equivalence tests, not speed). A block holds
-// 16 / K whole groups (lanes = 16 / K * K channels: all 16 for K = 2 and 4, 15 for K = 3);
+// 16 / K whole groups (lanes = 16 / K * K channels: all 16 for K = 2 and 4, 15 for K = 3 and 5, 12 for 6, 14 for 7);
 // loads and stores of a block touch its lanes only, and the last block of a row may hold fewer groups.
 template <typename scalar_t>
 struct Lanes;
@@ -95,6 +95,8 @@ struct Lanes<double> {
   }
 };
 
+constexpr int kMaxGroup = 7;  // channels per group at most (8 to 16 ran no faster than oneDNN: continuum/kernels.py)
+
 struct Geometry {
   int64_t n, c, h, w, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw;
   int64_t in_y(int64_t oy, int64_t i) const { return oy * sh - ph + i * dh; }
@@ -107,6 +109,9 @@ struct Geometry {
     return {first, std::max(first, std::min(ow, tail < 0 ? int64_t(0) : tail / sw + 1))};
   }
 };
+
+// Output pixels the forward pass computes at once: P * K sums and K kernel entries in registers, of the 32.
+constexpr int pixels_at_once(int k) { return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k); }
 
 template <typename scalar_t, int K, int P, bool Inside>
 void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
@@ -156,7 +161,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
 template <typename scalar_t, int K>
 void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
   using V = Lanes<scalar_t>;
-  constexpr int P = K == 2 ? 8 : K == 3 ? 5 : 4;  // pixels at once: P * K sums in registers, of the 32
+  constexpr int P = pixels_at_once(K);
   typename V::Index back[K];  // rotation by -e
   #pragma GCC unroll 16
   for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
@@ -254,7 +259,8 @@ Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const 
               "x: a channels-last 4-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "float32 or float64 only");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride, padding, dilation: pairs");
-  TORCH_CHECK(k >= 2 && k <= 4 && x.size(1) % k == 0, "channels per group: 2, 3 or 4, dividing the channels");
+  TORCH_CHECK(k >= 2 && k <= kMaxGroup && x.size(1) % k == 0, "channels per group: 2 to ", kMaxGroup,
+              ", dividing the channels");
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), kh, kw, 0, 0,
              stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
@@ -262,13 +268,12 @@ Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const 
   return g;
 }
 
-template <typename Call>
-void by_group_size(int64_t k, const Call& call) {
-  switch (k) {
-    case 2: call(std::integral_constant<int, 2>()); break;
-    case 3: call(std::integral_constant<int, 3>()); break;
-    default: call(std::integral_constant<int, 4>()); break;  // geometry() allows 2, 3 and 4 only
+template <int K = 2, typename Call>
+void by_group_size(int64_t k, const Call& call) {  // call(integral_constant<int, k>) for k in K .. kMaxGroup
+  if constexpr (K < kMaxGroup) {
+    if (k != K) return by_group_size<K + 1>(k, call);
   }
+  call(std::integral_constant<int, K>());  // geometry() allows 2 to kMaxGroup only
 }
 
 }  // namespace
@@ -323,6 +328,6 @@ at::Tensor few_channel_taps_gradient(at::Tensor, at::Tensor, int64_t, int64_t, i
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("available") = kAvailable;
-  m.def("forward", &few_channel_forward, "grouped conv, 2-4 channels per group, channels-last");
+  m.def("forward", &few_channel_forward, "grouped conv, 2-7 channels per group, channels-last");
   m.def("taps_gradient", &few_channel_taps_gradient, "its kernel gradient (the input gradient is a forward call)");
 }
