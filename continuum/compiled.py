@@ -3,12 +3,12 @@
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
 :func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-7 channels per group, AVX-512 CPUs only) and
 :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
-``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each (they include ATen
-and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once per machine, torch version and CPU
-model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes
-load the built library in a second. Where it cannot be built (no compiler, no ``ninja``, a compile error) or
-``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies that need it are not candidates: everything
-still runs, on torch's own kernels.
+``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each, the few-channel
+kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once
+per machine, torch version and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``); later processes load the built library in a second. Where it cannot be built (no
+compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies
+that need it are not candidates: everything still runs, on torch's own kernels.
 """
 
 from __future__ import annotations
