@@ -1,7 +1,8 @@
 """The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
 
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
-:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of 2-7 channels per group, AVX-512 CPUs only) and
+:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of :data:`FEW_CHANNEL_WIDTHS` channels per group,
+AVX-512 CPUs only) and
 :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
 ``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each, the few-channel
 kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once
@@ -26,6 +27,13 @@ from continuum.timing import cpu_flags, cpu_model
 
 SOURCES = Path(__file__).parent / "csrc"
 """Where the C++ sources are."""
+
+FEW_CHANNEL_WIDTHS = range(2, 8)
+"""Channels per group ``few_channel.cpp`` computes (its ``MIN_GROUP`` and ``MAX_GROUP``): 2 to 7 ran 1.03-2.5x as fast
+as oneDNN's grouped kernels on the Xeon VM; 8 no faster, 9 to 16 (one group in 16 float lanes) 1.5-4x slower."""
+
+DEFINES = {"few_channel": {"MIN_GROUP": FEW_CHANNEL_WIDTHS.start, "MAX_GROUP": FEW_CHANNEL_WIDTHS.stop - 1}}
+"""The macros each source is built with."""
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +60,13 @@ def built(name: str) -> ModuleType | None:
 
     source = SOURCES / f"{name}.cpp"
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
-    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}".encode() + source.read_bytes() + headers).hexdigest()[:12]
+    defines = [f"-D{macro}={value}" for macro, value in DEFINES.get(name, {}).items()]
+    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}|{defines}".encode() + source.read_bytes()
+                         + headers).hexdigest()[:12]
     try:
         return cpp_extension.load(f"continuum_{name}_{build}", [str(source)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", *defines],
+                                  extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler, no ninja, a compile or link error: torch's kernels do the work
         log.warning("the C++ kernel %s.cpp could not be built (%s); using torch's kernels", name,
                     str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from continuum import triton_kernels
-from continuum.compiled import depthwise_kernels, few_channel_kernels
+from continuum.compiled import FEW_CHANNEL_WIDTHS, depthwise_kernels, few_channel_kernels
 
 
 class ConvGeometry(NamedTuple):
@@ -179,11 +179,6 @@ class _FusedDepthwise(torch.autograd.Function):
         grad_x, grad_w = depthwise_kernels().backward(grad_y, x, weight, *ctx.geometry)
         grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
-
-
-ROTATED_WIDTHS = tuple(range(2, 8))
-"""Channels per segment the ``rotated`` kernel computes: 2 to 7 ran 1.03-2.5x as fast as oneDNN's grouped kernels on
-the Xeon VM; 8 no faster, 9 to 16 (one segment in 16 float lanes) 1.5-4x slower."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,7 +341,7 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
             if device_type == "cpu" and depthwise_kernels() is not None:
                 found.insert(2, Strategy("fused"))
         width = in_channels // geom.groups  # channels per segment
-        if (device_type == "cpu" and in_channels == out_channels and width in ROTATED_WIDTHS
+        if (device_type == "cpu" and in_channels == out_channels and width in FEW_CHANNEL_WIDTHS
                 and rotated_geometry(kernel, geom.stride, padding, geom.dilation)
                 and few_channel_kernels() is not None):
             found.insert(2, Strategy("rotated"))

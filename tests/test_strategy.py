@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from continuum import SegmentedConv2d
 from continuum import strategy as st
 from continuum import timing
-from continuum.compiled import built, depthwise_kernels, few_channel_kernels
+from continuum.compiled import FEW_CHANNEL_WIDTHS, built, depthwise_kernels, few_channel_kernels
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
 from continuum.timing import call_times, cpu_flags, device_name, kernel_library, median_interval
 
@@ -79,7 +79,7 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
     assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
     reach = isinstance(padding, str) or max(padding) <= dilation * (max(kernel) - 1)
-    rotated = c_in == c_out and 2 <= c_in // groups <= 7 and stride == 1 and reach
+    rotated = c_in == c_out and c_in // groups in FEW_CHANNEL_WIDTHS and stride == 1 and reach
     assert ("rotated" in names) == (rotated and few_channel_kernels() is not None)
 
 
@@ -530,7 +530,7 @@ def test_the_rotated_kernel_refuses_strides_and_computes_a_kernel_gradient_alone
 
 
 @pytest.mark.usefixtures("rotated_kernel")
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("k", FEW_CHANNEL_WIDTHS)
 def test_the_rotated_kernel_is_exact_at_every_row_width_and_edge(k):
     torch.manual_seed(k)  # 16-24 columns: every remainder of the 4-8 pixel groups, whole groups inside and edge groups
     for width in range(16, 25):

@@ -1,6 +1,7 @@
-// A grouped 2-D convolution with few channels per group (K = 2 to 7 in and out per group) on channels-last CPU
-// tensors, forward and kernel gradient. oneDNN's grouped kernels run such convolutions 3-8x above their memory floor,
-// slower than a depthwise conv of the same width although the work per pixel is only K times a depthwise conv's.
+// A grouped 2-D convolution with few channels per group (K = MIN_GROUP to MAX_GROUP in and out per group, macros the
+// build defines: continuum/compiled.py) on channels-last CPU tensors, forward and kernel gradient. oneDNN's grouped
+// kernels run such convolutions 3-8x above their memory floor, slower than a depthwise conv of the same width
+// although the work per pixel is only K times a depthwise conv's.
 //
 // The channels of a pixel sit in a row; a group is K neighbours in it. The kernel entries come prepared as taps
 // [i][j][e][c'] = weight[base(c') + (c' % K + e) % K, c' % K, i, j]: the entry from input channel c' to the output
@@ -95,7 +96,7 @@ struct Lanes<double> {
   }
 };
 
-constexpr int kMaxGroup = 7;  // channels per group at most (8 to 16 ran no faster than oneDNN: continuum/kernels.py)
+constexpr int kMinGroup = MIN_GROUP, kMaxGroup = MAX_GROUP;  // channels per group (from the build)
 
 struct Geometry {
   int64_t n, c, h, w, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw;
@@ -259,8 +260,8 @@ Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const 
               "x: a channels-last 4-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "float32 or float64 only");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride, padding, dilation: pairs");
-  TORCH_CHECK(k >= 2 && k <= kMaxGroup && x.size(1) % k == 0, "channels per group: 2 to ", kMaxGroup,
-              ", dividing the channels");
+  TORCH_CHECK(k >= kMinGroup && k <= kMaxGroup && x.size(1) % k == 0, "channels per group: ", kMinGroup, " to ",
+              kMaxGroup, ", dividing the channels");
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), kh, kw, 0, 0,
              stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
@@ -268,12 +269,12 @@ Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const 
   return g;
 }
 
-template <int K = 2, typename Call>
+template <int K = kMinGroup, typename Call>
 void by_group_size(int64_t k, const Call& call) {  // call(integral_constant<int, k>) for k in K .. kMaxGroup
   if constexpr (K < kMaxGroup) {
     if (k != K) return by_group_size<K + 1>(k, call);
   }
-  call(std::integral_constant<int, K>());  // geometry() allows 2 to kMaxGroup only
+  call(std::integral_constant<int, K>());  // geometry() allows kMinGroup to kMaxGroup only
 }
 
 }  // namespace
@@ -328,6 +329,6 @@ at::Tensor few_channel_taps_gradient(at::Tensor, at::Tensor, int64_t, int64_t, i
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("available") = kAvailable;
-  m.def("forward", &few_channel_forward, "grouped conv, 2-7 channels per group, channels-last");
+  m.def("forward", &few_channel_forward, "grouped conv, MIN_GROUP to MAX_GROUP channels per group, channels-last");
   m.def("taps_gradient", &few_channel_taps_gradient, "its kernel gradient (the input gradient is a forward call)");
 }
