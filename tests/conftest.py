@@ -1,8 +1,13 @@
 """Shared helpers: tiny sweeps on synthetic data."""
 
+import glob
 import importlib.util
 import os
+import shutil
+import socket
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -35,14 +40,6 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-import glob  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 
 @dataclass
