@@ -2,8 +2,7 @@
 
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
 :func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of :data:`FEW_CHANNEL_WIDTHS` channels per group,
-AVX-512 CPUs only) and
-:func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
+AVX-512 CPUs only) and :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
 ``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each, the few-channel
 kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once
 per machine, torch version and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or

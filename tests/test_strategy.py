@@ -530,6 +530,16 @@ def test_the_rotated_kernel_refuses_strides_and_computes_a_kernel_gradient_alone
 
 
 @pytest.mark.usefixtures("rotated_kernel")
+def test_the_rotated_kernel_is_built_for_the_declared_widths_alone():
+    assert FEW_CHANNEL_WIDTHS == range(2, 8)  # the widths measured faster than oneDNN (results/bench/README.md)
+    for k in (FEW_CHANNEL_WIDTHS.start - 1, FEW_CHANNEL_WIDTHS.stop):  # just outside: refused by the built kernel
+        x = torch.randn(1, 4 * k, 5, 5).contiguous(memory_format=torch.channels_last)
+        taps = torch.randn(3, 3, k, 4 * k)  # kh x kw x K x C
+        with pytest.raises(RuntimeError, match="channels per group: 2 to 7"):
+            few_channel_kernels().forward(x, taps, [1, 1], [1, 1], [1, 1])
+
+
+@pytest.mark.usefixtures("rotated_kernel")
 @pytest.mark.parametrize("k", FEW_CHANNEL_WIDTHS)
 def test_the_rotated_kernel_is_exact_at_every_row_width_and_edge(k):
     torch.manual_seed(k)  # 16-24 columns: every remainder of the 4-8 pixel groups, whole groups inside and edge groups
