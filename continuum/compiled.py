@@ -2,13 +2,13 @@
 
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
 :func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of :data:`FEW_CHANNEL_WIDTHS` channels per group,
-AVX-512 CPUs only) and :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last training pass) with
-``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each, the few-channel
-kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once
-per machine, torch version and CPU model (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``); later processes load the built library in a second. Where it cannot be built (no
-compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it is ``None`` and the strategies
-that need it are not candidates: everything still runs, on torch's own kernels.
+CPUs with AVX-512 or AVX2 only) and :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last
+training pass) with ``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each,
+the few-channel kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which
+doubles that), once per machine, torch version and CPU model (in torch's extensions folder,
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the built library in a second.
+Where it cannot be built (no compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it
+is ``None`` and the strategies that need it are not candidates: everything still runs, on torch's own kernels.
 """
 
 from __future__ import annotations
@@ -83,10 +83,17 @@ def depthwise_kernels() -> ModuleType | None:
     return built("depthwise")
 
 
+def few_channel_cpu() -> bool:
+    """The CPU has the vector instructions ``few_channel.cpp`` is written for: AVX-512, or AVX2 with FMA."""
+    flags = cpu_flags()
+    return "avx512f" in flags or {"avx2", "fma"} <= flags
+
+
 def few_channel_kernels() -> ModuleType | None:
     """``few_channel.cpp`` built (``forward(x, taps, stride, padding, dilation)`` and ``taps_gradient(grad_y, x,
-    kh, kw, k, stride, padding, dilation)``), or ``None`` where it cannot be built or the CPU lacks AVX-512."""
-    if "avx512f" not in cpu_flags():  # not worth a minute's build
+    kh, kw, k, stride, padding, dilation)``), or ``None`` where it cannot be built or the CPU lacks the
+    instructions (:func:`few_channel_cpu`)."""
+    if not few_channel_cpu():  # not worth a minute's build
         return None
     module = built("few_channel")
     return module if module is not None and module.available else None

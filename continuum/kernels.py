@@ -14,11 +14,11 @@ float rounding:
   pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
   gradient instead of two (3 x 3, stride 1, "same" padding in float32 on an AVX-512 CPU: 16 channels at a time,
   the kernel gradient summed in registers). A candidate only where the C++ kernel could be built.
-- ``rotated``: 2 to 7 input and output channels per segment, stride 1, on an AVX-512 CPU in float32 (and
-  float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one loaded row
-  of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input gradient is
-  the same kernel run over the output gradient, the kernel gradient a second kernel that sums in registers. A
-  candidate only where the C++ kernel could be built.
+- ``rotated``: 2 to 7 input and output channels per segment, stride 1, on a CPU with AVX-512 or AVX2, in float32
+  (and float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one
+  loaded row of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input
+  gradient is the same kernel run over the output gradient, the kernel gradient a second kernel that sums in
+  registers. A candidate only where the C++ kernel could be built.
 - ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
   backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
   and, like every candidate, chosen only when it wins the timing there.

@@ -246,6 +246,11 @@ class _Inputs:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Images per evaluation batch: twice the training batch (no activations are kept for a backward pass)."""
+    return 2 * cfg.batch_size
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: Callable, batch_size: int,
              autocast: bool) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy of ``model`` on device tensors ``x`` (uint8) and ``y``, and which images it got right
@@ -260,6 +265,37 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: Callabl
             loss_sum += F.cross_entropy(logits, target, reduction="sum")
             correct[start:start + batch_size] = logits.argmax(1) == target
     return loss_sum.item() / len(y), correct.cpu()
+
+
+def batch_loss(step_model: nn.Module, images: torch.Tensor, target: torch.Tensor, inputs: _Inputs,
+               cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch (``images``: ``B x C x H x W`` uint8 on the device) and its logits
+    (``B x classes``), in the run's precision."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=inputs.autocast):
+        logits = step_model(inputs(images, train=True))  # B x classes
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+    return loss, logits
+
+
+def tune_kernels(model: nn.Module, data: TensorData, cfg: TrainConfig) -> None:
+    """One training batch's forward and backward passes and one validation batch, as :func:`fit` runs them, with
+    no optimizer step: the conv tuner (:mod:`continuum.strategy`) chooses and caches a kernel for each conv shape a
+    run of ``model`` meets (but an epoch's smaller last batch). The model's gradients are left set.
+
+    Args:
+        model: the model, moved to ``cfg.device`` in the run's memory format.
+        data: the dataset; its first training and validation images make the batches.
+        cfg: the batch size, precision, memory format and device of the run.
+    """
+    device = resolve_device(cfg.device)
+    inputs = _Inputs(data, device, cfg, torch.Generator(device=device).manual_seed(0))
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.train()
+    loss, _ = batch_loss(model, data.train_x[:cfg.batch_size].to(device), data.train_y[:cfg.batch_size].to(device),
+                         inputs, cfg)
+    loss.backward()
+    batch = eval_batch_size(cfg)
+    evaluate(model, data.val_x[:batch].to(device), data.val_y[:batch].to(device), inputs, batch, inputs.autocast)
 
 
 def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -290,9 +326,7 @@ def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.
     for first in range(0, len(order), cfg.batch_size):
         index = order[first:first + cfg.batch_size]
         target = y[index]
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=inputs.autocast):
-            logits = step_model(inputs(x[index], train=True))  # B x classes
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        loss, logits = batch_loss(step_model, x[index], target, inputs, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -440,7 +474,7 @@ def fit(
                                                 cfg, generator, bar)
             if not math.isfinite(train_loss):
                 raise TrainingFailed(f"non-finite training loss ({train_loss}) in epoch {epoch}")
-            val_loss, val_correct = evaluate(step_model, val_x, val_y, inputs, 2 * cfg.batch_size, inputs.autocast)
+            val_loss, val_correct = evaluate(step_model, val_x, val_y, inputs, eval_batch_size(cfg), inputs.autocast)
             val_acc = val_correct.float().mean().item()
             if not math.isfinite(val_loss):
                 raise TrainingFailed(f"non-finite validation loss ({val_loss}) after epoch {epoch}: the weights "
@@ -458,7 +492,7 @@ def fit(
                 raise StopRequested(f"stopped after epoch {epoch} of {cfg.epochs}")
         if data.test_x is not None:  # once, after training: no choice sees it
             result.test_loss, result.test_correct = evaluate(step_model, data.test_x.to(device),
-                                                             data.test_y.to(device), inputs, 2 * cfg.batch_size,
+                                                             data.test_y.to(device), inputs, eval_batch_size(cfg),
                                                              inputs.autocast)
         if snapshot is not None:
             discard_snapshot(snapshot)

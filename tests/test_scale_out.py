@@ -1,6 +1,7 @@
 """Many workers on one study: exactly once under SIGKILL and a database restart (real PostgreSQL), and local
 --workers on a journal file."""
 
+import json
 import os
 import signal
 import subprocess
@@ -112,11 +113,25 @@ def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path
     assert "exited with code -9" in trials.loc[trials["trial"] == victim.number, "fail_reason"].item()
 
 
-def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers(tmp_path):
+def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_kernels_tuned_before(
+        tmp_path, monkeypatch, caplog):
+    from continuum.strategy import TUNER
     from continuum.sweep.cli import main
+    from continuum.sweep.workers import worker_threads
     from conftest import FAST
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1"]) == 0
-    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0
+    monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(TUNER, "busy_reason", lambda *args, **kwargs: None)  # xdist's other tests share the cores
+    TUNER.forget()
+    try:
+        assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0
+    finally:
+        TUNER.forget()
+    assert "tuning the conv kernels of 1 model(s) before the workers start" in caplog.text  # segments 1 is done
+    cached = json.loads((tmp_path / "cache" / "conv_strategies.json").read_text())
+    threads = f"x{worker_threads(2)} threads"
+    passes = {key.rsplit("|", 1)[1] for key in cached if threads in key and "|cl/" in key}
+    assert {"fwd+bwd", "fwd"} <= passes  # the training step's and the validation's shapes, at a worker's threads
     folder = tmp_path / "default"
     assert (folder / "study.journal").exists() and (folder / "study.db.moved").exists()
     trials = results.load(folder)
@@ -136,3 +151,4 @@ def test_each_local_worker_draws_its_own_configurations():
         study = optuna.create_study(sampler=_sampler(cfg, worker))
         draws.append([study.ask().suggest_float("width", 0.5, 1.5) for _ in range(3)])
     assert draws[0] != draws[1]
+

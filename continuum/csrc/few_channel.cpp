@@ -5,10 +5,11 @@
 //
 // The channels of a pixel sit in a row; a group is K neighbours in it. The kernel entries come prepared as taps
 // [i][j][e][c'] = weight[base(c') + (c' % K + e) % K, c' % K, i, j]: the entry from input channel c' to the output
-// channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of up to 16
-// channels (whole groups), rotating a row by e within each group is one in-register permutation, so:
+// channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of whole groups
+// in one vector register (up to 16 channels with AVX-512, 8 with AVX2), rotating a row by e within each group is one
+// in-register permutation, so:
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
-//   is the sum over e of sums[e] rotated back by e (K - 1 rotations per 16 outputs, not per tap);
+//   is the sum over e of sums[e] rotated back by e (K - 1 rotations per block of outputs, not per tap);
 // - the taps' gradient (laid out as the taps): the output gradient's row rotated by e (once per pixel and kernel
 //   row) times the input rows, summed in registers along an output row, J kernel columns at once;
 // - the input gradient (stride 1) is itself a forward call: the convolution of the output gradient with the kernel
@@ -28,16 +29,27 @@
 
 #include "thread_sums.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 namespace {
 
-// Sixteen channels at once, with the rotation within groups of K of them: floats in one AVX-512 register; doubles
-// in a plain array the compiler vectorises (they serve the float64 equivalence tests, not speed). A block holds
-// 16 / K whole groups (lanes = 16 / K * K channels: all 16 for K = 2 and 4, 15 for K = 3 and 5, 12 for 6, 14 for 7);
-// loads and stores of a block touch its lanes only, and the last block of a row may hold fewer groups.
+// A block of channels at once, with the rotation within groups of K of them: floats in one vector register, 16 with
+// AVX-512 (32 registers), 8 with AVX2 (16 registers); doubles in a plain array of as many, which the compiler
+// vectorises (they serve the float64 equivalence tests, not speed). A block holds kLanes / K whole groups (AVX-512:
+// all 16 channels for K = 2 and 4, 15 for K = 3 and 5, 12 for 6, 14 for 7; AVX2: 8 for K = 2 and 4, 6 for 3 and 6,
+// 5 for 5, 7 for 7); loads and stores of a block touch its lanes only, and the last block of a row may hold fewer.
+#ifdef __AVX512F__
+constexpr int kLanes = 16, kRegisters = 32;
+#else
+constexpr int kLanes = 8, kRegisters = 16;
+#endif
+
+// Lane l of a block takes lane base(l) + (l % k + d) % k (lanes past the block's whole groups keep their own).
+constexpr int rotated_lane(int l, int k, int d) { return l < kLanes / k * k ? l / k * k + (l % k + d) % k : l; }
+
 template <typename scalar_t>
 struct Lanes;
 
+#ifdef __AVX512F__
 template <>
 struct Lanes<float> {
   using Index = __m512i;
@@ -47,23 +59,43 @@ struct Lanes<float> {
   static Lanes load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
   static Lanes zero() { return {_mm512_setzero_ps()}; }
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }  // all 16 (scratch)
-  static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }
   Lanes fma(Lanes a, Lanes b) const { return {_mm512_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm512_add_ps(v, a.v)}; }
-  static Index rotation(int k, int d) {  // lane l takes lane base(l) + (l % k + d) % k (lanes past the groups: l)
-    alignas(64) int index[16];
-    for (int l = 0; l < 16; ++l) index[l] = l < 16 / k * k ? l / k * k + (l % k + d) % k : l;
+  static Index rotation(int k, int d) {
+    alignas(64) int index[kLanes];
+    for (int l = 0; l < kLanes; ++l) index[l] = rotated_lane(l, k, d);
     return _mm512_load_si512(index);
   }
   Lanes rotated(Index index) const { return {_mm512_permutexvar_ps(index, v)}; }
 };
+#else
+template <>
+struct Lanes<float> {
+  using Index = __m256i;
+  using Mask = __m256i;  // all ones in the lanes to load and store
+  __m256 v;
+  static Mask mask(int64_t lanes) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Lanes load(const float* p, Mask m) { return {_mm256_maskload_ps(p, m)}; }
+  static Lanes zero() { return {_mm256_setzero_ps()}; }
+  void store(float* p, Mask m) const { _mm256_maskstore_ps(p, m, v); }
+  Lanes fma(Lanes a, Lanes b) const { return {_mm256_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
+  Lanes operator+(Lanes a) const { return {_mm256_add_ps(v, a.v)}; }
+  static Index rotation(int k, int d) {
+    alignas(32) int index[kLanes];
+    for (int l = 0; l < kLanes; ++l) index[l] = rotated_lane(l, k, d);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(index));
+  }
+  Lanes rotated(Index index) const { return {_mm256_permutevar8x32_ps(v, index)}; }
+};
+#endif
 
 template <>
 struct Lanes<double> {
-  struct Index { int at[16]; };
+  struct Index { int at[kLanes]; };
   using Mask = int64_t;
-  double v[16];
+  double v[kLanes];
   static Mask mask(int64_t lanes) { return lanes; }
   static Lanes load(const double* p, Mask m) {
     Lanes r = zero();
@@ -72,26 +104,24 @@ struct Lanes<double> {
   }
   static Lanes zero() { return Lanes{}; }
   void store(double* p, Mask m) const { for (int l = 0; l < m; ++l) p[l] = v[l]; }
-  void store(double* p) const { store(p, 16); }
-  static Lanes load(const double* p) { return load(p, 16); }
   Lanes fma(Lanes a, Lanes b) const {
     Lanes r;
-    for (int l = 0; l < 16; ++l) r.v[l] = v[l] + a.v[l] * b.v[l];
+    for (int l = 0; l < kLanes; ++l) r.v[l] = v[l] + a.v[l] * b.v[l];
     return r;
   }
   Lanes operator+(Lanes a) const {
     Lanes r;
-    for (int l = 0; l < 16; ++l) r.v[l] = v[l] + a.v[l];
+    for (int l = 0; l < kLanes; ++l) r.v[l] = v[l] + a.v[l];
     return r;
   }
   static Index rotation(int k, int d) {
     Index index;
-    for (int l = 0; l < 16; ++l) index.at[l] = l < 16 / k * k ? l / k * k + (l % k + d) % k : l;
+    for (int l = 0; l < kLanes; ++l) index.at[l] = rotated_lane(l, k, d);
     return index;
   }
   Lanes rotated(const Index& index) const {
     Lanes r;
-    for (int l = 0; l < 16; ++l) r.v[l] = v[index.at[l]];
+    for (int l = 0; l < kLanes; ++l) r.v[l] = v[index.at[l]];
     return r;
   }
 };
@@ -111,8 +141,14 @@ struct Geometry {
   }
 };
 
-// Output pixels the forward pass computes at once: P * K sums and K kernel entries in registers, of the 32.
-constexpr int pixels_at_once(int k) { return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k); }
+// Output pixels the forward pass computes at once: P * K sums, K kernel entries and an input in registers.
+constexpr int pixels_at_once(int k) {
+  if (kRegisters == 32) return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k);
+  return std::max(1, (kRegisters - 1 - k) / k);
+}
+
+// Kernel columns the taps' gradient sums at once: J * K sums, K rotated gradients and an input in registers.
+constexpr int columns_at_once(int k) { return std::min(3, std::max(1, (kRegisters - 1 - k) / k)); }
 
 template <typename scalar_t, int K, int P, bool Inside>
 void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
@@ -120,7 +156,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
   // P neighbouring output pixels at once: each tap's K entries are loaded once for all P. Inside: every tap of the
   // P pixels falls inside the input row (no checks per pixel).
   using V = Lanes<scalar_t>;
-  constexpr int64_t S = 16 / K * K;  // channels per block
+  constexpr int64_t S = kLanes / K * K;  // channels per block
   const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
   for (int64_t cb = 0; cb < c; cb += S) {
@@ -188,7 +224,7 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
                            int64_t j0, int64_t cb) {
   // kernel columns j0 .. j0 + J - 1 of kernel row i, over one output row: J * K sums in registers
   using V = Lanes<scalar_t>;
-  constexpr int64_t S = 16 / K * K;  // channels per block
+  constexpr int64_t S = kLanes / K * K;  // channels per block
   const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
   const typename V::Mask m = V::mask(std::min(S, c - cb));
   const scalar_t* in_row = x + (b * g.h + g.in_y(oy, i)) * w * c + cb;
@@ -230,8 +266,8 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
 template <typename scalar_t, int K>
 void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
   using V = Lanes<scalar_t>;
-  constexpr int64_t S = 16 / K * K;  // channels per block
-  constexpr int J = 3;  // kernel columns at once
+  constexpr int64_t S = kLanes / K * K;  // channels per block
+  constexpr int J = columns_at_once(K);
   typename V::Index rotation[K];
   #pragma GCC unroll 16
   for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
@@ -315,15 +351,15 @@ at::Tensor few_channel_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh
 }
 
 constexpr bool kAvailable = true;
-#else  // without AVX-512 the module only says so, and the strategy is not offered
+#else  // without AVX-512 or AVX2 the module only says so, and the strategy is not offered
 constexpr bool kAvailable = false;
 at::Tensor few_channel_forward(at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<int64_t>,
                                   std::vector<int64_t>) {
-  TORCH_CHECK(false, "built without AVX-512");
+  TORCH_CHECK(false, "built without AVX-512 or AVX2");
 }
 at::Tensor few_channel_taps_gradient(at::Tensor, at::Tensor, int64_t, int64_t, int64_t, std::vector<int64_t>,
                                         std::vector<int64_t>, std::vector<int64_t>) {
-  TORCH_CHECK(false, "built without AVX-512");
+  TORCH_CHECK(false, "built without AVX-512 or AVX2");
 }
 #endif
 

@@ -9,6 +9,7 @@ is passed on to the workers (each stops after its epoch in progress), and the pa
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import optuna
 import pandas as pd
@@ -25,13 +26,15 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from continuum.data import TensorData
+from continuum.knobs import SegmentError
+from continuum.strategy import current_mode
 from continuum.sweep.objective import worker_id
-from continuum.sweep.points import WORKER_LOST, grid_points, point_key
+from continuum.sweep.points import WORKER_LOST, GridPoint, build_model, grid_points, point_key
 from continuum.sweep.settings import SweepConfig
 from continuum.sweep.signals import stop_requested
 from continuum.sweep.storage import open_storage
 from continuum.sweep.study import DONE, connect, count_trials, plan_grid, run, storage_url
-from continuum.train import StopRequested
+from continuum.train import StopRequested, resolve_device, tune_kernels
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,46 @@ def worker_env(index: int, workers: int) -> dict[str, str]:
     if len(gpus) > 1:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     else:
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        threads = str(worker_threads(workers))
         env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     return env
+
+
+def worker_threads(workers: int) -> int:
+    """CPU threads of each of ``workers`` local workers: an equal share of the cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPoint]) -> None:
+    """Tune the conv kernels of every model ``points`` train, here, before the workers start, with a worker's
+    thread count. Once they run, each keeps the others' cores busy, so the tuner (rightly) times nothing in them
+    and they would train on the plain grouped conv throughout; the choices made here on the quiet machine go to the
+    disk cache, which they read. Only on the CPU (a worker per GPU finds its GPU quiet) and with autotuning on; a
+    model that cannot be built is left to its trial to fail.
+
+    Args:
+        cfg: the sweep (its ``workers`` and training settings).
+        data: the dataset the trials train on.
+        points: the grid points still to run.
+    """
+    if resolve_device(cfg.train.device).type != "cpu" or current_mode() != "auto":
+        return
+    configs = {json.dumps(point.config.to_dict(), sort_keys=True, default=list): point.config for point in points}
+    if not configs:
+        return
+    log.warning("tuning the conv kernels of %d model(s) before the workers start (cached: once per machine)",
+                len(configs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(cfg.workers))
+    try:
+        for config in configs.values():
+            try:
+                model = build_model(config, data)
+            except (ValueError, SegmentError):
+                continue
+            tune_kernels(model, data, cfg.train)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fail_trials_of(study: optuna.Study, storage: optuna.storages.BaseStorage, pid: int, reason: str) -> int:
@@ -77,9 +117,12 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
     url = storage_url(cfg)
     study = connect(cfg, worker=0)
     storage = open_storage(url, cfg.heartbeat)
-    keys = [point_key(point) for point in grid_points(cfg)] if cfg.search == "grid" else []
+    points = list(grid_points(cfg)) if cfg.search == "grid" else []
+    keys = [point_key(point) for point in points]
     if keys:
         plan_grid(study, keys, cfg.retry_failed)  # once here, so workers seldom race to queue the same points
+        done = {trial.user_attrs.get("point") for trial in study.get_trials(deepcopy=False, states=DONE)}
+        tune_for_workers(cfg, data, [point for point, key in zip(points, keys) if key not in done])
     log.warning("%d workers on %s", cfg.workers, url)
     worker_cfg = dataclasses.replace(cfg, workers=1, storage=url).to_json()
     processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep.worker", worker_cfg, str(i + 1)],
