@@ -57,7 +57,7 @@ def worker_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPoint]) -> None:
+def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPoint], progress: bool = True) -> None:
     """Tune the conv kernels of every model ``points`` train, here, before the workers start, with a worker's
     thread count. Once they run, each keeps the others' cores busy, so the tuner (rightly) times nothing in them
     and they would train on the plain grouped conv throughout; the choices made here on the quiet machine go to the
@@ -68,18 +68,19 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPo
         cfg: the sweep (its ``workers`` and training settings).
         data: the dataset the trials train on.
         points: the grid points still to run.
+        progress: show a bar over the models (a model's first tuning on a machine takes about a minute).
     """
     if resolve_device(cfg.train.device).type != "cpu" or current_mode() != "auto":
         return
     configs = {json.dumps(point.config.to_dict(), sort_keys=True, default=list): point.config for point in points}
     if not configs:
         return
-    log.warning("tuning the conv kernels of %d model(s) before the workers start (cached: once per machine)",
-                len(configs))
+    log.warning("tuning the conv kernels of %d model(s) before the workers start (the first time on a machine: about "
+                "a minute each; then cached)", len(configs))
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg.workers))
     try:
-        for config in configs.values():
+        for config in tqdm(configs.values(), desc="tuning conv kernels", unit="model", disable=not progress):
             try:
                 model = build_model(config, data)
             except (ValueError, SegmentError):
@@ -122,7 +123,7 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
     if keys:
         plan_grid(study, keys, cfg.retry_failed)  # once here, so workers seldom race to queue the same points
         done = {trial.user_attrs.get("point") for trial in study.get_trials(deepcopy=False, states=DONE)}
-        tune_for_workers(cfg, data, [point for point, key in zip(points, keys) if key not in done])
+        tune_for_workers(cfg, data, [point for point, key in zip(points, keys) if key not in done], progress)
     log.warning("%d workers on %s", cfg.workers, url)
     worker_cfg = dataclasses.replace(cfg, workers=1, storage=url).to_json()
     processes = [subprocess.Popen([sys.executable, "-m", "continuum.sweep.worker", worker_cfg, str(i + 1)],
