@@ -7,6 +7,7 @@ training pass) with ``torch.utils.cpp_extension`` the first time a process asks 
 the few-channel kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which
 doubles that), once per machine, torch version and CPU model (in torch's extensions folder,
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the built library in a second.
+:func:`build_all` builds every one of them at once, side by side.
 Where it cannot be built (no compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it
 is ``None`` and the strategies that need it are not candidates: everything still runs, on torch's own kernels.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -43,20 +45,26 @@ def building_allowed() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported on first use (it is slow to import, and only building needs it)."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # its import warns that no CUDA runtime is found: true, and beside the point
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    return cpp_extension
+
+
+@functools.lru_cache(maxsize=None)
 def built(name: str) -> ModuleType | None:
     """``csrc/NAME.cpp`` built (or loaded from an earlier build), or ``None`` where it cannot be built here. Built
     with ``-O3 -march=native`` under a name holding a hash of torch's version, the CPU model and the source (a
     library built for one CPU may not run on another)."""
     if not building_allowed():
         return None
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)  # its import warns that no CUDA runtime is found: true, and beside the point
-    try:
-        from torch.utils import cpp_extension  # imported here: it is slow to import, and only building needs it
-    finally:
-        cpp_logger.setLevel(level)
-
+    cpp_extension = _cpp_extension()
     source = SOURCES / f"{name}.cpp"
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
     defines = [f"-D{macro}={value}" for macro, value in DEFINES.get(name, {}).items()]
@@ -97,3 +105,14 @@ def few_channel_kernels() -> ModuleType | None:
         return None
     module = built("few_channel")
     return module if module is not None and module.available else None
+
+
+def build_all() -> list[ModuleType | None]:
+    """Every kernel this machine can use (:func:`batch_norm_kernels`, :func:`depthwise_kernels`,
+    :func:`few_channel_kernels`), built side by side (each build compiles one file on one core), or ``None`` for
+    each that cannot be built; those built before load in a second."""
+    getters = [batch_norm_kernels, depthwise_kernels, few_channel_kernels]
+    if building_allowed():
+        _cpp_extension()  # imported once, before the threads
+    with ThreadPoolExecutor(len(getters)) as pool:
+        return list(pool.map(lambda get: get(), getters))

@@ -246,6 +246,17 @@ class _Inputs:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def in_run_layout(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
+    """``model`` moved to ``device`` in the run's memory format (channels-last when ``cfg.channels_last``).
+
+    Args:
+        model: the model.
+        device: the run's device.
+        cfg: its memory format.
+    """
+    return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
 def eval_batch_size(cfg: TrainConfig) -> int:
     """Images per evaluation batch: twice the training batch (no activations are kept for a backward pass)."""
     return 2 * cfg.batch_size
@@ -289,7 +300,7 @@ def tune_kernels(model: nn.Module, data: TensorData, cfg: TrainConfig) -> None:
     """
     device = resolve_device(cfg.device)
     inputs = _Inputs(data, device, cfg, torch.Generator(device=device).manual_seed(0))
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model = in_run_layout(model, device, cfg)
     model.train()
     loss, _ = batch_loss(model, data.train_x[:cfg.batch_size].to(device), data.train_y[:cfg.batch_size].to(device),
                          inputs, cfg)
@@ -448,7 +459,7 @@ def fit(
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     inputs = _Inputs(data, device, cfg, generator)
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model = in_run_layout(model, device, cfg)
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)

@@ -28,6 +28,21 @@ FAST = [*SYNTHETIC, "--width", "0.25", "--train-size", "256", "--val-size", "128
 of the synthetic set."""
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Build the C++ kernels (:mod:`continuum.compiled`) side by side before pytest-xdist starts its workers: else
+    the first test to need one builds it while every other worker that needs it waits, idle (once per machine;
+    later runs load the built libraries in a second). One process (``-n 0``) builds each when a test first needs it.
+    """
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    from continuum.compiled import build_all, building_allowed
+
+    if building_allowed():
+        config.get_terminal_writer().line("building the C++ kernels, unless built before (once per machine)")
+        build_all()
+
+
 @pytest.fixture
 def fast_args():
     return list(FAST)

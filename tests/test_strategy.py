@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from continuum import SegmentedConv2d
 from continuum import strategy as st
 from continuum import timing
-from continuum.compiled import FEW_CHANNEL_WIDTHS, built, depthwise_kernels, few_channel_cpu, few_channel_kernels
+from continuum.compiled import (FEW_CHANNEL_WIDTHS, batch_norm_kernels, build_all, built, depthwise_kernels,
+                                few_channel_cpu, few_channel_kernels)
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
 from continuum.timing import call_times, device_name, kernel_library, median_interval
 
@@ -479,6 +480,7 @@ def test_the_cache_key_names_everything_that_changes_the_answer():
 def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkeypatch):
     depthwise, two_per_segment = ConvGeometry((1, 1), (1, 1), (1, 1), 16), ConvGeometry((1, 1), (1, 1), (1, 1), 8)
     assert depthwise_kernels() is not None  # a compiler and ninja are here: the C++ kernels build
+    assert build_all() == [batch_norm_kernels(), depthwise_kernels(), few_channel_kernels()]  # the same modules
     assert Strategy("fused") in candidates(16, 16, (3, 3), depthwise)
     if few_channel_cpu():
         assert few_channel_kernels() is not None and Strategy("rotated") in candidates(16, 16, (3, 3), two_per_segment)
@@ -489,6 +491,7 @@ def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkey
     try:
         assert depthwise_kernels() is None and Strategy("fused") not in candidates(16, 16, (3, 3), depthwise)
         assert few_channel_kernels() is None and Strategy("rotated") not in candidates(16, 16, (3, 3), two_per_segment)
+        assert build_all() == [None, None, None]
     finally:
         built.cache_clear()
 

@@ -25,6 +25,7 @@ import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from continuum.compiled import build_all
 from continuum.data import TensorData
 from continuum.knobs import SegmentError
 from continuum.strategy import current_mode
@@ -77,6 +78,7 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPo
         return
     log.warning("tuning the conv kernels of %d model(s) before the workers start (the first time on a machine: about "
                 "a minute each; then cached)", len(configs))
+    build_all()  # side by side, rather than one by one as the first model's convs ask for them
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg.workers))
     try:
