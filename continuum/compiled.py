@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 
 from continuum.files import BUILD_KERNELS, env_switch
-from continuum.timing import cpu_flags, cpu_model
+from continuum.timing import cpu_flags, cpu_flags_digest, cpu_model
 
 SOURCES = Path(__file__).parent / "csrc"
 """Where the C++ sources are."""
@@ -68,7 +68,7 @@ def built(name: str) -> ModuleType | None:
     source = SOURCES / f"{name}.cpp"
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
     defines = [f"-D{macro}={value}" for macro, value in DEFINES.get(name, {}).items()]
-    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}|{defines}".encode() + source.read_bytes()
+    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}|{cpu_flags_digest()}|{defines}".encode() + source.read_bytes()
                          + headers).hexdigest()[:12]
     try:
         return cpp_extension.load(f"continuum_{name}_{build}", [str(source)],

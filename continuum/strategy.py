@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from continuum.files import SWITCHES, atomic_write, cache_root, env_switch
 from continuum.kernels import ConvGeometry, Strategy, candidates, is_channels_last, output_pixels, run_strategy, \
     strategy_flops
-from continuum.timing import OtherLoad, call_times, device_name, dtype_name, interleaved_times, kernel_library, \
-    measure_peak_flops, median_interval, reference_ms
+from continuum.timing import OtherLoad, call_times, dtype_name, interleaved_times, kernel_library, \
+    machine_key, measure_peak_flops, median_interval, reference_ms
 
 MODES = ("auto", "native")
 """Strategy modes: autotune per shape, or always the plain grouped conv."""
@@ -120,11 +120,12 @@ def env_mode() -> str:
 
 def cache_key(x: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
     """The autotuning cache key: everything that changes which strategy is fastest. The tuner's version, torch's and
-    the convolution library's, the device (CPU model and thread count, or GPU), dtype (and autocast), memory formats
-    of input and kernels, shapes, geometry and which gradients are wanted (:func:`passes`)."""
+    the convolution library's, the device (CPU model, feature flags and thread count, or GPU:
+    :func:`~continuum.timing.machine_key`), dtype (and autocast), memory formats of input and kernels, shapes,
+    geometry and which gradients are wanted (:func:`passes`)."""
     layout = "/".join("cl" if t.dim() == 4 and is_channels_last(t) else "nchw" for t in (x, weight))
     return "|".join(str(part) for part in (
-        CACHE_VERSION, torch.__version__, kernel_library(x.device.type), device_name(x.device), dtype_name(x.dtype),
+        CACHE_VERSION, torch.__version__, kernel_library(x.device.type), machine_key(x.device), dtype_name(x.dtype),
         f"autocast {torch.get_autocast_dtype(x.device.type)}" if torch.is_autocast_enabled(x.device.type) else "",
         layout, tuple(x.shape),
         tuple(weight.shape), geom.stride, geom.padding, geom.dilation, geom.groups, passes(x, grad)))
@@ -374,7 +375,7 @@ class Tuner:
 
     def peak(self, device: torch.device, dtype: torch.dtype) -> float:
         """The peak FLOP/s autotuning bounds candidates with: measured once per machine and cached."""
-        key = f"peak|{torch.__version__}|{device_name(device)}|{dtype}"
+        key = f"peak|{torch.__version__}|{machine_key(device)}|{dtype}"
         if key not in self.peaks:
             stored = self.read_disk().get(key)
             valid = isinstance(stored, float) and math.isfinite(stored) and stored > 0
@@ -397,7 +398,7 @@ class Tuner:
             if load.other_cores > free + 0.25:
                 return f"other processes kept {load.other_cores:.1f} cores busy and this process leaves {free} free"
             return None
-        key = f"reference|{CACHE_VERSION}|{torch.__version__}|{kernel_library(device.type)}|{device_name(device)}"
+        key = f"reference|{CACHE_VERSION}|{torch.__version__}|{kernel_library(device.type)}|{machine_key(device)}"
         stored = self.read_disk().get(key)
         quiet = stored if isinstance(stored, float) and math.isfinite(stored) and stored > 0 else math.inf
         now = reference_ms(device)

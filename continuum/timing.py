@@ -7,6 +7,7 @@ Used by the conv tuner, the cost probe and the benchmark alike.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import re
@@ -28,15 +29,38 @@ def device_name(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (``model name``, ``cpu family``, ``model``, ``flags``,
+    ...); empty off Linux."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break  # the end of the first processor's block
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (``AMD EPYC family 25 model 17``: a VM's model name
+    alone may hide which generation it runs on), else what the platform says."""
+    info = cpu_info()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        return f"{name} family {info['cpu family']} model {info['model']}"
+    return name
+
+
+def machine_key(device: torch.device) -> str:
+    """What a cached timing or kernel choice holds for: :func:`device_name` and, on a CPU, a hash of its feature
+    flags (two CPUs of one model may offer different instructions: a VM can hide some)."""
+    if device.type == "cuda":
+        return device_name(device)
+    return f"{device_name(device)} flags {cpu_flags_digest()}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,16 +73,14 @@ def kernel_library(device_type: str) -> str:
     return f"onednn {found.group(1)}" if found else "unknown"
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``/proc/cpuinfo``: ``avx2``, ``avx512_bf16``, ...); empty off Linux."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(cpu_info().get("flags", "").split())
+
+
+def cpu_flags_digest() -> str:
+    """A short hash of :func:`cpu_flags`, for keys of what was built or tuned for them."""
+    return hashlib.sha1(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -17,7 +17,7 @@ from continuum import timing
 from continuum.compiled import (FEW_CHANNEL_WIDTHS, batch_norm_kernels, build_all, built, depthwise_kernels,
                                 few_channel_cpu, few_channel_kernels)
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
-from continuum.timing import call_times, device_name, kernel_library, median_interval
+from continuum.timing import call_times, device_name, kernel_library, machine_key, median_interval
 
 CASES = [
     # in, out, groups, kernel, stride, padding, dilation
@@ -322,7 +322,7 @@ def test_a_cached_choice_that_cannot_compute_the_call_is_retuned_never_used(tmp_
     conv = SegmentedConv2d(8, 16, 3, padding=1, segments=4)
     x = torch.randn(2, 8, 6, 6)
     key = st.cache_key(x, conv.weight, conv.geometry, grad=False)
-    peak = f"peak|{torch.__version__}|{st.device_name(x.device)}|{x.dtype}"
+    peak = f"peak|{torch.__version__}|{st.machine_key(x.device)}|{x.dtype}"
     (tmp_path / "conv_strategies.json").write_text(json.dumps({key: garbage, peak: -1.0}))
     st.forget_choices()
     with torch.no_grad():
@@ -467,14 +467,30 @@ def test_the_cache_key_names_everything_that_changes_the_answer():
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
     x = torch.randn(2, 8, 6, 6)
     key = st.cache_key(x.requires_grad_(), conv.weight, conv.geometry, grad=True)
-    for part in (st.CACHE_VERSION, torch.__version__, kernel_library("cpu"), device_name(x.device), "float32",
+    for part in (st.CACHE_VERSION, torch.__version__, kernel_library("cpu"), machine_key(x.device), "float32",
                  "nchw/nchw", "fwd+bwd"):
         assert part in key.split("|")
     first_layer = st.cache_key(x.detach(), conv.weight, conv.geometry, grad=True)  # no input gradient wanted
     assert "fwd+kernel bwd" in first_layer.split("|") and first_layer.replace("fwd+kernel bwd", "fwd+bwd") == key
     assert "threads" in device_name(x.device) and kernel_library("cpu").startswith("onednn ")
+    assert machine_key(x.device).startswith(device_name(x.device) + " flags ")
     cl = st.cache_key(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.geometry, grad=False)
     assert "cl/nchw" in cl.split("|") and "fwd" in cl.split("|")
+
+
+def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tuned(monkeypatch):
+    """Two VMs may both call their CPU "AMD EPYC" (Zen 3 without AVX-512, Zen 4 with it): a kernel built or a choice
+    tuned on one must not be taken for the other."""
+    zen3 = {"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx2 fma"}
+    zen4 = {"model name": "AMD EPYC", "cpu family": "25", "model": "17", "flags": "fpu avx2 fma avx512f"}
+    keys = {}
+    for name, info in (("zen3", zen3), ("zen4", zen4), ("zen4 masked", {**zen4, "flags": "fpu avx2 fma"})):
+        monkeypatch.setattr(timing, "cpu_info", lambda info=info: info)
+        keys[name] = (timing.cpu_model(), machine_key(torch.device("cpu")))
+    assert keys["zen3"][0] == "AMD EPYC family 25 model 1" and keys["zen4"][0] == "AMD EPYC family 25 model 17"
+    assert keys["zen4"][0] == keys["zen4 masked"][0] and len({key for _, key in keys.values()}) == 3
+    monkeypatch.setattr(timing, "cpu_info", lambda: {})  # off Linux: what the platform says
+    assert timing.cpu_model() and timing.cpu_flags() == frozenset()
 
 
 def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkeypatch):
