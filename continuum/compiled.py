@@ -68,8 +68,8 @@ def built(name: str) -> ModuleType | None:
     source = SOURCES / f"{name}.cpp"
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
     defines = [f"-D{macro}={value}" for macro, value in DEFINES.get(name, {}).items()]
-    build = hashlib.sha1(f"{torch.__version__}|{cpu_model()}|{cpu_flags_digest()}|{defines}".encode() + source.read_bytes()
-                         + headers).hexdigest()[:12]
+    machine = f"{torch.__version__}|{cpu_model()}|{cpu_flags_digest()}|{defines}"
+    build = hashlib.sha1(machine.encode() + source.read_bytes() + headers).hexdigest()[:12]
     try:
         return cpp_extension.load(f"continuum_{name}_{build}", [str(source)],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", *defines],
