@@ -60,8 +60,8 @@ def _cpp_extension() -> ModuleType:
 @functools.lru_cache(maxsize=None)
 def built(name: str) -> ModuleType | None:
     """``csrc/NAME.cpp`` built (or loaded from an earlier build), or ``None`` where it cannot be built here. Built
-    with ``-O3 -march=native`` under a name holding a hash of torch's version, the CPU model and the source (a
-    library built for one CPU may not run on another)."""
+    with ``-O3 -march=native`` under a name holding a hash of torch's version, the CPU model and feature flags and
+    the source (a library built for one CPU may not run on another)."""
     if not building_allowed():
         return None
     cpp_extension = _cpp_extension()

@@ -552,6 +552,14 @@ def chosen_strategy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return TUNER.choose(x, weight, bias, geom)
 
 
+def next_retry_s() -> float | None:
+    """Seconds until the tuner tries again a conv it found the machine too busy to tune (0 when that is due), or
+    ``None`` when no conv waits for it."""
+    if not TUNER.retry_at:
+        return None
+    return max(0.0, min(TUNER.retry_at.values()) - time.monotonic())
+
+
 def forget_choices() -> None:
     """Drop what the tuner knows in memory (see :meth:`Tuner.forget`)."""
     TUNER.forget()

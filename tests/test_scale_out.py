@@ -115,19 +115,24 @@ def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path
 
 def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_kernels_tuned_before(
         tmp_path, monkeypatch, caplog):
+    from continuum import strategy
     from continuum.strategy import TUNER
     from continuum.sweep.cli import main
     from continuum.sweep.workers import worker_threads
     from conftest import FAST
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1"]) == 0
     monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(TUNER, "busy_reason", lambda *args, **kwargs: None)  # xdist's other tests share the cores
+    busy = iter(["another job ran"])  # the first tuning finds the machine busy, later ones quiet
+    monkeypatch.setattr(TUNER, "busy_reason", lambda *args, **kwargs: next(busy, None))  # xdist's other tests, too
+    monkeypatch.setattr(strategy, "RETRY_SECONDS", 0.5)
     TUNER.forget()
     try:
         assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0
+        assert strategy.next_retry_s() is None  # the conv found busy was tuned once the machine was quiet
     finally:
         TUNER.forget()
     assert "tuning the conv kernels of 1 model(s) before the workers start" in caplog.text  # segments 1 is done
+    assert "not tuned while the machine is busy (another job ran)" in caplog.text and "stayed busy" not in caplog.text
     cached = json.loads((tmp_path / "cache" / "conv_strategies.json").read_text())
     threads = f"x{worker_threads(2)} threads"
     passes = {key.rsplit("|", 1)[1] for key in cached if threads in key and "|cl/" in key}
