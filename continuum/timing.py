@@ -29,7 +29,6 @@ def device_name(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def cpu_info() -> dict[str, str]:
     """The first processor's fields in ``/proc/cpuinfo`` (``model name``, ``cpu family``, ``model``, ``flags``,
     ...); empty off Linux."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from continuum import SegmentedConv2d
 from continuum import strategy as st
-from continuum import timing
+from continuum import compiled, timing
 from continuum.compiled import (FEW_CHANNEL_WIDTHS, batch_norm_kernels, build_all, built, depthwise_kernels,
                                 few_channel_cpu, few_channel_kernels)
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
@@ -483,12 +483,16 @@ def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tun
     tuned on one must not be taken for the other."""
     zen3 = {"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx2 fma"}
     zen4 = {"model name": "AMD EPYC", "cpu family": "25", "model": "17", "flags": "fpu avx2 fma avx512f"}
-    keys = {}
+    keys, builds = {}, []
+    fake_cpp_extension = SimpleNamespace(load=lambda name, *_, **__: builds.append(name))
+    monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake_cpp_extension)
     for name, info in (("zen3", zen3), ("zen4", zen4), ("zen4 masked", {**zen4, "flags": "fpu avx2 fma"})):
         monkeypatch.setattr(timing, "cpu_info", lambda info=info: info)
         keys[name] = (timing.cpu_model(), machine_key(torch.device("cpu")))
+        built.__wrapped__("depthwise")  # the name the library is built (or found) under
     assert keys["zen3"][0] == "AMD EPYC family 25 model 1" and keys["zen4"][0] == "AMD EPYC family 25 model 17"
     assert keys["zen4"][0] == keys["zen4 masked"][0] and len({key for _, key in keys.values()}) == 3
+    assert len(set(builds)) == 3 and all(name.startswith("continuum_depthwise_") for name in builds)
     monkeypatch.setattr(timing, "cpu_info", lambda: {})  # off Linux: what the platform says
     assert timing.cpu_model() and timing.cpu_flags() == frozenset()
 
