@@ -72,6 +72,7 @@ def kernel_library(device_type: str) -> str:
     return f"onednn {found.group(1)}" if found else "unknown"
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``/proc/cpuinfo``: ``avx2``, ``avx512_bf16``, ...); empty off Linux."""
     return frozenset(cpu_info().get("flags", "").split())

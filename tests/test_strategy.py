@@ -488,13 +488,19 @@ def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tun
     monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake_cpp_extension)
     for name, info in (("zen3", zen3), ("zen4", zen4), ("zen4 masked", {**zen4, "flags": "fpu avx2 fma"})):
         monkeypatch.setattr(timing, "cpu_info", lambda info=info: info)
+        timing.cpu_flags.cache_clear()
         keys[name] = (timing.cpu_model(), machine_key(torch.device("cpu")))
         built.__wrapped__("depthwise")  # the name the library is built (or found) under
     assert keys["zen3"][0] == "AMD EPYC family 25 model 1" and keys["zen4"][0] == "AMD EPYC family 25 model 17"
     assert keys["zen4"][0] == keys["zen4 masked"][0] and len({key for _, key in keys.values()}) == 3
     assert len(set(builds)) == 3 and all(name.startswith("continuum_depthwise_") for name in builds)
     monkeypatch.setattr(timing, "cpu_info", lambda: {})  # off Linux: what the platform says
-    assert timing.cpu_model() and timing.cpu_flags() == frozenset()
+    timing.cpu_flags.cache_clear()
+    try:
+        assert timing.cpu_model() and timing.cpu_flags() == frozenset()
+    finally:
+        monkeypatch.undo()
+        timing.cpu_flags.cache_clear()  # this CPU's flags again
 
 
 def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkeypatch):
