@@ -92,7 +92,9 @@ def test_a_stopped_sweep_loses_only_its_running_trial_and_a_rerun_finishes(tmp_p
 @pytest.mark.slow  # three processes loading torch: the stop itself is in test_train.py's default run
 def test_sigusr1_stops_each_worker_after_its_epoch_in_progress_and_the_rerun_loses_nothing(tmp_path):
     storage = _file_storages(tmp_path)["journal"]
-    process = _spawn(tmp_path, storage, "--workers", "2")  # the parent passes the signal on to both workers
+    # the parent passes the signal on to both workers; epochs of 1-2 s (not 0.3) outlast its way there
+    longer_epochs = ["--train-size", "2048"]
+    process = _spawn(tmp_path, storage, "--workers", "2", *longer_epochs)
     _wait_for_a_snapshot(tmp_path / "default")
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=120)
@@ -101,7 +103,7 @@ def test_sigusr1_stops_each_worker_after_its_epoch_in_progress_and_the_rerun_los
     assert "RUNNING" not in set(stopped["state"]) and "lost" not in stderr
     stopped = stopped[stopped["fail_reason"] == "interrupted"].set_index("segments")["epochs_done"]
     assert len(stopped) >= 1 and stopped.between(1, 3).all()  # each stopped after a whole epoch, before the last
-    rerun = _spawn(tmp_path, storage)
+    rerun = _spawn(tmp_path, storage, *longer_epochs)
     assert rerun.wait(timeout=240) == 0, rerun.stderr.read()
     done = results.load(tmp_path / "default").query("state == 'COMPLETE'").set_index("segments")
     assert len(done) == 2 and (done.loc[stopped.index, "resumed_epochs"] == stopped).all()  # every epoch kept

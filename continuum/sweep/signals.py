@@ -20,6 +20,15 @@ def stop_requested() -> bool:
     return _EPOCH_STOP.is_set()
 
 
+def wait_for_stop(seconds: float) -> bool:
+    """Wait up to ``seconds``, returning at once (True) when SIGUSR1 asks for a stop, as :func:`stop_requested`.
+
+    Args:
+        seconds: the longest wait.
+    """
+    return _EPOCH_STOP.wait(seconds)
+
+
 def install_stop_handlers() -> None:
     """Make SIGTERM stop the sweep as Ctrl-C does, SIGINT do so even where it was inherited ignored (a process
     started with ``&`` from a script ignores it, and Python then raises no ``KeyboardInterrupt``), and SIGUSR1 ask

@@ -32,7 +32,7 @@ from continuum.strategy import current_mode, next_retry_s
 from continuum.sweep.objective import worker_id
 from continuum.sweep.points import WORKER_LOST, GridPoint, build_model, grid_points, point_key
 from continuum.sweep.settings import SweepConfig
-from continuum.sweep.signals import stop_requested
+from continuum.sweep.signals import stop_requested, wait_for_stop
 from continuum.sweep.storage import open_storage
 from continuum.sweep.study import DONE, connect, count_trials, plan_grid, run, storage_url
 from continuum.train import StopRequested, resolve_device, tune_kernels
@@ -149,8 +149,9 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
     passed_on = False
     try:
         while len(handled) < len(processes):
-            time.sleep(1)
-            if stop_requested() and not passed_on:  # each worker stops after its epoch in progress
+            if passed_on:
+                time.sleep(1)
+            elif wait_for_stop(1):  # passed on at once: each worker stops after its epoch in progress
                 for process in processes:
                     if process.poll() is None:
                         process.send_signal(signal.SIGUSR1)
