@@ -386,7 +386,8 @@ def test_a_machine_that_turns_busy_while_tuning_drops_the_result_and_waits_at_mo
     tuned, checks = [], []
     tune = st.autotune
     monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
-    # each try checks twice: the probe before tuning finds the machine quiet, the tuning's own window busy
+    # each tuning checks twice: the probe before it finds the machine quiet, the tuning's own window busy; a call
+    # tunes twice (TUNING_TRIES) before it gives up
     monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: checks.append(1) or (
         None if len(checks) % 2 else "busy while tuning"))
     monkeypatch.setattr(st, "RETRY_MAX_SECONDS", 20.0)
@@ -395,8 +396,25 @@ def test_a_machine_that_turns_busy_while_tuning_drops_the_result_and_waits_at_mo
             st.TUNER.retry_at.update(dict.fromkeys(st.TUNER.retry_at, 0.0))
             conv(x)
     signature = next(iter(st.TUNER.retry_at))
-    assert tuned == [1] * 4 and st.TUNER.busy_streak[signature] == 4 and not _choices_on_disk(tmp_path)
+    assert tuned == [1] * 4 * st.TUNING_TRIES and len(checks) == 2 * len(tuned)
+    assert st.TUNER.busy_streak[signature] == 4 and not _choices_on_disk(tmp_path)
     assert st.TUNER.retry_at[signature] - time.monotonic() == pytest.approx(20.0, abs=1)  # 15, 30 -> capped at 20
+
+
+def test_a_busy_spell_within_the_tuning_alone_is_probed_for_again_and_tuned_again_at_once(monkeypatch, tmp_path):
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
+    tuned, probes = [], []
+    tune = st.autotune
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
+    sleep = st.time.sleep
+    monkeypatch.setattr(st.time, "sleep", lambda s: probes.append(s) if s == st.PROBE_SECONDS else sleep(s))
+    verdicts = iter([None, "busy while tuning", None, None])  # probe, tuning, probe again, tuning again
+    monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: next(verdicts))
+    with torch.no_grad():
+        conv(torch.randn(2, 8, 6, 6))
+    assert tuned == [1, 1] and len(probes) == 2  # the second probe did not trust the first's quiet reading
+    assert len(_choices_on_disk(tmp_path)) == 1 and not st.TUNER.retry_at and not st.TUNER.busy_streak
+    assert next(verdicts, "all used") == "all used"
 
 
 def test_convs_tuned_in_a_row_share_one_probe_and_a_stale_reading_is_probed_again(monkeypatch):
