@@ -16,8 +16,8 @@ times a reference workload before and after against its fastest time seen (kept 
 kept more cores busy than this process leaves free, or the reference ran slower than :data:`BUSY_SLOWDOWN` times its
 quiet time, the result is neither trusted nor cached. A spell that fell within the tuning alone is probed for again
 at once, and a machine quiet again is tuned again (:data:`TUNING_TRIES`); otherwise the call runs the plain grouped
-conv, and tuning is tried again after :data:`RETRY_SECONDS`, twice as long after each further busy finding (up to :data:`RETRY_MAX_SECONDS`), so that
-a machine busy for hours is not probed for ever.
+conv, and tuning is tried again after :data:`RETRY_SECONDS`, twice as long after each further busy finding (up to
+:data:`RETRY_MAX_SECONDS`), so that a machine busy for hours is not probed for ever.
 
 Choices are cached in memory and in ``$CONTINUUM_CACHE/conv_strategies.json`` (default ``~/.cache/continuum``),
 keyed by everything that changes the answer: torch and the convolution library's versions, the CPU model and thread
