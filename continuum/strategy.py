@@ -96,7 +96,7 @@ already busy then is not timed at all (tuning a model's convs while another job 
 
 TUNING_TRIES = 2
 """A tuning whose own window was busy, though the probe before it was quiet, is probed for and done again at once,
-up to this many times in all: a moment's work of another process (a 2-core VM's own agent crossed the tolerance
+up to this many times in all: a moment's work of another process (on a quiet 2-core VM the tolerance was crossed
 now and then while a benchmark ran alone) costs one more tuning, not a spell of the plain conv."""
 
 QUIET_TRUSTED_SECONDS = 1.0
