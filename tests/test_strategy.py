@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -115,10 +116,24 @@ def test_strategy_names_round_trip():
         assert Strategy.parse(strategy.name) == strategy
 
 
-def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
+def _autotune_calls(monkeypatch, record: Callable[[torch.Tensor], object] = lambda x: 1) -> list:
+    """A list that gets ``record(input)`` for each autotuning from now on (the tuning itself still runs)."""
     calls = []
     tune = st.autotune
-    monkeypatch.setattr(st, "autotune", lambda *a, **k: calls.append(a[0].shape) or tune(*a, **k))
+    monkeypatch.setattr(st, "autotune", lambda *a, **k: calls.append(record(a[0])) or tune(*a, **k))
+    return calls
+
+
+def _probes(monkeypatch) -> list:
+    """A list that gets each busy-machine probe's sleep from now on (the probe itself does not sleep)."""
+    probes = []
+    sleep = st.time.sleep
+    monkeypatch.setattr(st.time, "sleep", lambda s: probes.append(s) if s == st.PROBE_SECONDS else sleep(s))
+    return probes
+
+
+def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
+    calls = _autotune_calls(monkeypatch, lambda x: x.shape)
     conv = SegmentedConv2d(16, 16, 3, padding=1, segments=4)
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     with st.conv_strategy("native"):
@@ -140,9 +155,7 @@ def test_auto_matches_native_and_tunes_each_shape_once(monkeypatch, tmp_path):
 
 
 def test_each_memory_format_gradient_and_thread_count_is_tuned_once(monkeypatch):
-    tuned = []
-    tune = st.autotune
-    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(a[0].stride()) or tune(*a, **k))
+    tuned = _autotune_calls(monkeypatch, lambda x: x.stride())
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=2)
     x = torch.randn(2, 8, 6, 6)
     threads = torch.get_num_threads()
@@ -224,9 +237,7 @@ def test_choices_survive_into_a_new_process(tmp_path):
 
 
 def test_autocast_is_tuned_apart_and_agrees_with_native(monkeypatch):
-    calls = []
-    tune = st.autotune
-    monkeypatch.setattr(st, "autotune", lambda *a, **k: calls.append(1) or tune(*a, **k))
+    calls = _autotune_calls(monkeypatch)
     conv = SegmentedConv2d(16, 16, 3, padding=1, segments=4)
     x = torch.randn(2, 16, 6, 6)
     conv(x)
@@ -356,9 +367,7 @@ def test_a_lead_within_noise_earns_more_rounds_and_then_goes_to_the_plain_conv(m
 def test_a_busy_machine_runs_the_plain_conv_caches_nothing_and_tunes_again_later(monkeypatch, tmp_path):
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
     x = torch.randn(2, 8, 6, 6)
-    tuned = []
-    tune = st.autotune
-    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
+    tuned = _autotune_calls(monkeypatch)
     monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: "another process")
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1, 1, 4))
@@ -383,9 +392,7 @@ def test_a_busy_machine_runs_the_plain_conv_caches_nothing_and_tunes_again_later
 def test_a_machine_that_turns_busy_while_tuning_drops_the_result_and_waits_at_most_the_cap(monkeypatch, tmp_path):
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
     x = torch.randn(2, 8, 6, 6)
-    tuned, checks = [], []
-    tune = st.autotune
-    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
+    tuned, checks = _autotune_calls(monkeypatch), []
     # each tuning checks twice: the probe before it finds the machine quiet, the tuning's own window busy; a call
     # tunes twice (TUNING_TRIES) before it gives up
     monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: checks.append(1) or (
@@ -403,11 +410,7 @@ def test_a_machine_that_turns_busy_while_tuning_drops_the_result_and_waits_at_mo
 
 def test_a_busy_spell_within_the_tuning_alone_is_probed_for_again_and_tuned_again_at_once(monkeypatch, tmp_path):
     conv = SegmentedConv2d(8, 8, 3, padding=1, segments=4)
-    tuned, probes = [], []
-    tune = st.autotune
-    monkeypatch.setattr(st, "autotune", lambda *a, **k: tuned.append(1) or tune(*a, **k))
-    sleep = st.time.sleep
-    monkeypatch.setattr(st.time, "sleep", lambda s: probes.append(s) if s == st.PROBE_SECONDS else sleep(s))
+    tuned, probes = _autotune_calls(monkeypatch), _probes(monkeypatch)
     verdicts = iter([None, "busy while tuning", None, None])  # probe, tuning, probe again, tuning again
     monkeypatch.setattr(st.Tuner, "busy_reason", lambda self, device, load=None: next(verdicts))
     with torch.no_grad():
@@ -418,9 +421,7 @@ def test_a_busy_spell_within_the_tuning_alone_is_probed_for_again_and_tuned_agai
 
 
 def test_convs_tuned_in_a_row_share_one_probe_and_a_stale_reading_is_probed_again(monkeypatch):
-    probes = []
-    sleep = st.time.sleep
-    monkeypatch.setattr(st.time, "sleep", lambda s: probes.append(s) if s == st.PROBE_SECONDS else sleep(s))
+    probes = _probes(monkeypatch)
     convs = [SegmentedConv2d(8, 8, 3, padding=1, segments=4), SegmentedConv2d(8, 16, 3, padding=1, segments=2)]
     with torch.no_grad():
         for conv in convs:
