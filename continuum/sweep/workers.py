@@ -44,6 +44,11 @@ QUIET_WAIT_SECONDS = 300.0
 trials trained 1.1-1.5x slower on untuned convs, for hours)."""
 
 
+STOPPED_EXIT_CODES = (130, -getattr(signal, "SIGUSR1", 0))
+"""How a worker that SIGUSR1 stopped exits: 130 after its epoch in progress, or killed by the signal itself when it
+came before the worker had set its handlers (while importing torch: no trial of its had started)."""
+
+
 def worker_env(index: int, workers: int) -> dict[str, str]:
     """Environment of worker ``index``: its GPU when several are visible, else its share of CPU threads."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -160,7 +165,7 @@ def run_workers(cfg: SweepConfig, data: TensorData, progress: bool = True, comma
                 if process.pid in handled or process.poll() is None:
                     continue
                 handled.add(process.pid)
-                if process.returncode != 0 and not (passed_on and process.returncode == 130):
+                if process.returncode != 0 and not (passed_on and process.returncode in STOPPED_EXIT_CODES):
                     lost = fail_trials_of(study, storage, process.pid,
                                           f"{WORKER_LOST}: worker {process.pid} exited with code "
                                           f"{process.returncode}")
