@@ -122,10 +122,15 @@ def seeds_needed(sd: float, half_width: float = HALF_WIDTH, level: float = 0.95)
 
 
 def _table_or_none(root: Path, study: str) -> pd.DataFrame | None:
-    """A study's trials, or ``None`` when it has not written its table yet."""
+    """A study's trials, or ``None`` when it has not written its table yet.
+
+    Raises:
+        TableError: the table is there but damaged (cut off, garbled, not a trials table): a report that called
+            the study not run would hide that.
+    """
     try:
         return load(root / study)
-    except (FileNotFoundError, TableError):
+    except FileNotFoundError:
         return None
 
 
@@ -167,7 +172,7 @@ def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[st
     shown = sort_arms(table.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
     return [f"Learning rates (`{study}`, {len(done)} trials finished, {core_hours(trials):.1f} core-hours; validation "
             f"accuracy after the last epoch, seed 0{''.join('; ' + note for note in notes)}):", "",
-            shown.astype(object).where(shown.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="-"),
+            _markdown(shown, missingval="-"),
             ""]
 
 
@@ -304,7 +309,7 @@ def latency_lines(study: str, root: Path, trials: pd.DataFrame) -> list[str]:
     first = latency.iloc[0]
     return [f"Test accuracy against inference latency on a quiet machine ({first['device']}, batch "
             f"{first['batch_size']}, median ms, measured {first['measured']}; the accuracy-latency front marked):",
-            "", arms.to_markdown(index=False, floatfmt=".4f"), ""]
+            "", _markdown(arms), ""]
 
 
 def _spectrum(study: str, budget: str) -> Ablation:
@@ -419,6 +424,23 @@ def _mcnemar(claim: Claim, tables: dict[str, pd.DataFrame]) -> float:
     return mcnemar_test(*correct)["p"]
 
 
+COUNT_COLUMNS = ("params", "macs", "flops")
+"""The report's columns of whole counts (parameters, multiply-accumulates, FLOPs): shown whole, with thousands
+separators; every other number to 4 places."""
+
+
+def _markdown(table: pd.DataFrame, missingval: str = "–") -> str:
+    """``table`` as Markdown: numbers to 4 places, counts (:data:`COUNT_COLUMNS`) whole with thousands separators,
+    missing values as ``missingval``.
+
+    Args:
+        table: the rows to show.
+        missingval: what a missing value (NaN, None) shows.
+    """
+    counts = {c: table[c].map(lambda v: v if pd.isna(v) else f"{v:,.0f}") for c in COUNT_COLUMNS if c in table}
+    shown = table.assign(**counts).astype(object)
+    return shown.where(shown.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval=missingval)
+
 def _points(value: float) -> str:
     return "–" if pd.isna(value) else f"{100 * value:+.2f}"
 
@@ -428,7 +450,7 @@ def _in_points(family: pd.DataFrame, columns: list[str]) -> str:
     shown = family.assign(**{"diff (points)": family["diff"].map(_points),
                              "95 % CI": [f"[{_points(lo)}, {_points(hi)}]" for lo, hi in
                                          zip(family["ci_low"], family["ci_high"])]})
-    return shown[columns].to_markdown(index=False, floatfmt=".4f")
+    return _markdown(shown[columns])
 
 
 def _test_table(study: str, trials: pd.DataFrame) -> list[str]:
@@ -437,7 +459,7 @@ def _test_table(study: str, trials: pd.DataFrame) -> list[str]:
     summary = summarize(trials, metric="test_acc")
     shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
     return [f"`{study}` ({(trials['state'] == 'COMPLETE').sum()} trials, {core_hours(trials):.1f} core-hours; test "
-            "accuracy, mean and 95 % interval over seeds):", "", shown.to_markdown(index=False, floatfmt=".4f"), ""]
+            "accuracy, mean and 95 % interval over seeds):", "", _markdown(shown), ""]
 
 
 def search_section(root: Path, search: str = "search", retrain: str = "search_retrain") -> list[str]:
@@ -452,11 +474,10 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
         return lines + ["Not run yet.", ""]
     done = trials[trials["state"] == "COMPLETE"]
     front = pareto_front(done, "val_acc", "flops").sort_values("val_acc", ascending=False)
-    front = front.assign(**{c: front[c].map("{:,.0f}".format) for c in ("flops", "params")})
     knobs = [c for c in ("model", "segments", "order", "mid_act", "residual", "width") if c in varying_columns(done)]
     lines += [f"`{search}` ({len(done)} trials, {core_hours(trials):.1f} core-hours), its front (validation "
               "accuracy, one seed each):", "",
-              front[["trial", *knobs, "val_acc", "flops", "params"]].to_markdown(index=False, floatfmt=".4f"), "",
+              _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
               f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
     again = _table_or_none(root, retrain)
     return lines + (_test_table(retrain, again) if again is not None else [f"`{retrain}`: not run yet.", ""])
@@ -505,7 +526,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.root} is not a folder; give the campaign's results root (results/campaign)",
               file=sys.stderr)
         return 2
-    text = report(args.root)
+    try:
+        text = report(args.root)
+    except TableError as err:
+        print(f"error: {err}; {args.root / 'README.md'} is left as it was", file=sys.stderr)
+        return 2
     atomic_write(args.root / "README.md", lambda path: path.write_text(text, encoding="utf-8"))
     print(text)
     return 0

@@ -134,6 +134,19 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["", "trial,state\n0,COMPLE", "a,b\n1,2\n"])
+def test_a_damaged_study_table_stops_the_report_in_one_line_and_keeps_the_last_one(tmp_path, capsys, damage):
+    _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
+    assert campaign.main([str(tmp_path)]) == 0
+    before = (tmp_path / "README.md").read_text()
+    (tmp_path / "pilot" / "trials.csv").write_text(damage)  # empty, cut off mid-row, not a trials table
+    capsys.readouterr()
+    assert campaign.main([str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {tmp_path / 'pilot' / 'trials.csv'}") and error.count("\n") == 1, error
+    assert (tmp_path / "README.md").read_text() == before  # not "not run yet"
+
+
 def _study_table(folder, arms, seeds=(0, 1, 2), images=40):
     """A finished study's trials.csv: ``arms`` maps a dict of point columns to per-seed test accuracies."""
     rows = []
