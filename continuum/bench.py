@@ -86,6 +86,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TUNINGS = ("cold", "loaded", "cached")
 """How the layers' strategies are tuned: from an empty cache on a quiet machine, from an empty cache while other
 processes keep every core busy (the load stops before the timing starts), or from the user's cache as it is."""
+TRAIN_MODEL = "continuum_small"
+"""The model ``--train`` times: a sweep trial's (batch 128, 28 px images)."""
 TRAIN_KINDS = {  # name: (channels-last, conv strategy mode, precision)
     "nchw_auto": (False, "auto", "fp32"),  # what a trial ran with before channels-last became the default
     "cl_native": (True, "native", "fp32"),
@@ -364,13 +366,13 @@ def train_table(device: torch.device, images: int, peaks: dict[str, float], segm
     data = make_synthetic(train_size=images, val_size=256, seed=0)
     rows = []
     for count in segments:
-        row = {"model": "continuum_small", "segments": str(count), "images": images, "device": device_name(device)}
-        flops = 2 * model_cost(timm.create_model("continuum_small", segments=count), (1, 28, 28)).macs
+        row = {"model": TRAIN_MODEL, "segments": str(count), "images": images, "device": device_name(device)}
+        flops = 2 * model_cost(timm.create_model(TRAIN_MODEL, segments=count), (1, 28, 28)).macs
         speeds: dict[str, list[float]] = {kind: [] for kind in kinds}
         for _ in range(rounds):
             for kind, (channels_last, mode, precision) in kinds.items():
                 torch.manual_seed(0)
-                model = timm.create_model("continuum_small", segments=count)
+                model = timm.create_model(TRAIN_MODEL, segments=count)
                 cfg = TrainConfig(epochs=2, device=str(device), channels_last=channels_last, precision=precision)
                 with conv_strategy(mode):
                     result = fit(model, data, cfg, progress=False)
@@ -440,6 +442,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         args.train_rounds = checked("--train-rounds", integer(1), args.train_rounds)
         args.train_images = checked("--train-images", integer(64), args.train_images)  # one batch at least
         args.min_ms = checked("--min-ms", number(0), args.min_ms)
+        for count in train_segments if args.train else ():
+            try:  # a count that does not fit the model is refused now, not after the tables before it
+                timm.create_model(TRAIN_MODEL, segments=count)
+            except ValueError as err:
+                raise ValueError(f"--train-segments {count}: {err}") from None
         if segments is not None and not args.no_conv:
             for shape in shapes:
                 if not shape_counts(shape, segments):

@@ -231,6 +231,8 @@ def test_report_on_a_missing_folder_or_a_file(study, capsys):
     (["--shapes", " , "], "--shapes: give at least one shape"),
     (["--train-segments", "3x"], "segments='3x' is not valid"),
     (["--train-segments", ","], "--train-segments: give at least one value"),
+    (["--train", "--no-conv", "--train-segments", "4,3"], "--train-segments 3: stages.stage1.0.rep.0.spatial: "
+                                                          "segments=3 does not fit in_channels=32"),
     (["--tuning", "warm"], "--tuning='warm' is not valid; choose one of cold, loaded, cached"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device 'cuda:"),
