@@ -168,6 +168,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spe
                 args.backward, [c for c in args.compare.split(",") if c],
                 {"num_classes": args.num_classes, "uneven": args.uneven or None},
             )
+        refused = table[(table["model"] == args.model) & (table["note"] != "")]
+        if len(refused) == len(segments):  # a table of notes alone would replace an earlier one's numbers
+            raise ValueError(f"--segments {args.segments}: no count fits {args.model} "
+                             f"({refused['note'].iloc[0]}); {args.out} is left as it was")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -282,6 +282,8 @@ def test_bad_benchmark_options_end_in_one_error_line(tmp_path, capsys, monkeypat
     (["--warmup", "-1"], "--warmup=-1 is not valid"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--model", "nonet"], "'nonet' is not a registered model"),
+    (["--segments", "3,5"], "--segments 3,5: no count fits continuum_small (stages.stage1.0.rep.0.spatial: "
+                            "segments=3 does not fit"),
 ])
 def test_bad_spectrum_options_write_nothing(tmp_path, capsys, args, message):
     _refused(lambda: spectrum.main(["--quiet", "--out", str(tmp_path / "out"), *args]), tmp_path, capsys, message)
