@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from timm.layers import create_act_layer, get_norm_layer
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from continuum.kernels import ConvGeometry
-from continuum.knobs import Segments, in_layer, parse_kernel_size, parse_mid_act, parse_order, segment_sizes, \
-    segments_from_width
+from continuum.knobs import Segments, in_layer, parse_kernel_size, parse_mid_act, parse_order, parse_padding, \
+    parse_pair, parse_whole, segment_sizes, segments_from_width
 from continuum.norm import BatchNorm2d
 from continuum.strategy import segmented_conv2d
 
@@ -94,10 +93,10 @@ class SegmentedConv2d(nn.Module):
         self.in_sizes, self.out_sizes = segment_sizes(in_channels, out_channels, segments, uneven)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = parse_pair("kernel_size", kernel_size, 1)
+        self.stride = parse_pair("stride", stride, 1)
+        self.padding = parse_padding(padding, self.stride)
+        self.dilation = parse_pair("dilation", dilation, 1)
         self.segments = len(self.in_sizes)
         self.even = len(set(self.in_sizes)) == 1 and len(set(self.out_sizes)) == 1
         self.groups = self.segments if self.even else 1
@@ -204,10 +203,11 @@ class ContinuumConv(nn.Module):
         self.order = parse_order(order)
         if isinstance(mid_act, str):
             mid_act = parse_mid_act(mid_act) if mid_act.lower() in ("", "none") else mid_act
-        if depth_multiplier < 1:
-            raise ValueError(f"depth_multiplier={depth_multiplier} is not valid; use an int >= 1")
+        in_channels, out_channels = parse_whole("in_channels", in_channels), parse_whole("out_channels", out_channels)
+        depth_multiplier = parse_whole("depth_multiplier", depth_multiplier)
         if padding is None:
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(_pair(kernel_size), _pair(dilation)))
+            kernel, spacing = parse_pair("kernel_size", kernel_size, 1), parse_pair("dilation", dilation, 1)
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, spacing))  # "same" for odd kernels
         if self.order == "depthwise_first":
             spatial_in, spatial_out = in_channels, in_channels * depth_multiplier
         else:

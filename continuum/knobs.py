@@ -7,6 +7,7 @@ Imported by the layers, the models, the configs and the sweep alike; imports not
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from typing import Any, Iterator, Union
 
@@ -57,6 +58,66 @@ def parse_kernel_size(value: int | str) -> int:
         raise ValueError(f"kernel_size={value} is not valid; use an odd int >= 1 such as 3, 5 or 7")
     return text
 
+
+
+PADDING_NAMES = ("same", "valid")
+"""Padding given by name, as :class:`torch.nn.Conv2d` takes it."""
+
+
+def parse_pair(name: str, value: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+    """Check a conv geometry knob given as one int or a (height, width) pair, as :class:`torch.nn.Conv2d` takes it.
+
+    Args:
+        name: the knob, for the message (``kernel_size``, ``stride``, ``padding``, ``dilation``).
+        value: an int, or a pair of ints.
+        minimum: the smallest value allowed.
+
+    Raises:
+        ValueError: naming the knob and the accepted values.
+    """
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    try:
+        if len(pair) == 2:
+            return parse_whole(name, pair[0], minimum), parse_whole(name, pair[1], minimum)
+    except ValueError:
+        pass
+    raise ValueError(f"{name}={value!r} is not valid; use an int >= {minimum} or a (height, width) pair of them")
+
+
+def parse_whole(name: str, value: int, minimum: int = 1) -> int:
+    """Check a whole-number knob (a channel count, a multiplier): an int or NumPy integer, not a bool.
+
+    Args:
+        name: the knob, for the message (``in_channels``, ``depth_multiplier``, ...).
+        value: the number.
+        minimum: the smallest value allowed.
+
+    Raises:
+        ValueError: naming the knob and the accepted values.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not valid; use an int >= {minimum}")
+    return int(value)
+
+
+def parse_padding(value: int | tuple[int, int] | str, stride: tuple[int, int]) -> tuple[int, int] | str:
+    """Check a conv's padding: an int >= 0, a pair of them, or ``"same"`` / ``"valid"`` (``"same"`` at stride 1).
+
+    Args:
+        value: the padding.
+        stride: the conv's stride (``"same"`` needs 1).
+
+    Raises:
+        ValueError: naming the accepted values.
+    """
+    if not isinstance(value, str):
+        return parse_pair("padding", value, 0)
+    if value not in PADDING_NAMES:
+        raise ValueError(f"padding={value!r} is not valid; use an int >= 0, a pair of them, or one of "
+                         f"{', '.join(PADDING_NAMES)}")
+    if value == "same" and stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1, not {stride}; give the padding as numbers")
+    return value
 
 def parse_order(value: str) -> str:
     """Check an operation order name.
@@ -185,8 +246,10 @@ def segment_sizes(
 
     Raises:
         SegmentError: the count does not fit; the message names the channels and the valid choices.
+        ValueError: a channel count that is not an int >= 1.
     """
     segments = parse_segments(segments)
+    in_channels, out_channels = parse_whole("in_channels", in_channels), parse_whole("out_channels", out_channels)
     if segments == "all":
         if out_channels % in_channels:
             raise SegmentError(

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from timm.layers import SeparableConv2d
@@ -127,6 +128,35 @@ def test_invalid_segment_values_are_rejected(bad):
     with pytest.raises(ValueError, match="use an int >= 1 or 'all'"):
         segment_sizes(8, 8, bad)
 
+
+
+@pytest.mark.parametrize("channels, geometry, message", [
+    ((0, 8), {}, "in_channels=0 is not valid; use an int >= 1"),
+    ((8, -4), {}, "out_channels=-4 is not valid"),
+    ((8.0, 8), {}, "in_channels=8.0 is not valid"),
+    ((8, 8), {"kernel_size": 0}, r"kernel_size=0 is not valid; use an int >= 1 or a \(height, width\) pair"),
+    ((8, 8), {"kernel_size": (3,)}, r"kernel_size=\(3,\) is not valid"),
+    ((8, 8), {"stride": (1, 0)}, r"stride=\(1, 0\) is not valid"),
+    ((8, 8), {"padding": -1}, "padding=-1 is not valid; use an int >= 0"),
+    ((8, 8), {"padding": "full"}, "padding='full' is not valid; use an int >= 0, a pair of them, or one of same"),
+    ((8, 8), {"padding": "same", "stride": 2}, r"padding='same' needs stride 1, not \(2, 2\)"),
+    ((8, 8), {"dilation": 0}, "dilation=0 is not valid"),
+    ((8, 8), {"depth_multiplier": 1.5}, "depth_multiplier=1.5 is not valid; use an int >= 1"),
+])
+def test_channel_counts_and_geometry_are_checked_when_the_layer_is_built(channels, geometry, message):
+    """As nn.Conv2d takes them, but refused at construction with the knob's name, not at the first call."""
+    if "depth_multiplier" not in geometry:  # ContinuumConv's alone
+        with pytest.raises(ValueError, match=message):
+            SegmentedConv2d(*channels, **{"kernel_size": 3} | geometry, segments=1)
+    if "padding" not in geometry:  # ContinuumConv derives "same" padding from the kernel and dilation
+        with pytest.raises(ValueError, match=message):
+            ContinuumConv(*channels, **{"kernel_size": 3} | geometry, segments=1)
+
+
+def test_numpy_whole_numbers_and_named_padding_are_taken_as_nn_conv2d_takes_them():
+    conv = SegmentedConv2d(np.int64(8), np.int64(8), np.int64(3), padding=np.int64(1), segments=2)
+    assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv(torch.randn(1, 8, 5, 5)).shape[-1] == 5
+    assert SegmentedConv2d(8, 8, 3, padding="valid", segments=2)(torch.randn(1, 8, 5, 5)).shape[-1] == 3
 
 def test_all_needs_out_multiple_of_in():
     with pytest.raises(SegmentError, match=r"segments='all' needs out_channels \(12\) to be a multiple"):
