@@ -198,6 +198,29 @@ def test_small_family_shapes_channels_and_knobs():
         ContinuumSmall(widths=(32, 64), depths=(1,), strides=(2, 2))
 
 
+
+SIZES_THAT_BUILD_NO_NET = [
+    ({"width_mult": float("nan")}, "width_mult=nan is not valid; use a positive number"),
+    ({"width_mult": "big"}, "width_mult='big' is not valid"),
+    ({"width_mult": -1}, "width_mult=-1 is not valid"),
+    ({"width_divisor": 0}, "width_divisor=0 is not valid; use an int >= 1"),
+    ({"stem_width": 0}, "stem_width=0 is not valid"),
+    ({"widths": (64, 0, 256)}, r"widths\[1\]=0 is not valid"),
+]
+
+
+@pytest.mark.parametrize("name, knobs, message", [
+    *(("continuum_small", knobs, message) for knobs, message in SIZES_THAT_BUILD_NO_NET),
+    ("continuum_small", {"depths": (1, 0, 1)}, r"depths\[1\]=0 is not valid; use an int >= 1"),
+    ("continuum_small", {"strides": (2, 2.5, 2)}, r"strides\[1\]=2.5 is not valid"),
+    *(("continuum_inception_small", knobs, message) for knobs, message in SIZES_THAT_BUILD_NO_NET),
+    ("continuum_inception_small", {"depths": (1, -1, 1)}, r"depths\[1\]=-1 is not valid; use an int >= 0"),
+])
+def test_the_small_families_refuse_sizes_that_build_no_net(name, knobs, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model(name, **knobs)
+
+
 def test_small_family_every_parameter_gets_a_gradient():
     model = timm.create_model("continuum_small", segments=4, mid_act="relu")
     model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean().backward()

@@ -6,7 +6,9 @@ and a :class:`ClassifierHead`. From the chain and ``feature_info`` come ``forwar
 ``reset_classifier``, ``num_features`` and ``head_hidden_size`` work as on timm's own models.
 """
 
-from typing import Any
+import math
+import numbers
+from typing import Any, Mapping, Sequence
 
 import torch
 from timm.models import build_model_with_cfg, get_pretrained_cfg
@@ -14,6 +16,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from continuum.block import LayerSpec, create_act
+from continuum.knobs import parse_whole
 
 POOLS = ("avg", "")
 """Global pooling of the head: average, or none (``""``: the head passes the feature map through)."""
@@ -73,6 +76,29 @@ def check_pool(global_pool: str, num_classes: int, hidden: tuple) -> str:
         raise ValueError("global_pool='' (no pooling) needs num_classes=0 and no hidden layers")
     return global_pool
 
+
+
+def check_sizes(width_mult: float, width_divisor: int, stem_width: int,
+                per_stage: Mapping[str, tuple[Sequence[int], int]]) -> None:
+    """Refuse sizes that build no net: ``width_mult`` a positive number, ``width_divisor`` and ``stem_width`` whole
+    numbers >= 1, and every entry of each per-stage list a whole number >= that list's minimum.
+
+    Args:
+        width_mult: the scale of every width.
+        width_divisor: what widths are rounded to a multiple of.
+        stem_width: the stem's channels.
+        per_stage: ``{name: (values, minimum)}``, e.g. ``{"widths": (widths, 1), "depths": (depths, 0)}``.
+
+    Raises:
+        ValueError: naming the first value refused and what is accepted.
+    """
+    if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real) or not 0 < width_mult < math.inf:
+        raise ValueError(f"width_mult={width_mult!r} is not valid; use a positive number")
+    parse_whole("width_divisor", width_divisor)
+    parse_whole("stem_width", stem_width)
+    for name, (values, minimum) in per_stage.items():
+        for stage, value in enumerate(values):
+            parse_whole(f"{name}[{stage}]", value, minimum)
 
 class ContinuumClassifier(nn.Module):
     """Base of the continuum models: a trunk and a :class:`ClassifierHead`, with timm's interface (``num_classes``,

@@ -11,7 +11,7 @@ from timm.layers import make_divisible
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from continuum.models.base import ClassifierHead, ContinuumClassifier, build, pretrained_config
+from continuum.models.base import ClassifierHead, ContinuumClassifier, build, check_sizes, pretrained_config
 from continuum.norm import BatchNorm2d
 
 PAPER_PARAMS = {"continuum_xception": 22_855_952, "continuum_inception_v3": 23_626_728}
@@ -112,9 +112,10 @@ class InceptionSmall(ContinuumClassifier):
                  width_divisor: int = 8, global_pool: str = "avg", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(num_classes, in_chans)
-        if len(widths) != len(depths) or not widths or width_mult <= 0:
-            raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} need one entry per stage, and "
-                             f"width_mult={width_mult} must be positive")
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(f"widths {tuple(widths)} and depths {tuple(depths)} need one entry per stage (at least "
+                             "one stage)")
+        check_sizes(width_mult, width_divisor, stem_width, {"widths": (widths, 1), "depths": (depths, 0)})
         channels = make_divisible(stem_width * width_mult, width_divisor)
         self.stem = conv_bn_act(in_chans, channels, 3)  # N x stem x H x W
         self.stages = nn.Sequential()  # stage i: N x C_i x H/2^i x W/2^i

@@ -17,7 +17,7 @@ from torch import nn
 
 from continuum.block import ContinuumBlock, LayerSpec, create_act, create_norm
 from continuum.knobs import in_layer, spread
-from continuum.models.base import ClassifierHead, ContinuumClassifier, build, pretrained_config
+from continuum.models.base import ClassifierHead, ContinuumClassifier, build, check_sizes, pretrained_config
 
 PerStage = Any
 """One value for every stage, a sequence with one value per stage, or a dict keyed by stage name."""
@@ -85,8 +85,8 @@ class ContinuumSmall(ContinuumClassifier):
         if not (len(widths) == len(depths) == len(strides)) or not widths:
             raise ValueError(f"widths {tuple(widths)}, depths {tuple(depths)} and strides {tuple(strides)} need "
                              "one entry per stage (at least one stage)")
-        if width_mult <= 0:
-            raise ValueError(f"width_mult={width_mult} is not valid; use a positive number")
+        check_sizes(width_mult, width_divisor, stem_width, {"widths": (widths, 1), "depths": (depths, 1),
+                                                             "strides": (strides, 1)})
         stages = tuple(f"stage{i + 1}" for i in range(len(widths)))
         given = {"segments": segments, "order": order, "mid_act": mid_act, "residual": residual,
                  "segment_width": segment_width, "kernel_size": kernel_size}
