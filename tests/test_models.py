@@ -75,6 +75,16 @@ def test_xception_invalid_segment_count_names_layer_and_choices():
         timm.create_model("continuum_xception", segments=16)
 
 
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"middle_blocks": -1}, "middle_blocks=-1 is not valid; use an int >= 0"),
+    ({"middle_blocks": 2.5}, "middle_blocks=2.5 is not valid"),
+    ({"fc_dims": (256, 0)}, r"fc_dims\[1\]=0 is not valid; use an int >= 1"),
+])
+def test_xception_refuses_block_and_fc_counts_that_build_no_net(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("continuum_xception", **knobs)
+
 def test_xception_uneven_segments_and_segment_width():
     model = ContinuumXception(num_classes=10, segments=16, uneven=True, middle_blocks=1)
     assert model.block4.rep[1].spatial.segments == 16 and not model.block4.rep[1].spatial.even

@@ -16,7 +16,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from torch import nn
 
 from continuum.block import ContinuumBlock, ContinuumConv, LayerSpec, create_act, create_norm
-from continuum.knobs import Segments, in_layer, spread
+from continuum.knobs import Segments, in_layer, parse_whole, spread
 from continuum.models.base import ClassifierHead, ContinuumClassifier, build
 
 FLOWS = ("entry", "middle", "exit")
@@ -116,6 +116,8 @@ class ContinuumXception(ContinuumClassifier):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_classes, in_chans)
+        middle_blocks = parse_whole("middle_blocks", middle_blocks, 0)
+        fc_dims = tuple(parse_whole(f"fc_dims[{i}]", dim) for i, dim in enumerate(fc_dims))
         given = {"segments": segments, "order": order, "mid_act": mid_act, "segment_width": segment_width,
                  "kernel_size": kernel_size}
         knobs = {name: spread(value, FLOWS, name) for name, value in given.items()}
@@ -148,7 +150,7 @@ class ContinuumXception(ContinuumClassifier):
             self.conv4 = ContinuumConv(1536, 2048, **unit_knobs("exit"))
         self.bn4 = create_norm(norm_layer, 2048)
         self.act4 = create_act(act_layer, inplace=True)
-        self.head = ClassifierHead(2048, num_classes, drop_rate, tuple(fc_dims), act_layer, global_pool)
+        self.head = ClassifierHead(2048, num_classes, drop_rate, fc_dims, act_layer, global_pool)
         self.trunk = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", *self.block_names, "conv3", "bn3", "act3",
                       "conv4", "bn4", "act4")
         self.feature_info = feature_levels(self.block_names)
