@@ -94,3 +94,21 @@ def test_convert_errors():
         convert(model, segments=0)
     with pytest.raises(ValueError, match="order='inside_out' is not valid"):
         convert(model, order="inside_out")
+    with pytest.raises(ValueError, match="segment_width=0 is not valid; use an int >= 1"):
+        convert(model, segment_width=0)
+    with pytest.raises(TypeError, match="model is a str, not a torch.nn.Module"):
+        convert("resnet18")
+    with pytest.warns(UserWarning, match="convert found no nn.Conv2d in the Linear"):
+        convert(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("order", [None, "depthwise_first", "pointwise_first"])
+def test_factorised_kernels_keep_their_shape(order):
+    """Inception V3's 1x7 and 7x1 convs stay 1x7 and 7x1, as segmented convs and as separable units."""
+    net = nn.Sequential(nn.Conv2d(8, 16, (1, 7), padding=(0, 3)), nn.Conv2d(16, 16, (7, 1), padding=(3, 0)))
+    converted = convert(net, segments=4, order=order)
+    spatial = [m for m in converted.modules() if isinstance(m, SegmentedConv2d)]
+    assert [m.kernel_size for m in spatial] == [(1, 7), (7, 1)]
+    for original, new in zip(net, converted):
+        x = torch.randn(1, original.in_channels, 9, 11)
+        assert new(x).shape == original(x).shape == (1, original.out_channels, 9, 11)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from continuum.block import ContinuumConv, LayerSpec, SegmentedConv2d
-from continuum.knobs import Segments, SegmentError, parse_order, parse_segments, segment_sizes, segments_from_width
+from continuum.knobs import Segments, SegmentError, parse_order, parse_segments, parse_whole, segment_sizes, \
+    segments_from_width
 from continuum.cost import conv_segment_sizes
 
 
@@ -118,8 +119,11 @@ def plan_conversion(
         segment_width: channels per segment instead of a count.
         uneven: near-equal segments where the count does not divide a layer's channels (else it is skipped).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is a {type(model).__name__}, not a torch.nn.Module")
     segments = parse_segments(segments)
     order = None if order is None else parse_order(order)
+    segment_width = None if segment_width is None else parse_whole("segment_width", segment_width)
     return [_plan_one(name, conv, segments, order, segment_width, uneven)
             for name, conv in _convertible(model).items()]
 
@@ -149,7 +153,7 @@ def _segmented_copy(conv: nn.Module, plan: ConvPlan, uneven: bool) -> SegmentedC
 
 def _separable(conv: nn.Module, plan: ConvPlan, order: str, mid_act: LayerSpec, uneven: bool) -> ContinuumConv:
     like = next(conv.parameters())
-    new = ContinuumConv(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride, conv.padding,
+    new = ContinuumConv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                         conv.dilation, plan.segments_after, order, mid_act, uneven=uneven, bias=conv.bias is not None)
     return new.to(device=like.device, dtype=like.dtype)
 
@@ -191,6 +195,9 @@ def convert(
             converted.set_submodule(plan.layer, _segmented_copy(conv, plan, uneven))
         elif plan.action == "separable":
             converted.set_submodule(plan.layer, _separable(conv, plan, parse_order(order), mid_act, uneven))
+    if not plans:
+        warnings.warn(f"convert found no nn.Conv2d in the {type(model).__name__}: the copy is the same model",
+                      stacklevel=2)
     skipped = [f"{p.layer} ({p.reason})" for p in plans if p.action == "skipped"]
     if skipped:
         warnings.warn(f"convert left {len(skipped)} conv(s) as they are: " + "; ".join(skipped), stacklevel=2)
