@@ -146,9 +146,9 @@ def difference(trials: pd.DataFrame, column: str, baseline: str, other: str, met
         low, high = t_interval(paired, level)
         return {"diff": float(paired.mean()), "ci_low": low, "ci_high": high, "n": len(common)}
     a, b = (side.to_numpy(dtype=float) for side in sides)
-    if min(len(a), len(b)) < 2:
-        return {"diff": float(b.mean() - a.mean()), "ci_low": float("nan"), "ci_high": float("nan"),
-                "n": min(len(a), len(b))}
+    if min(len(a), len(b)) < 2:  # no interval; no difference either where a side has no trial
+        return {"diff": float(b.mean() - a.mean()) if len(a) and len(b) else float("nan"), "ci_low": float("nan"),
+                "ci_high": float("nan"), "n": min(len(a), len(b))}
     result = stats.ttest_ind(b, a, equal_var=False).confidence_interval(level)
     return {"diff": float(b.mean() - a.mean()), "ci_low": float(result.low), "ci_high": float(result.high),
             "n": min(len(a), len(b))}

@@ -1,5 +1,7 @@
 """Summaries, intervals, EDFs and Pareto fronts."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -56,6 +58,10 @@ def test_difference_pairs_by_seed():
     welch = difference(unpaired, "segments", "1", "all")
     assert welch["diff"] == pytest.approx(paired.mean()) and welch["ci_low"] < welch["diff"] < welch["ci_high"]
     assert welch["ci_high"] - welch["ci_low"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" where a side has no trial
+        missing = difference(trials, "segments", "1", "64")
+    assert missing["n"] == 0 and np.isnan([missing["diff"], missing["ci_low"], missing["ci_high"]]).all()
 
 
 def test_efficiency_divides_accuracy_by_cost():
