@@ -130,6 +130,8 @@ class SegmentedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched C x H x W, taken as nn.Conv2d takes it
+                return self.forward(x.unsqueeze(0)).squeeze(0)  # C_out x H' x W'
             self.check_input(x)
             if self.even:
                 return segmented_conv2d(x, self.weight, self.bias, self.geometry)  # N x C_out x H' x W'
@@ -143,7 +145,10 @@ class SegmentedConv2d(nn.Module):
             return torch.cat(outputs, dim=1)  # N x C_out x H' x W'
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Refuse an input without ``in_channels`` channels (a torch.fx Proxy passes)."""
+        """Refuse an input that is not N x ``in_channels`` x H x W (a torch.fx Proxy passes)."""
+        if isinstance(x, torch.Tensor) and x.dim() != 4:
+            raise ValueError(f"SegmentedConv2d expects an N x C x H x W (or C x H x W) input, got shape "
+                             f"{tuple(x.shape)}")
         if isinstance(x, torch.Tensor) and self.in_channels != x.shape[1]:
             raise ValueError(f"SegmentedConv2d expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")

@@ -175,6 +175,17 @@ def test_unknown_order_activation_and_norm_are_clear_errors():
 def test_wrong_input_channels_is_a_clear_error():
     with pytest.raises(ValueError, match="expects 8 input channels, got input of shape \\(1, 4, 5, 5\\)"):
         SegmentedConv2d(8, 8, 3, segments=2)(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="expects an N x C x H x W \\(or C x H x W\\) input, got shape \\(8, 5\\)"):
+        SegmentedConv2d(8, 8, 3, segments=2)(torch.randn(8, 5))
+
+
+@pytest.mark.parametrize("segments", [2, 3, "all"])
+def test_an_unbatched_input_is_taken_as_nn_conv2d_takes_it(segments):
+    conv = SegmentedConv2d(8, 8, 3, padding=1, segments=segments, uneven=True)
+    x = torch.randn(8, 5, 6)  # C x H x W
+    assert torch.equal(conv(x), conv(x.unsqueeze(0)).squeeze(0)) and conv(x).shape == (8, 5, 6)
+    unit = ContinuumConv(8, 16, segments=segments, uneven=True)
+    assert unit(x).shape == (16, 5, 6)
 
 
 def _output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
