@@ -15,10 +15,13 @@ from typing import Any
 import optuna
 import pandas as pd
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from continuum.checkpoint import load_checkpoint
 from continuum.sweep.points import KEYED_WHEN_SET
+from continuum.sweep.storage import storage_file
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, OLD_EPOCH_NAMES, \
     TEXT_METRICS, TrialId, TrialMetrics, format_knob, names, study_frames
 
@@ -101,22 +104,24 @@ def load(source: str | Path | optuna.Study, study_name: str | None = None, curve
 
     Args:
         source: an ``optuna.Study``; a results folder (``DIR/<study>`` holding ``trials.csv``) or a CSV/Parquet
-            file; or a storage URL (``sqlite:///...``, ``postgresql://...``) with ``study_name``.
+            file; or a storage URL (``sqlite:///...``, ``journal:...``, ``postgresql://...``) with ``study_name``.
         study_name: the study to read from a storage URL.
         curves: return the per-epoch table instead.
 
     Raises:
-        FileNotFoundError: no tables at that path.
+        FileNotFoundError: no tables at that path, or no storage file at that URL.
         TableError: a table that is not one (see :func:`read_table`).
-        ValueError: a storage URL without ``study_name``.
+        ValueError: a storage URL without ``study_name``, or without that study.
+        TypeError: a ``source`` of none of these kinds.
     """
     if isinstance(source, optuna.Study):
         return study_frames(source)[1 if curves else 0]
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"source={source!r} is not a results folder, a table file, a storage URL "
+                        "nor an optuna.Study")
     text = str(source)
-    if "://" in text:
-        if study_name is None:
-            raise ValueError("reading a storage URL needs study_name=")
-        return load(optuna.load_study(study_name=study_name, storage=text), curves=curves)
+    if "://" in text or text.startswith("journal:"):
+        return load(stored_study(text, study_name), curves=curves)
     path = Path(text)
     kind = "curves" if curves else "trials"
     if path.is_dir():
@@ -125,6 +130,29 @@ def load(source: str | Path | optuna.Study, study_name: str | None = None, curve
         raise FileNotFoundError(f"no results table at {path}; run python -m continuum.sweep first")
     return read_table(path, kind)
 
+
+def stored_study(url: str, study_name: str | None) -> optuna.Study:
+    """The study ``study_name`` in the storage at ``url``, for reading: a storage file that is not there is not
+    created, and a journal is read as it is (a sweep may be writing to it).
+
+    Args:
+        url: ``sqlite:///PATH``, ``journal:PATH`` or a database server's URL (``postgresql://...``).
+        study_name: the study.
+
+    Raises:
+        FileNotFoundError: no storage file at that path.
+        ValueError: no ``study_name``, or no study of that name in the storage.
+    """
+    if study_name is None:
+        raise ValueError(f"reading the storage {url} needs study_name=")
+    file = storage_file(url)
+    if file is not None and not file.is_file():
+        raise FileNotFoundError(f"no study storage at {file} (from {url}); check the path")
+    storage = JournalStorage(JournalFileBackend(str(file))) if url.startswith("journal:") else url
+    held = optuna.get_all_study_names(storage)
+    if study_name not in held:
+        raise ValueError(f"no study {study_name!r} in {url}; it holds {', '.join(map(repr, held)) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=storage)
 
 def load_model(folder: str | Path, trial: int | None = None, device: str | torch.device = "cpu", **point: Any
                ) -> torch.nn.Module:

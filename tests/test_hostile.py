@@ -8,13 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from PIL import Image
 
 from continuum import bench, report, results, spectrum
 from continuum.strategy import TUNER
 from continuum.sweep.cli import main
+from continuum.sweep.record import TRIAL_COLUMNS
 from conftest import FAST, load_benchmark
 
 
@@ -209,6 +213,22 @@ def test_bad_results_tables(study, capsys, content, message):
     with pytest.raises(results.TableError, match="trials.csv"):
         results.load(folder)
 
+
+
+def test_reading_a_storage_url_creates_nothing_and_names_what_is_missing(tmp_path):
+    for url in (f"sqlite:///{tmp_path / 'none.db'}", f"journal:{tmp_path / 'none.journal'}"):
+        with pytest.raises(FileNotFoundError, match="no study storage at .*none"):
+            results.load(url, study_name="default")
+    assert list(tmp_path.iterdir()) == []  # reading made no empty database or journal
+    url = f"journal:{tmp_path / 'study.journal'}"
+    optuna.create_study(study_name="spectrum", storage=JournalStorage(JournalFileBackend(url[8:])))
+    with pytest.raises(ValueError, match="no study 'default' in journal:.*; it holds 'spectrum'"):
+        results.load(url, study_name="default")
+    with pytest.raises(ValueError, match="needs study_name="):
+        results.load(url)
+    assert list(results.load(url, study_name="spectrum").columns) == TRIAL_COLUMNS  # a journal URL, as the sweep prints
+    with pytest.raises(TypeError, match="source=3 is not a results folder"):
+        results.load(3)
 
 def test_report_on_a_missing_folder_or_a_file(study, capsys):
     _refused(lambda: report.main([str(study / "none")]), study, capsys, "no results table at")
