@@ -87,10 +87,10 @@ def arm_latencies(trials: pd.DataFrame, batch_size: int = 32, repeats: int = 20,
     return pd.DataFrame(rows, columns=LATENCY_COLUMNS)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m continuum.arm_latency FOLDER``: write ``FOLDER/latency.csv``; exit 2 on a bad folder or table, 1 on
-    a busy machine (nothing written)."""
-    parser = argparse.ArgumentParser(prog="python -m continuum.arm_latency", description=__doc__.split("\n\n")[0],
+def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.arm_latency") -> int:
+    """``python -m continuum.arm_latency FOLDER``: write ``FOLDER/latency.csv`` (``prog``: how it is called); exit 2 on
+    a bad folder or table, 1 on a busy machine (nothing written)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a finished study's results folder")

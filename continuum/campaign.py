@@ -516,9 +516,10 @@ def report(root: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m continuum.campaign ROOT``: write ``ROOT/README.md``."""
-    parser = argparse.ArgumentParser(prog="python -m continuum.campaign", description=__doc__.split("\n\n")[0],
+def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.campaign") -> int:
+    """``python -m continuum.campaign ROOT``: write ``ROOT/README.md`` (``prog``: how it is called); exit 2 on a bad
+    folder or a damaged table."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="the campaign's results root (results/campaign)")
     args = parser.parse_args(argv)

@@ -1,10 +1,13 @@
-"""continuum's command line: sweep, report, spectrum and bench (each also runs as python -m continuum.NAME).
+"""continuum's command line: sweep, report, spectrum, bench, arm_latency and campaign (each also runs as
+python -m continuum.NAME).
 
 Examples:
   continuum sweep --segments 1,4,16,all            # = python -m continuum.sweep --segments 1,4,16,all
   continuum report results/default                 # summary.md, trials.parquet and plots from the tables
   continuum spectrum --segments 1,4,16,all         # params, MACs and latency along the continuum, no training
   continuum bench --shapes small_64                # the conv kernels against torch's and timm's
+  continuum arm_latency results/campaign/spectrum_params   # each arm's inference latency, on a quiet machine
+  continuum campaign results/campaign              # the campaign's report from its studies' tables
   continuum sweep --help                           # each command's own options
 """
 
@@ -20,6 +23,8 @@ COMMANDS = {
     "report": ("continuum.report", "regenerate a study's summary.md, trials.parquet and plots from its tables"),
     "spectrum": ("continuum.spectrum", "parameters, MACs and measured latency along the continuum, no training"),
     "bench": ("continuum.bench", "time the segmented-conv kernels against torch's and timm's (CSV tables)"),
+    "arm_latency": ("continuum.arm_latency", "each arm of a finished study: inference latency on a quiet machine"),
+    "campaign": ("continuum.campaign", "the campaign's report (verdicts, intervals, plots) from its studies' tables"),
 }
 """Each subcommand: the module whose ``main(argv, prog)`` runs it, and one line for ``continuum --help``."""
 
