@@ -18,8 +18,8 @@ from timm.layers import create_act_layer, get_norm_layer
 from torch import nn
 
 from continuum.kernels import ConvGeometry
-from continuum.knobs import Segments, in_layer, parse_kernel_size, parse_mid_act, parse_order, parse_padding, \
-    parse_pair, parse_whole, segment_sizes, segments_from_width
+from continuum.knobs import Segments, in_layer, parse_kernel_size, parse_mid_act, parse_order, \
+    parse_padding, parse_pair, parse_switch, parse_whole, segment_sizes, segments_from_width
 from continuum.norm import BatchNorm2d
 from continuum.strategy import segmented_conv2d
 
@@ -88,6 +88,7 @@ class SegmentedConv2d(nn.Module):
         segment_width: int | None = None,
     ) -> None:
         super().__init__()
+        uneven = parse_switch("uneven", uneven)
         if segment_width is not None:
             segments = segments_from_width(in_channels, segment_width)
         self.in_sizes, self.out_sizes = segment_sizes(in_channels, out_channels, segments, uneven)
@@ -287,10 +288,9 @@ class ContinuumBlock(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        if reps < 1:
-            raise ValueError(f"reps={reps} is not valid; a block needs at least one unit")
+        reps = parse_whole("reps", reps)  # a block needs at least one unit
         kernel_size = parse_kernel_size(kernel_size)
-        self.residual = residual
+        self.residual = residual = parse_switch("residual", residual)
         if residual and (in_channels != out_channels or stride != 1):
             self.skip = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
             self.skipbn = create_norm(norm_layer, out_channels)

@@ -164,6 +164,23 @@ def parse_bool(value: bool | str) -> bool:
     raise ValueError(f"{value!r} is not valid; use on or off")
 
 
+def parse_switch(name: str, value: bool | str) -> bool:
+    """A layer's on/off knob (:func:`parse_bool`): ``"no"`` or ``"off"`` must not switch it on, as any non-empty
+    text would.
+
+    Args:
+        name: the knob, for the message (``residual``, ``uneven``).
+        value: ``True``/``False``, or one of :func:`parse_bool`'s words.
+
+    Raises:
+        ValueError: naming the knob and the accepted values.
+    """
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not valid; use True or False") from None
+
+
 def spread(value: Any, parts: tuple[str, ...], name: str) -> dict[str, Any]:
     """Give one knob a value per part of a model (flow or stage).
 

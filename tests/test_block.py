@@ -158,6 +158,27 @@ def test_numpy_whole_numbers_and_named_padding_are_taken_as_nn_conv2d_takes_them
     assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv(torch.randn(1, 8, 5, 5)).shape[-1] == 5
     assert SegmentedConv2d(8, 8, 3, padding="valid", segments=2)(torch.randn(1, 8, 5, 5)).shape[-1] == 3
 
+
+@pytest.mark.parametrize("value, residual", [(False, False), ("no", False), ("off", False), (True, True), ("on", True)])
+def test_residual_takes_switch_words_and_off_means_off(value, residual):
+    block = ContinuumBlock(8, 16, stride=2, residual=value)
+    assert block.residual is residual and (block.skip is None) is (not residual)
+
+
+@pytest.mark.parametrize("knobs, message", [({"residual": "maybe"}, "residual='maybe' is not valid; use True or False"),
+                                            ({"uneven": "sometimes"}, "uneven='sometimes' is not valid"),
+                                            ({"reps": 0}, "reps=0 is not valid; use an int >= 1"),
+                                            ({"reps": 1.5}, "reps=1.5 is not valid")])
+def test_block_switches_and_counts_are_checked(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        ContinuumBlock(8, 8, **knobs)
+
+
+def test_uneven_no_is_off():
+    with pytest.raises(SegmentError, match="segments=3 does not fit"):
+        SegmentedConv2d(8, 8, 3, segments=3, uneven="no")
+    assert SegmentedConv2d(8, 8, 3, segments=3, uneven="yes").in_sizes == (3, 3, 2)
+
 def test_all_needs_out_multiple_of_in():
     with pytest.raises(SegmentError, match=r"segments='all' needs out_channels \(12\) to be a multiple"):
         SegmentedConv2d(8, 12, 3, segments="all")
