@@ -100,6 +100,10 @@ def test_convert_errors():
         convert("resnet18")
     with pytest.warns(UserWarning, match="convert found no nn.Conv2d in the Linear"):
         convert(nn.Linear(3, 3))
+    with pytest.warns(UserWarning, match="segments=3 does not fit"):  # uneven="no" is off: the conv is left
+        assert isinstance(convert(nn.Sequential(nn.Conv2d(4, 4, 3)), segments=3, uneven="no")[0], nn.Conv2d)
+    with pytest.raises(ValueError, match="uneven='some' is not valid"):
+        convert(model, uneven="some")
 
 
 @pytest.mark.parametrize("order", [None, "depthwise_first", "pointwise_first"])

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from continuum.block import ContinuumConv, LayerSpec, SegmentedConv2d
-from continuum.knobs import Segments, SegmentError, parse_order, parse_segments, parse_whole, segment_sizes, \
-    segments_from_width
+from continuum.knobs import Segments, SegmentError, parse_order, parse_segments, parse_switch, parse_whole, \
+    segment_sizes, segments_from_width
 from continuum.cost import conv_segment_sizes
 
 
@@ -124,6 +124,7 @@ def plan_conversion(
     segments = parse_segments(segments)
     order = None if order is None else parse_order(order)
     segment_width = None if segment_width is None else parse_whole("segment_width", segment_width)
+    uneven = parse_switch("uneven", uneven)
     return [_plan_one(name, conv, segments, order, segment_width, uneven)
             for name, conv in _convertible(model).items()]
 
@@ -184,6 +185,7 @@ def convert(
     Returns:
         The converted copy.
     """
+    uneven = parse_switch("uneven", uneven)
     plans = plan_conversion(model, segments, order, segment_width, uneven)
     if mid_act is not None and order is None:
         raise ValueError("mid_act needs order='depthwise_first' or 'pointwise_first' (a separable unit)")
