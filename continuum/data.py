@@ -298,6 +298,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         DataError: unknown name, or data missing (with how to get it).
     """
     data_dir = Path(data_dir) if data_dir else None
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder; give the folder that holds the dataset")
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, download)
     if name in ("cifar10", "cifar100"):

@@ -182,6 +182,11 @@ def test_bad_datasets(study, tmp_path, capsys):
     _refused(lambda: _sweep(study, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere" / "cifar")),
              study, capsys, "cifar10 not found")
     assert not (tmp_path / "nowhere").exists()  # the failed download left no folder
+    a_file = tmp_path / "data.txt"
+    a_file.write_text("not a folder")
+    for dataset in ("fashion-mnist", "cifar10"):
+        _refused(lambda: _sweep(study, "--dataset", dataset, "--data-dir", str(a_file)), study, capsys,
+                 f"--data-dir {a_file} is a file, not a folder")
 
 
 TABLES = [
