@@ -92,8 +92,7 @@ class SegmentedConv2d(nn.Module):
         if segment_width is not None:
             segments = segments_from_width(in_channels, segment_width)
         self.in_sizes, self.out_sizes = segment_sizes(in_channels, out_channels, segments, uneven)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels, self.out_channels = sum(self.in_sizes), sum(self.out_sizes)  # checked whole numbers
         self.kernel_size = parse_pair("kernel_size", kernel_size, 1)
         self.stride = parse_pair("stride", stride, 1)
         self.padding = parse_padding(padding, self.stride)

@@ -59,7 +59,6 @@ def parse_kernel_size(value: int | str) -> int:
     return text
 
 
-
 PADDING_NAMES = ("same", "valid")
 """Padding given by name, as :class:`torch.nn.Conv2d` takes it."""
 
@@ -118,6 +117,7 @@ def parse_padding(value: int | tuple[int, int] | str, stride: tuple[int, int]) -
     if value == "same" and stride != (1, 1):
         raise ValueError(f"padding='same' needs stride 1, not {stride}; give the padding as numbers")
     return value
+
 
 def parse_order(value: str) -> str:
     """Check an operation order name.
