@@ -146,10 +146,12 @@ class SegmentedConv2d(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse an input that is not N x ``in_channels`` x H x W (a torch.fx Proxy passes)."""
-        if isinstance(x, torch.Tensor) and x.dim() != 4:
+        if not isinstance(x, torch.Tensor):
+            return
+        if x.dim() != 4:
             raise ValueError(f"SegmentedConv2d expects an N x C x H x W (or C x H x W) input, got shape "
                              f"{tuple(x.shape)}")
-        if isinstance(x, torch.Tensor) and self.in_channels != x.shape[1]:
+        if self.in_channels != x.shape[1]:
             raise ValueError(f"SegmentedConv2d expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")
 

@@ -441,6 +441,7 @@ def _markdown(table: pd.DataFrame, missingval: str = "–") -> str:
     shown = table.assign(**counts).astype(object)
     return shown.where(shown.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval=missingval)
 
+
 def _points(value: float) -> str:
     return "–" if pd.isna(value) else f"{100 * value:+.2f}"
 

@@ -154,6 +154,7 @@ def stored_study(url: str, study_name: str | None) -> optuna.Study:
         raise ValueError(f"no study {study_name!r} in {url}; it holds {', '.join(map(repr, held)) or 'none'}")
     return optuna.load_study(study_name=study_name, storage=storage)
 
+
 def load_model(folder: str | Path, trial: int | None = None, device: str | torch.device = "cpu", **point: Any
                ) -> torch.nn.Module:
     """The trained model of one completed trial of a study run with ``--save-models``, rebuilt exactly (the same

@@ -129,7 +129,6 @@ def test_invalid_segment_values_are_rejected(bad):
         segment_sizes(8, 8, bad)
 
 
-
 @pytest.mark.parametrize("channels, geometry, message", [
     ((0, 8), {}, "in_channels=0 is not valid; use an int >= 1"),
     ((8, -4), {}, "out_channels=-4 is not valid"),
@@ -178,6 +177,7 @@ def test_uneven_no_is_off():
     with pytest.raises(SegmentError, match="segments=3 does not fit"):
         SegmentedConv2d(8, 8, 3, segments=3, uneven="no")
     assert SegmentedConv2d(8, 8, 3, segments=3, uneven="yes").in_sizes == (3, 3, 2)
+
 
 def test_all_needs_out_multiple_of_in():
     with pytest.raises(SegmentError, match=r"segments='all' needs out_channels \(12\) to be a multiple"):

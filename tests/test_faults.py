@@ -109,7 +109,6 @@ def test_sigusr1_stops_each_worker_after_its_epoch_in_progress_and_the_rerun_los
     assert len(done) == 2 and (done.loc[stopped.index, "resumed_epochs"] == stopped).all()  # every epoch kept
 
 
-
 def test_sigusr1_that_reaches_workers_before_their_handlers_stops_them_quietly(tmp_path, monkeypatch, caplog):
     """The parent passes SIGUSR1 on the moment it has it; workers still importing torch die of the signal itself.
     They had no trial: nothing is failed, nothing is reported lost, and the sweep stops as asked."""
@@ -122,6 +121,7 @@ def test_sigusr1_that_reaches_workers_before_their_handlers_stops_them_quietly(t
         code = main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2", "--storage", storage])
     assert code == 130 and "exited with code" not in caplog.text
     assert {t.state.name for t in _trials(storage)} <= {"WAITING"}  # the queued points, none started or failed
+
 
 def _fresh_database(server) -> str:
     """A new, empty database on the test server."""

@@ -219,7 +219,6 @@ def test_bad_results_tables(study, capsys, content, message):
         results.load(folder)
 
 
-
 def test_reading_a_storage_url_creates_nothing_and_names_what_is_missing(tmp_path):
     for url in (f"sqlite:///{tmp_path / 'none.db'}", f"journal:{tmp_path / 'none.journal'}"):
         with pytest.raises(FileNotFoundError, match="no study storage at .*none"):
@@ -234,6 +233,7 @@ def test_reading_a_storage_url_creates_nothing_and_names_what_is_missing(tmp_pat
     assert list(results.load(url, study_name="spectrum").columns) == TRIAL_COLUMNS  # a journal URL, as the sweep prints
     with pytest.raises(TypeError, match="source=3 is not a results folder"):
         results.load(3)
+
 
 def test_report_on_a_missing_folder_or_a_file(study, capsys):
     _refused(lambda: report.main([str(study / "none")]), study, capsys, "no results table at")

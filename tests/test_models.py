@@ -75,7 +75,6 @@ def test_xception_invalid_segment_count_names_layer_and_choices():
         timm.create_model("continuum_xception", segments=16)
 
 
-
 @pytest.mark.parametrize("knobs, message", [
     ({"middle_blocks": -1}, "middle_blocks=-1 is not valid; use an int >= 0"),
     ({"middle_blocks": 2.5}, "middle_blocks=2.5 is not valid"),
@@ -84,6 +83,7 @@ def test_xception_invalid_segment_count_names_layer_and_choices():
 def test_xception_refuses_block_and_fc_counts_that_build_no_net(knobs, message):
     with pytest.raises(ValueError, match=message):
         timm.create_model("continuum_xception", **knobs)
+
 
 def test_xception_uneven_segments_and_segment_width():
     model = ContinuumXception(num_classes=10, segments=16, uneven=True, middle_blocks=1)
@@ -206,7 +206,6 @@ def test_small_family_shapes_channels_and_knobs():
     assert wide.widths == (96, 192, 384) and all(w % 32 == 0 for w in wide.widths)
     with pytest.raises(ValueError, match="one entry per stage"):
         ContinuumSmall(widths=(32, 64), depths=(1,), strides=(2, 2))
-
 
 
 SIZES_THAT_BUILD_NO_NET = [

@@ -77,7 +77,6 @@ def check_pool(global_pool: str, num_classes: int, hidden: tuple) -> str:
     return global_pool
 
 
-
 def check_sizes(width_mult: float, width_divisor: int, stem_width: int,
                 per_stage: Mapping[str, tuple[Sequence[int], int]]) -> None:
     """Refuse sizes that build no net: ``width_mult`` a positive number, ``width_divisor`` and ``stem_width`` whole
@@ -99,6 +98,7 @@ def check_sizes(width_mult: float, width_divisor: int, stem_width: int,
     for name, (values, minimum) in per_stage.items():
         for stage, value in enumerate(values):
             parse_whole(f"{name}[{stage}]", value, minimum)
+
 
 class ContinuumClassifier(nn.Module):
     """Base of the continuum models: a trunk and a :class:`ClassifierHead`, with timm's interface (``num_classes``,

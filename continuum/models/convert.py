@@ -185,7 +185,6 @@ def convert(
     Returns:
         The converted copy.
     """
-    uneven = parse_switch("uneven", uneven)
     plans = plan_conversion(model, segments, order, segment_width, uneven)
     if mid_act is not None and order is None:
         raise ValueError("mid_act needs order='depthwise_first' or 'pointwise_first' (a separable unit)")
