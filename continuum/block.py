@@ -88,7 +88,7 @@ class SegmentedConv2d(nn.Module):
         segment_width: int | None = None,
     ) -> None:
         super().__init__()
-        uneven = parse_switch("uneven", uneven)
+        uneven, bias = parse_switch("uneven", uneven), parse_switch("bias", bias)
         if segment_width is not None:
             segments = segments_from_width(in_channels, segment_width)
         self.in_sizes, self.out_sizes = segment_sizes(in_channels, out_channels, segments, uneven)
@@ -211,7 +211,7 @@ class ContinuumConv(nn.Module):
         if isinstance(mid_act, str):
             mid_act = parse_mid_act(mid_act) if mid_act.lower() in ("", "none") else mid_act
         in_channels, out_channels = parse_whole("in_channels", in_channels), parse_whole("out_channels", out_channels)
-        depth_multiplier = parse_whole("depth_multiplier", depth_multiplier)
+        depth_multiplier, bias = parse_whole("depth_multiplier", depth_multiplier), parse_switch("bias", bias)
         if padding is None:
             kernel, spacing = parse_pair("kernel_size", kernel_size, 1), parse_pair("dilation", dilation, 1)
             padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, spacing))  # "same" for odd kernels

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from continuum.knobs import parse_bool
+
 DEFAULT_CACHE = Path("~/.cache/continuum")
 """Cache root when no environment variable names one."""
 
@@ -23,11 +25,6 @@ def cache_root(variable: str = "CONTINUUM_CACHE") -> Path:
         variable: ``CONTINUUM_CACHE`` (autotuned strategies) or ``CONTINUUM_DATA`` (datasets).
     """
     return Path(os.environ.get(variable) or DEFAULT_CACHE.expanduser())
-
-
-SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
-                 "no": False}
-"""What an on/off environment variable may say (any case, spaces ignored)."""
 
 
 BUILD_KERNELS = "CONTINUUM_BUILD_KERNELS"
@@ -47,12 +44,13 @@ def env_switch(variable: str, default: bool = True) -> bool:
     Raises:
         ValueError: any other value, naming the variable and what it may say.
     """
-    text = os.environ.get(variable, "").strip().lower()
+    text = os.environ.get(variable, "").strip()
     if not text:
         return default
-    if text not in SWITCH_VALUES:
-        raise ValueError(f"{variable}={os.environ[variable]!r} is not valid; use 1 or 0 (on, off)")
-    return SWITCH_VALUES[text]
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise ValueError(f"{variable}={os.environ[variable]!r} is not valid; use 1 or 0 (on, off)") from None
 
 
 STALE_TEMP_SECONDS = 600
@@ -141,3 +139,9 @@ def check_writable_folder(folder: Path, option: str) -> None:
         raise ValueError(f"{option} {folder}: {nearest} is a file, not a folder; use {option} FOLDER")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {folder}: {nearest} is read-only; use {option} with a writable folder")
+    try:  # a folder that says it is writable and is not (/proc, /sys, a full or vanished mount)
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {folder}: cannot write in {nearest} ({error.strerror}); use {option} with a "
+                         "writable folder") from None

@@ -152,16 +152,21 @@ def parse_mid_act(value: str | None) -> str | None:
     return name
 
 
+SWITCH_WORDS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
+                "no": False}
+"""What an on/off setting may say in text (any case, spaces ignored): a flag, a file's value, an environment
+variable."""
+
+
 def parse_bool(value: bool | str) -> bool:
-    """``True``/``False``, or ``on``/``off``, ``true``/``false``, ``yes``/``no``, ``1``/``0``."""
+    """``True``/``False``, or one of :data:`SWITCH_WORDS`: ``on``/``off``, ``true``/``false``, ``yes``/``no``,
+    ``1``/``0``."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("on", "true", "yes", "1"):
-        return True
-    if text in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(f"{value!r} is not valid; use on or off")
+    if text not in SWITCH_WORDS:
+        raise ValueError(f"{value!r} is not valid; use on or off")
+    return SWITCH_WORDS[text]
 
 
 def parse_switch(name: str, value: bool | str) -> bool:

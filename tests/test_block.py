@@ -179,6 +179,15 @@ def test_uneven_no_is_off():
     assert SegmentedConv2d(8, 8, 3, segments=3, uneven="yes").in_sizes == (3, 3, 2)
 
 
+@pytest.mark.parametrize("value", ["no", "off", False])
+def test_bias_no_is_off_in_both_layers(value):
+    assert SegmentedConv2d(8, 8, 3, segments=2, bias=value).bias is None
+    assert ContinuumConv(8, 8, bias=value).pointwise.bias is None
+    assert ContinuumConv(8, 8, bias="yes").pointwise.bias is not None
+    with pytest.raises(ValueError, match="bias='perhaps' is not valid; use True or False"):
+        SegmentedConv2d(8, 8, 3, bias="perhaps")
+
+
 def test_all_needs_out_multiple_of_in():
     with pytest.raises(SegmentError, match=r"segments='all' needs out_channels \(12\) to be a multiple"):
         SegmentedConv2d(8, 12, 3, segments="all")

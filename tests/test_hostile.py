@@ -320,6 +320,13 @@ def test_bench_and_spectrum_refuse_an_out_that_is_a_file(tmp_path, capsys):
     _refused(lambda: spectrum.main(["--out", str(tmp_path / "afile")]), tmp_path, capsys, "is a file, not a folder")
 
 
+def test_an_out_in_a_place_nothing_can_be_written_is_refused(study, capsys):
+    """/proc passes a permission check as root, yet takes no files."""
+    for run in (lambda: _sweep(Path("/proc/continuum"), "--segments", "1"),
+                lambda: bench.main(["--out", "/proc/continuum"]), lambda: spectrum.main(["--out", "/proc/continuum"])):
+        _refused(run, study, capsys, ": cannot write in /proc (")
+
+
 def test_from_the_shell_bad_input_is_one_line_without_traceback(tmp_path):
     commands = {module: subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # started together:
