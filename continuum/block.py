@@ -48,6 +48,8 @@ def create_act(act_layer: LayerSpec, inplace: bool = False) -> nn.Module:
     if act_layer is None:
         return nn.Identity()
     try:
+        if not isinstance(act_layer, str) and not callable(act_layer):
+            raise KeyError(act_layer)
         return create_act_layer(act_layer, inplace=inplace)
     except KeyError:
         raise ValueError(f"unknown activation {act_layer!r}; use a timm name such as 'relu', 'elu', 'gelu' "
@@ -290,6 +292,8 @@ class ContinuumBlock(nn.Module):
     ) -> None:
         super().__init__()
         reps = parse_whole("reps", reps)  # a block needs at least one unit
+        stride = parse_whole("stride", stride)
+        in_channels, out_channels = parse_whole("in_channels", in_channels), parse_whole("out_channels", out_channels)
         kernel_size = parse_kernel_size(kernel_size)
         self.residual = residual = parse_switch("residual", residual)
         if residual and (in_channels != out_channels or stride != 1):

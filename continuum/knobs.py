@@ -25,7 +25,7 @@ def parse_segments(value: Segments | str) -> Segments:
     """Turn ``"all"``, ``"8"`` or ``8`` into a checked segment count.
 
     Args:
-        value: an int >= 1, a decimal string, or ``"all"`` (case-insensitive).
+        value: an int >= 1 (a NumPy integer too), a decimal string, or ``"all"`` (case-insensitive).
 
     Returns:
         The int count, or the string ``"all"``.
@@ -40,9 +40,9 @@ def parse_segments(value: Segments | str) -> Segments:
         if not text.isdigit():
             raise ValueError(f"segments={value!r} is not valid; use an int >= 1 or 'all'")
         value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"segments={value!r} is not valid; use an int >= 1 or 'all'")
-    return value
+    return int(value)
 
 
 def parse_kernel_size(value: int | str) -> int:
@@ -128,7 +128,7 @@ def parse_order(value: str) -> str:
     Raises:
         ValueError: naming the valid orders.
     """
-    order = value.strip().lower().replace("-", "_")
+    order = value.strip().lower().replace("-", "_") if isinstance(value, str) else value
     if order not in ORDERS:
         raise ValueError(f"order={value!r} is not valid; choose one of {', '.join(ORDERS)}")
     return order

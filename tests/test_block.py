@@ -153,7 +153,8 @@ def test_channel_counts_and_geometry_are_checked_when_the_layer_is_built(channel
 
 
 def test_numpy_whole_numbers_and_named_padding_are_taken_as_nn_conv2d_takes_them():
-    conv = SegmentedConv2d(np.int64(8), np.int64(8), np.int64(3), padding=np.int64(1), segments=2)
+    conv = SegmentedConv2d(np.int64(8), np.int64(8), np.int64(3), padding=np.int64(1), segments=np.int64(2))
+    assert type(conv.segments) is int and conv.segments == 2
     assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv(torch.randn(1, 8, 5, 5)).shape[-1] == 5
     assert SegmentedConv2d(8, 8, 3, padding="valid", segments=2)(torch.randn(1, 8, 5, 5)).shape[-1] == 3
 
@@ -167,10 +168,13 @@ def test_residual_takes_switch_words_and_off_means_off(value, residual):
 @pytest.mark.parametrize("knobs, message", [({"residual": "maybe"}, "residual='maybe' is not valid; use True or False"),
                                             ({"uneven": "sometimes"}, "uneven='sometimes' is not valid"),
                                             ({"reps": 0}, "reps=0 is not valid; use an int >= 1"),
-                                            ({"reps": 1.5}, "reps=1.5 is not valid")])
+                                            ({"reps": 1.5}, "reps=1.5 is not valid"),
+                                            ({"stride": 0}, "stride=0 is not valid; use an int >= 1"),
+                                            ({"stride": (2, 2)}, r"stride=\(2, 2\) is not valid"),
+                                            ({"in_channels": 0}, "in_channels=0 is not valid")])
 def test_block_switches_and_counts_are_checked(knobs, message):
     with pytest.raises(ValueError, match=message):
-        ContinuumBlock(8, 8, **knobs)
+        ContinuumBlock(**{"in_channels": 8, "out_channels": 8} | knobs)
 
 
 def test_uneven_no_is_off():
@@ -200,6 +204,10 @@ def test_unknown_order_activation_and_norm_are_clear_errors():
         ContinuumConv(8, 8, mid_act="swishy")
     with pytest.raises(ValueError, match="unknown norm layer 'fancynorm'"):
         ContinuumBlock(8, 8, norm_layer="fancynorm")
+    with pytest.raises(ValueError, match="order=None is not valid; choose one of depthwise_first"):
+        ContinuumConv(8, 8, order=None)
+    with pytest.raises(ValueError, match="unknown activation 3"):
+        ContinuumConv(8, 8, mid_act=3)
 
 
 def test_wrong_input_channels_is_a_clear_error():

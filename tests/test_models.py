@@ -151,6 +151,8 @@ def test_a_trunk_out_of_the_children_order_is_refused():
 def test_wrong_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"ContinuumSmall expects N x 1 x H x W input, got shape \(2, 3, 28, 28\)"):
         ContinuumSmall()(torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="ContinuumSmall expects floating-point images, got torch.uint8; convert"):
+        ContinuumSmall()(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
 
 
 def _randomise_norms(model: nn.Module) -> None:

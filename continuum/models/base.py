@@ -157,10 +157,15 @@ class ContinuumClassifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Refuse an input that is not ``N x in_chans x H x W`` (a torch.fx Proxy passes)."""
-        if isinstance(x, torch.Tensor) and (x.ndim != 4 or x.shape[1] != self.in_chans):
+        """Refuse an input that is not ``N x in_chans x H x W`` floating-point images (a torch.fx Proxy passes)."""
+        if not isinstance(x, torch.Tensor):
+            return
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"{type(self).__name__} expects N x {self.in_chans} x H x W input, got shape "
                              f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects floating-point images, got {x.dtype}; convert them "
+                             "first (e.g. x.float() / 255)")
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
