@@ -42,8 +42,49 @@ def varying_columns(trials: pd.DataFrame, candidates: Sequence[str] = tuple(POIN
         [c for c in ("model", "segments") if c in trials]
 
 
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str = "table") -> None:
+    """Refuse a table that lacks any of ``columns``, naming them and the columns it has.
+
+    Args:
+        frame: the table.
+        columns: the columns the caller reads.
+        what: what the table is, for the message.
+
+    Raises:
+        ValueError: naming the missing columns.
+    """
+    missing = [c for c in columns if c not in frame]
+    if missing:
+        raise ValueError(f"the {what} has no column {', '.join(map(repr, missing))}; its columns: "
+                         f"{', '.join(map(str, frame.columns))}")
+
+
+def check_level(level: float) -> float:
+    """A confidence level strictly between 0 and 1 (0.95 for 95 %).
+
+    Raises:
+        ValueError: naming the accepted values.
+    """
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ValueError(f"level={level!r} is not valid; use a number between 0 and 1 such as 0.95")
+    return float(level)
+
+
+def arm_columns(frame: pd.DataFrame, by: str | Sequence[str] | None, what: str = "trials table") -> list[str]:
+    """The columns that name an arm: ``by`` (one column or several), else those that vary
+    (:func:`varying_columns`), checked against the table.
+
+    Raises:
+        ValueError: a column the table lacks.
+    """
+    columns = [by] if isinstance(by, str) else list(by or varying_columns(frame))
+    require_columns(frame, columns, what)
+    return columns
+
+
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """Student-t confidence interval of the mean; ``(nan, nan)`` for fewer than 2 values."""
+    level = check_level(level)
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float("nan"), float("nan")
@@ -62,6 +103,7 @@ def bootstrap_interval(values: Sequence[float], statistic=np.mean, level: float 
         n_resamples: bootstrap resamples.
         seed: seed of the resampling.
     """
+    level = check_level(level)
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float("nan"), float("nan")
@@ -76,20 +118,24 @@ def measured_while_busy(trials: pd.DataFrame) -> bool:
     return bool("latency_load" in trials and trials["latency_load"].gt(CONTENDED_LOAD).any())
 
 
-def summarize(trials: pd.DataFrame, by: Sequence[str] | None = None, metric: str = "val_acc") -> pd.DataFrame:
+def summarize(trials: pd.DataFrame, by: str | Sequence[str] | None = None, metric: str = "val_acc") -> pd.DataFrame:
     """One row per config over its completed trials: n seeds, mean, std and 95 % t-interval of ``metric``, and the
     config's cost (params, MACs, FLOPs, median latency).
 
     Args:
         trials: a trials table (:func:`continuum.results.load`).
-        by: the columns that name a config; default: the config columns that vary.
+        by: the column, or columns, that name a config; default: the config columns that vary.
         metric: the accuracy column to summarise.
 
     Returns:
         The table; with a ``latency_contended`` column when the trials recorded how busy the machine was.
+
+    Raises:
+        ValueError: a column named in ``by`` or ``metric`` that the table lacks.
     """
+    by = arm_columns(trials, by)
+    require_columns(trials, ["state", metric, "params", "macs", "flops", "latency_ms"], "trials table")
     done = trials[trials["state"] == "COMPLETE"]
-    by = list(by or varying_columns(trials))
     rows = []
     for key, group in done.groupby(by, sort=False, dropna=False):
         values = group[metric].astype(float).to_numpy()
@@ -136,10 +182,14 @@ def difference(trials: pd.DataFrame, column: str, baseline: str, other: str, met
         level: confidence level.
 
     Returns:
-        ``{"diff": mean difference (other - baseline), "ci_low", "ci_high", "n": pairs or trials per side}``.
+        ``{"diff": mean difference (other - baseline), "ci_low", "ci_high", "n": pairs or trials per side}``; NaNs
+        and ``n`` 0 where a side has no completed trial yet.
+
+    Raises:
+        ValueError: a column the table lacks, or a side that no trial of the table has (a misspelt value).
     """
-    done = trials[trials["state"] == "COMPLETE"]
-    sides = [done[done[column].astype(str) == str(value)].groupby("seed")[metric].mean() for value in (baseline, other)]
+    level = check_level(level)
+    sides = _sides(trials, column, baseline, other, metric, must_exist=True)
     common = sides[0].index.intersection(sides[1].index)
     if len(common) >= 2:
         paired = (sides[1][common] - sides[0][common]).to_numpy(dtype=float)
@@ -181,11 +231,29 @@ class Comparison(NamedTuple):
 def paired_sides(trials: pd.DataFrame, column: str, baseline: str, other: str, metric: str = "test_acc"
                  ) -> tuple[pd.Series, pd.Series]:
     """The completed trials' ``metric`` on each side of ``column`` (``baseline``, ``other``; compared as text), one
-    value per seed (a seed's mean if it ran twice), restricted to the seeds both sides have, in seed order."""
-    done = trials[trials["state"] == "COMPLETE"]
-    sides = [done[done[column].astype(str) == str(value)].groupby("seed")[metric].mean() for value in (baseline, other)]
+    value per seed (a seed's mean if it ran twice), restricted to the seeds both sides have, in seed order (empty
+    while a side has no completed trial, in a study still running).
+
+    Raises:
+        ValueError: a column the table lacks.
+    """
+    sides = _sides(trials, column, baseline, other, metric, must_exist=False)
     common = sides[0].index.intersection(sides[1].index).sort_values()
     return sides[0][common].astype(float), sides[1][common].astype(float)
+
+
+def _sides(trials: pd.DataFrame, column: str, baseline: str, other: str, metric: str, must_exist: bool
+           ) -> list[pd.Series]:
+    """Per side (``column == baseline``, ``column == other``, compared as text), the completed trials' ``metric``
+    by seed (a seed's mean if it ran twice); with ``must_exist``, a side no trial has (in any state) is refused."""
+    require_columns(trials, ["state", "seed", column, metric], "trials table")
+    values = trials[column].astype(str)
+    absent = [value for value in (baseline, other) if not values.eq(str(value)).any()]
+    if absent and must_exist:
+        raise ValueError(f"{column}={absent[0]!r} is in no trial of the table; its values: "
+                         f"{', '.join(sorted(values.unique(), key=segments_key))}")
+    done = trials["state"] == "COMPLETE"
+    return [trials[done & values.eq(str(value))].groupby("seed")[metric].mean() for value in (baseline, other)]
 
 
 def compare(baseline: Sequence[float], other: Sequence[float], margin: float = 0.01, level: float = 0.95
@@ -201,8 +269,11 @@ def compare(baseline: Sequence[float], other: Sequence[float], margin: float = 0
         level: confidence level of the interval.
 
     Raises:
-        ValueError: the sides differ in length or hold fewer than 2 pairs.
+        ValueError: the sides differ in length or hold fewer than 2 pairs; a margin that is not a positive number.
     """
+    level = check_level(level)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < np.inf:
+        raise ValueError(f"margin={margin!r} is not valid; use a positive number such as 0.01 (1 point)")
     a, b = np.asarray(baseline, dtype=float), np.asarray(other, dtype=float)
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"a paired comparison needs two equal sides of at least 2 values, not {len(a)} and {len(b)}")
@@ -219,9 +290,17 @@ def compare(baseline: Sequence[float], other: Sequence[float], margin: float = 0
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values of one family of tests (statsmodels' ``multipletests``), in the order given."""
+    """Holm-adjusted p-values of one family of tests (statsmodels' ``multipletests``), in the order given; a NaN
+    (a test that could not run) stays NaN and still counts in the family.
+
+    Raises:
+        ValueError: a p-value outside 0..1.
+    """
     if len(pvalues) == 0:
         return []
+    wrong = [p for p in pvalues if not 0 <= p <= 1 and not np.isnan(p)]
+    if wrong:
+        raise ValueError(f"p-value {wrong[0]!r} is not valid; p-values lie in 0..1")
     return [float(p) for p in multipletests(list(pvalues), method="holm")[1]]
 
 
@@ -236,13 +315,32 @@ def mcnemar_test(baseline: Sequence[np.ndarray], other: Sequence[np.ndarray]) ->
     Returns:
         ``only_baseline`` and ``only_other`` (images only one side got right, summed over pairs) and ``p`` (exact
         binomial test when fewer than 25 discordant images, else the chi-square form with continuity correction).
+
+    Raises:
+        ValueError: unequal numbers of runs or of images in a pair, or values other than right / wrong.
     """
+    if len(baseline) != len(other):
+        raise ValueError(f"McNemar's test pairs runs: {len(baseline)} baseline runs and {len(other)} other runs")
+    baseline, other = [_correctness(a) for a in baseline], [_correctness(b) for b in other]
+    sizes = [(len(a), len(b)) for a, b in zip(baseline, other) if len(a) != len(b)]
+    if sizes:
+        raise ValueError(f"McNemar's test pairs images: a pair of runs scored {sizes[0][0]} and {sizes[0][1]} images")
     only_baseline = int(sum((a & ~b).sum() for a, b in zip(baseline, other)))
     only_other = int(sum((~a & b).sum() for a, b in zip(baseline, other)))
     table = [[0, only_baseline], [only_other, 0]]
     exact = only_baseline + only_other < 25
     return {"only_baseline": only_baseline, "only_other": only_other,
             "p": float(mcnemar(table, exact=exact, correction=True).pvalue)}
+
+
+def _correctness(run: Sequence[bool]) -> np.ndarray:
+    """One run's per-image correctness as a bool array (``True``/``False`` or 1/0)."""
+    values = np.asarray(run)
+    if values.dtype != bool:
+        if values.size and not np.isin(values, (0, 1)).all():
+            raise ValueError("per-image correctness must be True/False (or 1/0) per image")
+        values = values.astype(bool)
+    return values
 
 
 def efficiency(summary: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
@@ -266,7 +364,12 @@ def edf(values: Sequence[float]) -> pd.DataFrame:
 
 def pareto_front(frame: pd.DataFrame, maximize: str = "val_acc", minimize: str = "macs") -> pd.DataFrame:
     """The rows no other row beats on both ``maximize`` (higher is better) and ``minimize`` (lower is better),
-    sorted by ``minimize``."""
+    sorted by ``minimize``.
+
+    Raises:
+        ValueError: a column the table lacks.
+    """
+    require_columns(frame, [maximize, minimize])
     ordered = frame.dropna(subset=[maximize, minimize]).sort_values([minimize, maximize], ascending=[True, False])
     keep, best = [], -np.inf
     for index, value in ordered[maximize].items():

@@ -14,7 +14,8 @@ import matplotlib.ticker
 import pandas as pd
 from matplotlib.figure import Figure
 
-from continuum.analysis import edf, pareto_front, segments_key, summarize, varying_columns
+from continuum.analysis import arm_columns, edf, pareto_front, require_columns, segments_key, summarize, \
+    varying_columns
 from continuum.files import atomic_write
 
 
@@ -43,15 +44,19 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_curves(curves: pd.DataFrame, metric: str = "val_acc", by: Sequence[str] | None = None) -> Figure:
+def plot_curves(curves: pd.DataFrame, metric: str = "val_acc", by: str | Sequence[str] | None = None) -> Figure:
     """Mean ``metric`` per epoch for each config, with the range over seeds shaded (like the paper's figures 9-10).
 
     Args:
         curves: a curves table (:func:`continuum.results.load` with ``curves=True``).
         metric: the curve column to plot.
-        by: columns naming a config; default: those that vary.
+        by: the column, or columns, naming a config; default: those that vary.
+
+    Raises:
+        ValueError: a column the table lacks.
     """
-    by = list(by or varying_columns(curves))
+    by = arm_columns(curves, by, "curves table")
+    require_columns(curves, ["epoch", metric], "curves table")
     fig, (ax,) = _figure(7, 4.5)
     for values, group in _groups(curves, by):
         per_epoch = group.groupby("epoch")[metric].agg(["mean", "min", "max"])
@@ -92,10 +97,15 @@ def plot_spectrum(trials: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_edf(trials: pd.DataFrame, by: Sequence[str] | None = None) -> Figure:
-    """Empirical distribution of validation error, one line per value of ``by`` (default: the varying columns)."""
+def plot_edf(trials: pd.DataFrame, by: str | Sequence[str] | None = None) -> Figure:
+    """Empirical distribution of validation error, one line per value of ``by`` (default: the varying columns).
+
+    Raises:
+        ValueError: a column the table lacks.
+    """
+    by = arm_columns(trials, by)
+    require_columns(trials, ["state", "val_acc"], "trials table")
     done = trials[trials["state"] == "COMPLETE"]
-    by = list(by or varying_columns(trials))
     fig, (ax,) = _figure(6, 4.5)
     for values, group in _groups(done, by):
         curve = edf(1 - group["val_acc"].astype(float))

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from continuum.analysis import (bootstrap_interval, difference, edf, efficiency, pareto_front, segments_key,
-                                summarize, t_interval)
+from continuum.analysis import (bootstrap_interval, compare, difference, edf, efficiency, holm, mcnemar_test,
+                                paired_sides, pareto_front, segments_key, summarize, t_interval)
 
 
 def _trials():
@@ -58,10 +58,43 @@ def test_difference_pairs_by_seed():
     welch = difference(unpaired, "segments", "1", "all")
     assert welch["diff"] == pytest.approx(paired.mean()) and welch["ci_low"] < welch["diff"] < welch["ci_high"]
     assert welch["ci_high"] - welch["ci_low"] > 0
+    running = trials.iloc[0].to_dict() | {"trial": 100, "segments": "64", "state": "RUNNING"}
+    not_yet = pd.concat([trials, pd.DataFrame([running])])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "mean of empty slice" where a side has no trial
-        missing = difference(trials, "segments", "1", "64")
+        warnings.simplefilter("error")  # no "mean of empty slice" where a side has no completed trial
+        missing = difference(not_yet, "segments", "1", "64")
     assert missing["n"] == 0 and np.isnan([missing["diff"], missing["ci_low"], missing["ci_high"]]).all()
+    with pytest.raises(ValueError, match="segments='46' is in no trial of the table; its values: 1, 4, all"):
+        difference(trials, "segments", "1", "46")  # a misspelt side is not a side without results yet
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda t: summarize(t, metric="test_acc"), "the trials table has no column 'test_acc'; its columns: trial,"),
+    (lambda t: summarize(t, by=["order"]), "the trials table has no column 'order'"),
+    (lambda t: difference(t, "order", "a", "b"), "the trials table has no column 'order'"),
+    (lambda t: paired_sides(t, "segments", "1", "all", metric="test_acc"), "no column 'test_acc'"),
+    (lambda t: pareto_front(t, minimize="latency"), "the table has no column 'latency'"),
+    (lambda t: difference(t, "segments", "1", "all", level=95), "level=95 is not valid; use a number between 0 and 1"),
+    (lambda t: t_interval([0.1, 0.2], level=0), "level=0 is not valid"),
+    (lambda t: compare([0.8, 0.9], [0.8, 0.9], margin=-0.01), "margin=-0.01 is not valid; use a positive number"),
+    (lambda t: compare([0.8, 0.9], [0.8, 0.9], margin=float("nan")), "margin=nan is not valid"),
+    (lambda t: holm([0.01, 1.5]), "p-value 1.5 is not valid; p-values lie in 0..1"),
+    (lambda t: mcnemar_test([np.ones(3, bool)], []), "1 baseline runs and 0 other runs"),
+    (lambda t: mcnemar_test([np.ones(3, bool)], [np.ones(4, bool)]), "a pair of runs scored 3 and 4 images"),
+    (lambda t: mcnemar_test([np.array([0.5, 1])], [np.array([1, 1])]), "must be True/False"),
+])
+def test_wrong_columns_and_arguments_are_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(_trials())
+
+
+def test_one_column_name_is_taken_as_pandas_takes_it_and_correctness_as_0_1():
+    assert summarize(_trials(), by="segments").equals(summarize(_trials(), by=["segments"]))
+    as_ints = mcnemar_test([np.array([1, 0, 1])], [np.array([0, 1, 1])])
+    assert as_ints == mcnemar_test([np.array([True, False, True])], [np.array([False, True, True])])
+    assert as_ints["only_baseline"] == 1 and as_ints["only_other"] == 1
+    assert np.isnan(holm([0.01, float("nan")])[1])  # a test that could not run stays NaN
+    assert all(side.empty for side in paired_sides(_trials(), "segments", "1", "64", "val_acc"))  # not started yet
 
 
 def test_efficiency_divides_accuracy_by_cost():
