@@ -106,6 +106,9 @@ VALUES = [
     (["--batch-size", "0"], "batch_size=0 is not valid"),
     (["--epochs", "2.5"], "epochs='2.5' is not valid"),
     (["--workers", "0"], "workers=0 is not valid"),
+    (["--workers", "10000"], "workers=10000 is more than the "),  # not 10,000 processes until memory runs out
+    (["--width", "1e9"], "continuum_small at width 1e+09 is too large to build"),
+    (["--width", "1000"], "parameters: training needs"),  # TiBs of weights, gradients, momentum: refused unbuilt
     (["--heartbeat", "0"], "heartbeat=0 is not valid"),
     (["--match-params", "-5"], "match_params=-5 is not valid"),
     (["--objectives", "val_acc,val_acc", "--search", "tpe"], "objectives: val_acc is listed twice"),

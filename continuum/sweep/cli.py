@@ -36,11 +36,11 @@ from continuum.allocator import keep_freed_memory
 from continuum.data import DataError, TensorData, load_dataset
 from continuum.report import write_report, write_summary
 from continuum.strategy import check_environment
-from continuum.sweep.points import build_model, grid_points, matched
+from continuum.sweep.points import check_fits_memory, grid_points, matched
 from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
 from continuum.sweep.signals import install_stop_handlers
 from continuum.sweep.study import check_paths, run, storage_url
-from continuum.sweep.workers import run_workers
+from continuum.sweep.workers import check_worker_count, run_workers, workers_per_device
 from continuum.tracking import Trackers
 from continuum.train import StopRequested, resolve_device
 
@@ -74,10 +74,11 @@ def prepare(cfg: SweepConfig) -> TensorData:
     and storage paths are writable and every grid point builds (nothing is written before this passes).
 
     Raises:
-        ValueError, DataError: a bad device, environment variable, path or tracker, a point that does not build, a
-            missing or unusable dataset.
+        ValueError, DataError: a bad device, more workers than the machine has cores, a bad environment variable,
+            path or tracker, a point that does not build or does not fit in memory, a missing or unusable dataset.
     """
-    resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
+    check_worker_count(cfg.workers)
     check_environment()
     check_paths(cfg)
     Trackers(cfg.trackers)  # each can be made (installed, importable)
@@ -85,7 +86,7 @@ def prepare(cfg: SweepConfig) -> TensorData:
         cfg.data.train_size, cfg.data.val_size)
     if cfg.search == "grid":
         for point in grid_points(cfg):
-            build_model(matched(point.config, cfg, data), data)
+            check_fits_memory(matched(point.config, cfg, data), data, device, workers_per_device(cfg.workers, device))
     return data
 
 

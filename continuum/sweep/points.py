@@ -74,6 +74,54 @@ def build_model(config: ModelConfig, data: TensorData) -> torch.nn.Module:
             from None
 
 
+TRAINING_COPIES = 3
+"""Copies of its parameters a model needs to train at the least: weights, gradients, momentum (activations come on
+top)."""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still hand out: a GPU's free memory, the host's available memory (``MemAvailable``);
+    ``None`` where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits_memory(config: ModelConfig, data: TensorData, device: torch.device, sharing: int = 1) -> None:
+    """Refuse a point whose model cannot train in the device's free memory: built on the meta device (no memory),
+    its parameters times :data:`TRAINING_COPIES` in float32, for each of ``sharing`` workers on the device.
+
+    Args:
+        config: the point (after width matching).
+        data: the data it trains on (channels, classes).
+        device: where it trains.
+        sharing: workers training at once on the device.
+
+    Raises:
+        ValueError: naming the point's size, the memory it needs and the memory there is; or the errors of
+            :func:`build_model`.
+    """
+    try:
+        with torch.device("meta"):
+            model = build_model(config, data)
+    except RuntimeError as err:  # a size that does not fit in 64 bits
+        raise ValueError(f"{config.model} at width {config.width:g} is too large to build ({err}); use a smaller "
+                         "--width") from None
+    params = sum(p.numel() for p in model.parameters())
+    need, free = params * 4 * TRAINING_COPIES * sharing, free_memory(device)
+    if free is not None and need > free:
+        workers = f" for each of {sharing} workers" if sharing > 1 else ""
+        where = "this machine" if device.type == "cpu" else str(device)
+        raise ValueError(f"{config.model} at width {config.width:g} has {params:,} parameters: training needs "
+                         f"{need / 2**30:,.1f} GiB{workers} before activations, and {where} has "
+                         f"{free / 2**30:,.1f} GiB free; use a smaller --width (or fewer --workers)")
+
+
 def _divisor(config: ModelConfig) -> int:
     """What every width must be a multiple of for the point's segment counts (or segment widths) to fit."""
     counts = [s for knob in (config.segments, config.segment_width)

@@ -49,11 +49,21 @@ STOPPED_EXIT_CODES = (130, -getattr(signal, "SIGUSR1", 0))
 came before the worker had set its handlers (while importing torch: no trial of its had started)."""
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use (``$CUDA_VISIBLE_DEVICES``, else every one there is)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def machine_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_env(index: int, workers: int) -> dict[str, str]:
     """Environment of worker ``index``: its GPU when several are visible, else its share of CPU threads."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    gpus = visible_gpus()
     if len(gpus) > 1:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     else:
@@ -64,7 +74,27 @@ def worker_env(index: int, workers: int) -> dict[str, str]:
 
 def worker_threads(workers: int) -> int:
     """CPU threads of each of ``workers`` local workers: an equal share of the cores."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, machine_cores() // workers)
+
+
+def workers_per_device(workers: int, device: torch.device) -> int:
+    """How many of ``workers`` local workers train at once on one device: all of them on the CPU or a single GPU,
+    their share where each of several GPUs takes its turn."""
+    gpus = len(visible_gpus()) if device.type == "cuda" else 1
+    return -(-workers // max(gpus, 1))
+
+
+def check_worker_count(workers: int) -> None:
+    """Refuse more local workers than this machine has cores: each trains with at least one core (and feeds its
+    GPU from one), and a typo such as ``--workers 1000`` would start processes until memory runs out.
+
+    Raises:
+        ValueError: naming the cores there are and how to run more workers.
+    """
+    cores = machine_cores()
+    if workers > cores:
+        raise ValueError(f"workers={workers} is more than the {cores} CPU cores here; use --workers {cores} or fewer "
+                         "(start workers on other machines against the same --storage to run more)")
 
 
 def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPoint], progress: bool = True) -> None:
