@@ -133,11 +133,13 @@ def test_bad_paths_and_names(study, capsys):
     _refused(lambda: _sweep(study, "--storage", f"journal:{study}"), study, capsys, "is a folder; name a file in it")
     _refused(lambda: _sweep(study, "--storage", f"sqlite:///{study}"), study, capsys, "is a folder; name a file")
     _refused(lambda: _sweep(study, "--storage", f"sqlite:///{study}/none/x.db", "--study", "other"), study, capsys,
-             "cannot open storage")
+             "folder " + str(study / "none") + " does not exist; make it")
     assert not (study / "other").exists()  # the results folder made for it went again
     _refused(lambda: _sweep(study, "--storage", f"journal:{study}/none/x.log", "--study", "other"), study, capsys,
              "folder " + str(study / "none") + " does not exist")
     _refused(lambda: _sweep(study, "--storage", "mongodb://x"), study, capsys, "--storage 'mongodb://x' is not valid")
+    _refused(lambda: _sweep(study, "--storage", "journal:/proc/x.log", "--study", "other"), study, capsys,
+             "cannot open /proc/x.log (")
 
 
 @pytest.mark.parametrize("variable, value, message", [

@@ -182,17 +182,23 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     Raises:
         ValueError: a malformed or unreachable URL, in one line.
     """
+    for scheme in ("journal:", "sqlite:///"):
+        path = Path(url.removeprefix(scheme))
+        if url.startswith(scheme) and not path.parent.is_dir():
+            raise ValueError(f"cannot open storage {url}: folder {path.parent} does not exist; make it or name a "
+                             "file in an existing folder")
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
-        if not path.parent.is_dir():
-            raise ValueError(f"cannot open storage {url}: folder {path.parent} does not exist")
         if path.is_dir():
             raise ValueError(f"cannot open storage {url}: {path} is a folder; name a file in it")
         try:
             backend = JournalFileBackend(str(path))
             repair_journal(backend, path)
             return HeartbeatJournalStorage(backend, heartbeat, 3 * heartbeat)
-        except (ValueError, KeyError, TypeError, OSError) as err:
+        except OSError as err:
+            raise ValueError(f"cannot open storage {url}: cannot open {path} ({err.strerror}); name a file in a "
+                             "writable folder") from None
+        except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"cannot open storage {url}: not an Optuna journal file ({type(err).__name__}: "
                              f"{str(err)[:100]}); restore it or name another file") from None
     if not url.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+")):
