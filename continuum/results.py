@@ -16,12 +16,11 @@ import optuna
 import pandas as pd
 import torch
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from continuum.checkpoint import load_checkpoint
 from continuum.sweep.points import KEYED_WHEN_SET
-from continuum.sweep.storage import storage_file
+from continuum.sweep.storage import journal_backend, storage_file
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, EpochMetrics, OLD_EPOCH_NAMES, \
     TEXT_METRICS, TrialId, TrialMetrics, format_knob, names, study_frames
 
@@ -148,7 +147,7 @@ def stored_study(url: str, study_name: str | None) -> optuna.Study:
     file = storage_file(url)
     if file is not None and not file.is_file():
         raise FileNotFoundError(f"no study storage at {file} (from {url}); check the path")
-    storage = JournalStorage(JournalFileBackend(str(file))) if url.startswith("journal:") else url
+    storage = JournalStorage(journal_backend(file)) if url.startswith("journal:") else url
     held = optuna.get_all_study_names(storage)
     if study_name not in held:
         raise ValueError(f"no study {study_name!r} in {url}; it holds {', '.join(map(repr, held)) or 'none'}")

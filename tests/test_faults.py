@@ -16,12 +16,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages.journal._file import get_lock_file
 
 from continuum import results
 from continuum.sweep.cli import main
 from continuum.sweep.points import DUPLICATE
 from continuum.sweep.settings import from_settings
-from continuum.sweep.storage import open_storage
+from continuum.sweep.storage import journal_backend, open_storage
 from conftest import FAST
 
 AXES = ["--segments", "1,all", "--epochs", "4", "--width", "0.25", "--train-size", "256", "--val-size", "128"]
@@ -212,6 +213,22 @@ def test_a_half_written_journal_record_is_cut_off_and_the_study_goes_on(finished
     assert journal.read_bytes().endswith(b"\n") and b'"dead"' not in journal.read_bytes()
     trials = results.load(tmp_path / "journal")
     assert sorted(trials["segments"]) == ["1", "all"] and set(trials["state"]) == {"COMPLETE"}
+
+
+def test_a_journal_lock_left_by_a_killed_writer_does_not_hang_the_rerun(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    journal = Path("journal") / "study.journal"  # relative to the results root, as experiment files name it
+    lock = tmp_path / f"{journal}.lock"
+    os.symlink(journal, lock)  # what a writer killed while holding the lock leaves: a link to the relative path
+    os.utime(lock, (time.time() - 120,) * 2, follow_symlinks=False)
+    rerun = subprocess.run([sys.executable, "-m", "continuum.sweep", *FAST, "--out", ".", "--study", "journal",
+                            "--storage", f"journal:{journal}", "--segments", "1,all"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not lock.is_symlink() and "removed the lock" in rerun.stderr
+    assert sorted(results.load(tmp_path / "journal")["segments"]) == ["1", "all"]
+    with get_lock_file(journal_backend(tmp_path / "journal" / "study.journal")._lock):
+        assert Path(os.readlink(lock)).is_absolute()  # a later killed writer's lock: Optuna's grace period breaks it
 
 
 def _mount(*args: str) -> None:

@@ -135,6 +135,36 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self.stale_callback
 
 
+def journal_backend(path: Path) -> JournalFileBackend:
+    """Optuna's journal file backend for ``path``, named by its absolute path.
+
+    Its lock is a symbolic link ``PATH.lock`` pointing at the path as given, and a lock left by a killed writer is
+    only broken once its target can be looked up from the link's folder: with a relative path it never can, and the
+    next run waits forever (spinning a core). An absolute path lets the lock's 30 s grace period break it.
+    """
+    return JournalFileBackend(str(path.absolute()))
+
+
+LOCK_GRACE_SECONDS = 30
+"""Age after which a journal's lock is a killed writer's (Optuna's grace period; a writer holds it milliseconds)."""
+
+
+def break_dangling_lock(path: Path) -> None:
+    """Remove the journal's lock ``PATH.lock`` when it is a link whose target cannot be found (made with a relative
+    path: Optuna's grace period can never break it) and older than :data:`LOCK_GRACE_SECONDS`.
+
+    Args:
+        path: the journal file.
+    """
+    lock = Path(f"{path.absolute()}.lock")
+    try:
+        if lock.is_symlink() and not lock.exists() and time.time() - lock.lstat().st_mtime > LOCK_GRACE_SECONDS:
+            lock.unlink()
+            log.warning("removed the lock %s a killed writer had left", lock)
+    except FileNotFoundError:
+        pass  # another process removed it meanwhile
+
+
 def repair_journal(backend: JournalFileBackend, path: Path) -> None:
     """Cut off a last record left half-written by a writer killed mid-write (the file then does not end in a
     newline; appending after it would corrupt the next record too). Done under the journal's own lock, so a live
@@ -144,6 +174,7 @@ def repair_journal(backend: JournalFileBackend, path: Path) -> None:
         backend: the journal's backend (its lock).
         path: the journal file.
     """
+    break_dangling_lock(path)
     if not path.exists() or path.stat().st_size == 0:
         return
     with get_lock_file(backend._lock):
@@ -192,7 +223,7 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
         if path.is_dir():
             raise ValueError(f"cannot open storage {url}: {path} is a folder; name a file in it")
         try:
-            backend = JournalFileBackend(str(path))
+            backend = journal_backend(path)
             repair_journal(backend, path)
             return HeartbeatJournalStorage(backend, heartbeat, 3 * heartbeat)
         except OSError as err:
@@ -247,7 +278,7 @@ def move_sqlite_study_to_journal(folder: Path, study_name: str) -> None:
         return
     source = f"sqlite:///{database}"
     if study_name in {s.study_name for s in optuna.get_all_study_summaries(source)}:
-        target = JournalStorage(JournalFileBackend(str(journal)))
+        target = JournalStorage(journal_backend(journal))
         optuna.copy_study(from_study_name=study_name, from_storage=source, to_storage=target)
         log.warning("moved study %r from %s to %s: SQLite is not safe for parallel writers; later runs use the "
                     "journal file", study_name, database, journal)
