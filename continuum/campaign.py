@@ -528,6 +528,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.cam
         print(f"error: {args.root} is not a folder; give the campaign's results root (results/campaign)",
               file=sys.stderr)
         return 2
+    if not any(args.root.glob("*/trials.csv")):
+        print(f"error: {args.root} holds no study (no {args.root}/STUDY/trials.csv); give the campaign's results "
+              "root (results/campaign)", file=sys.stderr)
+        return 2
     try:
         text = report(args.root)
     except TableError as err:

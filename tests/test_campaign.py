@@ -94,8 +94,8 @@ def _pilot_table(folder, diffs):
 
 
 def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
-    assert campaign.main([str(tmp_path)]) == 0
-    assert "not run yet" in (tmp_path / "README.md").read_text()
+    assert campaign.main([str(tmp_path)]) == 2  # no study in it: a mistyped root gets no report of nothing
+    assert "holds no study" in capsys.readouterr().err and not (tmp_path / "README.md").exists()
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
     assert campaign.main([str(tmp_path)]) == 0
