@@ -213,13 +213,11 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     Raises:
         ValueError: a malformed or unreachable URL, in one line.
     """
-    for scheme in ("journal:", "sqlite:///"):
-        path = Path(url.removeprefix(scheme))
-        if url.startswith(scheme) and not path.parent.is_dir():
-            raise ValueError(f"cannot open storage {url}: folder {path.parent} does not exist; make it or name a "
-                             "file in an existing folder")
+    path = storage_file(url)
+    if path is not None and not path.parent.is_dir():
+        raise ValueError(f"cannot open storage {url}: folder {path.parent} does not exist; make it or name a "
+                         "file in an existing folder")
     if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
         if path.is_dir():
             raise ValueError(f"cannot open storage {url}: {path} is a folder; name a file in it")
         try:
