@@ -46,7 +46,7 @@ import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
 from continuum.analysis import bootstrap_interval
 from continuum.block import ContinuumConv, SegmentedConv2d
-from continuum.config import TrainConfig, checked, choice, comma_list, integer, number
+from continuum.config import TrainConfig, checked, choice, comma_items, comma_list, integer, number
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
 from continuum.files import atomic_write, check_writable_folder
@@ -100,9 +100,7 @@ where bf16 is native: ``--precision auto``) joins them with ``--dtypes bf16``.""
 def parse_shapes(text: str) -> list[Shape]:
     """Shapes named in :data:`SHAPES`, or written ``CxHxB`` (channels, height = width, batch: ``96x28x64``)."""
     shapes = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
+    for item in comma_items("--shapes", text):
         if item in SHAPES:
             shapes.append(SHAPES[item])
             continue
@@ -418,21 +416,14 @@ def build_parser(prog: str = "python -m continuum.bench") -> argparse.ArgumentPa
     return parser
 
 
-def _choices(text: str, known: dict, what: str) -> list:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise ValueError(f"{what} {unknown or text!r} not known; choose from {', '.join(known)}")
-    return [known[n] for n in names]
-
-
 def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.bench") -> int:
     """Run the command with ``argv`` (``prog``: how it is called); returns the exit code (2: bad input)."""
     args = build_parser(prog).parse_args(argv)
     try:
         keep_freed_memory()
         device = resolve_device(args.device)
-        dtypes = _choices(args.dtypes, DTYPES, "dtype(s)")
+        dtypes = [DTYPES[name] for name in comma_list("--dtypes", choice(tuple(DTYPES)), "fp32,bf16",
+                                                          named=True)(args.dtypes)]
         shapes = parse_shapes(args.shapes)
         train_segments = comma_list("--train-segments", parse_segments, "1,4,16,all")(args.train_segments)
         segments = None if args.segments is None else comma_list("--segments", parse_segments, "1,4,16,all")(

@@ -129,6 +129,25 @@ def checked(name: str, parse: Parser, value: Any) -> Any:
         raise ValueError(message if message.startswith(f"{name}=") else f"{name}={message}") from None
 
 
+def comma_items(name: str, text: str) -> list[str]:
+    """The items of a comma list (``1, 4,all`` -> ``["1", "4", "all"]``).
+
+    Args:
+        name: the setting's name as the user wrote it, for the message about an empty item.
+        text: the list as written (only blanks and commas: no items).
+
+    Raises:
+        ValueError: an item is empty (``1,,4`` or ``1,4,``), most often a value left out by mistake.
+    """
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items):
+        return []
+    if "" in items:
+        raise ValueError(f"{name} {text!r} has an empty item; separate the values with single commas, "
+                         f"such as {','.join(item for item in items if item) or '1,4'}")
+    return items
+
+
 def comma_list(name: str, parse: Parser, example: str, named: bool = False) -> Callable[[str], list]:
     """A parser of a comma list of one value or more (``1,4,all``), each checked by ``parse``.
 
@@ -142,7 +161,7 @@ def comma_list(name: str, parse: Parser, example: str, named: bool = False) -> C
         return checked(name, parse, item) if named else parse(item)
 
     def parse_list(text: str) -> list:
-        items = [parse_item(item) for item in str(text).split(",") if item.strip()]
+        items = [parse_item(item) for item in comma_items(name, text)]
         if not items:
             raise ValueError(f"{name}: give at least one value, such as {example}")
         return items

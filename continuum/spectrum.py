@@ -22,7 +22,7 @@ import torch
 
 import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.allocator import keep_freed_memory
-from continuum.config import checked, comma_list, integer, optional
+from continuum.config import checked, comma_items, comma_list, integer, optional
 from continuum.cost import measure_latency, model_cost
 from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import SegmentError, parse_order, parse_segments
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spe
         order = parse_order(args.order)
         input_size = None
         if args.input_size:
-            input_size = tuple(checked("--input-size", integer(1), v) for v in args.input_size.split(","))
+            input_size = tuple(checked("--input-size", integer(1), v) for v in comma_items("--input-size",
+                                                                                            args.input_size))
             if len(input_size) != 3:
                 raise ValueError(f"--input-size {args.input_size!r} is not valid; give C,H,W such as 1,28,28")
         args.num_classes = checked("--num-classes", optional(integer(0)), args.num_classes)
@@ -158,14 +159,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.spe
         resolve_device(args.device)
         check_environment()
         check_writable_folder(Path(args.out), "--out")
-        for name in [args.model, *filter(None, args.compare.split(","))]:
+        compare = comma_items("--compare", args.compare)
+        for name in [args.model, *compare]:
             if not timm.is_model(name):
                 raise ValueError(f"--model/--compare {name!r} is not a registered model; continuum's are "
                                  f"{', '.join(timm.list_models('continuum_*'))}")
         with conv_strategy(args.strategy):
             table = spectrum_table(
                 args.model, segments, order, input_size, args.batch_size, args.device, args.warmup, args.repeats,
-                args.backward, [c for c in args.compare.split(",") if c],
+                args.backward, compare,
                 {"num_classes": args.num_classes, "uneven": args.uneven or None},
             )
         refused = table[(table["model"] == args.model) & (table["note"] != "")]

@@ -61,6 +61,8 @@ def test_flags_files_and_field_names_give_the_same_config(tmp_path):
     ({"segments": "1,five"}, "segments='five' is not valid; use an int >= 1 or 'all'"),
     ({"residual": "maybe"}, "residual='maybe' is not valid; use on or off"),
     ({"segments": ""}, "segments: give at least one value"),
+    ({"segments": "1,,2"}, "segments '1,,2' has an empty item; separate the values with single commas, such as 1,2"),
+    ({"seeds": "0,1,"}, "seeds '0,1,' has an empty item"),
     ({"model": {"width": 2}}, r"\[model\] is not valid; model is a value, not a table \(tables: \[data\], \[train\]\)"),
     ({"train": [1, 2]}, r"train=\[1, 2\] is not valid; \[train\] is a table of settings"),
     ({"seeds": "0,4294967296"}, "seeds='4294967296' is not valid; use whole numbers in 0..4294967295"),

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-from continuum.config import ConfigBase, DataConfig, TrainConfig, flag_name, integer, learning_rate, number, optional, \
-    parse_field, setting, text
+from continuum.config import ConfigBase, DataConfig, TrainConfig, comma_items, flag_name, integer, learning_rate, \
+    number, optional, parse_field, setting, text
 from continuum.knobs import ORDERS, parse_bool, parse_kernel_size, parse_mid_act, parse_order, parse_segments
 
 SEARCH_MODES = ("grid", "tpe", "nsga2")
@@ -335,7 +335,7 @@ def from_settings(settings: dict[str, Any]) -> SweepConfig:
         if value is None:
             continue
         if field.metadata.get("listed") and isinstance(value, str):
-            value = tuple(v.strip() for v in value.split(",") if v.strip())
+            value = tuple(comma_items(key, value))
         (nested[owner] if owner else top)[field.name] = value
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; python -m continuum.sweep --help lists the known ones")
