@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
@@ -50,12 +51,14 @@ def flag_name(field: dataclasses.Field) -> str:
 
 
 def integer(low: int | None = None, high: int | None = None) -> Parser:
-    """A parser of whole numbers in ``[low, high]``; ``3.0`` and ``True`` are refused, not coerced."""
+    """A parser of whole numbers in ``[low, high]`` (ints, NumPy integers, their text); ``3.0`` and ``True`` are
+    refused, not coerced."""
     def parse(value: Any) -> int:
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{value!r} is not valid; use a whole number")
+        value = int(value)
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f">= {low}" if high is None else f"in {low}..{high}"
             raise ValueError(f"{value} is not valid; use a whole number {bounds}")

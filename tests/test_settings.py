@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from continuum.config import DataConfig, ModelConfig, TrainConfig
@@ -35,6 +36,12 @@ def test_flags_files_and_field_names_give_the_same_config(tmp_path):
     assert from_file == from_flags
     assert from_file.train.batch_size == 64 and from_file.mid_acts == (None, "relu")
     assert SweepConfig.from_json(from_file.to_json()) == from_file
+
+
+def test_numpy_whole_numbers_are_whole_numbers():
+    config = from_settings({"epochs": np.int64(3), "seeds": [np.int32(0), np.uint8(2)], "batch_size": np.int16(8)})
+    assert config.train.epochs == 3 and config.seeds == (0, 2) and config.train.batch_size == 8
+    assert all(type(v) is int for v in (config.train.epochs, *config.seeds, config.train.batch_size))
 
 
 @pytest.mark.parametrize("settings, message", [
