@@ -68,13 +68,16 @@ def integer(low: int | None = None, high: int | None = None) -> Parser:
 
 def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
            ) -> Parser:
-    """A parser of finite numbers between ``low`` and ``high`` (open ends with ``low_open`` / ``high_open``)."""
+    """A parser of finite numbers (Python's, NumPy's, their text) between ``low`` and ``high`` (open ends with
+    ``low_open`` / ``high_open``)."""
     def parse(value: Any) -> float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
                 raise ValueError(f"{value!r} is not valid; use a number") from None
+        if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+            value = float(value)  # a NumPy number
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{value!r} is not valid; use a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)

@@ -38,10 +38,14 @@ def test_flags_files_and_field_names_give_the_same_config(tmp_path):
     assert SweepConfig.from_json(from_file.to_json()) == from_file
 
 
-def test_numpy_whole_numbers_are_whole_numbers():
-    config = from_settings({"epochs": np.int64(3), "seeds": [np.int32(0), np.uint8(2)], "batch_size": np.int16(8)})
+def test_numpy_numbers_are_numbers():
+    config = from_settings({"epochs": np.int64(3), "seeds": [np.int32(0), np.uint8(2)], "batch_size": np.int16(8),
+                            "weight_decay": np.float32(0.5), "width": np.int64(2)})
     assert config.train.epochs == 3 and config.seeds == (0, 2) and config.train.batch_size == 8
     assert all(type(v) is int for v in (config.train.epochs, *config.seeds, config.train.batch_size))
+    assert config.train.weight_decay == 0.5 and type(config.train.weight_decay) is float
+    with pytest.raises(ValueError, match="weight_decay=nan is not valid; use a finite number"):
+        from_settings({"weight_decay": np.float32("nan")})
 
 
 @pytest.mark.parametrize("settings, message", [
