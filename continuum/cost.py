@@ -198,6 +198,36 @@ def counted_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     return counter.get_total_flops()
 
 
+def saved_bytes_per_image(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Bytes that one training image's forward pass keeps for the backward pass (the activations autograd saves),
+    in the model's dtype; on a meta-device model (``with torch.device("meta")``) nothing is computed or allocated.
+
+    Tensors whose size does not grow with the batch (weights) are left out: the count is the growth from a batch of
+    two images to three. Temporary buffers come on top, so it is a lower bound of a step's memory beyond the weights.
+
+    Args:
+        model: any ``nn.Module`` taking an ``N x C x H x W`` tensor; put in training mode while it runs.
+        input_size: ``(C, H, W)`` of one image.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.train()
+
+    def saved_bytes(batch: int) -> int:
+        saved: dict[int, torch.Tensor] = {}  # by identity: a tensor saved by two operations counts once
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            saved[id(tensor)] = tensor
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), conv_strategy("native"):
+            model(torch.zeros(batch, *input_size, device=device))
+        return sum(t.numel() * t.element_size() for t in saved.values())
+    try:
+        return saved_bytes(3) - saved_bytes(2)
+    finally:
+        model.train(was_training)
+
+
 CONTENDED_LOAD = 0.1
 """A latency measured while other processes used more than this share of the machine's CPU time is contended:
 recorded, but marked as not to be trusted."""

@@ -309,6 +309,21 @@ def tune_kernels(model: nn.Module, data: TensorData, cfg: TrainConfig) -> None:
     evaluate(model, data.val_x[:batch].to(device), data.val_y[:batch].to(device), inputs, batch, inputs.autocast)
 
 
+def batch_bounds(images: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(first, end)`` of each training batch of an epoch over ``images`` images: batches of ``batch_size`` in
+    order, a last batch of a single image joined to the one before it (batch norm cannot normalise one image where
+    a layer's output is 1 x 1, and every image still trains once).
+
+    Args:
+        images: images in an epoch.
+        batch_size: images per batch.
+    """
+    starts = list(range(0, images, batch_size))
+    if batch_size > 1 and len(starts) > 1 and images - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], images]))
+
+
 def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor, inputs: _Inputs,
                 cfg: TrainConfig, generator: torch.Generator, bar: tqdm) -> tuple[float, float]:
@@ -334,8 +349,8 @@ def train_epoch(model: nn.Module, step_model: nn.Module, optimizer: torch.optim.
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     order = torch.randperm(len(y), device=x.device, generator=generator)
-    for first in range(0, len(order), cfg.batch_size):
-        index = order[first:first + cfg.batch_size]
+    for first, end in batch_bounds(len(order), cfg.batch_size):
+        index = order[first:end]
         target = y[index]
         loss, logits = batch_loss(step_model, x[index], target, inputs, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -462,7 +477,7 @@ def fit(
     model = in_run_layout(model, device, cfg)
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
+    steps_per_epoch = len(batch_bounds(len(train_y), cfg.batch_size))
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(

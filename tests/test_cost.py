@@ -8,7 +8,7 @@ from torch import nn
 
 import continuum  # noqa: F401
 from continuum import ContinuumConv, SegmentedConv2d
-from continuum.cost import counted_flops, layer_costs, measure_latency, model_cost
+from continuum.cost import counted_flops, layer_costs, measure_latency, model_cost, saved_bytes_per_image
 
 
 def n_params(model: nn.Module) -> int:
@@ -129,3 +129,14 @@ def test_other_processes_load_is_measured_beside_the_latency():
         for burner in burners:
             burner.kill()
     assert busy.share > 0.5
+
+
+def test_saved_activations_per_image_in_closed_form():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).eval()
+    # conv 1 keeps its 1x8x8 input, the ReLU its 4x8x8 output (conv 2's input, the same tensor: counted once)
+    assert saved_bytes_per_image(model, (1, 8, 8)) == (1 * 64 + 4 * 64) * 4
+    assert not model.training  # put back as it was
+    with torch.device("meta"):  # a meta model: sizes without memory
+        small = timm.create_model("continuum_small", num_classes=10, in_chans=1)
+    assert saved_bytes_per_image(small, (1, 28, 28)) == saved_bytes_per_image(
+        timm.create_model("continuum_small", num_classes=10, in_chans=1), (1, 28, 28))

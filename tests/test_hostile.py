@@ -10,13 +10,18 @@ from pathlib import Path
 
 import optuna
 import pytest
+import timm
 import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from PIL import Image
 
 from continuum import bench, report, results, spectrum
+from continuum.config import ModelConfig, TrainConfig
+from continuum.cost import saved_bytes_per_image
+from continuum.data import make_synthetic
 from continuum.strategy import TUNER
+from continuum.sweep import points
 from continuum.sweep.cli import main
 from continuum.sweep.record import TRIAL_COLUMNS
 from conftest import FAST, load_benchmark
@@ -108,7 +113,7 @@ VALUES = [
     (["--workers", "0"], "workers=0 is not valid"),
     (["--workers", "10000"], "workers=10000 is more than the "),  # not 10,000 processes until memory runs out
     (["--width", "1e9"], "continuum_small at width 1e+09 is too large to build"),
-    (["--width", "1000"], "parameters: training needs"),  # TiBs of weights, gradients, momentum: refused unbuilt
+    (["--width", "1000"], "parameters: "),  # TiBs of weights, gradients, momentum: refused unbuilt
     (["--heartbeat", "0"], "heartbeat=0 is not valid"),
     (["--match-params", "-5"], "match_params=-5 is not valid"),
     (["--objectives", "val_acc,val_acc", "--search", "tpe"], "objectives: val_acc is listed twice"),
@@ -122,6 +127,29 @@ VALUES = [
 @pytest.mark.parametrize("args, message", VALUES)
 def test_bad_values(study, capsys, args, message):
     _refused(lambda: _sweep(study, *args), study, capsys, message)
+
+
+def test_a_batch_whose_activations_do_not_fit_or_that_batch_norm_cannot_take_is_refused(study, capsys, monkeypatch):
+    data = make_synthetic(train_size=1000, val_size=10)
+    per_image = saved_bytes_per_image(timm.create_model("continuum_small", num_classes=10, in_chans=1), (1, 28, 28))
+    monkeypatch.setattr(points, "free_memory", lambda device: 100 * per_image)  # weights: a few MiB of it
+    cpu, fp32 = torch.device("cpu"), {"precision": "fp32"}
+    points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=64, **fp32))
+    with pytest.raises(ValueError, match=r"continuum_small at width 1 with batches of 1,000 images needs at least "
+                                         r"[\d.]+ GiB to train \(\d[\d,]+ parameters: [\d.]+ MiB; activations: "
+                                         r"[\d.]+ GiB\), and this machine has [\d.]+ MiB free; use a smaller "
+                                         r"--batch-size"):
+        points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=5000, **fp32))  # the 1,000 images
+    with pytest.raises(ValueError, match="for each of 2 workers"):
+        points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=64, **fp32), sharing=2)
+    points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=180, precision="bf16"))  # half-size
+    tiny = make_synthetic(train_size=4, val_size=2, input_size=(1, 1, 1))  # batch norm of 1 x 1 maps
+    with pytest.raises(ValueError, match=r"continuum_small cannot train on batches of one image \(Expected more than 1 "
+                                         r"value per channel when training, .*\); use --batch-size 2 or more"):
+        points.check_fits_memory(ModelConfig(), tiny, cpu, TrainConfig(batch_size=1))
+    points.check_fits_memory(ModelConfig(), tiny, cpu, TrainConfig(batch_size=2))
+    _refused(lambda: _sweep(study, "--batch-size", "4096", "--precision", "fp32"), study, capsys,
+             "with batches of 512 images needs at least")
 
 
 def test_bad_paths_and_names(study, capsys):

@@ -12,8 +12,8 @@ from continuum import conv_strategy
 from continuum.config import TrainConfig
 from continuum.data import make_synthetic
 from continuum.kernels import is_channels_last
-from continuum.train import StopRequested, TrainingFailed, augment_batch, fit, lr_factor, resolve_device, \
-    resolve_precision
+from continuum.train import StopRequested, TrainingFailed, augment_batch, batch_bounds, fit, lr_factor, \
+    resolve_device, resolve_precision
 
 
 def test_augment_crops_with_padding_and_flips():
@@ -48,6 +48,21 @@ def test_warm_up_rises_linearly_then_the_recipe_runs_over_the_steps_left():
         TrainConfig(lr=-1).validate()
     assert TrainConfig(recipe="paper_sgd").resolved_lr == 0.045
     assert TrainConfig(recipe="paper_sgd").resolved_weight_decay == 1e-5
+
+
+def test_batches_cover_every_image_once_and_never_hold_one_image_alone():
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)]  # the ninth image joins the batch before it
+    assert batch_bounds(8, 4) == [(0, 4), (4, 8)]
+    assert batch_bounds(3, 64) == [(0, 3)] and batch_bounds(1, 64) == [(0, 1)]
+    assert batch_bounds(5, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+
+
+def test_a_last_batch_of_one_image_trains_where_batch_norm_sees_one_value_per_channel():
+    model = timm.create_model("continuum_small", width_mult=0.25, in_chans=1)  # 1 x 1 images: 1 x 1 at every layer
+    result = fit(model, make_synthetic(train_size=9, val_size=4, input_size=(1, 1, 1)),
+                 TrainConfig(epochs=1, batch_size=4, augment=False), progress=False)
+    assert len(result.curve) == 1
 
 
 def _run(seed: int, **kwargs):

@@ -86,7 +86,8 @@ def prepare(cfg: SweepConfig) -> TensorData:
         cfg.data.train_size, cfg.data.val_size)
     if cfg.search == "grid":
         for point in grid_points(cfg):
-            check_fits_memory(matched(point.config, cfg, data), data, device, workers_per_device(cfg.workers, device))
+            check_fits_memory(matched(point.config, cfg, data), data, device, cfg.train,
+                              workers_per_device(cfg.workers, device))
     return data
 
 

@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 import continuum.models  # noqa: F401  (registers the models with timm)
 from continuum.analysis import best_rate, pareto_front
-from continuum.config import ModelConfig
-from continuum.cost import model_cost
+from continuum.config import ModelConfig, TrainConfig
+from continuum.cost import model_cost, saved_bytes_per_image
 from continuum.data import TensorData
 from continuum.knobs import MID_ACTS, ORDERS, SegmentError
 from continuum.sweep.record import point_cells
@@ -92,14 +92,18 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits_memory(config: ModelConfig, data: TensorData, device: torch.device, sharing: int = 1) -> None:
-    """Refuse a point whose model cannot train in the device's free memory: built on the meta device (no memory),
-    its parameters times :data:`TRAINING_COPIES` in float32, for each of ``sharing`` workers on the device.
+def check_fits_memory(config: ModelConfig, data: TensorData, device: torch.device, train: TrainConfig,
+                      sharing: int = 1) -> None:
+    """Refuse a point whose model cannot train in the device's free memory, from a lower bound of what one step
+    needs: its parameters times :data:`TRAINING_COPIES` in float32, plus the activations a batch keeps for the
+    backward pass (:func:`saved_bytes_per_image`, half of them where bf16 autocast may run), for each of
+    ``sharing`` workers on the device. The model is built on the meta device: nothing is allocated.
 
     Args:
         config: the point (after width matching).
-        data: the data it trains on (channels, classes).
+        data: the data it trains on (channels, classes, image size, training images).
         device: where it trains.
+        train: its training settings (batch size, precision).
         sharing: workers training at once on the device.
 
     Raises:
@@ -112,14 +116,35 @@ def check_fits_memory(config: ModelConfig, data: TensorData, device: torch.devic
     except RuntimeError as err:  # a size that does not fit in 64 bits
         raise ValueError(f"{config.model} at width {config.width:g} is too large to build ({err}); use a smaller "
                          "--width") from None
+    image = tuple(data.train_x.shape[1:])
+    try:
+        per_image = saved_bytes_per_image(model, image)
+    except RuntimeError as err:  # an image too small for the model's strides
+        raise ValueError(f"{config.model} cannot take {data.name}'s {'x'.join(map(str, image))} images "
+                         f"({str(err).splitlines()[0]}); choose a model for this image size") from None
+    batch = min(train.batch_size, len(data.train_y))  # a batch larger than the data is the whole data
+    if batch == 1:
+        try:
+            model.train()(torch.zeros(1, *image, device="meta"))
+        except ValueError as err:  # batch norm of one value per channel
+            raise ValueError(f"{config.model} cannot train on batches of one image ({err}); use --batch-size 2 or "
+                             "more") from None
     params = sum(p.numel() for p in model.parameters())
-    need, free = params * 4 * TRAINING_COPIES * sharing, free_memory(device)
+    activations = per_image * batch // (1 if train.precision == "fp32" else 2)
+    weights = params * 4 * TRAINING_COPIES
+    need, free = (weights + activations) * sharing, free_memory(device)
     if free is not None and need > free:
         workers = f" for each of {sharing} workers" if sharing > 1 else ""
         where = "this machine" if device.type == "cpu" else str(device)
-        raise ValueError(f"{config.model} at width {config.width:g} has {params:,} parameters: training needs "
-                         f"{need / 2**30:,.1f} GiB{workers} before activations, and {where} has "
-                         f"{free / 2**30:,.1f} GiB free; use a smaller --width (or fewer --workers)")
+        raise ValueError(f"{config.model} at width {config.width:g} with batches of {batch:,} images needs at least "
+                         f"{_size(need / sharing)} to train{workers} ({params:,} parameters: {_size(weights)}; "
+                         f"activations: {_size(activations)}), and {where} has {_size(free)} free; use a smaller "
+                         "--batch-size or --width (or fewer --workers)")
+
+
+def _size(size: float) -> str:
+    """A size in bytes in MiB below 1 GiB, else GiB (``3.4 MiB``, ``1.2 GiB``, ``1,024.0 GiB``)."""
+    return f"{size / 2**20:.1f} MiB" if size < 2**30 else f"{size / 2**30:,.1f} GiB"
 
 
 def _divisor(config: ModelConfig) -> int:
