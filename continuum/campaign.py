@@ -291,7 +291,7 @@ def interior_lines(study: str, tables: dict[str, pd.DataFrame]) -> list[str]:
     family = family_table(interior_family(study), tables)
     return [f"Interior optimum (pre-registered; {len(family)} comparisons, Holm, paired by seed, test accuracy): "
             f"**{interior_outcome(family)}**.", "",
-            _in_points(family, ["comparison", "n", "diff (points)", "95 % CI", "p", "p_holm"]), ""]
+            _in_points(family, ["comparison", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm"]), ""]
 
 
 def latency_lines(study: str, root: Path, trials: pd.DataFrame) -> list[str]:
@@ -429,9 +429,13 @@ COUNT_COLUMNS = ("params", "macs", "flops")
 separators; every other number to 4 places."""
 
 
+POINTS_COLUMN = "diff (points)"
+"""The report's column of paired differences in signed points (``+0.16``), two places."""
+
+
 def _markdown(table: pd.DataFrame, missingval: str = "–") -> str:
     """``table`` as Markdown: numbers to 4 places, counts (:data:`COUNT_COLUMNS`) whole with thousands separators,
-    missing values as ``missingval``.
+    differences in points (:data:`POINTS_COLUMN`) signed to 2 places, missing values as ``missingval``.
 
     Args:
         table: the rows to show.
@@ -439,7 +443,8 @@ def _markdown(table: pd.DataFrame, missingval: str = "–") -> str:
     """
     counts = {c: table[c].map(lambda v: v if pd.isna(v) else f"{v:,.0f}") for c in COUNT_COLUMNS if c in table}
     shown = table.assign(**counts).astype(object)
-    return shown.where(shown.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval=missingval)
+    places = ["+.2f" if column == POINTS_COLUMN else ".4f" for column in shown.columns]
+    return shown.where(shown.notna(), None).to_markdown(index=False, floatfmt=places, missingval=missingval)
 
 
 def _points(value: float) -> str:
@@ -448,7 +453,7 @@ def _points(value: float) -> str:
 
 def _in_points(family: pd.DataFrame, columns: list[str]) -> str:
     """A :func:`family_table` as Markdown, ``columns`` of it, differences and intervals in signed points."""
-    shown = family.assign(**{"diff (points)": family["diff"].map(_points),
+    shown = family.assign(**{POINTS_COLUMN: family["diff"].map(_points),
                              "95 % CI": [f"[{_points(lo)}, {_points(hi)}]" for lo, hi in
                                          zip(family["ci_low"], family["ci_high"])]})
     return _markdown(shown[columns])
@@ -496,7 +501,7 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
     for study, trials in tables.items():
         lines += _test_table(study, trials)
     family = family_table(ablation, tables)
-    shown = _in_points(family, ["comparison", "claim", "n", "diff (points)", "95 % CI", "p", "p_holm",
+    shown = _in_points(family, ["comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm",
                                 "p_tost_holm", "mcnemar_p", "verdict"])
     lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "", shown, ""]
     for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):

@@ -231,6 +231,8 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     assert campaign.interior_outcome(family) == "shown at segments 4"  # 8 beats 1, not all
     text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path))
     assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
+    assert "| 4 vs 1       |   6 |           +3.00 | [+3.00, +3.00] |" in text  # signed points, also when none is "–"
+    assert "| 2 vs all     |   6 |           -2.00 | [-2.00, -2.00] |" in text
     del arms["4"]
     _study_table(tmp_path / "flat" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
                  seeds=seeds, images=400)
