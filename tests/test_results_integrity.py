@@ -34,7 +34,7 @@ def test_the_campaign_report_regenerates_from_its_committed_tables(tmp_path):
         pytest.skip("no campaign report committed")
     copy = tmp_path / "campaign"
     for table in source.rglob("*"):  # the tables and command files only
-        if table.name in ("trials.csv", "curves.csv", "command.txt"):
+        if table.name in ("trials.csv", "curves.csv", "latency.csv", "command.txt"):
             (copy / table.parent.relative_to(source)).mkdir(parents=True, exist_ok=True)
             shutil.copy(table, copy / table.relative_to(source))
     committed = (source / "README.md").read_text()
