@@ -10,10 +10,11 @@ float rounding:
 - ``unfold``: im2col (``F.unfold``) and one batched matrix product per segment.
 - ``shifted``: depthwise only (one input and one output channel per segment): the sum of ``k*k`` shifted copies
   of the input, each scaled per channel.
-- ``fused``: depthwise only, on the CPU in float32/float64: torch's channels-last forward pass, and a C++ backward
-  pass (:mod:`continuum.compiled`) that computes the input and kernel gradients in one sweep over the output
-  gradient instead of two (3 x 3, stride 1, "same" padding in float32 on an AVX-512 CPU: 16 channels at a time,
-  the kernel gradient summed in registers). A candidate only where the C++ kernel could be built.
+- ``fused``: depthwise only, on the CPU in float32/float64: a C++ backward pass (:mod:`continuum.compiled`) that
+  computes the input and kernel gradients in one sweep over the output gradient instead of two, and torch's
+  channels-last forward pass (3 x 3, stride 1, "same" padding in float32 on an AVX-512 CPU: both passes in C++, 16
+  channels and two output rows at a time, the kernel gradient summed in registers, outputs written with streaming
+  stores). A candidate only where the C++ kernel could be built.
 - ``rotated``: 2 to 7 input and output channels per segment, stride 1, on a CPU with AVX-512 or AVX2, in float32
   (and float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one
   loaded row of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input
@@ -163,14 +164,15 @@ def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class _FusedDepthwise(torch.autograd.Function):
-    """A channels-last depthwise conv: torch's forward pass, the C++ one-sweep backward pass."""
+    """A channels-last depthwise conv: the C++ forward pass (torch's conv2d outside its register-blocked 3 x 3 path),
+    the C++ one-sweep backward pass."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
                 padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.geometry = list(stride), list(padding), list(dilation)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])  # N x C x H' x W', channels-last
+        return depthwise_kernels().forward(x, weight, bias, *ctx.geometry)  # N x C x H' x W', channels-last
 
     @staticmethod
     @once_differentiable

@@ -615,11 +615,12 @@ def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monk
     assert st.Tuner().busy_reason(torch.device("cpu"), load) is None
 
 
-def test_the_fused_float32_backward_matches_float64_at_every_channel_tail_and_image_edge():
+def test_the_fused_float32_passes_match_float64_at_every_channel_tail_and_image_edge():
     if depthwise_kernels() is None:
         pytest.skip("the fused kernel needs a compiler")
-    torch.manual_seed(0)  # 3 x 3, stride 1, padding 1 in float32: the register-blocked path on AVX-512 CPUs
-    for channels, height, width in ((16, 5, 4), (20, 3, 7), (5, 1, 1), (33, 2, 1), (48, 1, 3)):
+    torch.manual_seed(0)  # 3 x 3, stride 1, padding 1 in float32: the register-blocked path on AVX-512 CPUs (two
+    # rows at a time, an odd height's last row alone; streaming stores where the channels fill 16-float vectors)
+    for channels, height, width in ((16, 5, 4), (20, 3, 7), (5, 1, 1), (33, 2, 1), (48, 1, 3), (32, 4, 2), (64, 7, 5)):
         x = torch.randn(3, channels, height, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(channels, 1, 3, 3, dtype=torch.float64)
         upstream = torch.randn_like(x)
@@ -627,5 +628,11 @@ def test_the_fused_float32_backward_matches_float64_at_every_channel_tail_and_im
                                    (x, w), upstream)
         x32, w32 = (t.detach().float().requires_grad_() for t in (x, w))
         y = run_strategy(Strategy("fused"), x32, w32, None, ConvGeometry((1, 1), (1, 1), (1, 1), channels))
+        torch.testing.assert_close(y.double(), F.conv2d(x, w, None, 1, 1, 1, channels), rtol=1e-5, atol=1e-5)
         for got, expected in zip(torch.autograd.grad(y, (x32, w32), upstream.float()), want):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    bias = torch.randn(48)
+    x = torch.randn(2, 48, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(48, 1, 3, 3)
+    torch.testing.assert_close(run_strategy(Strategy("fused"), x, w, bias, ConvGeometry((1, 1), (1, 1), (1, 1), 48)),
+                               F.conv2d(x, w, bias, 1, 1, 1, 48), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
-// The backward pass of a depthwise 2-D convolution on channels-last CPU tensors: the input and kernel gradients in
-// one sweep over the output gradient (oneDNN computes them in two, and its kernel gradient alone takes as long as
-// the forward pass and the input gradient together).
+// The passes of a depthwise 2-D convolution on channels-last CPU tensors. The backward pass: the input and kernel
+// gradients in one sweep over the output gradient (oneDNN computes them in two, and its kernel gradient alone takes
+// as long as the forward pass and the input gradient together).
 //
 // Layouts: x and grad_y are N x H x W x C in memory (channels-last N x C x H x W tensors), the kernels C x 1 x kh x
 // kw (used as kh x kw x C). For each output pixel and each tap, two loops over the contiguous channels (which the
@@ -9,10 +9,14 @@
 // thread sums kernel gradients in its own buffer, and the buffers are added at the end.
 //
 // float32 3 x 3 convs of stride 1, padding 1 and dilation 1 on an AVX-512 CPU take a register-blocked path instead:
-// for each image and each 16 channels, one sweep over the pixels gathers each input-gradient vector from its 9
-// neighbours' output gradients (a forward conv with the kernel turned by 180 degrees) and adds each kernel tap's
-// products into one of 9 registers, so every pixel's input gradient is written once and no sum goes to memory
-// until the image's end. An image's 16-channel slice is read from L2 after the first slice brought it in.
+// for each image and each 16 channels, one sweep over the pixels, two output rows at a time, gathers each
+// input-gradient vector from its 9 neighbours' output gradients (a forward conv with the kernel turned by 180
+// degrees) and adds each kernel tap's products into one of 9 registers, so every pixel's input gradient is written
+// once and no sum goes to memory until the image's end; each vector loaded serves both rows (12 loads per pixel
+// pair where one row at a time takes 18 per pixel). An image's 16-channel slice is read from L2 after the first
+// slice brought it in. The forward pass of the same convs takes the same two-row sweep (`forward`; other convs and
+// dtypes go to torch's conv2d). Where the channels fill whole 16-float vectors, both write their output with
+// streaming stores: the tensors are larger than the caches, and a plain store first reads each line it writes.
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>  // pybind11, at::Tensor casts (torch/extension.h: twice the build)
 
@@ -29,6 +33,13 @@
 #include "thread_sums.h"
 
 namespace {
+
+// The geometry of the register-blocked float32 paths: a 3 x 3 kernel, stride 1, padding 1, dilation 1.
+[[maybe_unused]] bool register_blocked(int64_t kh, int64_t kw, const std::vector<int64_t>& stride,
+                                       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+  const std::vector<int64_t> one{1, 1};
+  return kh == 3 && kw == 3 && stride == one && padding == one && dilation == one;
+}
 
 #ifdef __AVX512F__
 // One pixel of the 3 x 3 path: `rows[r]` (r = 0, 1, 2 for rows y-1, y, y+1) point at pixel 0 of that row of x,
@@ -54,8 +65,55 @@ inline void pixel_3x3(const float* const rows[3], const float* const grad_rows[3
   _mm512_mask_storeu_ps(grad_x_row + col * c, m, gx);
 }
 
+// Stores 16 lanes of `v` at `p`: a streaming store (`p` 64-byte aligned, all lanes) or a masked plain one.
+template <bool Stream>
+inline void store(float* p, __mmask16 m, __m512 v) {
+  if constexpr (Stream) _mm512_stream_ps(p, v);
+  else _mm512_mask_storeu_ps(p, m, v);
+}
+
+// Two output rows (y, y + 1) of the 3 x 3 backward path at one column: `rows[r]`, `grad_rows[r]` (r = 0..3) point at
+// pixel 0 of rows y-1+r of x and grad_y at the 16-channel slice (nullptr outside the image); as pixel_3x3 for
+// both rows, each vector loaded once.
+template <bool Edge, bool Stream>
+inline void pixel_pair_3x3(const float* const rows[4], const float* const grad_rows[4], float* grad_x_row0,
+                           float* grad_x_row1, int64_t col, int64_t width, int64_t c, __mmask16 m,
+                           const __m512 taps[9], __m512 taps_sum[9]) {
+  const __m512 g0 = _mm512_maskz_loadu_ps(m, grad_rows[1] + col * c), g1 = _mm512_maskz_loadu_ps(m, grad_rows[2] +
+                                                                                                 col * c);
+  __m512 gx0 = _mm512_setzero_ps(), gx1 = _mm512_setzero_ps();
+#pragma GCC unroll 3
+  for (int j = 0; j < 3; ++j) {
+    const int64_t at = col + j - 1, from = col + 1 - j;  // this tap's input column, and its gradient's source
+    const bool at_inside = !Edge || (at >= 0 && at < width), from_inside = !Edge || (from >= 0 && from < width);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {  // row y-1+r: tap row r of output row y, r-1 of row y+1
+      if (rows[r] != nullptr && at_inside) {
+        const __m512 in = _mm512_maskz_loadu_ps(m, rows[r] + at * c);
+        if (r <= 2) taps_sum[3 * r + j] = _mm512_fmadd_ps(in, g0, taps_sum[3 * r + j]);
+        if (r >= 1) taps_sum[3 * (r - 1) + j] = _mm512_fmadd_ps(in, g1, taps_sum[3 * (r - 1) + j]);
+      }
+      if (grad_rows[r] != nullptr && from_inside) {
+        const __m512 g = _mm512_maskz_loadu_ps(m, grad_rows[r] + from * c);
+        if (r <= 2) gx0 = _mm512_fmadd_ps(g, taps[3 * (2 - r) + j], gx0);
+        if (r >= 1) gx1 = _mm512_fmadd_ps(g, taps[3 * (3 - r) + j], gx1);
+      }
+    }
+  }
+  store<Stream>(grad_x_row0 + col * c, m, gx0);
+  store<Stream>(grad_x_row1 + col * c, m, gx1);
+}
+
+// Pointers to pixel 0 of rows first .. first + count - 1 of an image's 16-channel slice (`image` at it), nullptr for
+// rows outside the image's h rows.
+template <typename T, int count>
+inline void row_pointers(T* image, int64_t first, int64_t h, int64_t row, T* (&rows)[count]) {
+  for (int r = 0; r < count; ++r) rows[r] = first + r >= 0 && first + r < h ? image + (first + r) * row : nullptr;
+}
+
 // The 3 x 3 path for images [begin, end): x, grad_y and grad_x are N x H x W x C, taps 3 x 3 x C; adds the kernel
 // gradient into `sums` (3 x 3 x C).
+template <bool Stream>
 void backward_3x3(const float* x, const float* taps, const float* grad_y, float* grad_x, float* sums, int64_t begin,
                   int64_t end, int64_t c, int64_t h, int64_t width) {
   const int64_t row = width * c, image = h * row;
@@ -67,14 +125,22 @@ void backward_3x3(const float* x, const float* taps, const float* grad_y, float*
         tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
         taps_sum[t] = _mm512_setzero_ps();
       }
-      for (int64_t y = 0; y < h; ++y) {
-        const float* rows[3];
-        const float* grad_rows[3];
-        for (int r = 0; r < 3; ++r) {
-          const bool inside = y + r - 1 >= 0 && y + r - 1 < h;
-          rows[r] = inside ? x + b * image + (y + r - 1) * row + k : nullptr;
-          grad_rows[r] = inside ? grad_y + b * image + (y + r - 1) * row + k : nullptr;
-        }
+      int64_t y = 0;
+      for (; y + 1 < h; y += 2) {
+        const float *rows[4], *grad_rows[4];
+        row_pointers(x + b * image + k, y - 1, h, row, rows);
+        row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
+        float* row0 = grad_x + b * image + y * row + k;
+        pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row0 + row, 0, width, c, m, tap, taps_sum);
+        for (int64_t col = 1; col < width - 1; ++col)
+          pixel_pair_3x3<false, Stream>(rows, grad_rows, row0, row0 + row, col, width, c, m, tap, taps_sum);
+        if (width > 1)
+          pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row0 + row, width - 1, width, c, m, tap, taps_sum);
+      }
+      if (y < h) {  // the last row of an odd height
+        const float *rows[3], *grad_rows[3];
+        row_pointers(x + b * image + k, y - 1, h, row, rows);
+        row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
         float* grad_x_row = grad_x + b * image + y * row + k;
         pixel_3x3<true>(rows, grad_rows, grad_x_row, 0, width, c, m, tap, taps_sum);
         for (int64_t col = 1; col < width - 1; ++col)
@@ -89,6 +155,56 @@ void backward_3x3(const float* x, const float* taps, const float* grad_y, float*
 }
 #endif
 
+#ifdef __AVX512F__
+// Two output rows of the forward 3 x 3 path at one column: `rows[r]` (r = 0..3) point at pixel 0 of rows y-1+r of x
+// at the 16-channel slice (nullptr outside the image, and for r = 3 when row y + 1 is outside: `out1` is then
+// nullptr); `bias` starts each sum.
+template <bool Edge, bool Stream>
+inline void forward_pair_3x3(const float* const rows[4], float* out0, float* out1, int64_t col, int64_t width,
+                             int64_t c, __mmask16 m, const __m512 taps[9], __m512 bias) {
+  __m512 y0 = bias, y1 = bias;
+#pragma GCC unroll 3
+  for (int j = 0; j < 3; ++j) {
+    const int64_t at = col + j - 1;
+    if (Edge && (at < 0 || at >= width)) continue;
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {  // row y-1+r: tap row r of output row y, r-1 of row y+1
+      if (rows[r] == nullptr) continue;
+      const __m512 in = _mm512_maskz_loadu_ps(m, rows[r] + at * c);
+      if (r <= 2) y0 = _mm512_fmadd_ps(in, taps[3 * r + j], y0);
+      if (r >= 1) y1 = _mm512_fmadd_ps(in, taps[3 * (r - 1) + j], y1);
+    }
+  }
+  store<Stream>(out0 + col * c, m, y0);
+  if (out1 != nullptr) store<Stream>(out1 + col * c, m, y1);
+}
+
+// The forward 3 x 3 path for images [begin, end): x and y are N x H x W x C, taps 3 x 3 x C, bias C or nullptr.
+template <bool Stream>
+void forward_3x3(const float* x, const float* taps, const float* bias, float* y, int64_t begin, int64_t end,
+                 int64_t c, int64_t h, int64_t width) {
+  const int64_t row = width * c, image = h * row;
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t k = 0; k < c; k += 16) {
+      const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
+      __m512 tap[9];
+      for (int t = 0; t < 9; ++t) tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
+      const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + k) : _mm512_setzero_ps();
+      for (int64_t at = 0; at < h; at += 2) {
+        const float* rows[4];
+        row_pointers(x + b * image + k, at - 1, h, row, rows);
+        float* out0 = y + b * image + at * row + k;
+        float* out1 = at + 1 < h ? out0 + row : nullptr;  // rows[3] is nullptr too then
+        forward_pair_3x3<true, Stream>(rows, out0, out1, 0, width, c, m, tap, start);
+        for (int64_t col = 1; col < width - 1; ++col)
+          forward_pair_3x3<false, Stream>(rows, out0, out1, col, width, c, m, tap, start);
+        if (width > 1) forward_pair_3x3<true, Stream>(rows, out0, out1, width - 1, width, c, m, tap, start);
+      }
+    }
+  }
+}
+#endif
+
 template <typename scalar_t>
 void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* grad_y, scalar_t* grad_x,
                      scalar_t* grad_taps, int64_t n, int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
@@ -97,11 +213,15 @@ void backward_kernel(const scalar_t* x, const scalar_t* taps, const scalar_t* gr
   const int64_t tap_size = kh * kw * c, image = h * w * c;
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (kh == 3 && kw == 3 && stride == std::vector<int64_t>{1, 1} && padding == std::vector<int64_t>{1, 1} &&
-        dilation == std::vector<int64_t>{1, 1}) {
+    if (register_blocked(kh, kw, stride, padding, dilation)) {
       const std::vector<float> total = thread_sums<float>(tap_size, n, 1, [&](float* sums, int64_t begin,
                                                                               int64_t end) {
-        backward_3x3(x, taps, grad_y, grad_x, sums, begin, end, c, h, w);
+        if (c % 16 == 0) {
+          backward_3x3<true>(x, taps, grad_y, grad_x, sums, begin, end, c, h, w);
+          _mm_sfence();  // the streaming stores reach memory before the gradient is handed on
+        } else {
+          backward_3x3<false>(x, taps, grad_y, grad_x, sums, begin, end, c, h, w);
+        }
       });
       std::copy(total.begin(), total.end(), grad_taps);
       return;
@@ -168,6 +288,39 @@ std::vector<at::Tensor> depthwise_backward(at::Tensor grad_y, at::Tensor x, at::
   return {grad_x, grad_taps.permute({2, 0, 1}).unsqueeze(1).contiguous()};
 }
 
+// y = conv2d(x, weight, bias, stride, padding, dilation, groups=C) for a C x 1 x kh x kw weight: the two-row float32
+// path where it applies (AVX-512, 3 x 3, stride 1, padding 1, dilation 1), else torch's conv2d.
+at::Tensor depthwise_forward(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias,
+                             std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1,
+              "x: N x C x H x W, weight: C x 1 x kh x kw for a depthwise conv of C channels");
+#ifdef __AVX512F__
+  if (x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.device().is_cpu() &&
+      x.is_contiguous(at::MemoryFormat::ChannelsLast) && (!bias || bias->scalar_type() == at::kFloat) &&
+      register_blocked(weight.size(2), weight.size(3), stride, padding, dilation)) {
+    const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+    auto taps = weight.select(1, 0).permute({1, 2, 0}).contiguous();  // 3 x 3 x C
+    auto bias_values = bias ? bias->contiguous() : at::Tensor();
+    auto y = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const float* bias_data = bias ? bias_values.data_ptr<float>() : nullptr;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      if (c % 16 == 0) {
+        forward_3x3<true>(x.data_ptr<float>(), taps.data_ptr<float>(), bias_data, y.data_ptr<float>(), begin, end,
+                          c, h, w);
+        _mm_sfence();
+      } else {
+        forward_3x3<false>(x.data_ptr<float>(), taps.data_ptr<float>(), bias_data, y.data_ptr<float>(), begin, end,
+                           c, h, w);
+      }
+    });
+    return y;
+  }
+#endif
+  return at::conv2d(x, weight, bias, stride, padding, dilation, x.size(1));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &depthwise_forward, "depthwise conv: the forward pass");
   m.def("backward", &depthwise_backward, "depthwise conv: input and kernel gradients in one sweep");
 }
