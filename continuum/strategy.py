@@ -47,7 +47,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Collection, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -561,12 +561,17 @@ def chosen_strategy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return TUNER.choose(x, weight, bias, geom)
 
 
-def next_retry_s() -> float | None:
+def next_retry_s(signatures: Collection[tuple] | None = None) -> float | None:
     """Seconds until the tuner tries again a conv it found the machine too busy to tune (0 when that is due), or
-    ``None`` when no conv waits for it."""
-    if not TUNER.retry_at:
-        return None
-    return max(0.0, min(TUNER.retry_at.values()) - time.monotonic())
+    ``None`` when no conv waits for it.
+
+    Args:
+        signatures: only these calls (:func:`call_signature`, as :meth:`Tuner.recording` gathers them); ``None``:
+            every call. A call that will not come again (another model's, or one at another thread count) is
+            tuned only when it comes, so waiting for it would never end.
+    """
+    due = [at for signature, at in TUNER.retry_at.items() if signatures is None or signature in signatures]
+    return max(0.0, min(due) - time.monotonic()) if due else None
 
 
 def forget_choices() -> None:

@@ -113,6 +113,34 @@ def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path
     assert "exited with code -9" in trials.loc[trials["trial"] == victim.number, "fail_reason"].item()
 
 
+def test_tuning_before_the_workers_waits_only_for_calls_that_come_again(tmp_path, monkeypatch, caplog):
+    from continuum import strategy
+    from continuum.cost import layer_costs
+    from continuum.data import make_synthetic
+    from continuum.strategy import TUNER
+    from continuum.sweep import workers
+    from continuum.sweep.points import build_model, grid_points
+    from continuum.sweep.settings import from_settings
+    from continuum.train import tune_kernels
+    cfg = from_settings({"dataset": "synthetic", "width": 0.25, "segments": "1", "workers": 2, "batch_size": 16})
+    data = make_synthetic(train_size=32, val_size=16)
+    points = list(grid_points(cfg))
+    monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(TUNER, "busy_reason", lambda *args, **kwargs: None)
+    tunings = []
+    monkeypatch.setattr(workers, "tune_kernels", lambda *args: tunings.append(args) or tune_kernels(*args))
+    TUNER.forget()
+    try:  # a call found busy in the parent at its own thread count (a width matched to a budget): never met again
+        TUNER.retry_at[("a call at another thread count",)] = time.monotonic() - 1
+        workers.tune_for_workers(cfg, data, points, progress=False)
+        assert len(tunings) == 1 and strategy.next_retry_s() == 0.0  # tuned once, the other call left waiting
+        monkeypatch.setattr(TUNER, "_tuned", lambda *args: pytest.fail("counting a model's cost tuned a conv"))
+        layer_costs(build_model(points[0].config, data), (1, 28, 28))
+    finally:
+        TUNER.forget()
+    assert "stayed busy" not in caplog.text
+
+
 def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_kernels_tuned_before(
         tmp_path, monkeypatch, caplog):
     from continuum import strategy

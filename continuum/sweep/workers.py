@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from continuum.compiled import build_all
 from continuum.data import TensorData
 from continuum.knobs import SegmentError
-from continuum.strategy import current_mode, next_retry_s
+from continuum.strategy import TUNER, current_mode, next_retry_s
 from continuum.sweep.objective import worker_id
 from continuum.sweep.points import WORKER_LOST, GridPoint, build_model, grid_points, point_key
 from continuum.sweep.settings import SweepConfig
@@ -121,23 +121,25 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPo
     build_all()  # side by side, rather than one by one as the first model's convs ask for them
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg.workers))
-    waited = 0.0
+    deadline, untuned = time.monotonic() + QUIET_WAIT_SECONDS, False  # for the waits and the tunings between them
     try:
         for config in tqdm(configs.values(), desc="tuning conv kernels", unit="model", disable=not progress):
             try:
                 model = build_model(config, data)
             except (ValueError, SegmentError):
                 continue
-            tune_kernels(model, data, cfg.train)
-            while (wait := next_retry_s()) is not None and waited + wait <= QUIET_WAIT_SECONDS:
-                time.sleep(wait)  # another job kept the machine busy: wait for it, as the tuner asks
-                waited += wait
+            with TUNER.recording() as met:  # the calls of this model at a worker's threads: those to wait for
                 tune_kernels(model, data, cfg.train)
+                while (wait := next_retry_s(met)) is not None and time.monotonic() + wait <= deadline:
+                    time.sleep(wait)  # another job kept the machine busy: wait for it, as the tuner asks
+                    tune_kernels(model, data, cfg.train)
+                untuned = untuned or next_retry_s(met) is not None
     finally:
         torch.set_num_threads(threads)
-    if next_retry_s() is not None:
-        log.warning("the machine stayed busy for %.0f s: some conv kernels were not tuned, and the workers run the "
-                    "plain grouped conv there (stop the other job and restart the sweep to tune them)", waited)
+    if untuned:
+        log.warning("the machine stayed busy: some conv kernels were not tuned within %.0f s, and the workers run "
+                    "the plain grouped conv there (stop the other job and restart the sweep to tune them)",
+                    QUIET_WAIT_SECONDS)
 
 
 def fail_trials_of(study: optuna.Study, storage: optuna.storages.BaseStorage, pid: int, reason: str) -> int:
