@@ -42,29 +42,6 @@ namespace {
 }
 
 #ifdef __AVX512F__
-// One pixel of the 3 x 3 path: `rows[r]` (r = 0, 1, 2 for rows y-1, y, y+1) point at pixel 0 of that row of x,
-// `grad_rows[r]` the same of grad_y, each already offset to the 16-channel slice, or nullptr outside the image.
-// Adds x(y+i-1, col+j-1) * grad_y(y, col) into taps_sum[3i+j] and writes grad_x(y, col) = sum over i, j of
-// grad_y(y+1-i, col+1-j) * taps[3i+j]. `Edge`: the column has a neighbour outside the image.
-template <bool Edge>
-inline void pixel_3x3(const float* const rows[3], const float* const grad_rows[3], float* grad_x_row, int64_t col,
-                      int64_t width, int64_t c, __mmask16 m, const __m512 taps[9], __m512 taps_sum[9]) {
-  const __m512 g = _mm512_maskz_loadu_ps(m, grad_rows[1] + col * c);
-  __m512 gx = _mm512_setzero_ps();
-#pragma GCC unroll 3
-  for (int i = 0; i < 3; ++i) {
-#pragma GCC unroll 3
-    for (int j = 0; j < 3; ++j) {
-      const int64_t at = col + j - 1, from = col + 1 - j;  // this tap's input column, and its gradient's source
-      if (rows[i] != nullptr && (!Edge || (at >= 0 && at < width)))
-        taps_sum[3 * i + j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rows[i] + at * c), g, taps_sum[3 * i + j]);
-      if (grad_rows[2 - i] != nullptr && (!Edge || (from >= 0 && from < width)))
-        gx = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, grad_rows[2 - i] + from * c), taps[3 * i + j], gx);
-    }
-  }
-  _mm512_mask_storeu_ps(grad_x_row + col * c, m, gx);
-}
-
 // Stores 16 lanes of `v` at `p`: a streaming store (`p` 64-byte aligned, all lanes) or a masked plain one.
 template <bool Stream>
 inline void store(float* p, __mmask16 m, __m512 v) {
@@ -73,14 +50,17 @@ inline void store(float* p, __mmask16 m, __m512 v) {
 }
 
 // Two output rows (y, y + 1) of the 3 x 3 backward path at one column: `rows[r]`, `grad_rows[r]` (r = 0..3) point at
-// pixel 0 of rows y-1+r of x and grad_y at the 16-channel slice (nullptr outside the image); as pixel_3x3 for
-// both rows, each vector loaded once.
+// pixel 0 of rows y-1+r of x and grad_y at the 16-channel slice (nullptr outside the image, and for r >= 2 when row
+// y + 1 is outside: `grad_x_row1` is then nullptr). Adds x(y'+i-1, col+j-1) * grad_y(y', col) into taps_sum[3i+j]
+// and writes grad_x(y', col) = sum over i, j of grad_y(y'+1-i, col+1-j) * taps[3i+j] for y' = y, y + 1, each vector
+// loaded once. `Edge`: the column has a neighbour outside the image.
 template <bool Edge, bool Stream>
 inline void pixel_pair_3x3(const float* const rows[4], const float* const grad_rows[4], float* grad_x_row0,
                            float* grad_x_row1, int64_t col, int64_t width, int64_t c, __mmask16 m,
                            const __m512 taps[9], __m512 taps_sum[9]) {
-  const __m512 g0 = _mm512_maskz_loadu_ps(m, grad_rows[1] + col * c), g1 = _mm512_maskz_loadu_ps(m, grad_rows[2] +
-                                                                                                 col * c);
+  const bool second = grad_x_row1 != nullptr;
+  const __m512 g0 = _mm512_maskz_loadu_ps(m, grad_rows[1] + col * c);
+  const __m512 g1 = second ? _mm512_maskz_loadu_ps(m, grad_rows[2] + col * c) : _mm512_setzero_ps();
   __m512 gx0 = _mm512_setzero_ps(), gx1 = _mm512_setzero_ps();
 #pragma GCC unroll 3
   for (int j = 0; j < 3; ++j) {
@@ -91,7 +71,7 @@ inline void pixel_pair_3x3(const float* const rows[4], const float* const grad_r
       if (rows[r] != nullptr && at_inside) {
         const __m512 in = _mm512_maskz_loadu_ps(m, rows[r] + at * c);
         if (r <= 2) taps_sum[3 * r + j] = _mm512_fmadd_ps(in, g0, taps_sum[3 * r + j]);
-        if (r >= 1) taps_sum[3 * (r - 1) + j] = _mm512_fmadd_ps(in, g1, taps_sum[3 * (r - 1) + j]);
+        if (r >= 1 && second) taps_sum[3 * (r - 1) + j] = _mm512_fmadd_ps(in, g1, taps_sum[3 * (r - 1) + j]);
       }
       if (grad_rows[r] != nullptr && from_inside) {
         const __m512 g = _mm512_maskz_loadu_ps(m, grad_rows[r] + from * c);
@@ -101,7 +81,7 @@ inline void pixel_pair_3x3(const float* const rows[4], const float* const grad_r
     }
   }
   store<Stream>(grad_x_row0 + col * c, m, gx0);
-  store<Stream>(grad_x_row1 + col * c, m, gx1);
+  if (second) store<Stream>(grad_x_row1 + col * c, m, gx1);
 }
 
 // Pointers to pixel 0 of rows first .. first + count - 1 of an image's 16-channel slice (`image` at it), nullptr for
@@ -125,27 +105,16 @@ void backward_3x3(const float* x, const float* taps, const float* grad_y, float*
         tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
         taps_sum[t] = _mm512_setzero_ps();
       }
-      int64_t y = 0;
-      for (; y + 1 < h; y += 2) {
+      for (int64_t y = 0; y < h; y += 2) {
         const float *rows[4], *grad_rows[4];
         row_pointers(x + b * image + k, y - 1, h, row, rows);
         row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
         float* row0 = grad_x + b * image + y * row + k;
-        pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row0 + row, 0, width, c, m, tap, taps_sum);
+        float* row1 = y + 1 < h ? row0 + row : nullptr;  // rows[2, 3] and grad_rows[2, 3] are nullptr too then
+        pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row1, 0, width, c, m, tap, taps_sum);
         for (int64_t col = 1; col < width - 1; ++col)
-          pixel_pair_3x3<false, Stream>(rows, grad_rows, row0, row0 + row, col, width, c, m, tap, taps_sum);
-        if (width > 1)
-          pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row0 + row, width - 1, width, c, m, tap, taps_sum);
-      }
-      if (y < h) {  // the last row of an odd height
-        const float *rows[3], *grad_rows[3];
-        row_pointers(x + b * image + k, y - 1, h, row, rows);
-        row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
-        float* grad_x_row = grad_x + b * image + y * row + k;
-        pixel_3x3<true>(rows, grad_rows, grad_x_row, 0, width, c, m, tap, taps_sum);
-        for (int64_t col = 1; col < width - 1; ++col)
-          pixel_3x3<false>(rows, grad_rows, grad_x_row, col, width, c, m, tap, taps_sum);
-        if (width > 1) pixel_3x3<true>(rows, grad_rows, grad_x_row, width - 1, width, c, m, tap, taps_sum);
+          pixel_pair_3x3<false, Stream>(rows, grad_rows, row0, row1, col, width, c, m, tap, taps_sum);
+        if (width > 1) pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row1, width - 1, width, c, m, tap, taps_sum);
       }
       for (int t = 0; t < 9; ++t)
         _mm512_mask_storeu_ps(sums + t * c + k, m,
