@@ -619,7 +619,8 @@ def test_the_fused_float32_passes_match_float64_at_every_channel_tail_and_image_
     if depthwise_kernels() is None:
         pytest.skip("the fused kernel needs a compiler")
     torch.manual_seed(0)  # 3 x 3, stride 1, padding 1 in float32: the register-blocked path on AVX-512 CPUs (two
-    # rows at a time, an odd height's last pair with its second row outside; streaming stores where the channels fill 16-float vectors)
+    # rows at a time, an odd height's last pair with its second row outside; streaming stores where the channels
+    # fill 16-float vectors)
     for channels, height, width in ((16, 5, 4), (20, 3, 7), (5, 1, 1), (33, 2, 1), (48, 1, 3), (32, 4, 2), (64, 7, 5)):
         x = torch.randn(3, channels, height, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(channels, 1, 3, 3, dtype=torch.float64)
