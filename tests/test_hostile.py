@@ -16,7 +16,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from PIL import Image
 
-from continuum import bench, report, results, spectrum
+from continuum import bench, report, results, spectrum, train
 from continuum.config import ModelConfig, TrainConfig
 from continuum.cost import saved_bytes_per_image
 from continuum.data import make_synthetic
@@ -143,6 +143,11 @@ def test_a_batch_whose_activations_do_not_fit_or_that_batch_norm_cannot_take_is_
     with pytest.raises(ValueError, match="for each of 2 workers"):
         points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=64, **fp32), sharing=2)
     points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=180, precision="bf16"))  # half-size
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2"})  # "auto" without bf16: float32 activations
+    with pytest.raises(ValueError, match="with batches of 180 images needs at least"):
+        points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=180, precision="auto"))
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    points.check_fits_memory(ModelConfig(), data, cpu, TrainConfig(batch_size=180, precision="auto"))
     tiny = make_synthetic(train_size=4, val_size=2, input_size=(1, 1, 1))  # batch norm of 1 x 1 maps
     with pytest.raises(ValueError, match=r"continuum_small cannot train on batches of one image \(Expected more than 1 "
                                          r"value per channel when training, .*\); use --batch-size 2 or more"):

@@ -27,6 +27,7 @@ from continuum.data import TensorData
 from continuum.knobs import MID_ACTS, ORDERS, SegmentError
 from continuum.sweep.record import point_cells
 from continuum.sweep.settings import LATER_AXES, TUNED, SweepConfig, axis_fields, grid_rates, parse_depths
+from continuum.train import resolve_precision
 
 log = logging.getLogger("continuum.sweep")
 
@@ -96,7 +97,7 @@ def check_fits_memory(config: ModelConfig, data: TensorData, device: torch.devic
                       sharing: int = 1) -> None:
     """Refuse a point whose model cannot train in the device's free memory, from a lower bound of what one step
     needs: its parameters times :data:`TRAINING_COPIES` in float32, plus the activations a batch keeps for the
-    backward pass (:func:`saved_bytes_per_image`, half of them where bf16 autocast may run), for each of
+    backward pass (:func:`saved_bytes_per_image`, half of them where bf16 autocast runs), for each of
     ``sharing`` workers on the device. The model is built on the meta device: nothing is allocated.
 
     Args:
@@ -130,7 +131,7 @@ def check_fits_memory(config: ModelConfig, data: TensorData, device: torch.devic
             raise ValueError(f"{config.model} cannot train on batches of one image ({err}); use --batch-size 2 or "
                              "more") from None
     params = sum(p.numel() for p in model.parameters())
-    activations = per_image * batch // (1 if train.precision == "fp32" else 2)
+    activations = per_image * batch // (2 if resolve_precision(train.precision, device) == "bf16" else 1)
     weights = params * 4 * TRAINING_COPIES
     need, free = (weights + activations) * sharing, free_memory(device)
     if free is not None and need > free:
