@@ -150,7 +150,7 @@ def comma_items(name: str, text: str) -> list[str]:
         return []
     if "" in items:
         raise ValueError(f"{name} {text!r} has an empty item; separate the values with single commas, "
-                         f"such as {','.join(item for item in items if item) or '1,4'}")
+                         f"such as {','.join(item for item in items if item)}")
     return items
 
 
