@@ -161,14 +161,16 @@ MATCHED = {"params": "parameters", "flops": "FLOPs per image"}
 
 def match_width(config: ModelConfig, target: int, data: TensorData, measure: str = "params") -> ModelConfig:
     """The config with the width whose parameter count (or FLOPs per image, ``measure="flops"``) is closest to
-    ``target`` (widths rounded to multiples of the segment count or width, so the point stays valid).
+    ``target`` (widths rounded to multiples of the segment count or width, so the point stays valid). The candidate
+    models are built on the meta device: counting them allocates nothing.
 
     Raises:
         ValueError: the model has no width knob, or no width comes within 2 % of ``target``.
     """
     def count(width: float) -> tuple[int, ModelConfig]:
         candidate = ModelConfig(**(config.to_dict() | {"width": width, "width_divisor": _divisor(config)}))
-        model = build_model(candidate, data)
+        with torch.device("meta"):  # shapes only: nothing allocated, however wide
+            model = build_model(candidate, data)
         if measure == "flops":
             return model_cost(model, data.input_size).flops, candidate
         return sum(p.numel() for p in model.parameters()), candidate
