@@ -3,6 +3,7 @@ dataset, results table and bench/spectrum option is refused in one line naming t
 traceback), with nothing written and an existing study byte-for-byte unchanged."""
 
 import hashlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -171,6 +172,10 @@ def test_bad_paths_and_names(study, capsys):
     _refused(lambda: _sweep(study, "--storage", f"journal:{study}/none/x.log", "--study", "other"), study, capsys,
              "folder " + str(study / "none") + " does not exist")
     _refused(lambda: _sweep(study, "--storage", "mongodb://x"), study, capsys, "--storage 'mongodb://x' is not valid")
+    if importlib.util.find_spec("MySQLdb") is None:  # the default MySQL driver, not installed
+        _refused(lambda: _sweep(study, "--storage", "mysql://u@localhost/db"), study, capsys,
+                 "cannot open storage mysql://u@localhost/db: the database driver MySQLdb is not installed; install "
+                 "it (pip) or name a driver you have in the URL, such as mysql+pymysql://")
     _refused(lambda: _sweep(study, "--storage", "journal:/proc/x.log", "--study", "other"), study, capsys,
              "cannot open /proc/x.log (")
 

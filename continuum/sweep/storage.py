@@ -248,6 +248,11 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
             # another worker is creating Optuna's tables in this empty database at this moment: open it again
             time.sleep(random.uniform(0.05, 0.25) * attempt)
             attempt += 1
+        except ImportError as err:  # Optuna's message names no module; the module it failed on does
+            missing = getattr(err.__cause__, "name", None) or "its driver"
+            example = "postgresql+psycopg2://" if url.startswith("postgresql") else "mysql+pymysql://"
+            raise ValueError(f"cannot open storage {url}: the database driver {missing} is not installed; install it "
+                             f"(pip) or name a driver you have in the URL, such as {example}") from None
         except Exception as err:  # noqa: BLE001  (drivers raise many kinds; the user needs one line)
             raise _storage_error(url, err) from None
 
