@@ -42,6 +42,18 @@ def varying_columns(trials: pd.DataFrame, candidates: Sequence[str] = tuple(POIN
         [c for c in ("model", "segments") if c in trials]
 
 
+def arm_label(columns: Sequence[str], values: Sequence[object]) -> str:
+    """An arm named by its columns' values, floats to 4 decimals as the tables print them
+    (``segments=8, width=1.1111``), or ``all trials`` where no column names it.
+
+    Args:
+        columns: the columns that name an arm.
+        values: its value in each.
+    """
+    return ", ".join(f"{column}={round(value, 4):g}" if isinstance(value, float) else f"{column}={value}"
+                     for column, value in zip(columns, values)) or "all trials"
+
+
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str = "table") -> None:
     """Refuse a table that lacks any of ``columns``, naming them and the columns it has.
 

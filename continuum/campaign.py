@@ -17,8 +17,8 @@ from typing import NamedTuple, Sequence
 import pandas as pd
 from scipy import stats
 
-from continuum.analysis import Comparison, best_rate, compare, holm, mcnemar_test, paired_sides, pareto_front, \
-    sort_arms, summarize, varying_columns
+from continuum.analysis import Comparison, arm_label, best_rate, compare, holm, mcnemar_test, paired_sides, \
+    pareto_front, sort_arms, summarize, varying_columns
 from continuum.arm_latency import LATENCY_FILE
 from continuum.files import atomic_write
 from continuum.results import TableError, load
@@ -141,19 +141,6 @@ def core_hours(trials: pd.DataFrame) -> float:
     return (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
 
 
-def _arm_name(columns: Sequence[str], arm: object) -> str:
-    """An arm's values named by their columns, floats to 4 decimals as the tables print them
-    (``segments 8, width 1.1111``).
-
-    Args:
-        columns: the columns that name an arm.
-        arm: its index entry, a tuple of values (one value where one column names it).
-    """
-    values = arm if isinstance(arm, tuple) else (arm,)
-    return ", ".join(f"{column} {round(value, 4):g}" if isinstance(value, float) else f"{column} {value}"
-                     for column, value in zip(columns, values))
-
-
 def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[str]:
     """The learning-rate study's validation accuracy per arm and rate (rates past the grid's edge where an arm was
     best there: ``lr_extend``), and the rate each arm takes (the best mean, ties to the smaller: what ``--lr tuned``
@@ -172,7 +159,8 @@ def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[st
     complete = in_grid.notna().sum(axis=1) == len(grid)
     at_edge = in_grid.apply(best_rate, axis=1).isin((min(grid), max(grid)))
     stepped = table[[rate for rate in table.columns if rate not in grid]].notna().any(axis=1)
-    waiting = [_arm_name(arms, arm) for arm in table.index[complete & at_edge & ~stepped]]
+    waiting = [arm_label(arms, arm if isinstance(arm, tuple) else (arm,))
+               for arm in table.index[complete & at_edge & ~stepped]]
     notes = []
     if not complete.all():
         notes.append("-: not finished yet, and the chosen rate may change until every rate of the grid has")

@@ -14,13 +14,14 @@ import matplotlib.ticker
 import pandas as pd
 from matplotlib.figure import Figure
 
-from continuum.analysis import arm_columns, edf, pareto_front, require_columns, segments_key, summarize, \
+from continuum.analysis import arm_columns, arm_label, edf, pareto_front, require_columns, segments_key, summarize, \
     varying_columns
 from continuum.files import atomic_write
 
 
 def _label(row: pd.Series | dict, columns: Sequence[str]) -> str:
-    return ", ".join(f"{c}={row[c]}" for c in columns) or "all trials"
+    """:func:`~continuum.analysis.arm_label` of the row's values in ``columns``."""
+    return arm_label(columns, [row[c] for c in columns])
 
 
 def _groups(frame: pd.DataFrame, by: Sequence[str]) -> list[tuple[dict, pd.DataFrame]]:

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from continuum.analysis import (bootstrap_interval, compare, difference, edf, efficiency, holm, mcnemar_test,
-                                paired_sides, pareto_front, segments_key, summarize, t_interval)
+from continuum.analysis import (arm_label, bootstrap_interval, compare, difference, edf, efficiency, holm,
+                                mcnemar_test, paired_sides, pareto_front, segments_key, summarize, t_interval)
 
 
 def _trials():
@@ -46,6 +46,12 @@ def test_edf_and_pareto():
 
 def test_segments_sort_key():
     assert sorted(["all", "16", "2", "1"], key=segments_key) == ["1", "2", "16", "all"]
+
+
+def test_an_arm_is_labelled_by_its_columns_floats_as_the_tables_print_them():
+    assert arm_label(["segments", "width", "lr", "mid_act"], ("all", np.float64(1.1111111111154859), 0.0125, None)) == \
+        "segments=all, width=1.1111, lr=0.0125, mid_act=None"
+    assert arm_label([], ()) == "all trials"
 
 
 def test_difference_pairs_by_seed():

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from continuum import campaign
-from continuum.analysis import compare, holm, mcnemar_test, paired_sides
+from continuum.analysis import arm_label, compare, holm, mcnemar_test, paired_sides
 from continuum.campaign import length_check, seeds_needed, verdict
 from continuum.sweep.record import encode_correct
 from continuum.sweep.record import TRIAL_COLUMNS
@@ -269,9 +269,9 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     _study_table(tmp_path / "waiting" / "order_lr", edge + inside, seeds=(0,))
     header = campaign.ablation_section(order, tmp_path / "waiting")[4]
     assert header.endswith("seed 0; best at the grid's edge, waiting for the step beyond it (`lr_extend`): "
-                           "order depthwise_first):")
-    assert campaign._arm_name(["segments", "width", "width_divisor"], (8, 1.1111111111154859, 8)) == \
-        "segments 8, width 1.1111, width_divisor 8"  # a matched width as the tables print it
+                           "order=depthwise_first):")
+    assert arm_label(["segments", "width", "width_divisor"], (8, 1.1111111111154859, 8)) == \
+        "segments=8, width=1.1111, width_divisor=8"  # a matched width as the tables print it
     step = ({"order": "depthwise_first", "lr": 0.2}, [0.91])
     _study_table(tmp_path / "stepped" / "order_lr", [*edge, step, *inside], seeds=(0,))
     lines = campaign.ablation_section(order, tmp_path / "stepped")
