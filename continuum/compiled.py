@@ -1,12 +1,13 @@
 """The C++ kernels in ``continuum/csrc``, built on first use with the machine's compiler, or ``None`` without one.
 
 :func:`depthwise_kernels` builds ``depthwise.cpp`` (the fused backward pass of a channels-last depthwise conv),
-:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of :data:`FEW_CHANNEL_WIDTHS` channels per group,
-CPUs with AVX-512 or AVX2 only) and :func:`batch_norm_kernels` ``batch_norm.cpp`` (batch norm's channels-last
-training pass) with ``torch.utils.cpp_extension`` the first time a process asks for one: about half a minute each,
-the few-channel kernel a minute (they include ATen and pybind11's tensor casts, not ``torch/extension.h``, which
-doubles that), once per machine, torch version and CPU model (in torch's extensions folder,
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the built library in a second.
+:func:`few_channel_kernels` ``few_channel.cpp`` (a grouped conv of :data:`FEW_CHANNEL_WIDTHS` or
+:data:`BROADCAST_WIDTHS` channels per group, CPUs with AVX-512 or AVX2 only) and :func:`batch_norm_kernels`
+``batch_norm.cpp`` (batch norm's channels-last training pass) with ``torch.utils.cpp_extension`` the first time a
+process asks for one: about half a minute each, the few-channel kernel one to two minutes (they include ATen and
+pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once per machine, torch version and CPU model
+(in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the
+built library in a second.
 :func:`build_all` builds every one of them at once, side by side.
 Where it cannot be built (no compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it
 is ``None`` and the strategies that need it are not candidates: everything still runs, on torch's own kernels.
@@ -30,10 +31,16 @@ SOURCES = Path(__file__).parent / "csrc"
 """Where the C++ sources are."""
 
 FEW_CHANNEL_WIDTHS = range(2, 8)
-"""Channels per group ``few_channel.cpp`` computes (its ``MIN_GROUP`` and ``MAX_GROUP``): 2 to 7 ran 1.03-2.5x as fast
-as oneDNN's grouped kernels on the Xeon VM; 8 no faster, 9 to 16 (one group in 16 float lanes) 1.5-4x slower."""
+"""Channels per group ``few_channel.cpp``'s rotated kernel computes (its ``MIN_GROUP`` and ``MAX_GROUP``): 2 to 7 ran
+1.03-2.5x as fast as oneDNN's grouped kernels on the Xeon VM; 8 no faster, 9 to 16 (one group in 16 float lanes)
+1.5-4x slower: :data:`BROADCAST_WIDTHS` takes those."""
 
-DEFINES = {"few_channel": {"MIN_GROUP": FEW_CHANNEL_WIDTHS.start, "MAX_GROUP": FEW_CHANNEL_WIDTHS.stop - 1}}
+BROADCAST_WIDTHS = range(8, 17)
+"""Channels per group ``few_channel.cpp``'s broadcast kernel computes (its ``MIN_BROADCAST`` and ``MAX_BROADCAST``): one
+group per vector register (two with AVX2 past 8), where the rotated kernel's sums no longer fit in the registers."""
+
+DEFINES = {"few_channel": {"MIN_GROUP": FEW_CHANNEL_WIDTHS.start, "MAX_GROUP": FEW_CHANNEL_WIDTHS.stop - 1,
+                           "MIN_BROADCAST": BROADCAST_WIDTHS.start, "MAX_BROADCAST": BROADCAST_WIDTHS.stop - 1}}
 """The macros each source is built with."""
 
 log = logging.getLogger(__name__)
@@ -99,8 +106,9 @@ def few_channel_cpu() -> bool:
 
 def few_channel_kernels() -> ModuleType | None:
     """``few_channel.cpp`` built (``forward(x, taps, stride, padding, dilation)`` and ``taps_gradient(grad_y, x,
-    kh, kw, k, stride, padding, dilation)``), or ``None`` where it cannot be built or the CPU lacks the
-    instructions (:func:`few_channel_cpu`)."""
+    kh, kw, k, stride, padding, dilation)``, the rotated kernel; ``broadcast_forward`` and
+    ``broadcast_taps_gradient`` alike, the broadcast kernel), or ``None`` where it cannot be built or the CPU lacks
+    the instructions (:func:`few_channel_cpu`)."""
     if not few_channel_cpu():  # not worth a minute's build
         return None
     module = built("few_channel")

@@ -20,6 +20,10 @@ float rounding:
   loaded row of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input
   gradient is the same kernel run over the output gradient, the kernel gradient a second kernel that sums in
   registers. A candidate only where the C++ kernel could be built.
+- ``broadcast``: 8 to 16 input and output channels per segment, stride 1, on a CPU with AVX-512 or AVX2, in
+  float32 (and float64): the same C++ module's second kernel, one segment per vector register (two with AVX2 past 8
+  channels), its output channels in the lanes, each input channel's value broadcast to them; the gradients as
+  ``rotated`` computes them.
 - ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
   backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
   and, like every candidate, chosen only when it wins the timing there.
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from continuum import triton_kernels
-from continuum.compiled import FEW_CHANNEL_WIDTHS, depthwise_kernels, few_channel_kernels
+from continuum.compiled import BROADCAST_WIDTHS, FEW_CHANNEL_WIDTHS, depthwise_kernels, few_channel_kernels
 
 
 class ConvGeometry(NamedTuple):
@@ -73,7 +77,8 @@ class Strategy:
     """One way of computing a segmented convolution.
 
     Args:
-        kind: ``"grouped"``, ``"unfold"``, ``"shifted"``, ``"fused"``, ``"rotated"`` or ``"triton"``.
+        kind: ``"grouped"``, ``"unfold"``, ``"shifted"``, ``"fused"``, ``"rotated"``, ``"broadcast"`` or
+            ``"triton"``.
         groups: the groups a ``grouped`` strategy runs with (a divisor of the segments).
         channels_last: compute in channels-last memory format.
     """
@@ -84,7 +89,8 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted``, ``fused``, ``rotated`` or ``triton``."""
+        """``grouped/4``, ``grouped/4+cl``, ``unfold``, ``shifted``, ``fused``, ``rotated``, ``broadcast`` or
+        ``triton``."""
         base = f"grouped/{self.groups}" if self.kind == "grouped" else self.kind
         return base + ("+cl" if self.channels_last else "")
 
@@ -185,24 +191,44 @@ class _FusedDepthwise(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=None)
 def _rotation_index(channels: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, columns)``, each ``K x C``: where :func:`rotations` takes each tap from (built once per shape, not
-    on every call)."""
+    """``(rows, columns)``, each ``K x C``: where :func:`rotations` takes each tap from and
+    :func:`rotated_weight_gradient` puts its gradient back (built once per shape, not on every call)."""
     channel = torch.arange(channels, device=device)
     position = channel % k  # within the group
     rows = channel - position + (position + torch.arange(k, device=device).view(k, 1)) % k  # K x C
     return rows, position.expand(k, -1)
 
 
-def rotations(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """A ``C x K x kh x kw`` grouped kernel (``K`` channels per group, in and out) as the ``rotated`` kernel reads it.
-
-    Returns:
-        ``taps`` (``kh x kw x K x C``): ``taps[i, j, e, c] = weight[base(c) + (c % K + e) % K, c % K, i, j]``, the
-        entry from input channel ``c`` to the output channel ``e`` places further round its group; and where each
-        tap came from in ``weight`` (``(rows, columns)``, each ``K x C``), to put the taps' gradient back.
-    """
+def rotations(weight: torch.Tensor) -> torch.Tensor:
+    """A ``C x K x kh x kw`` grouped kernel (``K`` channels per group, in and out) as the ``rotated`` kernel reads it:
+    ``kh x kw x K x C``, ``taps[i, j, e, c] = weight[base(c) + (c % K + e) % K, c % K, i, j]``, the entry from input
+    channel ``c`` to the output channel ``e`` places further round its group."""
     rows, columns = _rotation_index(*weight.shape[:2], weight.device)
-    return weight[rows, columns].permute(2, 3, 0, 1).contiguous(), (rows, columns)  # K x C x kh x kw -> kh x kw x K x C
+    return weight[rows, columns].permute(2, 3, 0, 1).contiguous()  # K x C x kh x kw -> kh x kw x K x C
+
+
+def broadcast_taps(weight: torch.Tensor) -> torch.Tensor:
+    """A ``C x K x kh x kw`` grouped kernel (``K`` channels per group, in and out) as the ``broadcast`` kernel reads
+    it: ``kh x kw x C x K``, ``taps[i, j, c, e] = weight[base(c) + e, c % K, i, j]``, the ``K`` output channels input
+    channel ``c`` feeds."""
+    channels, k, kh, kw = weight.shape
+    blocks = weight.view(channels // k, k, k, kh, kw)  # G x K out x K in x kh x kw
+    return blocks.permute(3, 4, 0, 2, 1).reshape(kh, kw, channels, k).contiguous()  # kh x kw x G x K in x K out
+
+
+def broadcast_weight_gradient(grad_taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``weight`` from the gradient of its :func:`broadcast_taps` (``kh x kw x C x K``)."""
+    channels, k, kh, kw = weight.shape
+    blocks = grad_taps.view(kh, kw, channels // k, k, k)  # kh x kw x G x K in x K out
+    return blocks.permute(2, 4, 3, 0, 1).reshape(weight.shape)  # G x K out x K in x kh x kw
+
+
+def rotated_weight_gradient(grad_taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``weight`` from the gradient of its :func:`rotations` (``kh x kw x K x C``)."""
+    rows, columns = _rotation_index(*weight.shape[:2], weight.device)
+    grad_w = grad_taps.new_empty(weight.shape)
+    grad_w[rows, columns] = grad_taps.permute(2, 3, 0, 1)  # each entry once: (rows, columns) covers weight
+    return grad_w
 
 
 def flipped_transpose(weight: torch.Tensor) -> torch.Tensor:
@@ -214,18 +240,46 @@ def flipped_transpose(weight: torch.Tensor) -> torch.Tensor:
     return blocks.transpose(1, 2).flip(3, 4).reshape(weight.shape)
 
 
-class _RotatedGrouped(torch.autograd.Function):
-    """A channels-last grouped conv of 2-7 channels per group, stride 1: the C++ ``rotated`` kernel computes the
-    forward pass, the input gradient (a forward pass over the output gradient) and the kernel gradient."""
+class FewChannelKernel(NamedTuple):
+    """One of ``few_channel.cpp``'s kernels: the names of its functions in the built module and how it reads a
+    grouped conv's weight.
+
+    Args:
+        forward: ``forward(x, taps, stride, padding, dilation)``.
+        taps_gradient: ``taps_gradient(grad_y, x, kh, kw, k, stride, padding, dilation)``.
+        taps: the weight (``C x K x kh x kw``) laid out as the kernel reads it.
+        weight_gradient: ``weight_gradient(grad_taps, weight)``, the weight's gradient from its taps' gradient.
+    """
+
+    forward: str
+    taps_gradient: str
+    taps: Callable[[torch.Tensor], torch.Tensor]
+    weight_gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+FEW_CHANNEL_KERNELS = {
+    "rotated": FewChannelKernel("forward", "taps_gradient", rotations, rotated_weight_gradient),
+    "broadcast": FewChannelKernel("broadcast_forward", "broadcast_taps_gradient", broadcast_taps,
+                                  broadcast_weight_gradient),
+}
+"""The strategies ``few_channel.cpp`` computes, by name."""
+
+
+class _FewChannelGrouped(torch.autograd.Function):
+    """A channels-last grouped conv of a few channels per group, stride 1, by one of :data:`FEW_CHANNEL_KERNELS`: the
+    C++ kernel computes the forward pass, the input gradient (a forward pass over the output gradient) and the kernel
+    gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
-                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+                padding: tuple[int, int], dilation: tuple[int, int], kernel: FewChannelKernel) -> torch.Tensor:
         if not rotated_geometry(weight.shape[2:], stride, padding, dilation):
-            raise ValueError("strategy rotated runs stride 1, with padding at most dilation * (kernel size - 1)")
+            raise ValueError("strategies rotated and broadcast run stride 1, with padding at most dilation * "
+                             "(kernel size - 1)")
         ctx.save_for_backward(x, weight)
-        ctx.geometry = list(stride), list(padding), list(dilation)
-        y = few_channel_kernels().forward(x, rotations(weight)[0], *ctx.geometry)  # N x C x H' x W', channels-last
+        ctx.geometry, ctx.kernel = (list(stride), list(padding), list(dilation)), kernel
+        forward = getattr(few_channel_kernels(), kernel.forward)
+        y = forward(x, kernel.taps(weight), *ctx.geometry)  # N x C x H' x W', channels-last
         return y if bias is None else y + bias.view(1, -1, 1, 1)
 
     @staticmethod
@@ -233,19 +287,17 @@ class _RotatedGrouped(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor) -> tuple:
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
-        kernels, (channels, k, kh, kw) = few_channel_kernels(), weight.shape
+        kernel, module, (_, k, kh, kw) = ctx.kernel, few_channel_kernels(), weight.shape
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # stride 1: each output pixel's gradient reaches the inputs its kernel read
-            grad_x = kernels.forward(grad_y, rotations(flipped_transpose(weight))[0], [1, 1],
-                                     gradient_padding((kh, kw), padding, dilation), dilation)
+            grad_x = getattr(module, kernel.forward)(grad_y, kernel.taps(flipped_transpose(weight)), [1, 1],
+                                                     gradient_padding((kh, kw), padding, dilation), dilation)
         if ctx.needs_input_grad[1]:
-            grad_taps = kernels.taps_gradient(grad_y, x, kh, kw, k, *ctx.geometry)  # kh x kw x K x C
-            rows, columns = _rotation_index(channels, k, weight.device)
-            grad_w = grad_taps.new_empty(weight.shape)
-            grad_w[rows, columns] = grad_taps.permute(2, 3, 0, 1)  # each entry once: (rows, columns) covers weight
+            grad_taps = getattr(module, kernel.taps_gradient)(grad_y, x, kh, kw, k, *ctx.geometry)
+            grad_w = kernel.weight_gradient(grad_taps, weight)
         grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def gradient_padding(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
@@ -261,15 +313,15 @@ def rotated_geometry(kernel: tuple[int, int], stride: tuple[int, int], padding: 
     return tuple(stride) == (1, 1) and min(gradient_padding(kernel, padding, dilation)) >= 0
 
 
-def _cpp_strategy(kernel: type[torch.autograd.Function], name: str) -> Callable[..., torch.Tensor]:
+def _cpp_strategy(kernel: type[torch.autograd.Function], name: str, *extra: object) -> Callable[..., torch.Tensor]:
     """The strategy ``name``: ``kernel`` (a C++ kernel's autograd function of channels-last float32 or float64 CPU
-    tensors: ``apply(x, weight, bias, stride, padding, dilation)``) on the call's tensors."""
+    tensors: ``apply(x, weight, bias, stride, padding, dilation, *extra)``) on the call's tensors."""
     def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
              padding: tuple[int, int]) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
             raise ValueError(f"strategy {name} runs float32 or float64 on the CPU, without autocast")
         x = x.contiguous(memory_format=torch.channels_last)
-        return kernel.apply(x, weight, bias, geom.stride, padding, geom.dilation)
+        return kernel.apply(x, weight, bias, geom.stride, padding, geom.dilation, *extra)
     return conv
 
 
@@ -282,7 +334,8 @@ def _triton_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 _COMPUTED_BY = {"unfold": _unfold_conv, "shifted": _shifted_conv, "fused": _cpp_strategy(_FusedDepthwise, "fused"),
-                "rotated": _cpp_strategy(_RotatedGrouped, "rotated"), "triton": _triton_conv}
+                "triton": _triton_conv, **{name: _cpp_strategy(_FewChannelGrouped, name, kernel)
+                                           for name, kernel in FEW_CHANNEL_KERNELS.items()}}
 """The function computing each strategy other than ``grouped``, given numeric padding."""
 
 
@@ -343,10 +396,11 @@ def candidates(in_channels: int, out_channels: int, kernel: tuple[int, int], geo
             if device_type == "cpu" and depthwise_kernels() is not None:
                 found.insert(2, Strategy("fused"))
         width = in_channels // geom.groups  # channels per segment
-        if (device_type == "cpu" and in_channels == out_channels and width in FEW_CHANNEL_WIDTHS
+        if (device_type == "cpu" and in_channels == out_channels
+                and (width in FEW_CHANNEL_WIDTHS or width in BROADCAST_WIDTHS)
                 and rotated_geometry(kernel, geom.stride, padding, geom.dilation)
                 and few_channel_kernels() is not None):
-            found.insert(2, Strategy("rotated"))
+            found.insert(2, Strategy("rotated" if width in FEW_CHANNEL_WIDTHS else "broadcast"))
         few = width <= 16  # unrolled in the Triton kernel
         if few and device_type == "cuda" and triton_kernels.available(torch.device("cuda")):
             found.insert(2, Strategy("triton"))

@@ -64,11 +64,12 @@ MODES = ("auto", "native")
 CACHE_FILE = "conv_strategies.json"
 """The disk cache's file name in the cache root."""
 
-CACHE_VERSION = "v7"
+CACHE_VERSION = "v8"
 """Part of every cache key: choices cached by a tuner that decided differently or from other candidates are not
 reused (v1 trusted a 3 % lead in one median, busy machine or not; v2 had no ``rotated`` kernel, v3 its slower
 backward, v4 timed each backward pass with an accumulation into the input's ``.grad`` and the slower ``fused``
-backward, v5 offered ``rotated`` for 2-4 channels per segment only, v6 on AVX-512 CPUs only)."""
+backward, v5 offered ``rotated`` for 2-4 channels per segment only, v6 on AVX-512 CPUs only, v7 had no
+``broadcast`` kernel)."""
 
 MIN_ROUNDS = 5
 """Interleaved rounds a decision takes at least (fewer cannot give a 95 % interval narrower than their range)."""

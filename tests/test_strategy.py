@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from continuum import SegmentedConv2d
 from continuum import strategy as st
 from continuum import compiled, timing
-from continuum.compiled import (FEW_CHANNEL_WIDTHS, batch_norm_kernels, build_all, built, depthwise_kernels,
-                                few_channel_cpu, few_channel_kernels)
+from continuum.compiled import (BROADCAST_WIDTHS, FEW_CHANNEL_WIDTHS, batch_norm_kernels, build_all, built,
+                                depthwise_kernels, few_channel_cpu, few_channel_kernels)
 from continuum.kernels import ConvGeometry, Strategy, block_diagonal, candidates, run_strategy
 from continuum.timing import call_times, device_name, kernel_library, machine_key, median_interval
 
@@ -38,7 +38,10 @@ CASES = [
     (20, 20, 4, (3, 3), 1, (1, 1), 1),  # 5: three segments in 15 lanes, a last block of one
     (24, 24, 4, (3, 3), 1, (1, 1), 1),  # 6: two segments in 12 lanes
     (42, 42, 6, (3, 3), 1, (1, 1), 1),  # 7: two segments in 14 lanes, a last block of two
-    (16, 16, 2, (3, 3), 1, (1, 1), 1),  # 8: not rotated
+    (16, 16, 2, (3, 3), 1, (1, 1), 1),  # 8: broadcast, not rotated
+    (30, 30, 3, (3, 3), 1, (1, 1), 1),  # 10: broadcast
+    (32, 32, 2, (3, 5), 1, "same", 2),  # 16: broadcast, dilated
+    (17, 17, 1, (3, 3), 1, (1, 1), 1),  # 17: neither
 ]
 
 
@@ -81,8 +84,9 @@ def test_every_candidate_equals_the_native_conv_forward_and_backward(case, chann
     assert ("shifted" in names) == ("fused" in names) == (groups == c_in == c_out)
     assert ("unfold" in names) == (groups > 1)
     reach = isinstance(padding, str) or max(padding) <= dilation * (max(kernel) - 1)
-    rotated = c_in == c_out and c_in // groups in FEW_CHANNEL_WIDTHS and stride == 1 and reach
-    assert ("rotated" in names) == (rotated and few_channel_kernels() is not None)
+    few = c_in == c_out and stride == 1 and reach and few_channel_kernels() is not None
+    assert ("rotated" in names) == (few and c_in // groups in FEW_CHANNEL_WIDTHS)
+    assert ("broadcast" in names) == (few and c_in // groups in BROADCAST_WIDTHS)
 
 
 def test_block_diagonal_puts_each_segment_on_the_diagonal():
@@ -541,7 +545,7 @@ def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkey
         built.cache_clear()
 
 
-@pytest.mark.parametrize("kind, groups", [("fused", 16), ("rotated", 8)])
+@pytest.mark.parametrize("kind, groups", [("fused", 16), ("rotated", 8), ("broadcast", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_cpp_kernels_refuse_what_they_cannot_run(dtype, kind, groups):
     x, w = torch.randn(2, 16, 5, 5, dtype=dtype), torch.randn(16, 16 // groups, 3, 3, dtype=dtype)
@@ -555,41 +559,46 @@ def test_the_cpp_kernels_refuse_what_they_cannot_run(dtype, kind, groups):
 
 
 @pytest.fixture
-def rotated_kernel():
-    """Skips the test where the rotated kernel cannot be built (asked at run time: collection never waits for the
-    build)."""
+def few_channel():
+    """Skips the test where the rotated and broadcast kernels cannot be built (asked at run time: collection never
+    waits for the build)."""
     if few_channel_kernels() is None:
-        pytest.skip("the rotated kernel needs AVX-512 or AVX2 and a compiler")
+        pytest.skip("the rotated and broadcast kernels need AVX-512 or AVX2 and a compiler")
 
 
-@pytest.mark.usefixtures("rotated_kernel")
-def test_the_rotated_kernel_refuses_strides_and_computes_a_kernel_gradient_alone():
+@pytest.mark.usefixtures("few_channel")
+@pytest.mark.parametrize("kind, k", [("rotated", 4), ("broadcast", 8)])
+def test_the_few_channel_kernels_refuse_strides_and_compute_a_kernel_gradient_alone(kind, k):
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(16, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4 * k, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4 * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="stride 1"):
-        run_strategy(Strategy("rotated"), x, w, None, ConvGeometry((2, 2), (1, 1), (1, 1), 4))
+        run_strategy(Strategy(kind), x, w, None, ConvGeometry((2, 2), (1, 1), (1, 1), 4))
     geom = ConvGeometry((1, 1), (1, 1), (1, 1), 4)
-    y = run_strategy(Strategy("rotated"), x, w, None, geom)  # x needs no gradient: only the kernel's is computed
+    y = run_strategy(Strategy(kind), x, w, None, geom)  # x needs no gradient: only the kernel's is computed
     upstream = torch.randn_like(y)
     (got,) = torch.autograd.grad(y, w, upstream)
     (want,) = torch.autograd.grad(F.conv2d(x, w, None, 1, 1, 1, 4), w, upstream)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.usefixtures("rotated_kernel")
-def test_the_rotated_kernel_is_built_for_the_declared_widths_alone():
+@pytest.mark.usefixtures("few_channel")
+def test_the_few_channel_kernels_are_built_for_the_declared_widths_alone():
     assert FEW_CHANNEL_WIDTHS == range(2, 8)  # the widths measured faster than oneDNN (results/bench/README.md)
-    for k in (FEW_CHANNEL_WIDTHS.start - 1, FEW_CHANNEL_WIDTHS.stop):  # just outside: refused by the built kernel
-        x = torch.randn(1, 4 * k, 5, 5).contiguous(memory_format=torch.channels_last)
-        taps = torch.randn(3, 3, k, 4 * k)  # kh x kw x K x C
-        with pytest.raises(RuntimeError, match="channels per group: 2 to 7"):
-            few_channel_kernels().forward(x, taps, [1, 1], [1, 1], [1, 1])
+    assert BROADCAST_WIDTHS == range(8, 17)
+    kernels = few_channel_kernels()
+    for widths, forward, layout in ((FEW_CHANNEL_WIDTHS, kernels.forward, lambda k: (3, 3, k, 4 * k)),
+                                    (BROADCAST_WIDTHS, kernels.broadcast_forward, lambda k: (3, 3, 4 * k, k))):
+        for k in (widths.start - 1, widths.stop):  # just outside: refused by the built kernel
+            x = torch.randn(1, 4 * k, 5, 5).contiguous(memory_format=torch.channels_last)
+            with pytest.raises(RuntimeError, match=f"channels per group: {widths.start} to {widths.stop - 1}"):
+                forward(x, torch.randn(layout(k)), [1, 1], [1, 1], [1, 1])
 
 
-@pytest.mark.usefixtures("rotated_kernel")
-@pytest.mark.parametrize("k", FEW_CHANNEL_WIDTHS)
-def test_the_rotated_kernel_is_exact_at_every_row_width_and_edge(k):
+@pytest.mark.usefixtures("few_channel")
+@pytest.mark.parametrize("k", [*FEW_CHANNEL_WIDTHS, *BROADCAST_WIDTHS])
+def test_the_few_channel_kernels_are_exact_at_every_row_width_and_edge(k):
+    kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
     torch.manual_seed(k)  # 16-24 columns: every remainder of the 4-8 pixel groups, whole groups inside and edge groups
     for width in range(16, 25):
         for padding in (0, 1, 2):  # 2: taps beyond the row's left and right edges, dilation 2
@@ -597,7 +606,7 @@ def test_the_rotated_kernel_is_exact_at_every_row_width_and_edge(k):
             x.requires_grad_(True)
             w = torch.randn(5 * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
             geom = ConvGeometry((1, 1), (padding, padding), (max(padding, 1),) * 2, 5)
-            y = run_strategy(Strategy("rotated"), x, w, None, geom)
+            y = run_strategy(Strategy(kind), x, w, None, geom)
             ref = F.conv2d(x, w, None, 1, padding, geom.dilation, 5)
             upstream = torch.randn_like(ref)
             torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)

@@ -1,9 +1,9 @@
-// A grouped 2-D convolution with few channels per group (K = MIN_GROUP to MAX_GROUP in and out per group, macros the
-// build defines: continuum/compiled.py) on channels-last CPU tensors, forward and kernel gradient. oneDNN's grouped
-// kernels run such convolutions 3-8x above their memory floor, slower than a depthwise conv of the same width
-// although the work per pixel is only K times a depthwise conv's.
+// Grouped 2-D convolutions with few channels per group (K in and out per group) on channels-last CPU tensors, forward
+// and kernel gradient, in two kernels. oneDNN's grouped kernels run such convolutions 3-8x above their memory floor,
+// slower than a depthwise conv of the same width although the work per pixel is only K times a depthwise conv's.
 //
-// The channels of a pixel sit in a row; a group is K neighbours in it. The kernel entries come prepared as taps
+// `rotated` (K = MIN_GROUP to MAX_GROUP, macros the build defines: continuum/compiled.py): the channels of a pixel sit
+// in a row; a group is K neighbours in it. The kernel entries come prepared as taps
 // [i][j][e][c'] = weight[base(c') + (c' % K + e) % K, c' % K, i, j]: the entry from input channel c' to the output
 // channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of whole groups
 // in one vector register (up to 16 channels with AVX-512, 8 with AVX2), rotating a row by e within each group is one
@@ -11,11 +11,23 @@
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
 //   is the sum over e of sums[e] rotated back by e (K - 1 rotations per block of outputs, not per tap);
 // - the taps' gradient (laid out as the taps): the output gradient's row rotated by e (once per pixel and kernel
-//   row) times the input rows, summed in registers along an output row, J kernel columns at once;
-// - the input gradient (stride 1) is itself a forward call: the convolution of the output gradient with the kernel
-//   flipped and transposed within each group (kernels.py prepares those taps).
+//   row) times the input rows, summed in registers along an output row, J kernel columns at once.
+// Its sums take K registers per pixel, too many past K = 7.
 //
-// Layouts: x, y, grad_y are N x H x W x C in memory (channels-last N x C x H x W tensors), taps kh x kw x K x C.
+// `broadcast` (K = MIN_BROADCAST to MAX_BROADCAST): one group per vector register (two where K is wider than a
+// register's lanes: AVX2 past 8), its K output channels in the lanes. The taps come as
+// [i][j][c][e] = weight[base(c) + e, c % K, i, j] (the K output channels input channel c feeds,
+// `broadcast_taps(weight)` in continuum/kernels.py), so:
+// - forward: an output pixel's group sums, per tap and input channel c, the tap's row for c times c's input value
+//   broadcast to every lane: one register of sums per pixel, P pixels at once, each tap row loaded once for all;
+// - the taps' gradient: the row for c collects the output gradient's row (one load per pixel) times c's input value
+//   broadcast, summed in registers along an output row, J kernel columns and D input channels at once.
+//
+// The input gradient (stride 1) of either is its own forward call: the convolution of the output gradient with the
+// kernel flipped and transposed within each group (kernels.py prepares those taps).
+//
+// Layouts: x, y, grad_y are N x H x W x C in memory (channels-last N x C x H x W tensors), taps kh x kw x K x C
+// (rotated) or kh x kw x C x K (broadcast).
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>  // pybind11, at::Tensor casts (torch/extension.h: twice the build)
 
@@ -58,7 +70,10 @@ struct Lanes<float> {
   static Mask mask(int64_t lanes) { return static_cast<Mask>((1u << lanes) - 1); }
   static Lanes load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
   static Lanes zero() { return {_mm512_setzero_ps()}; }
+  static Lanes broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
+  static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }  // every lane
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
   Lanes fma(Lanes a, Lanes b) const { return {_mm512_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm512_add_ps(v, a.v)}; }
   static Index rotation(int k, int d) {
@@ -79,7 +94,10 @@ struct Lanes<float> {
   }
   static Lanes load(const float* p, Mask m) { return {_mm256_maskload_ps(p, m)}; }
   static Lanes zero() { return {_mm256_setzero_ps()}; }
-  void store(float* p, Mask m) const { _mm256_maskstore_ps(p, m, v); }
+  static Lanes broadcast(const float* p) { return {_mm256_set1_ps(*p)}; }
+  void store(float* p, Mask m) const { _mm256_maskstore_ps(p, m, v); }  // microcoded on AMD: ~10x a plain store
+  static Lanes load(const float* p) { return {_mm256_loadu_ps(p)}; }  // every lane
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
   Lanes fma(Lanes a, Lanes b) const { return {_mm256_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm256_add_ps(v, a.v)}; }
   static Index rotation(int k, int d) {
@@ -103,7 +121,14 @@ struct Lanes<double> {
     return r;
   }
   static Lanes zero() { return Lanes{}; }
+  static Lanes broadcast(const double* p) {
+    Lanes r;
+    for (int l = 0; l < kLanes; ++l) r.v[l] = *p;
+    return r;
+  }
   void store(double* p, Mask m) const { for (int l = 0; l < m; ++l) p[l] = v[l]; }
+  static Lanes load(const double* p) { return load(p, kLanes); }  // every lane
+  void store(double* p) const { store(p, kLanes); }
   Lanes fma(Lanes a, Lanes b) const {
     Lanes r;
     for (int l = 0; l < kLanes; ++l) r.v[l] = v[l] + a.v[l] * b.v[l];
@@ -126,7 +151,8 @@ struct Lanes<double> {
   }
 };
 
-constexpr int kMinGroup = MIN_GROUP, kMaxGroup = MAX_GROUP;  // channels per group (from the build)
+constexpr int kMinGroup = MIN_GROUP, kMaxGroup = MAX_GROUP;  // channels per group, rotated (from the build)
+constexpr int kMinBroadcast = MIN_BROADCAST, kMaxBroadcast = MAX_BROADCAST;  // channels per group, broadcast
 
 struct Geometry {
   int64_t n, c, h, w, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw;
@@ -289,15 +315,216 @@ void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* g
   std::copy(total.begin(), total.end(), grad_taps);
 }
 
-// The convolution of x (channels-last N x C x H x W) by kh x kw kernels of k channels per group.
-Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const std::vector<int64_t>& stride,
-                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+// A broadcast group's K channels in R = ceil(K / kLanes) registers: register r holds channels r * kLanes onwards.
+// Masked loads and stores keep to the K channels.
+template <typename scalar_t, int K>
+struct Group {
+  using V = Lanes<scalar_t>;
+  static constexpr int R = (K + kLanes - 1) / kLanes;
+  typename V::Mask mask[R];
+  Group() {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) mask[r] = V::mask(std::min(kLanes, K - r * kLanes));
+  }
+  void load(V* into, const scalar_t* p) const {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) into[r] = V::load(p + r * kLanes, mask[r]);
+  }
+  void store(const V* from, scalar_t* p) const {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) from[r].store(p + r * kLanes, mask[r]);
+  }
+  // every lane of the R registers: the R * kLanes - K past the group's end too (where the next group's channels or
+  // padding lie; masked stores are slow on some CPUs)
+  static void store_all(const V* from, scalar_t* p) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) from[r].store(p + r * kLanes);
+  }
+};
+
+// Output pixels the broadcast forward computes at once: P * R sums, a tap row and a broadcast input in registers.
+constexpr int broadcast_pixels_at_once(int r) {
+  int p = 8;
+  while (p > 1 && (p + 1) * r + 1 > kRegisters) p /= 2;
+  return p;
+}
+
+template <typename scalar_t, int K, int P, bool Inside>
+void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
+                      const Group<scalar_t, K>& group, int64_t b, int64_t oy, int64_t ox) {
+  // P neighbouring output pixels at once, group by group: each tap row is loaded once for all P. Inside: every tap
+  // of the P pixels falls inside the input row (no checks per pixel).
+  using V = Lanes<scalar_t>;
+  constexpr int R = Group<scalar_t, K>::R;
+  const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
+  scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
+  for (int64_t base = 0; base < c; base += K) {
+    V sums[P][R];  // sums[p][e]: output channel base + e of pixel p
+    #pragma GCC unroll 16
+    for (int p = 0; p < P; ++p)
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) sums[p][r] = V::zero();
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t iy = g.in_y(oy, i);
+      if (iy < 0 || iy >= h) continue;
+      const scalar_t* in_row = x + (b * h + iy) * w * c + base;
+      for (int64_t j = 0; j < kw; ++j) {
+        const scalar_t* tap = taps + ((i * kw + j) * c + base) * K;
+        const int64_t first = g.in_x(ox, j);  // the input column of pixel 0's tap
+        const scalar_t* in = in_row + first * c;
+        #pragma GCC unroll 16
+        for (int d = 0; d < K; ++d) {  // input channel base + d
+          V row[R];  // row[e]: the entry from input channel base + d to output channel base + e
+          group.load(row, tap + d * K);
+          #pragma GCC unroll 16
+          for (int p = 0; p < P; ++p) {
+            if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
+            const V value = V::broadcast(in + p * step + d);
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) sums[p][r] = sums[p][r].fma(row[r], value);
+          }
+        }
+      }
+    }
+    #pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {  // a store past the group lands in the next group's channels, which it overwrites
+      if (base + K < c)
+        Group<scalar_t, K>::store_all(sums[p], out + p * c + base);
+      else
+        group.store(sums[p], out + p * c + base);
+    }
+  }
+}
+
+template <typename scalar_t, int K>
+void broadcast_forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
+  constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
+  const Group<scalar_t, K> group;
+  const auto [inside_first, inside_last] = g.columns_inside(0, g.kw - 1);
+  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.oh, oy = row % g.oh;
+      int64_t ox = 0;
+      auto blocks = [&](auto pixels) {  // the row in blocks of P pixels, then of P / 2, P / 4, 1 for what is left
+        constexpr int Q = decltype(pixels)::value;
+        for (; ox + Q <= g.ow; ox += Q) {
+          if (ox >= inside_first && ox + Q <= inside_last)
+            broadcast_pixels<scalar_t, K, Q, true>(x, taps, y, g, group, b, oy, ox);
+          else
+            broadcast_pixels<scalar_t, K, Q, false>(x, taps, y, g, group, b, oy, ox);
+        }
+      };
+      blocks(std::integral_constant<int, P>());
+      if constexpr (P >= 4) blocks(std::integral_constant<int, P / 2>());
+      if constexpr (P >= 8) blocks(std::integral_constant<int, P / 4>());
+      if constexpr (P >= 2) blocks(std::integral_constant<int, 1>());
+    }
+  });
+}
+
+// Kernel columns the broadcast taps' gradient sums at once, and input channels: J * D * R sums, a gradient row and
+// a broadcast input in registers.
+constexpr int broadcast_columns_at_once() { return 3; }
+constexpr int broadcast_channels_at_once(int k, int r) {
+  return std::max(1, std::min(k, (kRegisters - 1 - r) / (broadcast_columns_at_once() * r)));
+}
+
+template <typename scalar_t, int K, int J, int D>
+void broadcast_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
+                                const Group<scalar_t, K>& group, int64_t b, int64_t i, int64_t j0, int64_t base,
+                                int d0) {
+  // kernel columns j0 .. j0 + J - 1 of kernel row i, input channels base + d0 .. base + d0 + D - 1 of the group at
+  // channel base, over image b; sums (R * kLanes per input channel: whole registers) are written once
+  using V = Lanes<scalar_t>;
+  constexpr int R = Group<scalar_t, K>::R;
+  const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
+  V acc[J][D][R];  // acc[j][d][e]: the tap of column j0 + j from input channel base + d0 + d to output channel base + e
+  #pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+    #pragma GCC unroll 16
+    for (int d = 0; d < D; ++d)
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[j][d][r] = V::zero();
+  const auto [begin, end] = g.columns_inside(j0, j0 + J - 1);
+  for (int64_t oy = 0; oy < g.oh; ++oy) {
+    const int64_t iy = g.in_y(oy, i);
+    if (iy < 0 || iy >= g.h) continue;
+    const scalar_t* in_row = x + (b * g.h + iy) * w * c + base + d0;
+    const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + base;
+    auto pixel = [&](int64_t ox, auto checked) {  // checked: some of the J columns may fall outside the input row
+      V dy[R];
+      group.load(dy, dy_row + ox * c);
+      const int64_t first = g.in_x(ox, j0);
+      #pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) {
+        if constexpr (decltype(checked)::value) {
+          if (first + j * dw < 0 || first + j * dw >= w) continue;
+        }
+        const scalar_t* in = in_row + (first + j * dw) * c;
+        #pragma GCC unroll 16
+        for (int d = 0; d < D; ++d) {
+          const V value = V::broadcast(in + d);
+          #pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) acc[j][d][r] = acc[j][d][r].fma(dy[r], value);
+        }
+      }
+    };
+    for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
+    for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
+    for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
+  }
+  #pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+    #pragma GCC unroll 16
+    for (int d = 0; d < D; ++d) {
+      scalar_t* sum = sums + ((i * g.kw + j0 + j) * c + base + d0 + d) * R * kLanes;
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) (V::load(sum + r * kLanes) + acc[j][d][r]).store(sum + r * kLanes);
+    }
+}
+
+template <typename scalar_t, int K, int J>
+void broadcast_gradient_channels(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
+                                 const Group<scalar_t, K>& group, int64_t b, int64_t i, int64_t j0, int64_t base) {
+  // the group's input channels D at a time, then the rest
+  constexpr int D = broadcast_channels_at_once(K, Group<scalar_t, K>::R);
+  int d0 = 0;
+  for (; d0 + D <= K; d0 += D)
+    broadcast_gradient_columns<scalar_t, K, J, D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
+  if constexpr (K % D != 0)
+    broadcast_gradient_columns<scalar_t, K, J, K % D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
+}
+
+template <typename scalar_t, int K>
+void broadcast_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
+  constexpr int J = broadcast_columns_at_once(), width = Group<scalar_t, K>::R * kLanes;  // padded to registers
+  const Group<scalar_t, K> group;
+  const int64_t taps = g.kh * g.kw * g.c;  // rows of K entries
+  const std::vector<scalar_t> total = thread_sums<scalar_t>(taps * width, g.n, 1, [&](scalar_t* sums, int64_t begin,
+                                                                                      int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t base = 0; base < g.c; base += K)
+        for (int64_t i = 0; i < g.kh; ++i) {
+          int64_t j = 0;
+          for (; j + J <= g.kw; j += J)
+            broadcast_gradient_channels<scalar_t, K, J>(x, grad_y, sums, g, group, b, i, j, base);
+          for (; j < g.kw; ++j) broadcast_gradient_channels<scalar_t, K, 1>(x, grad_y, sums, g, group, b, i, j, base);
+        }
+  });
+  for (int64_t row = 0; row < taps; ++row)  // drop the padding
+    std::copy(total.begin() + row * width, total.begin() + row * width + K, grad_taps + row * K);
+}
+
+// The convolution of x (channels-last N x C x H x W) by kh x kw kernels of k channels per group, k from min_k to max_k.
+Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, int64_t min_k, int64_t max_k,
+                  const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                  const std::vector<int64_t>& dilation) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.device().is_cpu(),
               "x: a channels-last 4-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "float32 or float64 only");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride, padding, dilation: pairs");
-  TORCH_CHECK(k >= kMinGroup && k <= kMaxGroup && x.size(1) % k == 0, "channels per group: ", kMinGroup, " to ",
-              kMaxGroup, ", dividing the channels");
+  TORCH_CHECK(k >= min_k && k <= max_k && x.size(1) % k == 0, "channels per group: ", min_k, " to ", max_k,
+              ", dividing the channels");
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), kh, kw, 0, 0,
              stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
@@ -305,12 +532,20 @@ Geometry geometry(const at::Tensor& x, int64_t kh, int64_t kw, int64_t k, const 
   return g;
 }
 
-template <int K = kMinGroup, typename Call>
-void by_group_size(int64_t k, const Call& call) {  // call(integral_constant<int, k>) for k in K .. kMaxGroup
-  if constexpr (K < kMaxGroup) {
-    if (k != K) return by_group_size<K + 1>(k, call);
+template <int K, int Max, typename Call>
+void by_group_size(int64_t k, const Call& call) {  // call(integral_constant<int, k>) for k in K .. Max
+  if constexpr (K < Max) {
+    if (k != K) return by_group_size<K + 1, Max>(k, call);
   }
-  call(std::integral_constant<int, K>());  // geometry() allows kMinGroup to kMaxGroup only
+  call(std::integral_constant<int, K>());  // geometry() allows K to Max only
+}
+
+// The checks of a gradient call: grad_y is the output gradient of x's convolution.
+at::Tensor checked_gradient(at::Tensor grad_y, const at::Tensor& x, const Geometry& g) {
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.n && grad_y.size(1) == g.c && grad_y.size(2) == g.oh &&
+                  grad_y.size(3) == g.ow && grad_y.scalar_type() == x.scalar_type(),
+              "grad_y: N x C x H' x W' of the convolution's output");
+  return grad_y.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace
@@ -320,10 +555,11 @@ at::Tensor few_channel_forward(at::Tensor x, at::Tensor taps, std::vector<int64_
                                   std::vector<int64_t> padding, std::vector<int64_t> dilation) {
   TORCH_CHECK(taps.dim() == 4 && taps.size(3) == x.size(1) && taps.is_contiguous() &&
                   taps.scalar_type() == x.scalar_type(), "taps: kh x kw x K x C, contiguous, of x's dtype");
-  const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(2), stride, padding, dilation);
+  const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(2), kMinGroup, kMaxGroup, stride, padding,
+                              dilation);
   auto y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_forward", [&] {
-    by_group_size(taps.size(2), [&](auto k) {
+    by_group_size<kMinGroup, kMaxGroup>(taps.size(2), [&](auto k) {
       forward_kernel<scalar_t, decltype(k)::value>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(),
                                                    y.data_ptr<scalar_t>(), g);
     });
@@ -335,14 +571,11 @@ at::Tensor few_channel_forward(at::Tensor x, at::Tensor taps, std::vector<int64_
 at::Tensor few_channel_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh, int64_t kw, int64_t k,
                                         std::vector<int64_t> stride, std::vector<int64_t> padding,
                                         std::vector<int64_t> dilation) {
-  const Geometry g = geometry(x, kh, kw, k, stride, padding, dilation);
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.n && grad_y.size(1) == g.c && grad_y.size(2) == g.oh &&
-                  grad_y.size(3) == g.ow && grad_y.scalar_type() == x.scalar_type(),
-              "grad_y: N x C x H' x W' of the convolution's output");
-  grad_y = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  const Geometry g = geometry(x, kh, kw, k, kMinGroup, kMaxGroup, stride, padding, dilation);
+  grad_y = checked_gradient(grad_y, x, g);
   auto grad_taps = at::empty({kh, kw, k, g.c}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_taps_gradient", [&] {
-    by_group_size(k, [&](auto size) {
+    by_group_size<kMinGroup, kMaxGroup>(k, [&](auto size) {
       taps_gradient_kernel<scalar_t, decltype(size)::value>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
                                                             grad_taps.data_ptr<scalar_t>(), g);
     });
@@ -350,21 +583,49 @@ at::Tensor few_channel_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh
   return grad_taps;
 }
 
-constexpr bool kAvailable = true;
-#else  // without AVX-512 or AVX2 the module only says so, and the strategy is not offered
-constexpr bool kAvailable = false;
-at::Tensor few_channel_forward(at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<int64_t>,
-                                  std::vector<int64_t>) {
-  TORCH_CHECK(false, "built without AVX-512 or AVX2");
+// The same convolution for kernels prepared as kh x kw x C x K (broadcast taps).
+at::Tensor broadcast_forward(at::Tensor x, at::Tensor taps, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation) {
+  TORCH_CHECK(taps.dim() == 4 && taps.size(2) == x.size(1) && taps.is_contiguous() &&
+                  taps.scalar_type() == x.scalar_type(), "taps: kh x kw x C x K, contiguous, of x's dtype");
+  const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(3), kMinBroadcast, kMaxBroadcast, stride,
+                              padding, dilation);
+  auto y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "broadcast_forward", [&] {
+    by_group_size<kMinBroadcast, kMaxBroadcast>(taps.size(3), [&](auto k) {
+      broadcast_forward_kernel<scalar_t, decltype(k)::value>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(),
+                                                             y.data_ptr<scalar_t>(), g);
+    });
+  });
+  return y;
 }
-at::Tensor few_channel_taps_gradient(at::Tensor, at::Tensor, int64_t, int64_t, int64_t, std::vector<int64_t>,
-                                        std::vector<int64_t>, std::vector<int64_t>) {
-  TORCH_CHECK(false, "built without AVX-512 or AVX2");
+
+// Its gradient with respect to its taps (kh x kw x C x K, laid out as the taps).
+at::Tensor broadcast_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh, int64_t kw, int64_t k,
+                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                   std::vector<int64_t> dilation) {
+  const Geometry g = geometry(x, kh, kw, k, kMinBroadcast, kMaxBroadcast, stride, padding, dilation);
+  grad_y = checked_gradient(grad_y, x, g);
+  auto grad_taps = at::empty({kh, kw, g.c, k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "broadcast_taps_gradient", [&] {
+    by_group_size<kMinBroadcast, kMaxBroadcast>(k, [&](auto size) {
+      broadcast_gradient_kernel<scalar_t, decltype(size)::value>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
+                                                                 grad_taps.data_ptr<scalar_t>(), g);
+    });
+  });
+  return grad_taps;
 }
+
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("available") = kAvailable;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  m.attr("available") = true;
   m.def("forward", &few_channel_forward, "grouped conv, MIN_GROUP to MAX_GROUP channels per group, channels-last");
   m.def("taps_gradient", &few_channel_taps_gradient, "its kernel gradient (the input gradient is a forward call)");
+  m.def("broadcast_forward", &broadcast_forward, "grouped conv, MIN_BROADCAST to MAX_BROADCAST channels per group");
+  m.def("broadcast_taps_gradient", &broadcast_taps_gradient, "its kernel gradient");
+#else  // without AVX-512 or AVX2 the module only says so, and the strategies are not offered
+  m.attr("available") = false;
+#endif
 }
