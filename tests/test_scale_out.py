@@ -141,6 +141,26 @@ def test_tuning_before_the_workers_waits_only_for_calls_that_come_again(tmp_path
     assert "stayed busy" not in caplog.text
 
 
+def test_tuning_before_the_workers_builds_each_model_at_the_width_its_trials_train(monkeypatch):
+    from continuum.data import make_synthetic
+    from continuum.sweep import workers
+    from continuum.sweep.points import build_model, grid_points, matched
+    from continuum.sweep.settings import from_settings
+    data = make_synthetic(train_size=32, val_size=16)
+    plain = {"dataset": "synthetic", "width": 0.25, "segments": "1,all", "workers": 2, "batch_size": 16}
+    budget = sum(p.numel() for p in build_model(next(grid_points(from_settings(plain))).config, data).parameters())
+    cfg = from_settings({key: value for key, value in plain.items() if key != "width"} | {"match_params": budget})
+    points = list(grid_points(cfg))
+    tuned = []
+    monkeypatch.setattr(workers, "tune_kernels", lambda model, *args: tuned.append(model))
+    monkeypatch.setattr(workers, "next_retry_s", lambda *args: None)
+    workers.tune_for_workers(cfg, data, points, progress=False)
+    widths = [matched(point.config, cfg, data).width for point in points]
+    assert widths[0] != 1.0 and widths[1] > widths[0]  # depthwise needs more channels for the same parameters
+    assert [[p.shape for p in model.parameters()] for model in tuned] == \
+        [[p.shape for p in build_model(matched(point.config, cfg, data), data).parameters()] for point in points]
+
+
 def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_kernels_tuned_before(
         tmp_path, monkeypatch, caplog):
     from continuum import strategy

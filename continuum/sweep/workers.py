@@ -30,7 +30,7 @@ from continuum.data import TensorData
 from continuum.knobs import SegmentError
 from continuum.strategy import TUNER, current_mode, next_retry_s
 from continuum.sweep.objective import worker_id
-from continuum.sweep.points import WORKER_LOST, GridPoint, build_model, grid_points, point_key
+from continuum.sweep.points import WORKER_LOST, GridPoint, build_model, grid_points, matched, point_key
 from continuum.sweep.settings import SweepConfig
 from continuum.sweep.signals import stop_requested, wait_for_stop
 from continuum.sweep.storage import open_storage
@@ -108,12 +108,19 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPo
     Args:
         cfg: the sweep (its ``workers`` and training settings).
         data: the dataset the trials train on.
-        points: the grid points still to run.
+        points: the grid points still to run (their models tuned at the widths their trials train: matched to
+            ``--match-params`` or ``--match-flops`` where set).
         progress: show a bar over the models (a model's first tuning on a machine takes about a minute).
     """
     if resolve_device(cfg.train.device).type != "cpu" or current_mode() != "auto":
         return
-    configs = {json.dumps(point.config.to_dict(), sort_keys=True, default=list): point.config for point in points}
+    configs = {}  # each model once, as its trials train it (width-matched to a budget where the sweep sets one)
+    for point in points:
+        try:
+            config = matched(point.config, cfg, data)
+        except (ValueError, SegmentError):
+            continue  # left to its trial to fail
+        configs[json.dumps(config.to_dict(), sort_keys=True, default=list)] = config
     if not configs:
         return
     log.warning("tuning the conv kernels of %d model(s) before the workers start (the first time on a machine: about "
