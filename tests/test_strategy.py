@@ -615,6 +615,27 @@ def test_the_few_channel_kernels_are_exact_at_every_row_width_and_edge(k):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.usefixtures("few_channel")
+@pytest.mark.parametrize("k", [*FEW_CHANNEL_WIDTHS, *BROADCAST_WIDTHS])
+def test_the_few_channel_kernels_float32_passes_match_float64_at_every_block_tail(k):
+    # float32 runs the vector instructions (float64 plain arrays): whole-register stores that spill into the next
+    # block, masked ones at a pixel's last block, sums padded to whole registers
+    kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
+    torch.manual_seed(k)
+    for groups, width in ((1, 5), (3, 7), (5, 17)):
+        x = torch.randn(2, groups * k, 6, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(groups * k, k, 3, 3, dtype=torch.float64)
+        geom = ConvGeometry((1, 1), (1, 1), (1, 1), groups)
+        x32, w32 = x.float().requires_grad_(True), w.float().requires_grad_(True)
+        y = run_strategy(Strategy(kind), x32, w32, None, geom)
+        upstream = torch.randn(y.shape, dtype=torch.float64)
+        x64, w64 = x.requires_grad_(True), w.requires_grad_(True)
+        ref = F.conv2d(x64, w64, None, 1, 1, 1, groups)
+        got = [y, *torch.autograd.grad(y, (x32, w32), upstream.float())]
+        for a, b in zip(got, [ref, *torch.autograd.grad(ref, (x64, w64), upstream)]):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monkeypatch):
     monkeypatch.undo()  # the real busy check
     monkeypatch.setattr(st, "reference_ms", lambda device: pytest.fail("the reference ran"))

@@ -11,7 +11,7 @@
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
 //   is the sum over e of sums[e] rotated back by e (K - 1 rotations per block of outputs, not per tap);
 // - the taps' gradient (laid out as the taps): the output gradient's row rotated by e (once per pixel and kernel
-//   row) times the input rows, summed in registers along an output row, J kernel columns at once.
+//   row) times the input rows, summed in registers over a whole image, J kernel columns at once.
 // Its sums take K registers per pixel, too many past K = 7.
 //
 // `broadcast` (K = MIN_BROADCAST to MAX_BROADCAST): one group per vector register (two where K is wider than a
@@ -21,7 +21,10 @@
 // - forward: an output pixel's group sums, per tap and input channel c, the tap's row for c times c's input value
 //   broadcast to every lane: one register of sums per pixel, P pixels at once, each tap row loaded once for all;
 // - the taps' gradient: the row for c collects the output gradient's row (one load per pixel) times c's input value
-//   broadcast, summed in registers along an output row, J kernel columns and D input channels at once.
+//   broadcast, summed in registers over a whole image, J kernel columns and D input channels at once.
+//
+// Both store whole registers where they can: a sum goes to a buffer padded to whole registers, an output block spills
+// into the next block's channels, which are written after it (masked stores are microcoded on AMD CPUs with AVX2).
 //
 // The input gradient (stride 1) of either is its own forward call: the convolution of the output gradient with the
 // kernel flipped and transposed within each group (kernels.py prepares those taps).
@@ -216,7 +219,10 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
       V acc = sums[p][0];
       #pragma GCC unroll 16
       for (int e = 1; e < K; ++e) acc = acc + sums[p][e].rotated(back[e]);
-      acc.store(out + p * c + cb, m);
+      if (cb + kLanes <= c)  // a whole register: the lanes past the block land in later blocks, written after it
+        acc.store(out + p * c + cb);
+      else
+        acc.store(out + p * c + cb, m);
     }
   }
 }
@@ -246,46 +252,52 @@ void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
 
 template <typename scalar_t, int K, int J>
 void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
-                           const typename Lanes<scalar_t>::Index* rotation, int64_t b, int64_t oy, int64_t i,
-                           int64_t j0, int64_t cb) {
-  // kernel columns j0 .. j0 + J - 1 of kernel row i, over one output row: J * K sums in registers
+                           const typename Lanes<scalar_t>::Index* rotation, int64_t b, int64_t i, int64_t j0,
+                           int64_t cb) {
+  // kernel columns j0 .. j0 + J - 1 of kernel row i, for the block at channel cb, over image b: J * K sums in
+  // registers, written once (a whole register each: `sums` holds kLanes per block)
   using V = Lanes<scalar_t>;
   constexpr int64_t S = kLanes / K * K;  // channels per block
   const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
   const typename V::Mask m = V::mask(std::min(S, c - cb));
-  const scalar_t* in_row = x + (b * g.h + g.in_y(oy, i)) * w * c + cb;
-  const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
   V acc[J][K];
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
     for (int e = 0; e < K; ++e) acc[j][e] = V::zero();
-  auto pixel = [&](int64_t ox, auto checked) {  // checked: some of the J columns may fall outside the input row
-    V d[K];  // d[e][c']: the gradient of output channel base + (c' % K + e) % K
-    d[0] = V::load(dy_row + ox * c, m);
-    #pragma GCC unroll 16
-    for (int e = 1; e < K; ++e) d[e] = d[0].rotated(rotation[e]);
-    const int64_t first = g.in_x(ox, j0);
-    #pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) {
-      if constexpr (decltype(checked)::value) {
-        if (first + j * dw < 0 || first + j * dw >= w) continue;
-      }
-      const V in = V::load(in_row + (first + j * dw) * c, m);
-      #pragma GCC unroll 16
-      for (int e = 0; e < K; ++e) acc[j][e] = acc[j][e].fma(d[e], in);
-    }
-  };
   const auto [begin, end] = g.columns_inside(j0, j0 + J - 1);
-  for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
-  for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
-  for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
+  for (int64_t oy = 0; oy < g.oh; ++oy) {
+    const int64_t iy = g.in_y(oy, i);
+    if (iy < 0 || iy >= g.h) continue;
+    const scalar_t* in_row = x + (b * g.h + iy) * w * c + cb;
+    const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
+    auto pixel = [&](int64_t ox, auto checked) {  // checked: some of the J columns may fall outside the input row
+      V d[K];  // d[e][c']: the gradient of output channel base + (c' % K + e) % K
+      d[0] = V::load(dy_row + ox * c, m);
+      #pragma GCC unroll 16
+      for (int e = 1; e < K; ++e) d[e] = d[0].rotated(rotation[e]);
+      const int64_t first = g.in_x(ox, j0);
+      #pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) {
+        if constexpr (decltype(checked)::value) {
+          if (first + j * dw < 0 || first + j * dw >= w) continue;
+        }
+        const V in = V::load(in_row + (first + j * dw) * c, m);
+        #pragma GCC unroll 16
+        for (int e = 0; e < K; ++e) acc[j][e] = acc[j][e].fma(d[e], in);
+      }
+    };
+    for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
+    for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
+    for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
+  }
+  const int64_t blocks = (c + S - 1) / S;
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
     for (int e = 0; e < K; ++e) {
-      scalar_t* sum = sums + ((i * g.kw + j0 + j) * K + e) * g.c + cb;
-      (V::load(sum, m) + acc[j][e]).store(sum, m);
+      scalar_t* sum = sums + (((i * g.kw + j0 + j) * K + e) * blocks + cb / S) * kLanes;
+      (V::load(sum) + acc[j][e]).store(sum);
     }
 }
 
@@ -297,22 +309,23 @@ void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* g
   typename V::Index rotation[K];
   #pragma GCC unroll 16
   for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
-  const int64_t tap_size = g.kh * g.kw * K * g.c;
-  const std::vector<scalar_t> total = thread_sums<scalar_t>(tap_size, g.n, 1, [&](scalar_t* sums, int64_t begin,
-                                                                                  int64_t end) {
+  const int64_t rows = g.kh * g.kw * K, blocks = (g.c + S - 1) / S;  // rows of C taps; blocks padded to kLanes
+  auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t oy = 0; oy < g.oh; ++oy)
-        for (int64_t cb = 0; cb < g.c; cb += S)
-          for (int64_t i = 0; i < g.kh; ++i) {
-            const int64_t iy = g.in_y(oy, i);
-            if (iy < 0 || iy >= g.h) continue;
-            int64_t j = 0;
-            for (; j + J <= g.kw; j += J)
-              taps_gradient_columns<scalar_t, K, J>(x, grad_y, sums, g, rotation, b, oy, i, j, cb);
-            for (; j < g.kw; ++j) taps_gradient_columns<scalar_t, K, 1>(x, grad_y, sums, g, rotation, b, oy, i, j, cb);
-          }
-  });
-  std::copy(total.begin(), total.end(), grad_taps);
+      for (int64_t cb = 0; cb < g.c; cb += S)
+        for (int64_t i = 0; i < g.kh; ++i) {
+          int64_t j = 0;
+          for (; j + J <= g.kw; j += J)
+            taps_gradient_columns<scalar_t, K, J>(x, grad_y, sums, g, rotation, b, i, j, cb);
+          for (; j < g.kw; ++j) taps_gradient_columns<scalar_t, K, 1>(x, grad_y, sums, g, rotation, b, i, j, cb);
+        }
+  };
+  const std::vector<scalar_t> total = thread_sums<scalar_t>(rows * blocks * kLanes, g.n, 1, images);
+  for (int64_t row = 0; row < rows; ++row)  // drop the padding
+    for (int64_t block = 0; block < blocks; ++block) {
+      const auto from = total.begin() + (row * blocks + block) * kLanes;
+      std::copy(from, from + std::min(S, g.c - block * S), grad_taps + row * g.c + block * S);
+    }
 }
 
 // A broadcast group's K channels in R = ceil(K / kLanes) registers: register r holds channels r * kLanes onwards.
