@@ -553,91 +553,84 @@ void by_group_size(int64_t k, const Call& call) {  // call(integral_constant<int
   call(std::integral_constant<int, K>());  // geometry() allows K to Max only
 }
 
-// The checks of a gradient call: grad_y is the output gradient of x's convolution.
-at::Tensor checked_gradient(at::Tensor grad_y, const at::Tensor& x, const Geometry& g) {
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.n && grad_y.size(1) == g.c && grad_y.size(2) == g.oh &&
-                  grad_y.size(3) == g.ow && grad_y.scalar_type() == x.scalar_type(),
-              "grad_y: N x C x H' x W' of the convolution's output");
-  return grad_y.contiguous(at::MemoryFormat::ChannelsLast);
-}
 
-}  // namespace
+// The two kernels: the group sizes each computes, where its taps (kh x kw x K x C or kh x kw x C x K) hold the group
+// size and the channels, and its two passes.
+struct Rotated {
+  static constexpr int kMin = kMinGroup, kMax = kMaxGroup, kGroupDim = 2, kChannelDim = 3;
+  template <typename scalar_t, int K>
+  static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
+    forward_kernel<scalar_t, K>(x, taps, y, g);
+  }
+  template <typename scalar_t, int K>
+  static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
+    taps_gradient_kernel<scalar_t, K>(x, grad_y, grad_taps, g);
+  }
+};
 
-// y = conv2d(x, weight, stride, padding, dilation, groups=C/K) for kernels prepared as kh x kw x K x C (taps).
-at::Tensor few_channel_forward(at::Tensor x, at::Tensor taps, std::vector<int64_t> stride,
-                                  std::vector<int64_t> padding, std::vector<int64_t> dilation) {
-  TORCH_CHECK(taps.dim() == 4 && taps.size(3) == x.size(1) && taps.is_contiguous() &&
-                  taps.scalar_type() == x.scalar_type(), "taps: kh x kw x K x C, contiguous, of x's dtype");
-  const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(2), kMinGroup, kMaxGroup, stride, padding,
-                              dilation);
+struct Broadcast {
+  static constexpr int kMin = kMinBroadcast, kMax = kMaxBroadcast, kGroupDim = 3, kChannelDim = 2;
+  template <typename scalar_t, int K>
+  static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
+    broadcast_forward_kernel<scalar_t, K>(x, taps, y, g);
+  }
+  template <typename scalar_t, int K>
+  static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
+    broadcast_gradient_kernel<scalar_t, K>(x, grad_y, grad_taps, g);
+  }
+};
+
+// y = conv2d(x, weight, stride, padding, dilation, groups=C/K) for kernels prepared as the Kernel reads them (taps).
+template <typename Kernel>
+at::Tensor forward(at::Tensor x, at::Tensor taps, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                   std::vector<int64_t> dilation) {
+  TORCH_CHECK(taps.dim() == 4 && taps.size(Kernel::kChannelDim) == x.size(1) && taps.is_contiguous() &&
+                  taps.scalar_type() == x.scalar_type(), "taps: kh x kw and K and C as the kernel reads them, ",
+              "contiguous, of x's dtype");
+  const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(Kernel::kGroupDim), Kernel::kMin,
+                              Kernel::kMax, stride, padding, dilation);
   auto y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_forward", [&] {
-    by_group_size<kMinGroup, kMaxGroup>(taps.size(2), [&](auto k) {
-      forward_kernel<scalar_t, decltype(k)::value>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(),
-                                                   y.data_ptr<scalar_t>(), g);
-    });
-  });
-  return y;
-}
-
-// The gradient of the forward above with respect to its taps (kh x kw x K x C, laid out as the taps).
-at::Tensor few_channel_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh, int64_t kw, int64_t k,
-                                        std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                        std::vector<int64_t> dilation) {
-  const Geometry g = geometry(x, kh, kw, k, kMinGroup, kMaxGroup, stride, padding, dilation);
-  grad_y = checked_gradient(grad_y, x, g);
-  auto grad_taps = at::empty({kh, kw, k, g.c}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_taps_gradient", [&] {
-    by_group_size<kMinGroup, kMaxGroup>(k, [&](auto size) {
-      taps_gradient_kernel<scalar_t, decltype(size)::value>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
-                                                            grad_taps.data_ptr<scalar_t>(), g);
-    });
-  });
-  return grad_taps;
-}
-
-// The same convolution for kernels prepared as kh x kw x C x K (broadcast taps).
-at::Tensor broadcast_forward(at::Tensor x, at::Tensor taps, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                             std::vector<int64_t> dilation) {
-  TORCH_CHECK(taps.dim() == 4 && taps.size(2) == x.size(1) && taps.is_contiguous() &&
-                  taps.scalar_type() == x.scalar_type(), "taps: kh x kw x C x K, contiguous, of x's dtype");
-  const Geometry g = geometry(x, taps.size(0), taps.size(1), taps.size(3), kMinBroadcast, kMaxBroadcast, stride,
-                              padding, dilation);
-  auto y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "broadcast_forward", [&] {
-    by_group_size<kMinBroadcast, kMaxBroadcast>(taps.size(3), [&](auto k) {
-      broadcast_forward_kernel<scalar_t, decltype(k)::value>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(),
+    by_group_size<Kernel::kMin, Kernel::kMax>(taps.size(Kernel::kGroupDim), [&](auto k) {
+      Kernel::template forward<scalar_t, decltype(k)::value>(x.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(),
                                                              y.data_ptr<scalar_t>(), g);
     });
   });
   return y;
 }
 
-// Its gradient with respect to its taps (kh x kw x C x K, laid out as the taps).
-at::Tensor broadcast_taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh, int64_t kw, int64_t k,
-                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                   std::vector<int64_t> dilation) {
-  const Geometry g = geometry(x, kh, kw, k, kMinBroadcast, kMaxBroadcast, stride, padding, dilation);
-  grad_y = checked_gradient(grad_y, x, g);
-  auto grad_taps = at::empty({kh, kw, g.c, k}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "broadcast_taps_gradient", [&] {
-    by_group_size<kMinBroadcast, kMaxBroadcast>(k, [&](auto size) {
-      broadcast_gradient_kernel<scalar_t, decltype(size)::value>(x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
-                                                                 grad_taps.data_ptr<scalar_t>(), g);
+// The gradient of the forward above with respect to its taps (laid out as the taps).
+template <typename Kernel>
+at::Tensor taps_gradient(at::Tensor grad_y, at::Tensor x, int64_t kh, int64_t kw, int64_t k,
+                         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  const Geometry g = geometry(x, kh, kw, k, Kernel::kMin, Kernel::kMax, stride, padding, dilation);
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == g.n && grad_y.size(1) == g.c && grad_y.size(2) == g.oh &&
+                  grad_y.size(3) == g.ow && grad_y.scalar_type() == x.scalar_type(),
+              "grad_y: N x C x H' x W' of the convolution's output");
+  grad_y = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  std::vector<int64_t> shape{kh, kw, 0, 0};
+  shape[Kernel::kGroupDim] = k;
+  shape[Kernel::kChannelDim] = g.c;
+  auto grad_taps = at::empty(shape, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_channel_taps_gradient", [&] {
+    by_group_size<Kernel::kMin, Kernel::kMax>(k, [&](auto size) {
+      Kernel::template taps_gradient<scalar_t, decltype(size)::value>(
+          x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), grad_taps.data_ptr<scalar_t>(), g);
     });
   });
   return grad_taps;
 }
 
+}  // namespace
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   m.attr("available") = true;
-  m.def("forward", &few_channel_forward, "grouped conv, MIN_GROUP to MAX_GROUP channels per group, channels-last");
-  m.def("taps_gradient", &few_channel_taps_gradient, "its kernel gradient (the input gradient is a forward call)");
-  m.def("broadcast_forward", &broadcast_forward, "grouped conv, MIN_BROADCAST to MAX_BROADCAST channels per group");
-  m.def("broadcast_taps_gradient", &broadcast_taps_gradient, "its kernel gradient");
+  m.def("forward", &forward<Rotated>, "grouped conv, MIN_GROUP to MAX_GROUP channels per group, channels-last");
+  m.def("taps_gradient", &taps_gradient<Rotated>, "its kernel gradient (the input gradient is a forward call)");
+  m.def("broadcast_forward", &forward<Broadcast>, "grouped conv, MIN_BROADCAST to MAX_BROADCAST channels per group");
+  m.def("broadcast_taps_gradient", &taps_gradient<Broadcast>, "its kernel gradient");
 #else  // without AVX-512 or AVX2 the module only says so, and the strategies are not offered
   m.attr("available") = false;
 #endif
