@@ -114,10 +114,11 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, points: Sequence[GridPo
     """
     if resolve_device(cfg.train.device).type != "cpu" or current_mode() != "auto":
         return
-    configs = {}  # each model once, as its trials train it (width-matched to a budget where the sweep sets one)
-    for point in points:
+    unmatched = {json.dumps(point.config.to_dict(), sort_keys=True, default=list): point.config for point in points}
+    configs = {}  # each model once (a point's rates and seeds share it), as its trials train it: width-matched
+    for config in unmatched.values():
         try:
-            config = matched(point.config, cfg, data)
+            config = matched(config, cfg, data)
         except (ValueError, SegmentError):
             continue  # left to its trial to fail
         configs[json.dumps(config.to_dict(), sort_keys=True, default=list)] = config
