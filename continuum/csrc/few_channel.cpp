@@ -170,6 +170,79 @@ struct Geometry {
   }
 };
 
+// Runs block(b, oy, ox, pixels, inside) over every output pixel, output rows in parallel, each row in blocks of P
+// neighbouring pixels, then of P / 2, P / 4 and 1 for what is left: `pixels` an integral_constant (the block's
+// width), `inside` a bool_constant, true where every tap of the block falls inside the input row (no checks per
+// pixel).
+template <int P, typename Block>
+void for_pixel_blocks(const Geometry& g, const Block& block) {
+  const auto [inside_first, inside_last] = g.columns_inside(0, g.kw - 1);
+  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.oh, oy = row % g.oh;
+      int64_t ox = 0;
+      auto blocks = [&](auto pixels) {
+        constexpr int Q = decltype(pixels)::value;
+        for (; ox + Q <= g.ow; ox += Q) {
+          if (ox >= inside_first && ox + Q <= inside_last)
+            block(b, oy, ox, pixels, std::true_type());
+          else
+            block(b, oy, ox, pixels, std::false_type());
+        }
+      };
+      blocks(std::integral_constant<int, P>());
+      if constexpr (P >= 4) blocks(std::integral_constant<int, P / 2>());
+      if constexpr (P >= 8) blocks(std::integral_constant<int, P / 4>());
+      if constexpr (P >= 2) blocks(std::integral_constant<int, 1>());
+    }
+  });
+}
+
+// The forward pass's walk over the taps of the output pixel (oy, ox) of image b: tap(in_row, i, j, first) for each
+// tap whose kernel row i falls inside the input, in_row pointing at channel `channel` of input row in_y(oy, i), first
+// the input column of kernel column j (it may fall outside the row; the caller checks where it must).
+template <typename scalar_t, typename Tap>
+void for_taps(const scalar_t* x, const Geometry& g, int64_t b, int64_t oy, int64_t ox, int64_t channel,
+              const Tap& tap) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t iy = g.in_y(oy, i);
+    if (iy < 0 || iy >= g.h) continue;
+    const scalar_t* in_row = x + (b * g.h + iy) * g.w * g.c + channel;
+    for (int64_t j = 0; j < g.kw; ++j) tap(in_row, i, j, g.in_x(ox, j));
+  }
+}
+
+// The kernel gradient's work on images begin to end - 1: columns(b, channel, i, j, width) for each image b, block of
+// `step` channels from `channel`, kernel row i and kernel columns j to j + width - 1, J columns at once and singly
+// where fewer are left (`width` an integral_constant).
+template <int J, typename Columns>
+void for_gradient_columns(const Geometry& g, int64_t begin, int64_t end, int64_t step, const Columns& columns) {
+  for (int64_t b = begin; b < end; ++b)
+    for (int64_t channel = 0; channel < g.c; channel += step)
+      for (int64_t i = 0; i < g.kh; ++i) {
+        int64_t j = 0;
+        for (; j + J <= g.kw; j += J) columns(b, channel, i, j, std::integral_constant<int, J>());
+        for (; j < g.kw; ++j) columns(b, channel, i, j, std::integral_constant<int, 1>());
+      }
+}
+
+// The kernel gradient's walk over an image for kernel row i and kernel columns j_first to j_last: for every output
+// row whose kernel row i falls inside the input, pixel = row(oy, iy) prepares the row, then pixel(ox, checked) runs
+// for each of its output pixels; `checked` a bool_constant, true where some of the columns fall outside the input
+// row.
+template <typename Row>
+void for_gradient_pixels(const Geometry& g, int64_t i, int64_t j_first, int64_t j_last, const Row& row) {
+  const auto [begin, end] = g.columns_inside(j_first, j_last);
+  for (int64_t oy = 0; oy < g.oh; ++oy) {
+    const int64_t iy = g.in_y(oy, i);
+    if (iy < 0 || iy >= g.h) continue;
+    const auto pixel = row(oy, iy);
+    for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
+    for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
+    for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
+  }
+}
+
 // Output pixels the forward pass computes at once: P * K sums, K kernel entries and an input in registers.
 constexpr int pixels_at_once(int k) {
   if (kRegisters == 32) return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k);
@@ -186,7 +259,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
   // P pixels falls inside the input row (no checks per pixel).
   using V = Lanes<scalar_t>;
   constexpr int64_t S = kLanes / K * K;  // channels per block
-  const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
+  const int64_t c = g.c, w = g.w, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
   for (int64_t cb = 0; cb < c; cb += S) {
     const typename V::Mask m = V::mask(std::min(S, c - cb));
@@ -195,25 +268,19 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
     for (int p = 0; p < P; ++p)
       #pragma GCC unroll 16
       for (int e = 0; e < K; ++e) sums[p][e] = V::zero();
-    for (int64_t i = 0; i < kh; ++i) {
-      const int64_t iy = g.in_y(oy, i);
-      if (iy < 0 || iy >= h) continue;
-      const scalar_t* in_row = x + (b * h + iy) * w * c + cb;
-      for (int64_t j = 0; j < kw; ++j) {
-        const scalar_t* tap = taps + (i * kw + j) * K * c + cb;
-        const int64_t first = g.in_x(ox, j);  // the input column of pixel 0's tap
-        V entry[K];
+    for_taps(x, g, b, oy, ox, cb, [&](const scalar_t* in_row, int64_t i, int64_t j, int64_t first) {
+      const scalar_t* tap = taps + (i * g.kw + j) * K * c + cb;
+      V entry[K];
+      #pragma GCC unroll 16
+      for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * c, m);
+      #pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
+        const V in = V::load(in_row + first * c + p * step, m);
         #pragma GCC unroll 16
-        for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * c, m);
-        #pragma GCC unroll 16
-        for (int p = 0; p < P; ++p) {
-          if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
-          const V in = V::load(in_row + first * c + p * step, m);
-          #pragma GCC unroll 16
-          for (int e = 0; e < K; ++e) sums[p][e] = sums[p][e].fma(entry[e], in);
-        }
+        for (int e = 0; e < K; ++e) sums[p][e] = sums[p][e].fma(entry[e], in);
       }
-    }
+    });
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {  // output channel c collects sums[e] of input channel base + (c % K - e) % K
       V acc = sums[p][0];
@@ -225,29 +292,6 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
         acc.store(out + p * c + cb, m);
     }
   }
-}
-
-template <typename scalar_t, int K>
-void forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
-  using V = Lanes<scalar_t>;
-  constexpr int P = pixels_at_once(K);
-  typename V::Index back[K];  // rotation by -e
-  #pragma GCC unroll 16
-  for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
-  const auto [inside_first, inside_last] = g.columns_inside(0, g.kw - 1);
-  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / g.oh, oy = row % g.oh;
-      int64_t ox = 0;
-      for (; ox + P <= g.ow; ox += P) {
-        if (ox >= inside_first && ox + P <= inside_last)
-          forward_pixels<scalar_t, K, P, true>(x, taps, y, g, back, b, oy, ox);
-        else
-          forward_pixels<scalar_t, K, P, false>(x, taps, y, g, back, b, oy, ox);
-      }
-      for (; ox < g.ow; ++ox) forward_pixels<scalar_t, K, 1, false>(x, taps, y, g, back, b, oy, ox);
-    }
-  });
 }
 
 template <typename scalar_t, int K, int J>
@@ -265,13 +309,10 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
     for (int e = 0; e < K; ++e) acc[j][e] = V::zero();
-  const auto [begin, end] = g.columns_inside(j0, j0 + J - 1);
-  for (int64_t oy = 0; oy < g.oh; ++oy) {
-    const int64_t iy = g.in_y(oy, i);
-    if (iy < 0 || iy >= g.h) continue;
+  for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + cb;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
-    auto pixel = [&](int64_t ox, auto checked) {  // checked: some of the J columns may fall outside the input row
+    return [&, in_row, dy_row](int64_t ox, auto checked) {
       V d[K];  // d[e][c']: the gradient of output channel base + (c' % K + e) % K
       d[0] = V::load(dy_row + ox * c, m);
       #pragma GCC unroll 16
@@ -287,10 +328,7 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
         for (int e = 0; e < K; ++e) acc[j][e] = acc[j][e].fma(d[e], in);
       }
     };
-    for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
-    for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
-    for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
-  }
+  });
   const int64_t blocks = (c + S - 1) / S;
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
@@ -298,33 +336,6 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
     for (int e = 0; e < K; ++e) {
       scalar_t* sum = sums + (((i * g.kw + j0 + j) * K + e) * blocks + cb / S) * kLanes;
       (V::load(sum) + acc[j][e]).store(sum);
-    }
-}
-
-template <typename scalar_t, int K>
-void taps_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
-  using V = Lanes<scalar_t>;
-  constexpr int64_t S = kLanes / K * K;  // channels per block
-  constexpr int J = columns_at_once(K);
-  typename V::Index rotation[K];
-  #pragma GCC unroll 16
-  for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
-  const int64_t rows = g.kh * g.kw * K, blocks = (g.c + S - 1) / S;  // rows of C taps; blocks padded to kLanes
-  auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t cb = 0; cb < g.c; cb += S)
-        for (int64_t i = 0; i < g.kh; ++i) {
-          int64_t j = 0;
-          for (; j + J <= g.kw; j += J)
-            taps_gradient_columns<scalar_t, K, J>(x, grad_y, sums, g, rotation, b, i, j, cb);
-          for (; j < g.kw; ++j) taps_gradient_columns<scalar_t, K, 1>(x, grad_y, sums, g, rotation, b, i, j, cb);
-        }
-  };
-  const std::vector<scalar_t> total = thread_sums<scalar_t>(rows * blocks * kLanes, g.n, 1, images);
-  for (int64_t row = 0; row < rows; ++row)  // drop the padding
-    for (int64_t block = 0; block < blocks; ++block) {
-      const auto from = total.begin() + (row * blocks + block) * kLanes;
-      std::copy(from, from + std::min(S, g.c - block * S), grad_taps + row * g.c + block * S);
     }
 }
 
@@ -369,7 +380,7 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
   // of the P pixels falls inside the input row (no checks per pixel).
   using V = Lanes<scalar_t>;
   constexpr int R = Group<scalar_t, K>::R;
-  const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
+  const int64_t c = g.c, w = g.w, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
   for (int64_t base = 0; base < c; base += K) {
     V sums[P][R];  // sums[p][e]: output channel base + e of pixel p
@@ -377,28 +388,22 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
     for (int p = 0; p < P; ++p)
       #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) sums[p][r] = V::zero();
-    for (int64_t i = 0; i < kh; ++i) {
-      const int64_t iy = g.in_y(oy, i);
-      if (iy < 0 || iy >= h) continue;
-      const scalar_t* in_row = x + (b * h + iy) * w * c + base;
-      for (int64_t j = 0; j < kw; ++j) {
-        const scalar_t* tap = taps + ((i * kw + j) * c + base) * K;
-        const int64_t first = g.in_x(ox, j);  // the input column of pixel 0's tap
-        const scalar_t* in = in_row + first * c;
+    for_taps(x, g, b, oy, ox, base, [&](const scalar_t* in_row, int64_t i, int64_t j, int64_t first) {
+      const scalar_t* tap = taps + ((i * g.kw + j) * c + base) * K;
+      const scalar_t* in = in_row + first * c;
+      #pragma GCC unroll 16
+      for (int d = 0; d < K; ++d) {  // input channel base + d
+        V row[R];  // row[e]: the entry from input channel base + d to output channel base + e
+        group.load(row, tap + d * K);
         #pragma GCC unroll 16
-        for (int d = 0; d < K; ++d) {  // input channel base + d
-          V row[R];  // row[e]: the entry from input channel base + d to output channel base + e
-          group.load(row, tap + d * K);
-          #pragma GCC unroll 16
-          for (int p = 0; p < P; ++p) {
-            if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
-            const V value = V::broadcast(in + p * step + d);
-            #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) sums[p][r] = sums[p][r].fma(row[r], value);
-          }
+        for (int p = 0; p < P; ++p) {
+          if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
+          const V value = V::broadcast(in + p * step + d);
+          #pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) sums[p][r] = sums[p][r].fma(row[r], value);
         }
       }
-    }
+    });
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {  // a store past the group lands in the next group's channels, which it overwrites
       if (base + K < c)
@@ -407,32 +412,6 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
         group.store(sums[p], out + p * c + base);
     }
   }
-}
-
-template <typename scalar_t, int K>
-void broadcast_forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
-  constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
-  const Group<scalar_t, K> group;
-  const auto [inside_first, inside_last] = g.columns_inside(0, g.kw - 1);
-  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / g.oh, oy = row % g.oh;
-      int64_t ox = 0;
-      auto blocks = [&](auto pixels) {  // the row in blocks of P pixels, then of P / 2, P / 4, 1 for what is left
-        constexpr int Q = decltype(pixels)::value;
-        for (; ox + Q <= g.ow; ox += Q) {
-          if (ox >= inside_first && ox + Q <= inside_last)
-            broadcast_pixels<scalar_t, K, Q, true>(x, taps, y, g, group, b, oy, ox);
-          else
-            broadcast_pixels<scalar_t, K, Q, false>(x, taps, y, g, group, b, oy, ox);
-        }
-      };
-      blocks(std::integral_constant<int, P>());
-      if constexpr (P >= 4) blocks(std::integral_constant<int, P / 2>());
-      if constexpr (P >= 8) blocks(std::integral_constant<int, P / 4>());
-      if constexpr (P >= 2) blocks(std::integral_constant<int, 1>());
-    }
-  });
 }
 
 // Kernel columns the broadcast taps' gradient sums at once, and input channels: J * D * R sums, a gradient row and
@@ -458,13 +437,10 @@ void broadcast_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scala
     for (int d = 0; d < D; ++d)
       #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) acc[j][d][r] = V::zero();
-  const auto [begin, end] = g.columns_inside(j0, j0 + J - 1);
-  for (int64_t oy = 0; oy < g.oh; ++oy) {
-    const int64_t iy = g.in_y(oy, i);
-    if (iy < 0 || iy >= g.h) continue;
+  for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + base + d0;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + base;
-    auto pixel = [&](int64_t ox, auto checked) {  // checked: some of the J columns may fall outside the input row
+    return [&, in_row, dy_row](int64_t ox, auto checked) {
       V dy[R];
       group.load(dy, dy_row + ox * c);
       const int64_t first = g.in_x(ox, j0);
@@ -482,10 +458,7 @@ void broadcast_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scala
         }
       }
     };
-    for (int64_t ox = 0; ox < begin; ++ox) pixel(ox, std::true_type());
-    for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
-    for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
-  }
+  });
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
@@ -506,26 +479,6 @@ void broadcast_gradient_channels(const scalar_t* x, const scalar_t* grad_y, scal
     broadcast_gradient_columns<scalar_t, K, J, D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
   if constexpr (K % D != 0)
     broadcast_gradient_columns<scalar_t, K, J, K % D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
-}
-
-template <typename scalar_t, int K>
-void broadcast_gradient_kernel(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
-  constexpr int J = broadcast_columns_at_once(), width = Group<scalar_t, K>::R * kLanes;  // padded to registers
-  const Group<scalar_t, K> group;
-  const int64_t taps = g.kh * g.kw * g.c;  // rows of K entries
-  const std::vector<scalar_t> total = thread_sums<scalar_t>(taps * width, g.n, 1, [&](scalar_t* sums, int64_t begin,
-                                                                                      int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t base = 0; base < g.c; base += K)
-        for (int64_t i = 0; i < g.kh; ++i) {
-          int64_t j = 0;
-          for (; j + J <= g.kw; j += J)
-            broadcast_gradient_channels<scalar_t, K, J>(x, grad_y, sums, g, group, b, i, j, base);
-          for (; j < g.kw; ++j) broadcast_gradient_channels<scalar_t, K, 1>(x, grad_y, sums, g, group, b, i, j, base);
-        }
-  });
-  for (int64_t row = 0; row < taps; ++row)  // drop the padding
-    std::copy(total.begin() + row * width, total.begin() + row * width + K, grad_taps + row * K);
 }
 
 // The convolution of x (channels-last N x C x H x W) by kh x kw kernels of k channels per group, k from min_k to max_k.
@@ -553,30 +506,70 @@ void by_group_size(int64_t k, const Call& call) {  // call(integral_constant<int
   call(std::integral_constant<int, K>());  // geometry() allows K to Max only
 }
 
-
 // The two kernels: the group sizes each computes, where its taps (kh x kw x K x C or kh x kw x C x K) hold the group
 // size and the channels, and its two passes.
 struct Rotated {
   static constexpr int kMin = kMinGroup, kMax = kMaxGroup, kGroupDim = 2, kChannelDim = 3;
+
   template <typename scalar_t, int K>
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
-    forward_kernel<scalar_t, K>(x, taps, y, g);
+    using V = Lanes<scalar_t>;
+    typename V::Index back[K];  // rotation by -e
+    #pragma GCC unroll 16
+    for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
+    for_pixel_blocks<pixels_at_once(K)>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
+      forward_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, b, oy, ox);
+    });
   }
+
   template <typename scalar_t, int K>
   static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
-    taps_gradient_kernel<scalar_t, K>(x, grad_y, grad_taps, g);
+    using V = Lanes<scalar_t>;
+    constexpr int64_t S = kLanes / K * K;  // channels per block
+    constexpr int J = columns_at_once(K);
+    typename V::Index rotation[K];
+    #pragma GCC unroll 16
+    for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
+    const int64_t rows = g.kh * g.kw * K, blocks = (g.c + S - 1) / S;  // rows of C taps; blocks padded to kLanes
+    auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
+      for_gradient_columns<J>(g, begin, end, S, [&](int64_t b, int64_t cb, int64_t i, int64_t j, auto columns) {
+        taps_gradient_columns<scalar_t, K, decltype(columns)::value>(x, grad_y, sums, g, rotation, b, i, j, cb);
+      });
+    };
+    const std::vector<scalar_t> total = thread_sums<scalar_t>(rows * blocks * kLanes, g.n, 1, images);
+    for (int64_t row = 0; row < rows; ++row)  // drop the padding
+      for (int64_t block = 0; block < blocks; ++block) {
+        const auto from = total.begin() + (row * blocks + block) * kLanes;
+        std::copy(from, from + std::min(S, g.c - block * S), grad_taps + row * g.c + block * S);
+      }
   }
 };
 
 struct Broadcast {
   static constexpr int kMin = kMinBroadcast, kMax = kMaxBroadcast, kGroupDim = 3, kChannelDim = 2;
+
   template <typename scalar_t, int K>
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
-    broadcast_forward_kernel<scalar_t, K>(x, taps, y, g);
+    const Group<scalar_t, K> group;
+    constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
+    for_pixel_blocks<P>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
+      broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, b, oy, ox);
+    });
   }
+
   template <typename scalar_t, int K>
   static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
-    broadcast_gradient_kernel<scalar_t, K>(x, grad_y, grad_taps, g);
+    constexpr int J = broadcast_columns_at_once(), width = Group<scalar_t, K>::R * kLanes;  // padded to registers
+    const Group<scalar_t, K> group;
+    const int64_t taps = g.kh * g.kw * g.c;  // rows of K entries
+    auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
+      for_gradient_columns<J>(g, begin, end, K, [&](int64_t b, int64_t base, int64_t i, int64_t j, auto columns) {
+        broadcast_gradient_channels<scalar_t, K, decltype(columns)::value>(x, grad_y, sums, g, group, b, i, j, base);
+      });
+    };
+    const std::vector<scalar_t> total = thread_sums<scalar_t>(taps * width, g.n, 1, images);
+    for (int64_t row = 0; row < taps; ++row)  // drop the padding
+      std::copy(total.begin() + row * width, total.begin() + row * width + K, grad_taps + row * K);
   }
 };
 
