@@ -207,13 +207,20 @@ def rotations(weight: torch.Tensor) -> torch.Tensor:
     return weight[rows, columns].permute(2, 3, 0, 1).contiguous()  # K x C x kh x kw -> kh x kw x K x C
 
 
+def group_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """A grouped kernel (``C x K x kh x kw``, ``K`` channels per group in and out) as its groups' blocks:
+    ``G x K out x K in x kh x kw`` (a view)."""
+    channels, k = weight.shape[:2]
+    return weight.view(channels // k, k, k, *weight.shape[2:])
+
+
 def broadcast_taps(weight: torch.Tensor) -> torch.Tensor:
     """A ``C x K x kh x kw`` grouped kernel (``K`` channels per group, in and out) as the ``broadcast`` kernel reads
     it: ``kh x kw x C x K``, ``taps[i, j, c, e] = weight[base(c) + e, c % K, i, j]``, the ``K`` output channels input
     channel ``c`` feeds."""
     channels, k, kh, kw = weight.shape
-    blocks = weight.view(channels // k, k, k, kh, kw)  # G x K out x K in x kh x kw
-    return blocks.permute(3, 4, 0, 2, 1).reshape(kh, kw, channels, k).contiguous()  # kh x kw x G x K in x K out
+    taps = group_blocks(weight).permute(3, 4, 0, 2, 1)  # kh x kw x G x K in x K out
+    return taps.reshape(kh, kw, channels, k).contiguous()
 
 
 def broadcast_weight_gradient(grad_taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -235,9 +242,7 @@ def flipped_transpose(weight: torch.Tensor) -> torch.Tensor:
     """The kernel whose stride-1 convolution of the output gradient is the input gradient of a grouped conv
     (``C x K x kh x kw``, ``K`` channels per group in and out): each group's ``K x K`` block transposed, each
     kernel turned by 180 degrees."""
-    channels, k = weight.shape[:2]
-    blocks = weight.view(channels // k, k, k, *weight.shape[2:])  # G x K out x K in x kh x kw
-    return blocks.transpose(1, 2).flip(3, 4).reshape(weight.shape)
+    return group_blocks(weight).transpose(1, 2).flip(3, 4).reshape(weight.shape)
 
 
 class FewChannelKernel(NamedTuple):
