@@ -5,6 +5,7 @@ a finished study, warm-up, and studies from before these settings still resuming
 import json
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -110,6 +111,23 @@ def test_lr_extend_steps_once_past_the_edge_where_a_points_best_rate_is():
     assert [(p.config.segments, p.lr) for p in lr_extensions(cfg, finished)] == [("all", 0.2)] * 2  # 1: unfinished
     assert lr_extensions(from_settings({"segments": "1,4,all", "lr": "0.025,0.05,0.1", "seeds": "0,1"}),
                          finished) == []  # not asked for
+
+
+def test_a_worker_takes_a_point_beyond_the_edge_while_another_point_still_runs(monkeypatch):
+    from continuum.sweep import study as study_module
+    cfg = from_settings({"segments": "1,4", "lr": "0.025,0.05", "lr_extend": "on"})
+    points = {(p.config.segments, p.lr): p for p in grid_points(cfg)}
+    grid = [point_key(p) for p in points.values()]
+    study = optuna.create_study(direction="maximize")
+    for at, acc in {(1, 0.025): 0.9, (1, 0.05): 0.8, (4, 0.025): 0.7}.items():  # segments 1: best at the edge
+        key = point_key(points[at])
+        study.add_trial(optuna.trial.create_trial(value=acc, user_attrs={"point": key, "val_acc": acc}))
+    study.ask().set_user_attr("point", point_key(points[4, 0.05]))  # another worker's, running
+    monkeypatch.setattr(study_module.time, "sleep", lambda seconds: pytest.fail("waited for the running point"))
+    assert study_module.has_work(study, cfg, grid)
+    beyond = point_key(points[1, 0.025]._replace(lr=0.0125))
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["point"] for t in waiting] == [beyond] and grid[-1] == beyond
 
 
 def test_a_tuned_sweep_trains_each_point_at_its_rate(tmp_path):

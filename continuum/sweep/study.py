@@ -207,32 +207,6 @@ def remaining(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> int
     return max(0, cfg.n_trials - count_trials(study, DONE))
 
 
-def has_work(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> bool:
-    """Whether this worker has a trial to run now: a search short of ``n_trials``, or a queued grid point.
-
-    Fails the grid's trials whose heartbeat went stale, so that their points are queued again (a dead worker's point
-    is rerun, first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`). While only
-    other workers' trials of the grid are running, waits for them.
-
-    Raises:
-        StopRequested: SIGUSR1 asked this process to stop (:func:`~continuum.sweep.signals.stop_requested`).
-    """
-    while True:
-        if stop_requested():
-            raise StopRequested("stopped between trials")
-        if cfg.search != "grid":
-            return count_trials(study, DONE) < cfg.n_trials
-        with warnings.catch_warnings():  # experimental since Optuna 2.9, and what heartbeats are for
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
-        if count_trials(study, (TrialState.WAITING,)):
-            return True
-        if not count_trials(study, (TrialState.RUNNING,), set(grid)):
-            return False
-        time.sleep(min(cfg.heartbeat, 2))
-
-
 def extend_grid(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
     """Add to ``grid`` the points ``lr_extend`` asks for now that its rates have finished
     (:func:`~continuum.sweep.points.lr_extensions`); returns whether any were new.
@@ -250,6 +224,40 @@ def extend_grid(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
         log.info("%d point(s) at a learning rate beyond the grid's edge, where the best rate was", len(new))
     grid.extend(new)
     return bool(new)
+
+
+def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
+    """Whether this worker has a trial to run now: a search short of ``n_trials``, or a queued grid point.
+
+    Fails the grid's trials whose heartbeat went stale, so that their points are queued again (a dead worker's point
+    is rerun, first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`). Adds the points
+    ``lr_extend`` asks for as soon as their rates have finished (:func:`extend_grid`), other points still running or
+    not. While only other workers' trials of the grid are running, waits for them.
+
+    Args:
+        study: the study.
+        cfg: the sweep.
+        grid: the keys of the grid's points (:func:`~continuum.sweep.points.point_key`), extended in place.
+
+    Raises:
+        StopRequested: SIGUSR1 asked this process to stop (:func:`~continuum.sweep.signals.stop_requested`).
+    """
+    while True:
+        if stop_requested():
+            raise StopRequested("stopped between trials")
+        if cfg.search != "grid":
+            return count_trials(study, DONE) < cfg.n_trials
+        with warnings.catch_warnings():  # experimental since Optuna 2.9, and what heartbeats are for
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
+        if count_trials(study, (TrialState.WAITING,)):
+            return True
+        if extend_grid(study, cfg, grid):
+            continue  # queued on the next pass
+        if not count_trials(study, (TrialState.RUNNING,), set(grid)):
+            return False
+        time.sleep(min(cfg.heartbeat, 2))
 
 
 def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
@@ -285,7 +293,7 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             after_export(folder, tables.trials())
 
     try:
-        while has_work(study, cfg, grid) or (extend_grid(study, cfg, grid) and has_work(study, cfg, grid)):
+        while has_work(study, cfg, grid):
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,),
                                callbacks=[write, lambda s, t: bar.update()])
