@@ -67,9 +67,14 @@ def worker_env(index: int, workers: int) -> dict[str, str]:
     if len(gpus) > 1:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     else:
-        threads = str(worker_threads(workers))
-        env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env |= thread_env(workers)
     return env
+
+
+def thread_env(workers: int) -> dict[str, str]:
+    """The environment variables that hold each of ``workers`` processes to its share of the CPU threads."""
+    threads = str(worker_threads(workers))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def worker_threads(workers: int) -> int:
