@@ -132,7 +132,7 @@ def test_tuning_before_the_workers_waits_only_for_calls_that_come_again(tmp_path
     TUNER.forget()
     try:  # a call found busy in the parent at its own thread count (a width matched to a budget): never met again
         TUNER.retry_at[("a call at another thread count",)] = time.monotonic() - 1
-        workers.tune_for_workers(cfg, data, points, progress=False)
+        workers.tune_for_workers(cfg, data, [point.config for point in points], progress=False)
         assert len(tunings) == 1 and strategy.next_retry_s() == 0.0  # tuned once, the other call left waiting
         monkeypatch.setattr(TUNER, "_tuned", lambda *args: pytest.fail("counting a model's cost tuned a conv"))
         layer_costs(build_model(points[0].config, data), (1, 28, 28))
@@ -154,7 +154,7 @@ def test_tuning_before_the_workers_builds_each_model_at_the_width_its_trials_tra
     tuned = []
     monkeypatch.setattr(workers, "tune_kernels", lambda model, *args: tuned.append(model))
     monkeypatch.setattr(workers, "next_retry_s", lambda *args: None)
-    workers.tune_for_workers(cfg, data, points, progress=False)
+    workers.tune_for_workers(cfg, data, [point.config for point in points], progress=False)
     widths = [matched(point.config, cfg, data).width for point in points]
     assert widths[0] != 1.0 and widths[1] > widths[0]  # depthwise needs more channels for the same parameters
     assert [[p.shape for p in model.parameters()] for model in tuned] == \
@@ -179,7 +179,7 @@ def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_ke
         assert strategy.next_retry_s() is None  # the conv found busy was tuned once the machine was quiet
     finally:
         TUNER.forget()
-    assert "tuning the conv kernels of 1 model(s) before the workers start" in caplog.text  # segments 1 is done
+    assert "tuning the conv kernels of 1 model(s) of default before" in caplog.text  # segments 1 is done
     assert "not tuned while the machine is busy (another job ran)" in caplog.text and "stayed busy" not in caplog.text
     cached = json.loads((tmp_path / "cache" / "conv_strategies.json").read_text())
     threads = f"x{worker_threads(2)} threads"

@@ -13,10 +13,13 @@ Examples:
   python -m continuum.sweep --segments 1,all --tracker tensorboard --save-models
   python -m continuum.sweep --search nsga2 --n-trials 40 --objectives val_acc,latency
   python -m continuum.sweep --config experiments/spectrum.toml
+  python -m continuum.sweep --config a_lr.toml --config a.toml --config b.toml --workers 2   # studies in turn
   python -m continuum.sweep --dataset cifar10 --device cuda --storage postgresql://user@host/continuum
 
 Results go to OUT/STUDY/: trials.csv (+ .parquet), curves.csv, summary.md, plots; the Optuna study lives in
 OUT/STUDY/study.db unless --storage names another database. Rerunning the same command resumes the study.
+Several --config files run their studies in turn on the same workers: a worker with nothing left to start in one
+study takes the next one's points, and a study waits for the lr_study (or search) it reads when that is listed too.
 Ctrl-C or SIGTERM stops it at once, SIGUSR1 after the epoch in progress (continuum.sweep.signals).
 """
 
@@ -27,20 +30,21 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import optuna
 import sqlalchemy.exc
 
 from continuum.allocator import keep_freed_memory
+from continuum.config import DataConfig
 from continuum.data import DataError, TensorData, load_dataset
 from continuum.report import write_report, write_summary
 from continuum.strategy import check_environment
-from continuum.sweep.points import check_fits_memory, grid_points, matched
+from continuum.sweep.points import check_fits_memory, grid_models, grid_points, matched
 from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
 from continuum.sweep.signals import install_stop_handlers
 from continuum.sweep.study import check_paths, run, storage_url
-from continuum.sweep.workers import check_worker_count, run_workers, workers_per_device
+from continuum.sweep.workers import check_queue, check_worker_count, dependency, run_workers, workers_per_device
 from continuum.tracking import Trackers
 from continuum.train import StopRequested, resolve_device
 
@@ -57,7 +61,9 @@ def build_parser(prog: str = "python -m continuum.sweep") -> argparse.ArgumentPa
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     run_options = parser.add_argument_group("this run")
-    run_options.add_argument("--config", type=Path, help="experiment file (TOML) with these settings")
+    run_options.add_argument("--config", type=Path, action="append",
+                             help="experiment file (TOML) with these settings; several: their studies in turn, on "
+                                  "the same workers (the other options apply to each)")
     run_options.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     return parser
 
@@ -69,9 +75,14 @@ def quiet_logs(quiet: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
-def prepare(cfg: SweepConfig) -> TensorData:
+def prepare(cfg: SweepConfig, queued: Collection[str] = ()) -> TensorData:
     """The sweep's data, after checking that its device exists, the environment's settings are valid, the results
     and storage paths are writable and every grid point builds (nothing is written before this passes).
+
+    Args:
+        cfg: the sweep.
+        queued: studies that run before this one in the same command: the ``lr_study`` (or search) it reads, when
+            among them, is read once complete, not now; its models are checked now where they are known.
 
     Raises:
         ValueError, DataError: a bad device, more workers than the machine has cores, a bad environment variable,
@@ -85,8 +96,9 @@ def prepare(cfg: SweepConfig) -> TensorData:
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir).holdout(cfg.data.holdout).subset(
         cfg.data.train_size, cfg.data.val_size)
     if cfg.search == "grid":
-        for point in grid_points(cfg):
-            check_fits_memory(matched(point.config, cfg, data), data, device, cfg.train,
+        later = dependency(cfg) in queued
+        for config in grid_models(cfg) if later else (point.config for point in grid_points(cfg)):
+            check_fits_memory(matched(config, cfg, data), data, device, cfg.train,
                               workers_per_device(cfg.workers, device))
     return data
 
@@ -100,13 +112,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.swe
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "quiet") and v is not None}
     try:
         quiet_logs(args.quiet)
-        cfg = from_settings((read_experiment(args.config) if args.config else {}) | settings)
-        data = prepare(cfg)
+        cfgs = [from_settings((read_experiment(path) if path else {}) | settings) for path in args.config or [None]]
+        check_queue(cfgs)
+        loaded: dict[DataConfig, TensorData] = {}  # studies on the same data share one copy
+        datasets = [loaded.setdefault(cfg.data, prepare(cfg, [c.study for c in cfgs[:i]]))
+                    for i, cfg in enumerate(cfgs)]
         command = f"{prog} {shlex.join(argv)}"
-        sweep = run_workers if cfg.workers > 1 else run
-        sweep(cfg, data, not args.quiet, command, write_summary)
-        folder = Path(cfg.out) / cfg.study
-        write_report(folder)
+        if len(cfgs) > 1 or cfgs[0].workers > 1:
+            run_workers(cfgs, datasets, not args.quiet, command, write_summary, write_report)
+        else:
+            run(cfgs[0], datasets[0], not args.quiet, command, write_summary)
+            write_report(Path(cfgs[0].out) / cfgs[0].study)
     except (ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -122,6 +138,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.swe
         print(f"error: {reason[:300]}; finished trials are kept: fix this (free disk space, permissions, the "
               "database) and rerun the same command to resume", file=sys.stderr)
         return 1
-    print((folder / "summary.md").read_text())
-    print(f"results: {folder}/ (trials.csv, curves.csv, summary.md, plots); study {cfg.study!r} in {storage_url(cfg)}")
+    for cfg in cfgs:
+        folder = Path(cfg.out) / cfg.study
+        print((folder / "summary.md").read_text())
+        print(f"results: {folder}/ (trials.csv, curves.csv, summary.md, plots); study {cfg.study!r} in "
+              f"{storage_url(cfg)}")
     return 0

@@ -246,6 +246,16 @@ def grid_points(cfg: SweepConfig) -> Iterator[GridPoint]:
         yield GridPoint(config, lr if tried is None else tuned_lr(config, cfg, tried), seed)
 
 
+def grid_models(cfg: SweepConfig) -> list[ModelConfig]:
+    """The models of a grid's points, each once, in run order, without their learning rates (so without reading
+    the ``lr_study``); none for ``retrain``, whose models come from the finished search."""
+    if cfg.retrain is not None:
+        return []
+    combinations = itertools.product(*(getattr(cfg, f.name) for f in axis_fields()))
+    configs = (_axis_point(cfg, values)[0] for values in combinations)
+    return list({json.dumps(config.to_dict(), sort_keys=True, default=list): config for config in configs}.values())
+
+
 def lr_extensions(cfg: SweepConfig, finished: dict[str, float]) -> list[GridPoint]:
     """With ``lr_extend``, the grid points one factor-2 step beyond the edge of the learning rates: for each model
     point whose rates (every seed of each) have all finished, where the rate with the best mean validation accuracy

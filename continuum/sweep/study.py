@@ -226,18 +226,20 @@ def extend_grid(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
     return bool(new)
 
 
-def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
+def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str], wait: bool = True) -> bool:
     """Whether this worker has a trial to run now: a search short of ``n_trials``, or a queued grid point.
 
     Fails the grid's trials whose heartbeat went stale, so that their points are queued again (a dead worker's point
     is rerun, first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`). Adds the points
     ``lr_extend`` asks for as soon as their rates have finished (:func:`extend_grid`), other points still running or
-    not. While only other workers' trials of the grid are running, waits for them.
+    not. While only other workers' trials of the grid are running, waits for them (their points may come back, or
+    extend the grid) when ``wait``, else answers no at once.
 
     Args:
         study: the study.
         cfg: the sweep.
         grid: the keys of the grid's points (:func:`~continuum.sweep.points.point_key`), extended in place.
+        wait: wait for the other workers' trials; without, a search's running trials count as taken, too.
 
     Raises:
         StopRequested: SIGUSR1 asked this process to stop (:func:`~continuum.sweep.signals.stop_requested`).
@@ -246,7 +248,7 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
         if stop_requested():
             raise StopRequested("stopped between trials")
         if cfg.search != "grid":
-            return count_trials(study, DONE) < cfg.n_trials
+            return count_trials(study, DONE if wait else (*DONE, TrialState.RUNNING)) < cfg.n_trials
         with warnings.catch_warnings():  # experimental since Optuna 2.9, and what heartbeats are for
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -255,14 +257,14 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
             return True
         if extend_grid(study, cfg, grid):
             continue  # queued on the next pass
-        if not count_trials(study, (TrialState.RUNNING,), set(grid)):
+        if not wait or not count_trials(study, (TrialState.RUNNING,), set(grid)):
             return False
         time.sleep(min(cfg.heartbeat, 2))
 
 
 def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str | None = None,
-        after_export: Callable[[Path, pd.DataFrame], object] | None = None, worker: int | None = None
-        ) -> optuna.Study:
+        after_export: Callable[[Path, pd.DataFrame], object] | None = None, worker: int | None = None,
+        wait: bool = True) -> optuna.Study:
     """Run (or resume) the sweep ``cfg`` on ``data``, writing its results tables after every trial.
 
     Args:
@@ -274,6 +276,7 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
         after_export: called with the results folder and the trials table after every export (the command line
             writes the summary from it, without reading the tables back).
         worker: the local worker number of ``--workers N`` (seeds a search's sampler), ``None`` on its own.
+        wait: stay while only other workers' trials run (:func:`has_work`); without, leave once no trial is free.
     """
     folder = Path(cfg.out) / cfg.study
     study = connect(cfg, worker)
@@ -293,7 +296,7 @@ def run(cfg: SweepConfig, data: TensorData, progress: bool = True, command: str 
             after_export(folder, tables.trials())
 
     try:
-        while has_work(study, cfg, grid):
+        while has_work(study, cfg, grid, wait):
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,),
                                callbacks=[write, lambda s, t: bar.update()])

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs (or resumes) the campaign's studies in the order experiments/PROTOCOL.md fixes; each step resumes where it
-# stopped, so rerunning this script after an interruption loses at most the epochs that were in progress (none
-# after `pkill -USR1 -f continuum.sweep`, which stops each worker once its epoch in progress is saved).
+# Runs (or resumes) the campaign's studies in the order experiments/PROTOCOL.md fixes, in one sweep whose two
+# workers take the studies in turn: a worker with nothing left to start in one study takes the next study's points
+# rather than idle beside the other's last trial, and a study starts once the learning-rate study it reads is
+# complete. Each study resumes where it stopped, so rerunning this script after an interruption loses at most the
+# epochs that were in progress (none after `pkill -USR1 -f continuum.sweep`, which stops each worker once its epoch
+# in progress is saved).
 #   bash experiments/campaign/run.sh               the pilot: pilot_lr, pilot, pilot_long
 #   bash experiments/campaign/run.sh ablations     every ablation, each learning-rate study before its study (set the
 #                                                  epochs and seeds the pilot chose in their files first)
@@ -20,8 +23,10 @@ case "${1:-}" in
     ablations) studies=("${ablations[@]}") ;;
     *) studies=("$@") ;;
 esac
+configs=()
 for study in "${studies[@]}"; do
-    echo "$(date -Is) start $study (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-    "$python" -m continuum.sweep --config "experiments/campaign/$study.toml" --quiet
-    echo "$(date -Is) done $study"
+    configs+=(--config "experiments/campaign/$study.toml")
 done
+echo "$(date -Is) start ${studies[*]} (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+"$python" -m continuum.sweep "${configs[@]}" --quiet
+echo "$(date -Is) done ${studies[*]}"
