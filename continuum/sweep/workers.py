@@ -118,7 +118,7 @@ def check_worker_count(workers: int) -> None:
 
 def tune_for_workers(cfg: SweepConfig, data: TensorData, configs: Sequence[ModelConfig], progress: bool = True,
                      deadline: float | None = None) -> None:
-    """Tune the conv kernels of every model ``points`` train, here, before the workers start, with a worker's
+    """Tune the conv kernels of the models ``configs``, here, before the workers start, with a worker's
     thread count. Once they run, each keeps the others' cores busy, so the tuner (rightly) times nothing in them
     and they would train on the plain grouped conv throughout; the choices made here on the quiet machine go to the
     disk cache, which they read. Where another job keeps the machine busy, it tunes again when the tuner asks,
