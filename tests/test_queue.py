@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from continuum import results
+from continuum.data import load_dataset
+from continuum.sweep import cli
 from continuum.sweep.cli import main, prepare
 from continuum.sweep.objective import worker_id
 from continuum.sweep.settings import from_settings
@@ -67,10 +69,13 @@ def _configs(tmp_path, studies: dict[str, dict]) -> list[str]:
     return configs
 
 
-def test_studies_take_turns_on_two_workers_and_each_point_runs_once(tmp_path, caplog, native_kernels):
+def test_studies_take_turns_on_two_workers_and_each_point_runs_once(tmp_path, caplog, monkeypatch, native_kernels):
     configs = _configs(tmp_path, {name: BASE | {"study": name} | own for name, own in STUDIES.items()})
+    loads = []
+    monkeypatch.setattr(cli, "load_dataset", lambda *args: loads.append(args) or load_dataset(*args))
     with caplog.at_level(logging.WARNING):
         assert main([*configs, "--out", str(tmp_path), "--quiet"]) == 0
+    assert len(loads) == 1  # the three studies' data settings are the same: one copy, loaded once
     tables = {name: results.load(tmp_path / name) for name in STUDIES}
     assert {name: len(table) for name, table in tables.items()} == {"a_lr": 2, "a": 1, "c": 2}
     for name, table in tables.items():

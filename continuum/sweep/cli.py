@@ -40,7 +40,7 @@ from continuum.config import DataConfig
 from continuum.data import DataError, TensorData, load_dataset
 from continuum.report import write_report, write_summary
 from continuum.strategy import check_environment
-from continuum.sweep.points import check_fits_memory, grid_models, grid_points, matched
+from continuum.sweep.points import check_fits_memory, grid_models, grid_points, matched, unique_models
 from continuum.sweep.settings import SweepConfig, add_arguments, from_settings, read_experiment
 from continuum.sweep.signals import install_stop_handlers
 from continuum.sweep.study import check_paths, run, storage_url
@@ -75,7 +75,8 @@ def quiet_logs(quiet: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
-def prepare(cfg: SweepConfig, queued: Collection[str] = ()) -> TensorData:
+def prepare(cfg: SweepConfig, queued: Collection[str] = (),
+            loaded: dict[DataConfig, TensorData] | None = None) -> TensorData:
     """The sweep's data, after checking that its device exists, the environment's settings are valid, the results
     and storage paths are writable and every grid point builds (nothing is written before this passes).
 
@@ -83,6 +84,8 @@ def prepare(cfg: SweepConfig, queued: Collection[str] = ()) -> TensorData:
         cfg: the sweep.
         queued: studies that run before this one in the same command: the ``lr_study`` (or search) it reads, when
             among them, is read once complete, not now; its models are checked now where they are known.
+        loaded: the data already loaded for the studies before it, by data setting: one on the same data shares
+            that copy (and is not loaded again); its own is added.
 
     Raises:
         ValueError, DataError: a bad device, more workers than the machine has cores, a bad environment variable,
@@ -93,11 +96,14 @@ def prepare(cfg: SweepConfig, queued: Collection[str] = ()) -> TensorData:
     check_environment()
     check_paths(cfg)
     Trackers(cfg.trackers)  # each can be made (installed, importable)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir).holdout(cfg.data.holdout).subset(
-        cfg.data.train_size, cfg.data.val_size)
+    loaded = {} if loaded is None else loaded
+    if cfg.data not in loaded:
+        loaded[cfg.data] = load_dataset(cfg.data.dataset, cfg.data.data_dir).holdout(cfg.data.holdout).subset(
+            cfg.data.train_size, cfg.data.val_size)
+    data = loaded[cfg.data]
     if cfg.search == "grid":
         later = dependency(cfg) in queued
-        for config in grid_models(cfg) if later else (point.config for point in grid_points(cfg)):
+        for config in grid_models(cfg) if later else unique_models(point.config for point in grid_points(cfg)):
             check_fits_memory(matched(config, cfg, data), data, device, cfg.train,
                               workers_per_device(cfg.workers, device))
     return data
@@ -115,8 +121,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.swe
         cfgs = [from_settings((read_experiment(path) if path else {}) | settings) for path in args.config or [None]]
         check_queue(cfgs)
         loaded: dict[DataConfig, TensorData] = {}  # studies on the same data share one copy
-        datasets = [loaded.setdefault(cfg.data, prepare(cfg, [c.study for c in cfgs[:i]]))
-                    for i, cfg in enumerate(cfgs)]
+        datasets = [prepare(cfg, [c.study for c in cfgs[:i]], loaded) for i, cfg in enumerate(cfgs)]
         command = f"{prog} {shlex.join(argv)}"
         if len(cfgs) > 1 or cfgs[0].workers > 1:
             run_workers(cfgs, datasets, not args.quiet, command, write_summary, write_report)

@@ -10,7 +10,7 @@ import logging
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import optuna
 import pandas as pd
@@ -220,6 +220,16 @@ class GridPoint(NamedTuple):
     seed: int
 
 
+def model_key(config: ModelConfig) -> str:
+    """The canonical text of a model: the same for every learning rate and seed of a point."""
+    return json.dumps(config.to_dict(), sort_keys=True, default=list)
+
+
+def unique_models(configs: Iterable[ModelConfig]) -> list[ModelConfig]:
+    """``configs`` each once (by :func:`model_key`), in their first order."""
+    return list({model_key(config): config for config in configs}.values())
+
+
 def point_key(point: GridPoint) -> str:
     """The canonical text of a grid point: how a rerun recognises work already done."""
     knobs = point.config.to_dict() | {"lr": point.lr}
@@ -253,7 +263,7 @@ def grid_models(cfg: SweepConfig) -> list[ModelConfig]:
         return []
     combinations = itertools.product(*(getattr(cfg, f.name) for f in axis_fields()))
     configs = (_axis_point(cfg, values)[0] for values in combinations)
-    return list({json.dumps(config.to_dict(), sort_keys=True, default=list): config for config in configs}.values())
+    return unique_models(configs)
 
 
 def lr_extensions(cfg: SweepConfig, finished: dict[str, float]) -> list[GridPoint]:
@@ -271,7 +281,7 @@ def lr_extensions(cfg: SweepConfig, finished: dict[str, float]) -> list[GridPoin
     rates = grid_rates(cfg)
     by_model: dict[str, list[GridPoint]] = {}
     for point in grid_points(cfg):
-        by_model.setdefault(json.dumps(point.config.to_dict(), sort_keys=True, default=list), []).append(point)
+        by_model.setdefault(model_key(point.config), []).append(point)
     added = []
     for points in by_model.values():
         scores = {rate: [finished.get(point_key(p)) for p in points if p.lr == rate] for rate in rates}

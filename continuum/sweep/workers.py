@@ -15,7 +15,6 @@ then stops too.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -37,7 +36,8 @@ from continuum.data import TensorData
 from continuum.knobs import SegmentError
 from continuum.strategy import TUNER, current_mode, next_retry_s
 from continuum.sweep.objective import worker_id
-from continuum.sweep.points import WORKER_LOST, build_model, grid_models, grid_points, matched, point_key
+from continuum.sweep.points import (WORKER_LOST, build_model, grid_models, grid_points, matched, model_key, point_key,
+                                   unique_models)
 from continuum.sweep.settings import SweepConfig
 from continuum.sweep.signals import stop_requested, wait_for_stop
 from continuum.sweep.storage import open_storage, storage_file
@@ -136,14 +136,13 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, configs: Sequence[Model
     """
     if resolve_device(cfg.train.device).type != "cpu" or current_mode() != "auto":
         return
-    unmatched = {json.dumps(config.to_dict(), sort_keys=True, default=list): config for config in configs}
     models = {}  # each model once (a point's rates and seeds share it), as its trials train it: width-matched
-    for config in unmatched.values():
+    for config in unique_models(configs):
         try:
             config = matched(config, cfg, data)
         except (ValueError, SegmentError):
             continue  # left to its trial to fail
-        models[json.dumps(config.to_dict(), sort_keys=True, default=list)] = config
+        models[model_key(config)] = config
     if not models:
         return
     log.warning("tuning the conv kernels of %d model(s) of %s before the workers start (the first time on a machine: "
@@ -435,7 +434,7 @@ def run_workers(cfgs: Sequence[SweepConfig], datasets: Sequence[TensorData], pro
                 for process, _ in running.values():
                     process.send_signal(signal.SIGUSR1)
                 passed_on = True
-            else:
+            elif progress:
                 opened = [queued for queued in queue.studies if queued.study is not None]
                 bar.total = sum(queued.total_trials() for queued in opened)
                 bar.n = min(sum(queued.done_trials() for queued in opened), bar.total)
