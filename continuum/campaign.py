@@ -318,7 +318,8 @@ def _spectrum(study: str, budget: str) -> Ablation:
         "Where on the continuum is accuracy best at a fixed budget? The paper: depthwise (all) is best.",
         (study,),
         tuple(Claim(f"all vs {k}", study, "segments", k, "all", "higher") for k in SPECTRUM_COUNTS),
-        "Fashion-MNIST at 28 px and a 300,000-parameter net, not ImageNet; one learning-rate grid per arm.",
+        f"Fashion-MNIST at 28 px and small nets matched in {budget} (each arm's size above), not ImageNet; one "
+        "learning-rate grid per arm.",
         ("spectrum.png", "pareto_macs.png", "curves.png"))
 
 
