@@ -149,16 +149,19 @@ def test_tuning_before_the_workers_builds_each_model_at_the_width_its_trials_tra
     data = make_synthetic(train_size=32, val_size=16)
     plain = {"dataset": "synthetic", "width": 0.25, "segments": "1,all", "workers": 2, "batch_size": 16}
     budget = sum(p.numel() for p in build_model(next(grid_points(from_settings(plain))).config, data).parameters())
-    cfg = from_settings({key: value for key, value in plain.items() if key != "width"} | {"match_params": budget})
-    points = list(grid_points(cfg))
+    cfg = from_settings({key: value for key, value in plain.items() if key != "width"}
+                        | {"match_params": budget, "seeds": "0,1"})
+    points = list(grid_points(cfg))  # each model twice: once per seed
+    models = [points[0].config, points[2].config]
+    assert [point.config for point in points] == [models[0], models[0], models[1], models[1]]
     tuned = []
     monkeypatch.setattr(workers, "tune_kernels", lambda model, *args: tuned.append(model))
     monkeypatch.setattr(workers, "next_retry_s", lambda *args: None)
     workers.tune_for_workers(cfg, data, [point.config for point in points], progress=False)
-    widths = [matched(point.config, cfg, data).width for point in points]
+    widths = [matched(config, cfg, data).width for config in models]
     assert widths[0] != 1.0 and widths[1] > widths[0]  # depthwise needs more channels for the same parameters
     assert [[p.shape for p in model.parameters()] for model in tuned] == \
-        [[p.shape for p in build_model(matched(point.config, cfg, data), data).parameters()] for point in points]
+        [[p.shape for p in build_model(matched(config, cfg, data), data).parameters()] for config in models]
 
 
 def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_kernels_tuned_before(

@@ -36,7 +36,7 @@ from continuum.data import TensorData
 from continuum.knobs import SegmentError
 from continuum.strategy import TUNER, current_mode, next_retry_s
 from continuum.sweep.objective import worker_id
-from continuum.sweep.points import (WORKER_LOST, build_model, grid_models, grid_points, matched, model_key, point_key,
+from continuum.sweep.points import (WORKER_LOST, build_model, grid_models, grid_points, matched, point_key,
                                    unique_models)
 from continuum.sweep.settings import SweepConfig
 from continuum.sweep.signals import stop_requested, wait_for_stop
@@ -136,13 +136,12 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, configs: Sequence[Model
     """
     if resolve_device(cfg.train.device).type != "cpu" or current_mode() != "auto":
         return
-    models = {}  # each model once (a point's rates and seeds share it), as its trials train it: width-matched
+    models = []  # each model once (a point's rates and seeds share it), as its trials train it: width-matched
     for config in unique_models(configs):
         try:
-            config = matched(config, cfg, data)
+            models.append(matched(config, cfg, data))
         except (ValueError, SegmentError):
             continue  # left to its trial to fail
-        models[model_key(config)] = config
     if not models:
         return
     log.warning("tuning the conv kernels of %d model(s) of %s before the workers start (the first time on a machine: "
@@ -153,7 +152,7 @@ def tune_for_workers(cfg: SweepConfig, data: TensorData, configs: Sequence[Model
     deadline = time.monotonic() + QUIET_WAIT_SECONDS if deadline is None else deadline  # for waits and tunings
     untuned = False
     try:
-        for config in tqdm(models.values(), desc="tuning conv kernels", unit="model", disable=not progress):
+        for config in tqdm(models, desc="tuning conv kernels", unit="model", disable=not progress):
             try:
                 model = build_model(config, data)
             except (ValueError, SegmentError):
