@@ -5,9 +5,9 @@
 :data:`BROADCAST_WIDTHS` channels per group, CPUs with AVX-512 or AVX2 only) and :func:`batch_norm_kernels`
 ``batch_norm.cpp`` (batch norm's channels-last training pass) with ``torch.utils.cpp_extension`` the first time a
 process asks for one: about half a minute each, the few-channel kernel one to two minutes (they include ATen and
-pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once per machine, torch version and CPU model
-(in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the
-built library in a second.
+pybind11's tensor casts, not ``torch/extension.h``, which doubles that), once per machine, CPU model, torch install
+and checkout (in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later
+processes load the built library in a second.
 :func:`build_all` builds every one of them at once, side by side.
 Where it cannot be built (no compiler, no ``ninja``, a compile error) or ``$CONTINUUM_BUILD_KERNELS`` is ``0``, it
 is ``None`` and the strategies that need it are not candidates: everything still runs, on torch's own kernels.
@@ -68,14 +68,18 @@ def _cpp_extension() -> ModuleType:
 def built(name: str) -> ModuleType | None:
     """``csrc/NAME.cpp`` built (or loaded from an earlier build), or ``None`` where it cannot be built here. Built
     with ``-O3 -march=native`` under a name holding a hash of torch's version, the CPU model and feature flags and
-    the source (a library built for one CPU may not run on another)."""
+    the source (a library built for one CPU may not run on another), and of what torch writes into the build's
+    command: the source's path, torch's install (its headers and libraries) and the compiler. Two checkouts or
+    environments sharing the extensions folder each keep their own build; under one name, each would rewrite the
+    other's build file and rebuild it (minutes) whenever the other had run."""
     if not building_allowed():
         return None
     cpp_extension = _cpp_extension()
     source = SOURCES / f"{name}.cpp"
     headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
     defines = [f"-D{macro}={value}" for macro, value in DEFINES.get(name, {}).items()]
-    machine = f"{torch.__version__}|{cpu_model()}|{cpu_flags_digest()}|{defines}"
+    command = f"{source.resolve()}|{Path(torch.__file__).resolve().parent}|{cpp_extension.get_cxx_compiler()}"
+    machine = f"{torch.__version__}|{cpu_model()}|{cpu_flags_digest()}|{defines}|{command}"
     build = hashlib.sha1(machine.encode() + source.read_bytes() + headers).hexdigest()[:12]
     try:
         return cpp_extension.load(f"continuum_{name}_{build}", [str(source)],

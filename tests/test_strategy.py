@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -507,8 +508,10 @@ def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tun
     zen3 = {"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx2 fma"}
     zen4 = {"model name": "AMD EPYC", "cpu family": "25", "model": "17", "flags": "fpu avx2 fma avx512f"}
     keys, builds = {}, []
-    fake_cpp_extension = SimpleNamespace(load=lambda name, *_, **__: builds.append(name))
+    fake_cpp_extension = SimpleNamespace(load=lambda name, *_, **__: builds.append(name),
+                                         get_cxx_compiler=lambda: "c++")
     monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake_cpp_extension)
+    monkeypatch.setattr(compiled, "building_allowed", lambda: True)  # whatever $CONTINUUM_BUILD_KERNELS says
     for name, info in (("zen3", zen3), ("zen4", zen4), ("zen4 masked", {**zen4, "flags": "fpu avx2 fma"})):
         monkeypatch.setattr(timing, "cpu_info", lambda info=info: info)
         timing.cpu_flags.cache_clear()
@@ -524,6 +527,33 @@ def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tun
     finally:
         monkeypatch.undo()
         timing.cpu_flags.cache_clear()  # this CPU's flags again
+
+
+def test_each_checkout_environment_and_compiler_keeps_its_own_build(monkeypatch, tmp_path):
+    """torch writes the source's path, its own headers' and libraries' paths and the compiler into a build's command:
+    two checkouts (or environments) sharing the extensions folder under one name would each rebuild the other's."""
+    names = []
+    compiler = ["c++"]
+    fake_cpp_extension = SimpleNamespace(load=lambda name, *_, **__: names.append(name),
+                                         get_cxx_compiler=lambda: compiler[0])
+    monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake_cpp_extension)
+    monkeypatch.setattr(compiled, "building_allowed", lambda: True)
+    other_checkout = tmp_path / "checkout" / "csrc"
+    shutil.copytree(compiled.SOURCES, other_checkout)  # the same sources, byte for byte, elsewhere
+    other_torch = tmp_path / "env" / "torch"
+    other_torch.mkdir(parents=True)
+    built.__wrapped__("depthwise")
+    built.__wrapped__("depthwise")  # the same inputs: the same build
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled, "SOURCES", other_checkout)
+        built.__wrapped__("depthwise")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__file__", str(other_torch / "__init__.py"))
+        built.__wrapped__("depthwise")
+    compiler[0] = "clang++"
+    built.__wrapped__("depthwise")
+    assert names[0] == names[1] and len(set(names)) == 4
+    assert all(name.startswith("continuum_depthwise_") for name in names)
 
 
 def test_the_cpp_kernels_are_built_here_and_left_out_where_they_cannot_be(monkeypatch):
