@@ -18,6 +18,7 @@ from continuum.config import ModelConfig
 from continuum.cost import model_cost
 from continuum.data import make_synthetic
 from continuum.sweep.cli import main
+from continuum.sweep import points
 from continuum.sweep.points import DUPLICATE, build_model, match_width
 from continuum.sweep.record import TRIAL_COLUMNS
 from continuum.sweep.settings import from_settings
@@ -343,6 +344,23 @@ def test_match_flops_scales_width_to_equal_flops():
     assert widths[1] < 1 < widths["all"]
     with pytest.raises(ValueError, match="--match-flops 1000: segments=1 gets no closer than"):
         match_width(ModelConfig(segments=1).validate(), 1000, data, "flops")
+
+
+def test_a_points_matched_width_is_searched_once_per_process(monkeypatch):
+    """The parent's checks, its tuning and every trial ask for the same point's width: searched once, the same
+    answer after; another budget, measure, image size or class count searches again."""
+    searches = []
+    monkeypatch.setattr(points, "_searched_width",
+                        lambda *args, search=points._searched_width: searches.append(args[1:]) or search(*args))
+    monkeypatch.setattr(points, "MATCHED_WIDTHS", {})
+    data, config = make_synthetic(train_size=16, val_size=16), ModelConfig(segments=4).validate()
+    first = match_width(config, 300_000, data)
+    assert match_width(ModelConfig(segments=4).validate(), 300_000, data) == first and len(searches) == 1
+    match_width(config, 250_000, data)
+    match_width(config, 300_000, data, "flops")
+    match_width(config, 300_000, make_synthetic(num_classes=5, train_size=16, val_size=16))
+    match_width(config, 300_000, make_synthetic(train_size=16, val_size=16, input_size=(3, 28, 28)))
+    assert len(searches) == 5
 
 
 @pytest.mark.parametrize("args,message", [

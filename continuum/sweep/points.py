@@ -159,14 +159,29 @@ MATCHED = {"params": "parameters", "flops": "FLOPs per image"}
 """What ``--match-params`` / ``--match-flops`` hold equal across points."""
 
 
+MATCHED_WIDTHS: dict[tuple, ModelConfig] = {}
+"""The widths :func:`match_width` found in this process, by point, target, measure and image size and classes (what
+a count depends on): the parent's checks, its tuning and each trial ask for the same point's width, a search of some
+40 models built and counted."""
+
+
 def match_width(config: ModelConfig, target: int, data: TensorData, measure: str = "params") -> ModelConfig:
     """The config with the width whose parameter count (or FLOPs per image, ``measure="flops"``) is closest to
     ``target`` (widths rounded to multiples of the segment count or width, so the point stays valid). The candidate
-    models are built on the meta device: counting them allocates nothing.
+    models are built on the meta device: counting them allocates nothing; a point's width is searched once per
+    process (:data:`MATCHED_WIDTHS`).
 
     Raises:
         ValueError: the model has no width knob, or no width comes within 2 % of ``target``.
     """
+    key = (model_key(config), target, measure, data.input_size, data.num_classes)
+    if key not in MATCHED_WIDTHS:
+        MATCHED_WIDTHS[key] = _searched_width(config, target, data, measure)
+    return MATCHED_WIDTHS[key]
+
+
+def _searched_width(config: ModelConfig, target: int, data: TensorData, measure: str) -> ModelConfig:
+    """:func:`match_width`'s search: a bisection on the width, each candidate built on the meta device and counted."""
     def count(width: float) -> tuple[int, ModelConfig]:
         candidate = ModelConfig(**(config.to_dict() | {"width": width, "width_divisor": _divisor(config)}))
         with torch.device("meta"):  # shapes only: nothing allocated, however wide
