@@ -130,3 +130,13 @@ def native_kernels():
 
     with conv_strategy("native"):
         yield
+
+
+@pytest.fixture
+def building_on():
+    """For tests that build the C++ kernels: skipped where ``$CONTINUUM_BUILD_KERNELS=0`` turns building off."""
+    from continuum.compiled import building_allowed
+    from continuum.files import BUILD_KERNELS
+
+    if not building_allowed():
+        pytest.skip(f"${BUILD_KERNELS}=0 turns the C++ kernels' builds off")

@@ -155,7 +155,7 @@ def test_the_benchmark_writes_both_tables(tmp_path, monkeypatch):
     assert (steps.ours_images_per_s > 0).all()
 
 
-def test_the_kernel_builds_here_and_without_it_torchs_batch_norm_runs(monkeypatch):
+def test_the_kernel_builds_here_and_without_it_torchs_batch_norm_runs(monkeypatch, building_on):
     assert batch_norm_kernels() is not None  # a compiler and ninja are here, as for the conv kernels
     monkeypatch.setenv("CONTINUUM_BUILD_KERNELS", "0")
     built.cache_clear()

@@ -122,7 +122,8 @@ def test_tuning_before_the_workers_waits_only_for_calls_that_come_again(tmp_path
     from continuum.sweep.points import build_model, grid_points
     from continuum.sweep.settings import from_settings
     from continuum.train import tune_kernels
-    cfg = from_settings({"dataset": "synthetic", "width": 0.25, "segments": "1", "workers": 2, "batch_size": 16})
+    cfg = from_settings({"dataset": "synthetic", "width": 0.25, "segments": "1", "workers": 2, "batch_size": 16,
+                         "device": "cpu"})  # tuning before the workers is for the CPU's shared cores
     data = make_synthetic(train_size=32, val_size=16)
     points = list(grid_points(cfg))
     monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path / "cache"))
@@ -147,7 +148,8 @@ def test_tuning_before_the_workers_builds_each_model_at_the_width_its_trials_tra
     from continuum.sweep.points import build_model, grid_points, matched
     from continuum.sweep.settings import from_settings
     data = make_synthetic(train_size=32, val_size=16)
-    plain = {"dataset": "synthetic", "width": 0.25, "segments": "1,all", "workers": 2, "batch_size": 16}
+    plain = {"dataset": "synthetic", "width": 0.25, "segments": "1,all", "workers": 2, "batch_size": 16,
+             "device": "cpu"}
     budget = sum(p.numel() for p in build_model(next(grid_points(from_settings(plain))).config, data).parameters())
     cfg = from_settings({key: value for key, value in plain.items() if key != "width"}
                         | {"match_params": budget, "seeds": "0,1"})
@@ -171,14 +173,15 @@ def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_ke
     from continuum.sweep.cli import main
     from continuum.sweep.workers import worker_threads
     from conftest import FAST
-    assert main([*FAST, "--out", str(tmp_path), "--segments", "1"]) == 0
+    cpu = [*FAST, "--device", "cpu"]  # tuning before the workers is for the CPU's shared cores
+    assert main([*cpu, "--out", str(tmp_path), "--segments", "1"]) == 0
     monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path / "cache"))
     busy = iter(["another job ran"])  # the first tuning finds the machine busy, later ones quiet
     monkeypatch.setattr(TUNER, "busy_reason", lambda *args, **kwargs: next(busy, None))  # xdist's other tests, too
     monkeypatch.setattr(strategy, "RETRY_SECONDS", 0.5)
     TUNER.forget()
     try:
-        assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0
+        assert main([*cpu, "--out", str(tmp_path), "--segments", "1,all", "--workers", "2"]) == 0
         assert strategy.next_retry_s() is None  # the conv found busy was tuned once the machine was quiet
     finally:
         TUNER.forget()
@@ -192,7 +195,7 @@ def test_a_sqlite_study_moves_to_a_journal_for_parallel_workers_that_train_on_ke
     assert (folder / "study.journal").exists() and (folder / "study.db.moved").exists()
     trials = results.load(folder)
     assert sorted(trials["segments"]) == ["1", "all"] and trials["trial"].is_unique
-    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all"]) == 0  # later runs use the journal
+    assert main([*cpu, "--out", str(tmp_path), "--segments", "1,all"]) == 0  # later runs use the journal
     assert len(results.load(folder)) == 2
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import torch
 import pytest
 
 from continuum import SegmentedConv2d, report, results
@@ -54,7 +55,8 @@ def test_synthetic_sweep_end_to_end(tmp_path, capsys):
                    "python", "timm", "optuna", "conv_strategies"):
         assert trials[column].notna().all(), column
     assert (trials["flops"] == 2 * trials["macs"]).all()
-    assert trials["cuda"].isna().all() and trials["conv_strategies"].str.fullmatch(r"(native|.* #[0-9a-f]{8})").all()
+    assert trials["cuda"].notna().all() == torch.cuda.is_available()  # --device auto: the GPU where there is one
+    assert trials["conv_strategies"].str.fullmatch(r"(native|.* #[0-9a-f]{8})").all()
     assert trials.set_index("segments")["params"].loc["1"].iloc[0] == 99_050  # continuum_small at width 0.25
     curves = results.load(folder, curves=True)
     assert len(curves) == 4 and set(curves["epoch"]) == {1}
@@ -265,7 +267,7 @@ def test_sigkill_loses_only_the_trial_in_progress(tmp_path):
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open storage postgresql://nobody@127.0.0.1:1/none"),
     (["--epochs", "0"], "epochs=0 is not valid"),
     (["--recipe", "adamw"], "recipe='adamw' is not valid"),
-    (["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
     (["--match-params", "1000", "--segments", "32"], "--match-params 1000: segments=32 gets no closer"),
     (["--lr", "0.05", "--lr-extend"], "lr_extend steps beyond the edges of a grid's learning rates; give two or more"),
