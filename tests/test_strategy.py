@@ -503,16 +503,24 @@ def test_the_cache_key_names_everything_that_changes_the_answer():
     assert "cl/nchw" in cl.split("|") and "fwd" in cl.split("|")
 
 
-def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tuned(monkeypatch):
+@pytest.fixture
+def build_names(monkeypatch) -> SimpleNamespace:
+    """A ``cpp_extension`` that builds nothing: ``.names`` records each name a kernel is built (or found) under,
+    ``.compiler`` is the compiler it reports; building on, whatever ``$CONTINUUM_BUILD_KERNELS`` says."""
+    fake = SimpleNamespace(names=[], compiler="c++")
+    fake.load = lambda name, *_, **__: fake.names.append(name)
+    fake.get_cxx_compiler = lambda: fake.compiler
+    monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake)
+    monkeypatch.setattr(compiled, "building_allowed", lambda: True)
+    return fake
+
+
+def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tuned(monkeypatch, build_names):
     """Two VMs may both call their CPU "AMD EPYC" (Zen 3 without AVX-512, Zen 4 with it): a kernel built or a choice
     tuned on one must not be taken for the other."""
     zen3 = {"model name": "AMD EPYC", "cpu family": "25", "model": "1", "flags": "fpu avx2 fma"}
     zen4 = {"model name": "AMD EPYC", "cpu family": "25", "model": "17", "flags": "fpu avx2 fma avx512f"}
-    keys, builds = {}, []
-    fake_cpp_extension = SimpleNamespace(load=lambda name, *_, **__: builds.append(name),
-                                         get_cxx_compiler=lambda: "c++")
-    monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake_cpp_extension)
-    monkeypatch.setattr(compiled, "building_allowed", lambda: True)  # whatever $CONTINUUM_BUILD_KERNELS says
+    keys = {}
     for name, info in (("zen3", zen3), ("zen4", zen4), ("zen4 masked", {**zen4, "flags": "fpu avx2 fma"})):
         monkeypatch.setattr(timing, "cpu_info", lambda info=info: info)
         timing.cpu_flags.cache_clear()
@@ -520,6 +528,7 @@ def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tun
         built.__wrapped__("depthwise")  # the name the library is built (or found) under
     assert keys["zen3"][0] == "AMD EPYC family 25 model 1" and keys["zen4"][0] == "AMD EPYC family 25 model 17"
     assert keys["zen4"][0] == keys["zen4 masked"][0] and len({key for _, key in keys.values()}) == 3
+    builds = build_names.names
     assert len(set(builds)) == 3 and all(name.startswith("continuum_depthwise_") for name in builds)
     monkeypatch.setattr(timing, "cpu_info", lambda: {})  # off Linux: what the platform says
     timing.cpu_flags.cache_clear()
@@ -530,15 +539,9 @@ def test_the_cpu_is_named_by_its_family_and_model_and_its_flags_key_what_was_tun
         timing.cpu_flags.cache_clear()  # this CPU's flags again
 
 
-def test_each_checkout_environment_and_compiler_keeps_its_own_build(monkeypatch, tmp_path):
+def test_each_checkout_environment_and_compiler_keeps_its_own_build(monkeypatch, tmp_path, build_names):
     """torch writes the source's path, its own headers' and libraries' paths and the compiler into a build's command:
     two checkouts (or environments) sharing the extensions folder under one name would each rebuild the other's."""
-    names = []
-    compiler = ["c++"]
-    fake_cpp_extension = SimpleNamespace(load=lambda name, *_, **__: names.append(name),
-                                         get_cxx_compiler=lambda: compiler[0])
-    monkeypatch.setattr(compiled, "_cpp_extension", lambda: fake_cpp_extension)
-    monkeypatch.setattr(compiled, "building_allowed", lambda: True)
     other_checkout = tmp_path / "checkout" / "csrc"
     shutil.copytree(compiled.SOURCES, other_checkout)  # the same sources, byte for byte, elsewhere
     other_torch = tmp_path / "env" / "torch"
@@ -551,8 +554,9 @@ def test_each_checkout_environment_and_compiler_keeps_its_own_build(monkeypatch,
     with monkeypatch.context() as patch:
         patch.setattr(torch, "__file__", str(other_torch / "__init__.py"))
         built.__wrapped__("depthwise")
-    compiler[0] = "clang++"
+    build_names.compiler = "clang++"
     built.__wrapped__("depthwise")
+    names = build_names.names
     assert names[0] == names[1] and len(set(names)) == 4
     assert all(name.startswith("continuum_depthwise_") for name in names)
 
