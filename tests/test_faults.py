@@ -339,3 +339,26 @@ def test_a_worker_whose_trial_another_failed_goes_on_and_the_point_reruns(tmp_pa
     assert main([*FAST, "--out", str(tmp_path), "--segments", "1", "--epochs", "2", "--storage", storage]) == 0
     states = [t.state.name for t in optuna.load_study(study_name="default", storage=storage).get_trials()]
     assert states == ["FAIL", "COMPLETE"] and len(calls) == 2
+
+
+def test_a_trial_out_of_gpu_memory_fails_naming_the_fix_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """CUDA's out-of-memory error (raised here without a GPU) fails that trial alone, with the batch size to lower."""
+    import torch
+
+    from continuum.sweep import objective
+    fit, calls = objective.fit, []
+
+    def out_of_memory_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "fit", out_of_memory_first)
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all"]) == 0
+    trials = results.load(tmp_path / "default").set_index("segments")
+    assert list(trials["state"]) == ["FAIL", "COMPLETE"] and len(calls) == 2
+    assert trials.loc["1", "fail_reason"] == "CUDA out of memory at batch size 64; lower --batch-size"
+    assert "lower --batch-size" in (tmp_path / "default" / "summary.md").read_text()
+    assert main([*FAST, "--out", str(tmp_path), "--segments", "1,all"]) == 0  # a lasting reason: not run again
+    assert len(calls) == 2
