@@ -1,6 +1,8 @@
 """The campaign's rules as code: paired tests, Holm, TOST, McNemar, the verdict vocabulary, the pilot's length
 check and seed count, and the report written from tables alone."""
 
+import os
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -286,3 +288,28 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
                  seeds=(0,))
     rows = campaign.lr_lines(tmp_path, "spectrum_params_lr")[2].splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ["2", "16", "all"]  # by number, depthwise last
+
+
+def test_the_campaign_script_runs_its_studies_under_any_root(tmp_path):
+    """``run.sh STUDY ... -- OPTION ...``: the studies in one sweep, the options for all; each file's storage is a
+    journal in its study's folder under ``--out``, so a second campaign (on a GPU, say) keeps its own journals."""
+    root = Path(__file__).resolve().parents[1]
+    for file in (root / "experiments" / "campaign").glob("*.toml"):
+        settings = tomllib.loads(file.read_text())
+        assert settings["storage"] == "journal:{out}/{study}/journal.log" and settings["study"] == file.stem, file
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$@"\n')  # shows the sweep's command line instead of running it
+    fake.chmod(0o755)
+    script = root / "experiments" / "campaign" / "run.sh"
+
+    def command(*args: str) -> str:
+        done = subprocess.run(["bash", str(script), *args], env={**os.environ, "PYTHON": str(fake)},
+                              capture_output=True, text=True, check=True)
+        return done.stdout.splitlines()[1]  # between the start and done lines
+
+    assert command("order_lr", "order", "--", "--out", "results/gpu", "--device", "cuda") == (
+        "-m continuum.sweep --config experiments/campaign/order_lr.toml --config experiments/campaign/order.toml "
+        "--out results/gpu --device cuda --quiet")
+    assert command() == ("-m continuum.sweep --config experiments/campaign/pilot_lr.toml --config "
+                         "experiments/campaign/pilot.toml --config experiments/campaign/pilot_long.toml --quiet")
+    assert command("ablations").count("--config") == 16

@@ -147,6 +147,17 @@ def test_experiment_file_gives_the_same_settings(tmp_path):
     assert list(trials["seed"]) == [3, 3] and list(trials["segments"]) == ["1", "all"]
 
 
+def test_an_experiment_files_storage_follows_out(tmp_path):
+    """``{out}`` and ``{study}`` in the storage: the same file runs a second campaign under another root."""
+    config = tmp_path / "exp.toml"
+    config.write_text('study = "moved"\nstorage = "journal:{out}/{study}/journal.log"\nout = "unused"\n')
+    for root in ("cpu", "gpu"):
+        assert main(["--config", str(config), *FAST, "--segments", "1", "--out", str(tmp_path / root)]) == 0
+        assert (tmp_path / root / "moved" / "journal.log").stat().st_size > 0
+        assert len(results.load(tmp_path / root / "moved")) == 1
+    assert not (tmp_path / "unused").exists()
+
+
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert sweep(tmp_path, "--segments", "1,all", "--lr", "1e30") == 0
     trials = results.load(tmp_path / "default")

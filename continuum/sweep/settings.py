@@ -161,7 +161,8 @@ class SweepConfig(ConfigBase):
                                           choices=tuple(OBJECTIVES), listed=True)
     pruner: str = setting("none", "prune weak trials early", choices=PRUNERS)
     study: str = setting("default", "study name; results go to OUT/STUDY/", study_name)
-    storage: str | None = setting(None, "Optuna storage URL (default: sqlite:///OUT/STUDY/study.db)", optional(text))
+    storage: str | None = setting(None, "Optuna storage URL; {out} and {study} stand for --out and --study "
+                                  "(default: sqlite:///OUT/STUDY/study.db)", optional(text))
     out: str = setting("results", "results root; tables go to OUT/STUDY/", text)
     retry_failed: bool = setting(False, "rerun points whose trial failed for a lasting reason", parse_bool,
                                  switch=True)

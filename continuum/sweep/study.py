@@ -33,9 +33,12 @@ log = logging.getLogger("continuum.sweep")
 
 
 def storage_url(cfg: SweepConfig) -> str:
-    """The study's storage URL: ``--storage``, else a file in the study's results folder (see
+    """The study's storage URL: ``--storage`` with ``{out}`` and ``{study}`` replaced by the results root and the
+    study's name (so an experiment file's storage follows ``--out``), else a file in the study's results folder (see
     :func:`continuum.sweep.storage.default_storage`)."""
-    return cfg.storage or default_storage(Path(cfg.out) / cfg.study, cfg.workers)
+    if cfg.storage:
+        return cfg.storage.replace("{out}", str(cfg.out)).replace("{study}", cfg.study)
+    return default_storage(Path(cfg.out) / cfg.study, cfg.workers)
 
 
 def sampler_seed(cfg: SweepConfig, worker: int | None) -> int:

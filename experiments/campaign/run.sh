@@ -9,6 +9,10 @@
 #   bash experiments/campaign/run.sh ablations     every ablation, each learning-rate study before its study (set the
 #                                                  epochs and seeds the pilot chose in their files first)
 #   bash experiments/campaign/run.sh STUDY ...     these studies, in this order
+#   bash experiments/campaign/run.sh ... -- OPTION ...
+#                                                  sweep options for every study, such as a campaign of its own on a
+#                                                  GPU: -- --out results/gpu_campaign --device cuda --epochs 30 (each
+#                                                  file's storage and learning-rate study follow --out)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python}
@@ -18,15 +22,21 @@ for name in spectrum_params spectrum_flops order mid_act_depthwise mid_act_deep 
     ablations+=("${name}_lr" "$name")
 done
 ablations+=(search search_retrain)  # the search's rate is the pilot's; the retrain trains its front again
-case "${1:-}" in
+named=()
+while (($#)) && [[ $1 != -- ]]; do
+    named+=("$1")
+    shift
+done
+options=("${@:2}")  # after --
+case "${named[0]:-}" in
     "") studies=("${pilot[@]}") ;;
     ablations) studies=("${ablations[@]}") ;;
-    *) studies=("$@") ;;
+    *) studies=("${named[@]}") ;;
 esac
 configs=()
 for study in "${studies[@]}"; do
     configs+=(--config "experiments/campaign/$study.toml")
 done
 echo "$(date -Is) start ${studies[*]} (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-"$python" -m continuum.sweep "${configs[@]}" --quiet
+"$python" -m continuum.sweep "${configs[@]}" "${options[@]}" --quiet
 echo "$(date -Is) done ${studies[*]}"
