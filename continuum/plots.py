@@ -74,15 +74,20 @@ def plot_curves(curves: pd.DataFrame, metric: str = "val_acc", by: str | Sequenc
 def plot_spectrum(trials: pd.DataFrame) -> Figure:
     """Accuracy (mean and 95 % CI) against segments, beside MACs/parameters and latency against segments.
 
-    Lines are the values of the other varying config columns.
+    Segment counts stand in numeric order (``all`` last) on every line. Lines are the values of the other varying
+    config columns that vary within a segment count: a value each segment count sets (a width matched to a budget,
+    a tuned learning rate) is part of that point, not a line of its own.
     """
     others = [c for c in varying_columns(trials) if c != "segments"]
-    table = summarize(trials, by=["segments", *others])
+    lines = [c for c in others if (trials.groupby("segments")[c].nunique(dropna=False) > 1).any()]
+    table = summarize(trials, by=["segments", *lines])
+    counts = sorted(table["segments"].astype(str).unique(), key=segments_key)
+    position = {count: i for i, count in enumerate(counts)}  # numbers, not matplotlib's categories in drawing order
     fig, (acc_ax, cost_ax, time_ax) = _figure(14, 4.2, columns=3)
-    for values, group in _groups(table, others) if others else [({}, table)]:
+    for values, group in _groups(table, lines) if lines else [({}, table)]:
         group = group.sort_values("segments", key=lambda col: col.map(segments_key))
-        x = group["segments"].astype(str)
-        label = _label(values, others)
+        x = group["segments"].astype(str).map(position)
+        label = _label(values, lines)
         err = [group["val_acc_mean"] - group["val_acc_ci_low"], group["val_acc_ci_high"] - group["val_acc_mean"]]
         acc_ax.errorbar(x, group["val_acc_mean"], yerr=[e.fillna(0) for e in err], marker="o", capsize=3,
                         label=label)
@@ -93,6 +98,7 @@ def plot_spectrum(trials: pd.DataFrame) -> Figure:
     cost_ax.set(xlabel="segments", yscale="log", title="cost per image")
     time_ax.set(xlabel="segments", ylabel="ms per batch", title="measured latency")
     for ax in (acc_ax, cost_ax, time_ax):
+        ax.set_xticks(range(len(counts)), counts)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     return fig

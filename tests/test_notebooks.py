@@ -43,3 +43,20 @@ def test_the_example_analysis_runs_on_a_studys_tables(tmp_path):
         assert f" {segments} " in run.stdout
     assert "val_acc_ci_low" in run.stdout
     assert (folder / "analysis_spectrum.png").stat().st_size > 1000
+
+
+def test_the_spectrum_keeps_segments_in_numeric_order_with_matched_widths_on_one_line(caplog):
+    """A matched width and a tuned rate differ per segment count: one line over 1, 2, 16, all in that order (not
+    one dot per width, nor matplotlib's categories in drawing order), and no note from matplotlib's category axis."""
+    arms = [("16", 1.11, 0.1, 0.93), ("all", 1.5, 0.2, 0.94), ("1", 0.55, 0.05, 0.92), ("2", 0.67, 0.05, 0.925)]
+    rows = [{"state": "COMPLETE", "model": "continuum_small", "segments": count, "width": width, "lr": lr,
+             "seed": seed, "val_acc": acc + seed / 1000, "params": 1000, "macs": 5e6, "flops": 1e7, "latency_ms": 1.0}
+            for count, width, lr, acc in arms for seed in (0, 1)]
+    with caplog.at_level("INFO"):
+        fig = plots.plot_spectrum(pd.DataFrame(rows))
+    accuracy = fig.axes[0]
+    (line,) = [container.lines[0] for container in accuracy.containers]  # one errorbar line
+    assert list(line.get_xdata()) == [0, 1, 2, 3]
+    assert [round(y, 4) for y in line.get_ydata()] == [0.9205, 0.9255, 0.9305, 0.9405]
+    assert [t.get_text() for t in accuracy.get_xticklabels()] == ["1", "2", "16", "all"]
+    assert "categorical units" not in caplog.text
