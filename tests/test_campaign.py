@@ -291,12 +291,9 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
 
 
 def test_the_campaign_script_runs_its_studies_under_any_root(tmp_path):
-    """``run.sh STUDY ... -- OPTION ...``: the studies in one sweep, the options for all; each file's storage is a
-    journal in its study's folder under ``--out``, so a second campaign (on a GPU, say) keeps its own journals."""
+    """``run.sh STUDY ... -- OPTION ...``: the studies in one sweep, the options for all (each file's journal follows
+    ``--out``: ``test_settings``)."""
     root = Path(__file__).resolve().parents[1]
-    for file in (root / "experiments" / "campaign").glob("*.toml"):
-        settings = tomllib.loads(file.read_text())
-        assert settings["storage"] == "journal:{out}/{study}/journal.log" and settings["study"] == file.stem, file
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\necho "$@"\n')  # shows the sweep's command line instead of running it
     fake.chmod(0o755)

@@ -172,6 +172,8 @@ def test_bad_paths_and_names(study, capsys):
     _refused(lambda: _sweep(study, "--storage", f"journal:{study}/none/x.log", "--study", "other"), study, capsys,
              "folder " + str(study / "none") + " does not exist")
     _refused(lambda: _sweep(study, "--storage", "mongodb://x"), study, capsys, "--storage 'mongodb://x' is not valid")
+    _refused(lambda: _sweep(study, "--storage", "journal:{outt}/x.log"), study, capsys,
+             "storage='journal:{outt}/x.log' is not valid; {outt} names no setting: use {out} or {study}")
     if importlib.util.find_spec("MySQLdb") is None:  # the default MySQL driver, not installed
         _refused(lambda: _sweep(study, "--storage", "mysql://u@localhost/db"), study, capsys,
                  "cannot open storage mysql://u@localhost/db: the database driver MySQLdb is not installed; install "

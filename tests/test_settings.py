@@ -11,6 +11,7 @@ from continuum.sweep.cli import build_parser
 from continuum.sweep.points import GridPoint, grid_points, point_key
 from continuum.sweep.record import CURVE_COLUMNS, POINT_COLUMNS, TRIAL_COLUMNS, TrialRecord, record
 from continuum.sweep.settings import SweepConfig, axis_fields, from_settings, read_experiment, setting_fields
+from continuum.sweep.study import storage_url
 from continuum.train import EpochMetrics
 
 
@@ -170,7 +171,8 @@ def test_each_experiment_file_is_valid_and_names_its_command(path):
     cfg = from_settings(read_experiment(path))
     assert f"python -m continuum.sweep --config {path.relative_to(EXPERIMENTS.parent)}" in path.read_text()
     if path.parent.name == "campaign":  # resumable from the repository: the journal lies beside the tables
-        assert cfg.study == path.stem and cfg.storage == f"journal:results/campaign/{cfg.study}/journal.log"
+        assert cfg.study == path.stem and storage_url(cfg) == f"journal:results/campaign/{cfg.study}/journal.log"
+        assert cfg.storage == "journal:{out}/{study}/journal.log"  # a campaign of its own under another --out
         assert cfg.data.holdout == 5000 and cfg.out == "results/campaign"
         assert cfg.lrs != ("tuned",) or (path.parent / f"{cfg.lr_study}.toml").exists()
         assert cfg.retrain is None or (path.parent / f"{cfg.retrain}.toml").exists()

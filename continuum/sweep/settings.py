@@ -52,6 +52,19 @@ def study_name(value: Any) -> str:
     return name
 
 
+STORAGE_FIELDS = ("out", "study")
+"""The settings a storage URL may name in braces (``journal:{out}/{study}/journal.log``)."""
+
+
+def storage_text(value: Any) -> str:
+    """A storage URL, in which ``{out}`` and ``{study}`` (:data:`STORAGE_FIELDS`) stand for those settings."""
+    url = text(value)
+    unknown = sorted(set(re.findall(r"\{([^{}]*)\}", url)) - set(STORAGE_FIELDS))
+    if unknown:
+        raise ValueError(f"{value!r} is not valid; {{{unknown[0]}}} names no setting: use {{out}} or {{study}}")
+    return url
+
+
 SEED_MAX = 2**32 - 1
 """The largest seed (NumPy's and torch's generators take 0 .. 2**32 - 1)."""
 
@@ -162,7 +175,7 @@ class SweepConfig(ConfigBase):
     pruner: str = setting("none", "prune weak trials early", choices=PRUNERS)
     study: str = setting("default", "study name; results go to OUT/STUDY/", study_name)
     storage: str | None = setting(None, "Optuna storage URL; {out} and {study} stand for --out and --study "
-                                  "(default: sqlite:///OUT/STUDY/study.db)", optional(text))
+                                  "(default: sqlite:///OUT/STUDY/study.db)", optional(storage_text))
     out: str = setting("results", "results root; tables go to OUT/STUDY/", text)
     retry_failed: bool = setting(False, "rerun points whose trial failed for a lasting reason", parse_bool,
                                  switch=True)

@@ -23,7 +23,7 @@ from continuum.data import TensorData
 from continuum.files import check_writable_folder, made_folder
 from continuum.sweep.objective import Objective
 from continuum.sweep.points import TrialFailed, grid_points, lr_extensions, point_key, point_taken
-from continuum.sweep.settings import OBJECTIVES, SweepConfig
+from continuum.sweep.settings import OBJECTIVES, STORAGE_FIELDS, SweepConfig
 from continuum.sweep.signals import stop_requested
 from continuum.sweep.storage import default_storage, move_sqlite_study_to_journal, open_storage, storage_file
 from continuum.sweep.tables import StudyTables
@@ -36,9 +36,12 @@ def storage_url(cfg: SweepConfig) -> str:
     """The study's storage URL: ``--storage`` with ``{out}`` and ``{study}`` replaced by the results root and the
     study's name (so an experiment file's storage follows ``--out``), else a file in the study's results folder (see
     :func:`continuum.sweep.storage.default_storage`)."""
-    if cfg.storage:
-        return cfg.storage.replace("{out}", str(cfg.out)).replace("{study}", cfg.study)
-    return default_storage(Path(cfg.out) / cfg.study, cfg.workers)
+    if not cfg.storage:
+        return default_storage(Path(cfg.out) / cfg.study, cfg.workers)
+    url = cfg.storage
+    for name in STORAGE_FIELDS:
+        url = url.replace(f"{{{name}}}", str(getattr(cfg, name)))
+    return url
 
 
 def sampler_seed(cfg: SweepConfig, worker: int | None) -> int:
