@@ -583,9 +583,10 @@ def forget_choices() -> None:
 def use_native(x: torch.Tensor) -> bool:
     """Mode ``native``, deterministic algorithms, tensors without data (the ``meta`` device), or tracing:
     ``torch.jit.trace``, ``torch.compile`` / ``export``, or ``torch.fx`` symbolic tracing (which passes a ``Proxy``,
-    not a tensor)."""
-    return current_mode() == "native" or not isinstance(x, torch.Tensor) or x.is_meta \
-        or torch.are_deterministic_algorithms_enabled() or torch._C._is_tracing() or torch.compiler.is_compiling()
+    not a tensor). Compiling is asked first: dynamo reads ``is_compiling()`` as a constant, while the other checks
+    broke its graph at every layer (a 2-stage ``continuum_small`` compiled into 21 graphs, not 2)."""
+    return torch.compiler.is_compiling() or current_mode() == "native" or not isinstance(x, torch.Tensor) \
+        or x.is_meta or torch.are_deterministic_algorithms_enabled() or torch._C._is_tracing()
 
 
 def segmented_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry

@@ -445,7 +445,8 @@ def fit(
     holds one apart) once, after the last.
 
     Args:
-        model: the model; moved to ``cfg.device`` (and compiled when ``cfg.compile``).
+        model: the model; moved to ``cfg.device`` (and compiled when ``cfg.compile``, after
+            ``torch.compiler.reset()``: what this process compiled before is compiled again when next called).
         data: tensors of the dataset (moved to the device once).
         cfg: the training configuration.
         seed: seeds shuffling and augmentation (seed the model's initialisation before building it).
@@ -475,6 +476,8 @@ def fit(
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     inputs = _Inputs(data, device, cfg, generator)
     model = in_run_layout(model, device, cfg)
+    if cfg.compile:  # a fresh start: dynamo stops compiling a function after 8 versions of it (4 models of a sweep's
+        torch.compiler.reset()  # worker, in training and evaluation), and the rest would run uncompiled
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(batch_bounds(len(train_y), cfg.batch_size))

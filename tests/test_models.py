@@ -138,6 +138,22 @@ def test_models_compile_with_torchscript_and_give_the_same_logits(name, knobs):
         torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 
+@pytest.mark.parametrize("name, knobs, size", [
+    ("continuum_small", {"segments": 4, "residual": True, "mid_act": "relu", "order": "pointwise_first"}, 28),
+    ("continuum_small", {"segments": 3, "uneven": True}, 28),
+    ("continuum_inception_small", {}, 28),
+    ("continuum_xception", {"segments": 4}, 71)])
+def test_models_compile_into_one_graph(name, knobs, size):
+    """torch.compile sees the whole model: no layer's checks break the graph (dynamo alone, no code generation)."""
+    from torch._dynamo.utils import counters
+    torch.compiler.reset()
+    counters.clear()
+    model = timm.create_model(name, **knobs).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3 if size == 71 else 1, size, size).contiguous(memory_format=torch.channels_last)
+    torch.compile(model, backend="eager")(x).sum().backward()
+    assert dict(counters["frames"]) == {"total": 1, "ok": 1} and not counters["graph_break"]
+
+
 def test_a_trunk_out_of_the_children_order_is_refused():
     class Reordered(ContinuumSmall):
         def place(self, device, dtype):
