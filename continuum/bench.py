@@ -11,7 +11,8 @@ bootstrap intervals. Beside each time is the roofline floor
 from an empty strategy cache (``--tuning cold``), or from one while other processes keep every core busy
 (``--tuning loaded``: the tuner must notice and not be fooled), or from the user's cache (``--tuning cached``).
 ``--train`` adds the training throughput of a sweep trial (images/s, model FLOP utilisation) in NCHW and
-channels-last, with native kernels and with autotuned ones (and in bf16 with ``--dtypes bf16``).
+channels-last, with native kernels and with autotuned ones (and in bf16 with ``--dtypes bf16``, through
+``torch.compile`` with ``--train-compile``).
 
     python -m continuum.bench                                 # CPU, fp32, every shape; results/bench/conv_cpu.csv
     python -m continuum.bench --shapes 96x28x64,small_128 --tuning loaded
@@ -33,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,13 +89,53 @@ TUNINGS = ("cold", "loaded", "cached")
 processes keep every core busy (the load stops before the timing starts), or from the user's cache as it is."""
 TRAIN_MODEL = "continuum_small"
 """The model ``--train`` times: a sweep trial's (batch 128, 28 px images)."""
-TRAIN_KINDS = {  # name: (channels-last, conv strategy mode, precision)
-    "nchw_auto": (False, "auto", "fp32"),  # what a trial ran with before channels-last became the default
-    "cl_native": (True, "native", "fp32"),
-    "cl_auto": (True, "auto", "fp32"),  # the default now where bf16 is not native
+
+
+class TrainKind(NamedTuple):
+    """One way a training run is timed.
+
+    Args:
+        channels_last: the model and its batches channels-last (else NCHW).
+        mode: the conv strategy mode, ``auto`` or ``native``.
+        precision: ``fp32`` or ``bf16``.
+        compile: through ``torch.compile`` (``--compile``; inductor then generates the convs' and batch norm's code
+            in place of the tuned kernels).
+    """
+
+    channels_last: bool
+    mode: str
+    precision: str
+    compile: bool = False
+
+
+TRAIN_KINDS = {
+    "nchw_auto": TrainKind(False, "auto", "fp32"),  # what a trial ran with before channels-last became the default
+    "cl_native": TrainKind(True, "native", "fp32"),
+    "cl_auto": TrainKind(True, "auto", "fp32"),  # the default now where bf16 is not native
 }
-"""The ways a training run is timed: memory format, strategy mode and precision; ``cl_auto_bf16`` (the default
-where bf16 is native: ``--precision auto``) joins them with ``--dtypes bf16``."""
+"""The ways a training run is always timed; :func:`train_kinds` adds bf16 and compiled ones on request."""
+TRAIN_SPEEDUPS = {  # column: (the faster kind, the slower kind), where both ran
+    "speedup": ("cl_auto", "nchw_auto"),
+    "tuner_speedup": ("cl_auto", "cl_native"),
+    "bf16_speedup": ("cl_auto_bf16", "cl_auto"),
+    "bf16_total_speedup": ("cl_auto_bf16", "nchw_auto"),
+    "compile_speedup": ("cl_compiled", "cl_auto"),
+    "compile_bf16_speedup": ("cl_compiled_bf16", "cl_auto_bf16"),
+}
+"""The paired ratios of the training table, each with its 95 % interval (``_low``, ``_high``)."""
+
+
+def train_kinds(bf16: bool, compiled: bool) -> dict[str, TrainKind]:
+    """:data:`TRAIN_KINDS`, with ``cl_auto_bf16`` (the default where bf16 is native: ``--precision auto``) when
+    ``bf16``, and ``cl_compiled`` (and ``cl_compiled_bf16``) when ``compiled``."""
+    kinds = dict(TRAIN_KINDS)
+    if compiled:
+        kinds["cl_compiled"] = TrainKind(True, "auto", "fp32", compile=True)
+    if bf16:
+        kinds["cl_auto_bf16"] = TrainKind(True, "auto", "bf16")
+    if bf16 and compiled:
+        kinds["cl_compiled_bf16"] = TrainKind(True, "auto", "bf16", compile=True)
+    return kinds
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -344,9 +385,9 @@ def targets(table: pd.DataFrame) -> str:
 
 
 def train_table(device: torch.device, images: int, peaks: dict[str, float], segments: Sequence[int | str],
-                rounds: int = 2, kinds: dict[str, tuple[bool, str, str]] = TRAIN_KINDS) -> pd.DataFrame:
+                rounds: int = 2, kinds: dict[str, TrainKind] = TRAIN_KINDS) -> pd.DataFrame:
     """Training throughput of a sweep trial (``continuum_small``, batch 128, 28 px images) run each of ``kinds`` of
-    way: NCHW or channels-last, native or autotuned kernels, fp32 or bf16.
+    way: NCHW or channels-last, native or autotuned kernels, fp32 or bf16, eager or compiled.
 
     Each round trains a fresh model for two epochs of each kind in turn and measures the second epoch; the best
     round per kind is kept (a slow spell of the machine lowers a round, it cannot raise one), and the speedups are
@@ -359,7 +400,7 @@ def train_table(device: torch.device, images: int, peaks: dict[str, float], segm
         peaks: the device's peak FLOP/s per precision (``fp32``, ``bf16``), for the model FLOP utilisation.
         segments: segment counts of the model.
         rounds: trainings per kind.
-        kinds: ``{name: (channels-last, strategy mode, precision)}``.
+        kinds: ``{name: how it trains}``.
     """
     data = make_synthetic(train_size=images, val_size=256, seed=0)
     rows = []
@@ -368,20 +409,18 @@ def train_table(device: torch.device, images: int, peaks: dict[str, float], segm
         flops = 2 * model_cost(timm.create_model(TRAIN_MODEL, segments=count), (1, 28, 28)).macs
         speeds: dict[str, list[float]] = {kind: [] for kind in kinds}
         for _ in range(rounds):
-            for kind, (channels_last, mode, precision) in kinds.items():
+            for kind, way in kinds.items():
                 torch.manual_seed(0)
                 model = timm.create_model(TRAIN_MODEL, segments=count)
-                cfg = TrainConfig(epochs=2, device=str(device), channels_last=channels_last, precision=precision)
-                with conv_strategy(mode):
+                cfg = TrainConfig(epochs=2, device=str(device), channels_last=way.channels_last,
+                                  precision=way.precision, compile=way.compile)
+                with conv_strategy(way.mode):
                     result = fit(model, data, cfg, progress=False)
                 speeds[kind].append(result.curve[-1]["images_per_s"])
         for kind, measured in speeds.items():
             row[f"{kind}_images_per_s"] = max(measured)
-            row[f"{kind}_mfu"] = max(measured) * 3 * flops / peaks[kinds[kind][2]]
-        for name, (faster, slower) in {"speedup": ("cl_auto", "nchw_auto"),
-                                       "tuner_speedup": ("cl_auto", "cl_native"),
-                                       "bf16_speedup": ("cl_auto_bf16", "cl_auto"),
-                                       "bf16_total_speedup": ("cl_auto_bf16", "nchw_auto")}.items():
+            row[f"{kind}_mfu"] = max(measured) * 3 * flops / peaks[kinds[kind].precision]
+        for name, (faster, slower) in TRAIN_SPEEDUPS.items():
             if faster in speeds and slower in speeds:
                 ratios = [a / b for a, b in zip(speeds[faster], speeds[slower])]
                 row[name] = statistics.median(ratios)
@@ -411,6 +450,8 @@ def build_parser(prog: str = "python -m continuum.bench") -> argparse.ArgumentPa
                         help="trainings per kind of kernel, the fastest kept (default: 2)")
     parser.add_argument("--train-segments", default="1,4,16,all",
                         help="segment counts of the trained model (default: 1,4,16,all)")
+    parser.add_argument("--train-compile", action="store_true",
+                        help="also train through torch.compile (channels-last; the first epoch compiles)")
     parser.add_argument("--no-conv", action="store_true", help="skip the layer timings")
     parser.add_argument("--out", default="results/bench", help="folder for the CSVs (default: results/bench)")
     return parser
@@ -471,9 +512,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         print(targets(table))
         print(f"table: {out / f'conv_{tag}.csv'}")
     if args.train:
-        kinds = TRAIN_KINDS | ({"cl_auto_bf16": (True, "auto", "bf16")} if torch.bfloat16 in dtypes else {})
+        kinds = train_kinds(torch.bfloat16 in dtypes, args.train_compile)
         peaks = {precision: measured.get(dtype_name(DTYPES[precision])) or roofline_peak(device, DTYPES[precision])
-                 for precision in {kind[2] for kind in kinds.values()}}
+                 for precision in {kind.precision for kind in kinds.values()}}
         train = train_table(device, args.train_images, peaks, train_segments, args.train_rounds, kinds)
         atomic_write(out / f"train_{tag}.csv", lambda path: train.to_csv(path, index=False))
         print(train.to_markdown(index=False, floatfmt=".3g"))

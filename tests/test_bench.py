@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from continuum.bench import SHAPES, fwd_bwd, paired_ratio, parse_shapes, segment_counts
+from continuum.bench import SHAPES, fwd_bwd, main, paired_ratio, parse_shapes, segment_counts, train_kinds
 from continuum.timing import interleaved_times
 
 
@@ -105,7 +105,6 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
 
 
 def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path, monkeypatch, capsys):
-    from continuum.bench import main
     monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))  # the run points it at a fresh folder; restored after
     quick = ["--repeats", "1", "--min-ms", "0"]
     assert main(["--shapes", "4x3x2,8x3x2", "--segments", "2,all", *quick, "--out", str(tmp_path / "two")]) == 0
@@ -115,6 +114,25 @@ def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path, monkeypa
     capsys.readouterr()
     assert main(["--shapes", "4x3x2", "--segments", "all", *quick, "--out", str(tmp_path / "one")]) == 0
     assert "slower than at the previous segment count: no rows to compare" in capsys.readouterr().out
+
+
+def test_train_compile_times_compiled_trainings_beside_eager_ones(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+    assert list(train_kinds(bf16=False, compiled=True)) == ["nchw_auto", "cl_native", "cl_auto", "cl_compiled"]
+    kinds = train_kinds(bf16=True, compiled=True)
+    assert [name for name, kind in kinds.items() if kind.compile] == ["cl_compiled", "cl_compiled_bf16"]
+    assert kinds["cl_compiled_bf16"].precision == "bf16" and kinds["cl_compiled"].channels_last
+    monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))  # the run points it at a fresh folder; restored after
+    compile_eagerly = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))  # dynamo alone
+    counters.clear()
+    assert main(["--no-conv", "--train", "--train-compile", "--train-images", "64", "--train-rounds", "1",
+                 "--train-segments", "all", "--out", str(tmp_path)]) == 0
+    assert counters["stats"]["unique_graphs"] == 2  # the compiled run's training and evaluation; the eager runs none
+    row = pd.read_csv(tmp_path / "train_cpu.csv").iloc[0]
+    assert row["compile_speedup"] == pytest.approx(row["cl_compiled_images_per_s"] / row["cl_auto_images_per_s"])
+    assert row["compile_speedup_low"] == row["compile_speedup"] == row["compile_speedup_high"]  # one round
+    assert "compile_bf16_speedup" not in row and row["cl_compiled_mfu"] > 0
 
 
 @pytest.mark.slow
