@@ -52,9 +52,9 @@ def test_synthetic_sweep_end_to_end(tmp_path, capsys):
     assert sorted(zip(trials["segments"], trials["seed"])) == [("1", 0), ("1", 1), ("all", 0), ("all", 1)]
     for column in ("model", "order", "mid_act", "residual", "width", "val_acc", "val_loss", "best_val_acc", "params",
                    "macs", "flops", "latency_ms", "wall_s", "device", "torch", "epochs", "images_per_s", "threads",
-                   "python", "timm", "optuna", "conv_strategies"):
+                   "python", "timm", "optuna", "conv_strategies", "channels_last", "compile"):
         assert trials[column].notna().all(), column
-    assert (trials["flops"] == 2 * trials["macs"]).all()
+    assert (trials["flops"] == 2 * trials["macs"]).all() and not trials["compile"].any()
     assert trials["cuda"].notna().all() == torch.cuda.is_available()  # --device auto: the GPU where there is one
     assert trials["conv_strategies"].str.fullmatch(r"(native|.* #[0-9a-f]{8})").all()
     assert trials.set_index("segments")["params"].loc["1"].iloc[0] == 99_050  # continuum_small at width 0.25
@@ -328,7 +328,8 @@ def test_pruner_stops_weak_trials_and_they_count_as_done(tmp_path):
 @pytest.mark.slow
 def test_compiled_model_trains(tmp_path):
     assert sweep(tmp_path, "--segments", "all", "--compile") == 0
-    assert set(results.load(tmp_path / "default")["state"]) == {"COMPLETE"}
+    trials = results.load(tmp_path / "default")
+    assert set(trials["state"]) == {"COMPLETE"} and trials["compile"].all()
 
 
 def test_new_axes_segment_width_kernel_size_and_depths_are_columns_and_change_the_model(tmp_path):

@@ -80,7 +80,8 @@ class Objective:
             "batch_size": cfg.train.batch_size, "recipe": cfg.train.recipe, "warmup_epochs": cfg.train.warmup_epochs,
             "weight_decay": cfg.train.resolved_weight_decay,
             "precision": resolve_precision(cfg.train.precision, self.device), "channels_last": cfg.train.channels_last,
-            "latency_batch": cfg.latency_batch, "git": _git_commit(), "worker": worker_id(),
+            "compile": cfg.train.compile, "latency_batch": cfg.latency_batch, "git": _git_commit(),
+            "worker": worker_id(),
         } | environment(self.device)
         self.settings = {k: self.context[k] for k in ("dataset", "train_size", "epochs", "batch_size", "recipe",
                                                       "weight_decay")}

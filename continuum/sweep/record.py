@@ -127,6 +127,7 @@ class TrialRun:
         weight_decay: weight decay in force.
         precision: the precision it trained in, ``fp32`` or ``bf16`` (``auto`` resolved on its device).
         channels_last: whether the model and its batches were channels-last.
+        compile: whether the model ran through ``torch.compile``.
         latency_batch: batch size of the latency probe.
         device: the device (CPU model and threads, or GPU name).
         threads: torch's intra-op CPU threads.
@@ -158,6 +159,7 @@ class TrialRun:
     weight_decay: float | None = None
     precision: str | None = None
     channels_last: bool | None = None
+    compile: bool | None = None
     latency_batch: int | None = None
     device: str | None = None
     threads: int | None = None
