@@ -24,15 +24,15 @@ def test_forward_and_backward_equal_the_native_conv(channels, out, groups, strid
     x.requires_grad_(True)
     w = torch.randn(out, channels // groups, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(out, device=DEVICE, requires_grad=True) if bias else None
-    wanted = (x, w, b) if bias else (x, w)
-    exact = [t.detach().double().requires_grad_(True) for t in wanted]  # float64: cuDNN's fp32 convs may use TF32
+    inputs = (x, w, b) if bias else (x, w)
+    exact = [t.detach().double().requires_grad_(True) for t in inputs]  # float64: cuDNN's fp32 convs may use TF32
     args = [stride] * 2, [padding] * 2, [dilation] * 2
     y = triton_kernels.segmented_conv(x, w, b, *args, groups)
     ref = F.conv2d(*exact[:2], exact[2] if bias else None, stride, padding, dilation, groups)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(y)
-    for got, want in zip(torch.autograd.grad(y, wanted, upstream), torch.autograd.grad(ref, exact, upstream.double())):
+    for got, want in zip(torch.autograd.grad(y, inputs, upstream), torch.autograd.grad(ref, exact, upstream.double())):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
 
 
@@ -49,8 +49,8 @@ def test_bf16_tensors_are_summed_in_float32(channels, out, groups):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3)  # one bf16 rounding of a float32 sum
     upstream = torch.randn_like(y)
-    wanted = torch.autograd.grad(ref, exact, upstream.double())
-    for got, want in zip(torch.autograd.grad(y, (x, w, b), upstream), wanted):
+    expected = torch.autograd.grad(ref, exact, upstream.double())
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), upstream), expected):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=2e-2)
 
