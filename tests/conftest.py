@@ -140,3 +140,16 @@ def building_on():
 
     if not building_allowed():
         pytest.skip(f"${BUILD_KERNELS}=0 turns the C++ kernels' builds off")
+
+
+@pytest.fixture
+def dynamo_counters(monkeypatch):
+    """``torch.compile`` with dynamo alone (its ``eager`` backend: no code generation, seconds rather than minutes),
+    and dynamo's counters of frames, graphs and graph breaks, cleared."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    compile_eagerly = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))
+    counters.clear()
+    return counters

@@ -116,19 +116,15 @@ def test_bench_segments_take_all_as_each_shapes_channel_count(tmp_path, monkeypa
     assert "slower than at the previous segment count: no rows to compare" in capsys.readouterr().out
 
 
-def test_train_compile_times_compiled_trainings_beside_eager_ones(tmp_path, monkeypatch):
-    from torch._dynamo.utils import counters
+def test_train_compile_times_compiled_trainings_beside_eager_ones(tmp_path, monkeypatch, dynamo_counters):
     assert list(train_kinds(bf16=False, compiled=True)) == ["nchw_auto", "cl_native", "cl_auto", "cl_compiled"]
     kinds = train_kinds(bf16=True, compiled=True)
     assert [name for name, kind in kinds.items() if kind.compile] == ["cl_compiled", "cl_compiled_bf16"]
     assert kinds["cl_compiled_bf16"].precision == "bf16" and kinds["cl_compiled"].channels_last
     monkeypatch.setenv("CONTINUUM_CACHE", str(tmp_path))  # the run points it at a fresh folder; restored after
-    compile_eagerly = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))  # dynamo alone
-    counters.clear()
     assert main(["--no-conv", "--train", "--train-compile", "--train-images", "64", "--train-rounds", "1",
                  "--train-segments", "all", "--out", str(tmp_path)]) == 0
-    assert counters["stats"]["unique_graphs"] == 2  # the compiled run's training and evaluation; the eager runs none
+    assert dynamo_counters["stats"]["unique_graphs"] == 2  # the compiled run: training, evaluation; the eager: none
     row = pd.read_csv(tmp_path / "train_cpu.csv").iloc[0]
     assert row["compile_speedup"] == pytest.approx(row["cl_compiled_images_per_s"] / row["cl_auto_images_per_s"])
     assert row["compile_speedup_low"] == row["compile_speedup"] == row["compile_speedup_high"]  # one round

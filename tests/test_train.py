@@ -245,19 +245,17 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
 
 
-def test_every_compiled_run_in_a_process_is_compiled_whole(monkeypatch):
+def test_every_compiled_run_in_a_process_is_compiled_whole(dynamo_counters):
     """One graph for training and one for evaluation per model, none broken by the conv and batch norm layers' checks;
     and dynamo, which compiles a function in at most ``recompile_limit`` versions per process and then runs it
     uncompiled, compiles a sweep worker's later models too (``fit`` resets it)."""
-    from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # the second model would pass it
-    compile_eagerly = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))  # dynamo alone
     data = make_synthetic(train_size=16, val_size=8, seed=0)
-    for segments in (1, 4, "all"):
-        model = timm.create_model("continuum_small", segments=segments, widths=(8, 8), depths=1, strides=(2, 2),
-                                  stem_width=8)
-        counters.clear()
-        fit(model, data, TrainConfig(epochs=1, batch_size=8, compile=True, precision="fp32"), progress=False)
-        assert dict(counters["frames"]) == {"total": 2, "ok": 2}, segments
-        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], segments
+    # torch's own patch: monkeypatch's undo deleted the option from dynamo's config module, failing later compiles
+    with torch._dynamo.config.patch(recompile_limit=2):  # the second model would pass it
+        for segments in (1, 4, "all"):
+            model = timm.create_model("continuum_small", segments=segments, widths=(8, 8), depths=1, strides=(2, 2),
+                                      stem_width=8)
+            dynamo_counters.clear()
+            fit(model, data, TrainConfig(epochs=1, batch_size=8, compile=True, precision="fp32"), progress=False)
+            assert dict(dynamo_counters["frames"]) == {"total": 2, "ok": 2}, segments
+            assert dynamo_counters["stats"]["unique_graphs"] == 2 and not dynamo_counters["graph_break"], segments
