@@ -145,11 +145,12 @@ def building_on():
 @pytest.fixture
 def dynamo_counters(monkeypatch):
     """``torch.compile`` with dynamo alone (its ``eager`` backend: no code generation, seconds rather than minutes),
-    and dynamo's counters of frames, graphs and graph breaks, cleared."""
+    nothing compiled before, and dynamo's counters of frames, graphs and graph breaks, cleared."""
     import torch
     from torch._dynamo.utils import counters
 
     compile_eagerly = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: compile_eagerly(model, backend="eager"))
+    torch.compiler.reset()
     counters.clear()
     return counters

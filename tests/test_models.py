@@ -143,15 +143,12 @@ def test_models_compile_with_torchscript_and_give_the_same_logits(name, knobs):
     ("continuum_small", {"segments": 3, "uneven": True}, 28),
     ("continuum_inception_small", {}, 28),
     ("continuum_xception", {"segments": 4}, 71)])
-def test_models_compile_into_one_graph(name, knobs, size):
+def test_models_compile_into_one_graph(name, knobs, size, dynamo_counters):
     """torch.compile sees the whole model: no layer's checks break the graph (dynamo alone, no code generation)."""
-    from torch._dynamo.utils import counters
-    torch.compiler.reset()
-    counters.clear()
     model = timm.create_model(name, **knobs).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3 if size == 71 else 1, size, size).contiguous(memory_format=torch.channels_last)
-    torch.compile(model, backend="eager")(x).sum().backward()
-    assert dict(counters["frames"]) == {"total": 1, "ok": 1} and not counters["graph_break"]
+    torch.compile(model)(x).sum().backward()
+    assert dict(dynamo_counters["frames"]) == {"total": 1, "ok": 1} and not dynamo_counters["graph_break"]
 
 
 def test_a_trunk_out_of_the_children_order_is_refused():
