@@ -51,6 +51,11 @@ VERDICTS = {
 }
 """The only words a verdict may use, each with its rule."""
 
+INTERIM = "interim"
+INTERIM_RULE = ("not a verdict: some comparison of the family has fewer paired seeds than the pilot fixed, so no "
+                "Holm-adjusted p and no verdict yet (the n, difference, interval and unadjusted p are shown)")
+"""What a comparison reads while its family is incomplete (``experiments/PROTOCOL.md``, note of 2026-12-05)."""
+
 LR_GRID = (0.025, 0.05, 0.1)
 """The protocol's learning-rate grid, which every ``NAME_lr`` study runs (with ``lr_extend``: one factor-2 step beyond
 the edge where an arm is best there)."""
@@ -176,44 +181,89 @@ def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[st
             ""]
 
 
-def pilot_section(root: Path, metric: str = "val_acc") -> list[str]:
+PILOT_LENGTHS = {"pilot": "5 epochs", "pilot_long": "15 epochs"}
+"""The pilot's two studies (segments 1 vs all, paired seeds), each with its training length."""
+
+PILOT_METRIC = "val_acc"
+"""What the pilot compares: the validation split's accuracy (the test split decides nothing)."""
+
+
+def _pilot_arms(root: Path) -> dict[str, tuple[pd.DataFrame, pd.Series, pd.Series]]:
+    """Each pilot study with a table under ``root``: its trials and its two arms (segments 1, all), one value of
+    :data:`PILOT_METRIC` per paired seed."""
+    arms = {}
+    for study in PILOT_LENGTHS:
+        if (trials := _table_or_none(root, study)) is not None:
+            arms[study] = (trials, *paired_sides(trials, "segments", "1", "all", PILOT_METRIC))
+    return arms
+
+
+class SeedPlan(NamedTuple):
+    """What the pilot fixes.
+
+    Args:
+        check: the length check.
+        study: the pilot study at the campaign's length, whose spread sets the seeds.
+        seeds: the seeds per arm its spread needs (:func:`seeds_needed`; may exceed :data:`MAX_SEEDS`).
+    """
+
+    check: LengthCheck
+    study: str
+    seeds: int
+
+
+def seed_plan(comparisons: dict[str, Comparison]) -> SeedPlan | None:
+    """The length check and the seed count, from the pilot studies' comparisons (by study name); ``None`` while
+    either lacks its paired seeds (``pilot_long`` fewer than ``pilot``)."""
+    if not set(PILOT_LENGTHS) <= set(comparisons) or comparisons["pilot_long"].n < comparisons["pilot"].n:
+        return None
+    check = length_check(comparisons["pilot"], comparisons["pilot_long"])
+    study = "pilot" if check.passed else "pilot_long"  # the seeds come from the campaign's length
+    return SeedPlan(check, study, seeds_needed(comparisons[study].sd))
+
+
+def registered_seeds(root: Path) -> int | None:
+    """The paired seeds every arm of an ablation runs: the pilot's count, at most :data:`MAX_SEEDS`; ``None`` before
+    the pilot under ``root`` has fixed it."""
+    plan = seed_plan({study: compare(a, b, MARGIN) for study, (_, a, b) in _pilot_arms(root).items() if len(a) >= 2})
+    return None if plan is None else min(plan.seeds, MAX_SEEDS)
+
+
+def pilot_section(root: Path) -> list[str]:
     """The report's pilot section: per-arm results at both lengths, the length check and the seed count.
 
     Args:
         root: the campaign's results root (``pilot`` and ``pilot_long`` studies beneath it).
-        metric: what the pilot compares (the validation split's accuracy: the test split decides nothing).
     """
     lines = ["## Pilot: training length and seeds", ""]
     lines += lr_lines(root, "pilot_lr")
-    comparisons = {}
-    for study, label in (("pilot", "5 epochs"), ("pilot_long", "15 epochs")):
-        trials = _table_or_none(root, study)
-        if trials is None:
+    comparisons, arms = {}, _pilot_arms(root)
+    for study, label in PILOT_LENGTHS.items():
+        if study not in arms:
             lines.append(f"- {label} (`{study}`): not run yet.")
             continue
-        a, b = paired_sides(trials, "segments", "1", "all", metric)
+        trials, a, b = arms[study]
         if len(a) < 2:
             lines.append(f"- {label} (`{study}`): {len(a)} paired seed(s) finished; the check needs 2 or more.")
             continue
         c = comparisons[study] = compare(a, b, MARGIN)
         lines.append(f"- {label} (`{study}`, n = {c.n} paired seeds, {core_hours(trials):.1f} core-hours): "
-                     f"{metric} segments=1 {a.mean():.4f}, "
+                     f"{PILOT_METRIC} segments=1 {a.mean():.4f}, "
                      f"all {b.mean():.4f}; all - 1 = {100 * c.diff:+.2f} points [{100 * c.ci_low:+.2f}, "
                      f"{100 * c.ci_high:+.2f}], sd of the paired differences {100 * c.sd:.2f} points.")
     lines.append("")
-    if {"pilot", "pilot_long"} <= set(comparisons) and comparisons["pilot_long"].n < comparisons["pilot"].n:
+    plan = seed_plan(comparisons)
+    if plan is None and set(PILOT_LENGTHS) <= set(comparisons):
         lines.append(f"- Length check: waits for `pilot_long`'s other paired seeds ({comparisons['pilot_long'].n} "
                      f"of {comparisons['pilot'].n} finished); no verdict, and no seed count, before that.")
-    elif {"pilot", "pilot_long"} <= set(comparisons):
-        check = length_check(comparisons["pilot"], comparisons["pilot_long"])
+    elif plan is not None:
+        check, chosen, n = plan
         outcome = "passed: 5 epochs" if check.passed else "failed: 15 epochs"
         lines.append(f"- Length check ({'same' if check.same_ranking else 'different'} ranking, difference moved "
                      f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
         if not check.passed:
             lines.append("- **Convergence is not shown**: the ablations train 15 epochs, with the learning rates "
                          "chosen at 5; the same check from 15 to 45 epochs was not run (it would cost 3x again).")
-        chosen = "pilot" if check.passed else "pilot_long"  # the seeds come from the campaign's length
-        n = seeds_needed(comparisons[chosen].sd)
         reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
         lines.append(f"- Seeds (`{chosen}`): sd {100 * comparisons[chosen].sd:.2f} points -> {n} seeds per arm for a "
                      f"95 % half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
@@ -273,22 +323,22 @@ def interior_family(study: str) -> Ablation:
 
 def interior_outcome(family: pd.DataFrame) -> str:
     """The interior-optimum rule: shown at each count better than segments 1 and than all, both with Holm-adjusted
-    p < :data:`ALPHA`; else not shown (waiting while a comparison lacks 2 paired seeds).
+    p < :data:`ALPHA`; else not shown (waiting while the family is incomplete: no Holm-adjusted p yet).
 
     Args:
         family: :func:`family_table` of :func:`interior_family`.
     """
-    if (family["n"] < 2).any():
-        return "waits for every arm's paired seeds"
+    if family["p_holm"].isna().any():
+        return f"{INTERIM}: waits for every arm's paired seeds"
     better = family.assign(count=[label.split(" vs ")[0] for label in family["comparison"]],
                            won=(family["p_holm"] < ALPHA) & (family["diff"] > 0)).groupby("count", sort=False)["won"]
     winners = [count for count, won in better.all().items() if won]
     return f"shown at segments {', '.join(winners)}" if winners else "no interior optimum shown"
 
 
-def interior_lines(study: str, tables: dict[str, pd.DataFrame]) -> list[str]:
-    """The report's lines on the interior-optimum test of a spectrum study."""
-    family = family_table(interior_family(study), tables)
+def interior_lines(study: str, tables: dict[str, pd.DataFrame], seeds: int | None) -> list[str]:
+    """The report's lines on the interior-optimum test of a spectrum study (``seeds``: :func:`registered_seeds`)."""
+    family = family_table(interior_family(study), tables, seeds)
     return [f"Interior optimum (pre-registered; {len(family)} comparisons, Holm, paired by seed, test accuracy): "
             f"**{interior_outcome(family)}**.", "",
             _in_points(family, ["comparison", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm"]), ""]
@@ -379,13 +429,30 @@ def _sides(claim: Claim, tables: dict[str, pd.DataFrame], metric: str) -> tuple[
     return d_inner[seeds], (b - a)[seeds]
 
 
-def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], metric: str = "test_acc") -> pd.DataFrame:
+def interim_status(n: int, seeds: int | None) -> str:
+    """What a paper claim's comparison reads in place of a verdict while its family is incomplete (:data:`INTERIM`).
+
+    Args:
+        n: its paired seeds so far.
+        seeds: the paired seeds the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
+    """
+    if seeds is None:
+        return f"{INTERIM} (the pilot has not fixed the seeds)"
+    return f"{INTERIM} ({n} of {seeds} seeds)" if n < seeds else f"{INTERIM} (family incomplete)"
+
+
+def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], seeds: int | None,
+                 metric: str = "test_acc") -> pd.DataFrame:
     """One row per comparison of ``ablation``'s family: the paired difference with its interval, p, Holm-adjusted p
-    and TOST p, McNemar's pooled per-image p (plain comparisons with stored correctness) and the verdict.
+    and TOST p, McNemar's pooled per-image p (plain comparisons with stored correctness) and the verdict. While some
+    comparison has fewer than ``seeds`` paired seeds, the family is incomplete: no Holm-adjusted p (NaN), and each
+    paper claim reads :func:`interim_status` in place of a verdict.
 
     Args:
         ablation: the ablation.
-        tables: its studies' trials tables by study name (a missing study leaves its comparisons not tested).
+        tables: its studies' trials tables by study name (a missing study: its comparisons have 0 seeds).
+        seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet,
+            so the family is incomplete.
         metric: the reported metric.
     """
     rows, tested = [], []
@@ -396,15 +463,16 @@ def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], metric: st
                      else comparison.n, "comparison_": comparison, "mcnemar_p": _mcnemar(claim, tables)})
         if comparison is not None:
             tested.append(len(rows) - 1)
-    adjusted = dict(zip(tested, holm([rows[i]["comparison_"].p for i in tested])))
-    adjusted_eq = dict(zip(tested, holm([rows[i]["comparison_"].p_equivalent for i in tested])))
+    complete = seeds is not None and all(row["n"] >= seeds for row in rows)
+    adjusted = dict(zip(tested, holm([rows[i]["comparison_"].p for i in tested]))) if complete else {}
+    adjusted_eq = dict(zip(tested, holm([rows[i]["comparison_"].p_equivalent for i in tested]))) if complete else {}
     for i, row in enumerate(rows):
-        c = row.pop("comparison_")
+        c, claim = row.pop("comparison_"), ablation.family[i].claim
         row |= {"diff": c.diff if c else math.nan, "ci_low": c.ci_low if c else math.nan,
                 "ci_high": c.ci_high if c else math.nan, "p": c.p if c else math.nan,
                 "p_holm": adjusted.get(i, math.nan), "p_tost_holm": adjusted_eq.get(i, math.nan),
-                "verdict": verdict(c, adjusted.get(i, 1.0), adjusted_eq.get(i, 1.0),
-                                   ablation.family[i].claim)}
+                "verdict": verdict(c, adjusted.get(i, 1.0), adjusted_eq.get(i, 1.0), claim)
+                if complete or claim is None else interim_status(row["n"], seeds)}
     return pd.DataFrame(rows, columns=["comparison", "claim", "n", "diff", "ci_low", "ci_high", "p", "p_holm",
                                        "p_tost_holm", "mcnemar_p", "verdict"])
 
@@ -501,12 +569,19 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():
         lines += _test_table(study, trials)
-    family = family_table(ablation, tables)
+    seeds = registered_seeds(root)
+    family = family_table(ablation, tables, seeds)
     shown = _in_points(family, ["comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm",
                                 "p_tost_holm", "mcnemar_p", "verdict"])
     lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "", shown, ""]
+    if seeds is None:
+        lines += ["**Interim**: the pilot has not fixed the seeds per arm yet; Holm-adjusted p-values and verdicts "
+                  "wait for it and for every comparison's paired seeds.", ""]
+    elif family["p_holm"].isna().any():
+        lines += [f"**Interim**: {(family['n'] >= seeds).sum()} of {len(family)} comparisons have their {seeds} "
+                  "paired seeds (the pilot's count); Holm-adjusted p-values and verdicts wait for all of them.", ""]
     for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
-        lines += interior_lines(study, tables) + latency_lines(study, root, tables[study])
+        lines += interior_lines(study, tables, seeds) + latency_lines(study, root, tables[study])
     lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study in tables for plot in ablation.plots]
     return lines + [f"**Limitations**: {ablation.limitations}", ""]
 
@@ -519,7 +594,8 @@ def report(root: Path) -> str:
     for ablation in ABLATIONS:
         lines += ablation_section(ablation, root)
     lines += search_section(root)
-    lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()), ""]
+    lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()),
+              f"- *{INTERIM}*: {INTERIM_RULE}.", ""]
     return "\n".join(lines)
 
 

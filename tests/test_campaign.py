@@ -172,15 +172,55 @@ def test_an_ablation_family_is_holm_corrected_and_judged(tmp_path):
         ({"segments": "4", "order": "depthwise_first"}, [0.900, 0.910, 0.920]),
         ({"segments": "4", "order": "pointwise_first"}, [0.850, 0.862, 0.868])])
     order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
-    family = campaign.family_table(order, {"order": campaign.load(tmp_path / "order")})
+    family = campaign.family_table(order, {"order": campaign.load(tmp_path / "order")}, seeds=3)
     assert list(family["n"]) == [3, 3]
     assert family["diff"].tolist() == pytest.approx([0.000667, -0.05], abs=1e-5)
     p = sorted(family["p"])
     assert sorted(family["p_holm"]) == pytest.approx([2 * p[0], max(2 * p[0], p[1])])
     assert list(family["verdict"]) == ["equivalent within ±1 pt", "contradicted"]
     assert family["mcnemar_p"].iloc[1] < 0.05  # 6 images lost per seed, none won
+    _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
+    _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])  # the pilot fixes 3 seeds
     text = "\n".join(campaign.ablation_section(order, tmp_path))
     assert "equivalent within ±1 pt" in text and "`order` (12 trials, 12.0 core-hours" in text
+    assert "Interim" not in text
+
+
+def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_holm_and_no_verdict(tmp_path):
+    order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
+    _study_table(tmp_path / "order", [  # segments 4: 3 seeds, a clear difference; segments all: 2 seeds so far
+        ({"segments": "4", "order": "depthwise_first"}, [0.900, 0.910, 0.920]),
+        ({"segments": "4", "order": "pointwise_first"}, [0.850, 0.862, 0.868]),
+        ({"segments": "all", "order": "depthwise_first"}, [0.900, 0.910]),
+        ({"segments": "all", "order": "pointwise_first"}, [0.901, 0.911])])
+    tables = {"order": campaign.load(tmp_path / "order")}
+    family = campaign.family_table(order, tables, seeds=3)
+    assert list(family["n"]) == [2, 3] and family["p"].notna().all() and family["diff"].notna().all()
+    assert family["p_holm"].isna().all() and family["p_tost_holm"].isna().all()  # Holm over part of a family: none
+    assert list(family["verdict"]) == ["interim (2 of 3 seeds)", "interim (family incomplete)"]
+    assert list(campaign.family_table(order, {}, seeds=3)["verdict"]) == ["interim (0 of 3 seeds)"] * 2  # queued
+    unfixed = campaign.family_table(order, tables, seeds=None)  # no pilot yet: nothing is judged
+    assert set(unfixed["verdict"]) == {"interim (the pilot has not fixed the seeds)"}
+    judged = campaign.family_table(order, tables, seeds=2)  # had the pilot fixed 2 seeds, the family is complete
+    assert judged["p_holm"].notna().all() and judged["verdict"].isin(campaign.VERDICTS).all()
+    text = "\n".join(campaign.ablation_section(order, tmp_path))  # no pilot under tmp_path
+    assert "**Interim**: the pilot has not fixed the seeds per arm yet" in text and "contradicted" not in text
+    _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
+    _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
+    assert campaign.registered_seeds(tmp_path) == 3
+    text = "\n".join(campaign.ablation_section(order, tmp_path))
+    assert "**Interim**: 1 of 2 comparisons have their 3 paired seeds (the pilot's count)" in text
+    assert "| interim (2 of 3 seeds)" in text and "contradicted" not in text
+    assert f"- *interim*: {campaign.INTERIM_RULE}." in campaign.report(tmp_path)
+
+
+def test_the_registered_seeds_are_the_pilots_count_capped_at_the_machines_most(tmp_path):
+    assert campaign.registered_seeds(tmp_path) is None
+    _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
+    assert campaign.registered_seeds(tmp_path) is None  # the long pilot decides which spread counts
+    _pilot_table(tmp_path / "pilot_long", [0.010, 0.030, -0.010])  # failed length check: pilot_long's sd, 2 points
+    assert campaign.seeds_needed(0.02) > campaign.MAX_SEEDS
+    assert campaign.registered_seeds(tmp_path) == campaign.MAX_SEEDS
 
 
 def test_an_interaction_subtracts_the_per_seed_differences_of_another_study(tmp_path):
@@ -192,13 +232,14 @@ def test_an_interaction_subtracts_the_per_seed_differences_of_another_study(tmp_
                                              ({"mid_act": "elu"}, [0.91, 0.92, 0.93])])
     ablation = next(a for a in campaign.ABLATIONS if "mid_act_deep" in a.studies)
     tables = {s: campaign.load(tmp_path / s) for s in ablation.studies}
-    family = campaign.family_table(ablation, tables).set_index("comparison")
+    family = campaign.family_table(ablation, tables, seeds=3).set_index("comparison")
     interaction = family.loc["interaction: (relu - none at 16 ch) - (relu - none at depthwise)"]
     assert interaction["diff"] == pytest.approx(0.02 - (-0.0183333), abs=1e-6) and interaction["n"] == 3
     assert np.isnan(interaction["mcnemar_p"])
     assert family.loc["relu - none at depthwise", "verdict"] in ("reproduced", "inconclusive")
-    missing = campaign.family_table(ablation, {"mid_act_deep": tables["mid_act_deep"]})
-    assert set(missing.set_index("comparison").loc[["relu - none at depthwise"], "verdict"]) == {"not tested"}
+    missing = campaign.family_table(ablation, {"mid_act_deep": tables["mid_act_deep"]}, seeds=3)
+    assert set(missing.set_index("comparison").loc[["relu - none at depthwise"], "verdict"]) == {
+        "interim (0 of 3 seeds)"}  # its study not run yet: queued, not "not tested"
 
 
 def test_the_search_section_shows_the_front_and_the_retrained_configurations(tmp_path):
@@ -228,9 +269,11 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     _study_table(tmp_path / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()], seeds=seeds,
                  images=400)
     tables = {"spectrum_params": campaign.load(tmp_path / "spectrum_params")}
-    family = campaign.family_table(campaign.interior_family("spectrum_params"), tables)
+    family = campaign.family_table(campaign.interior_family("spectrum_params"), tables, seeds=6)
     assert len(family) == 10 and set(family["verdict"]) == {"not tested"}  # a finding, not a paper claim
     assert campaign.interior_outcome(family) == "shown at segments 4"  # 8 beats 1, not all
+    _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
+    _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
     text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path))
     assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
     assert "| 4 vs 1       |   6 |           +3.00 | [+3.00, +3.00] |" in text  # signed points, also when none is "–"
@@ -239,21 +282,25 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     _study_table(tmp_path / "flat" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
                  seeds=seeds, images=400)
     missing = campaign.family_table(campaign.interior_family("spectrum_params"),
-                                    {"spectrum_params": campaign.load(tmp_path / "flat" / "spectrum_params")})
-    assert campaign.interior_outcome(missing) == "waits for every arm's paired seeds"
+                                    {"spectrum_params": campaign.load(tmp_path / "flat" / "spectrum_params")}, 6)
+    assert campaign.interior_outcome(missing) == "interim: waits for every arm's paired seeds"
+    assert campaign.interior_outcome(campaign.family_table(campaign.interior_family("spectrum_params"), tables,
+                                                           seeds=7)) == "interim: waits for every arm's paired seeds"
     arms["4"] = flat
     _study_table(tmp_path / "none" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
                  seeds=seeds, images=400)
     none = campaign.family_table(campaign.interior_family("spectrum_params"),
-                                 {"spectrum_params": campaign.load(tmp_path / "none" / "spectrum_params")})
+                                 {"spectrum_params": campaign.load(tmp_path / "none" / "spectrum_params")}, 6)
     assert campaign.interior_outcome(none) == "no interior optimum shown"
 
 
 def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_report_shows_them(tmp_path):
     files = Path(__file__).resolve().parents[1] / "experiments" / "campaign"
+    seeds = campaign.registered_seeds(files.parents[1] / "results" / "campaign")  # what the committed pilot fixed
     for study in (study for ablation in campaign.ABLATIONS for study in ablation.studies):
         settings = tomllib.loads((files / f"{study}.toml").read_text())
         assert settings["lr"] == "tuned" and settings["lr_study"] == study + campaign.LR_STUDY_SUFFIX
+        assert settings["seeds"] == list(range(seeds))  # paired: every ablation runs the pilot's seeds
         rates = tomllib.loads((files / f"{settings['lr_study']}.toml").read_text())
         assert rates["lr"] == list(campaign.LR_GRID) and rates["lr_extend"] is True  # the protocol's grid, edge rule
     order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
