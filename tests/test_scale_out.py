@@ -47,8 +47,8 @@ def _running_trial(storage, study: str, timeout: float = 300) -> optuna.trial.Fr
     raise AssertionError("no running trial appeared in time")
 
 
-def _kill_worker_mid_trial(storage, study: str) -> optuna.trial.FrozenTrial:
-    """SIGKILL a worker while it holds a RUNNING trial, and return that trial.
+def _kill_worker_mid_trial(storage, study: str) -> tuple[optuna.trial.FrozenTrial, int]:
+    """SIGKILL a worker while it holds a RUNNING trial, and return that trial and the worker's pid.
 
     The worker is frozen first (SIGSTOP) and its trial read again: a trial seen running can complete before a kill
     lands, and the worker then holds the next one, or none between trials (thawed, and another try)."""
@@ -61,7 +61,7 @@ def _kill_worker_mid_trial(storage, study: str) -> optuna.trial.FrozenTrial:
                 if t.state.name == "RUNNING" and t.user_attrs.get("worker") == seen.user_attrs["worker"]]
         if held:
             os.kill(pid, signal.SIGKILL)
-            return held[0]
+            return held[0], pid
         os.kill(pid, signal.SIGCONT)
 
 
@@ -85,8 +85,7 @@ def _wait_all(processes, timeout: float = 420) -> None:
 @pytest.mark.slow
 def test_three_workers_one_killed_mid_trial_each_point_completes_once(postgres, tmp_path):
     workers = [_worker(tmp_path, postgres.url, "killed") for _ in range(3)]
-    victim = _kill_worker_mid_trial(postgres.url, "killed")
-    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    victim, pid = _kill_worker_mid_trial(postgres.url, "killed")
     survivors = [w for w in workers if w.pid != pid]
     assert len(survivors) == 2
     _wait_all(survivors)
@@ -119,7 +118,7 @@ def test_local_workers_share_a_journal_file_and_survive_a_killed_worker(tmp_path
     while not journal.exists() and time.time() < deadline:
         time.sleep(0.2)
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    victim = _kill_worker_mid_trial(storage, "default")
+    victim, _ = _kill_worker_mid_trial(storage, "default")
     _, stderr = parent.communicate(timeout=420)
     assert parent.returncode == 0, stderr
     assert "2 workers on journal:" in stderr
