@@ -198,6 +198,12 @@ def _pilot_arms(root: Path) -> dict[str, tuple[pd.DataFrame, pd.Series, pd.Serie
     return arms
 
 
+def _pilot_comparisons(arms: dict[str, tuple[pd.DataFrame, pd.Series, pd.Series]]) -> dict[str, Comparison]:
+    """The paired comparison (all - 1) of each pilot study in ``arms`` (:func:`_pilot_arms`) with 2 or more paired
+    seeds."""
+    return {study: compare(a, b, MARGIN) for study, (_, a, b) in arms.items() if len(a) >= 2}
+
+
 class SeedPlan(NamedTuple):
     """What the pilot fixes.
 
@@ -225,7 +231,7 @@ def seed_plan(comparisons: dict[str, Comparison]) -> SeedPlan | None:
 def registered_seeds(root: Path) -> int | None:
     """The paired seeds every arm of an ablation runs: the pilot's count, at most :data:`MAX_SEEDS`; ``None`` before
     the pilot under ``root`` has fixed it."""
-    plan = seed_plan({study: compare(a, b, MARGIN) for study, (_, a, b) in _pilot_arms(root).items() if len(a) >= 2})
+    plan = seed_plan(_pilot_comparisons(_pilot_arms(root)))
     return None if plan is None else min(plan.seeds, MAX_SEEDS)
 
 
@@ -237,7 +243,8 @@ def pilot_section(root: Path) -> list[str]:
     """
     lines = ["## Pilot: training length and seeds", ""]
     lines += lr_lines(root, "pilot_lr")
-    comparisons, arms = {}, _pilot_arms(root)
+    arms = _pilot_arms(root)
+    comparisons = _pilot_comparisons(arms)
     for study, label in PILOT_LENGTHS.items():
         if study not in arms:
             lines.append(f"- {label} (`{study}`): not run yet.")
@@ -246,7 +253,7 @@ def pilot_section(root: Path) -> list[str]:
         if len(a) < 2:
             lines.append(f"- {label} (`{study}`): {len(a)} paired seed(s) finished; the check needs 2 or more.")
             continue
-        c = comparisons[study] = compare(a, b, MARGIN)
+        c = comparisons[study]
         lines.append(f"- {label} (`{study}`, n = {c.n} paired seeds, {core_hours(trials):.1f} core-hours): "
                      f"{PILOT_METRIC} segments=1 {a.mean():.4f}, "
                      f"all {b.mean():.4f}; all - 1 = {100 * c.diff:+.2f} points [{100 * c.ci_low:+.2f}, "
@@ -441,6 +448,16 @@ def interim_status(n: int, seeds: int | None) -> str:
     return f"{INTERIM} ({n} of {seeds} seeds)" if n < seeds else f"{INTERIM} (family incomplete)"
 
 
+def family_complete(counts: Sequence[int], seeds: int | None) -> bool:
+    """Whether a family is complete: the pilot has fixed the seeds and every comparison has them.
+
+    Args:
+        counts: each comparison's paired seeds.
+        seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
+    """
+    return seeds is not None and all(n >= seeds for n in counts)
+
+
 def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], seeds: int | None,
                  metric: str = "test_acc") -> pd.DataFrame:
     """One row per comparison of ``ablation``'s family: the paired difference with its interval, p, Holm-adjusted p
@@ -463,7 +480,7 @@ def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], seeds: int
                      else comparison.n, "comparison_": comparison, "mcnemar_p": _mcnemar(claim, tables)})
         if comparison is not None:
             tested.append(len(rows) - 1)
-    complete = seeds is not None and all(row["n"] >= seeds for row in rows)
+    complete = family_complete([row["n"] for row in rows], seeds)
     adjusted = dict(zip(tested, holm([rows[i]["comparison_"].p for i in tested]))) if complete else {}
     adjusted_eq = dict(zip(tested, holm([rows[i]["comparison_"].p_equivalent for i in tested]))) if complete else {}
     for i, row in enumerate(rows):
@@ -558,9 +575,15 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     return lines + (_test_table(retrain, again) if again is not None else [f"`{retrain}`: not run yet.", ""])
 
 
-def ablation_section(ablation: Ablation, root: Path) -> list[str]:
+def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[str]:
     """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
-    of comparisons with their verdicts, core-hours, plots and limitations."""
+    of comparisons with their verdicts, core-hours, plots and limitations.
+
+    Args:
+        ablation: the ablation.
+        root: the campaign's results root.
+        seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
+    """
     tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
     for study in ablation.studies:  # each arm's rate, chosen before the study runs
@@ -569,7 +592,6 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():
         lines += _test_table(study, trials)
-    seeds = registered_seeds(root)
     family = family_table(ablation, tables, seeds)
     shown = _in_points(family, ["comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm",
                                 "p_tost_holm", "mcnemar_p", "verdict"])
@@ -577,7 +599,7 @@ def ablation_section(ablation: Ablation, root: Path) -> list[str]:
     if seeds is None:
         lines += ["**Interim**: the pilot has not fixed the seeds per arm yet; Holm-adjusted p-values and verdicts "
                   "wait for it and for every comparison's paired seeds.", ""]
-    elif family["p_holm"].isna().any():
+    elif not family_complete(family["n"], seeds):
         lines += [f"**Interim**: {(family['n'] >= seeds).sum()} of {len(family)} comparisons have their {seeds} "
                   "paired seeds (the pilot's count); Holm-adjusted p-values and verdicts wait for all of them.", ""]
     for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
@@ -591,8 +613,9 @@ def report(root: Path) -> str:
     lines = ["# Campaign report", "", "Protocol: `experiments/PROTOCOL.md`. Regenerate with "
              f"`python -m continuum.campaign {root}`.", ""]
     lines += pilot_section(root)
+    seeds = registered_seeds(root)
     for ablation in ABLATIONS:
-        lines += ablation_section(ablation, root)
+        lines += ablation_section(ablation, root, seeds)
     lines += search_section(root)
     lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()),
               f"- *{INTERIM}*: {INTERIM_RULE}.", ""]

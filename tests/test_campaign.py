@@ -181,7 +181,7 @@ def test_an_ablation_family_is_holm_corrected_and_judged(tmp_path):
     assert family["mcnemar_p"].iloc[1] < 0.05  # 6 images lost per seed, none won
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])  # the pilot fixes 3 seeds
-    text = "\n".join(campaign.ablation_section(order, tmp_path))
+    text = "\n".join(campaign.ablation_section(order, tmp_path, campaign.registered_seeds(tmp_path)))
     assert "equivalent within ±1 pt" in text and "`order` (12 trials, 12.0 core-hours" in text
     assert "Interim" not in text
 
@@ -203,12 +203,12 @@ def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_
     assert set(unfixed["verdict"]) == {"interim (the pilot has not fixed the seeds)"}
     judged = campaign.family_table(order, tables, seeds=2)  # had the pilot fixed 2 seeds, the family is complete
     assert judged["p_holm"].notna().all() and judged["verdict"].isin(campaign.VERDICTS).all()
-    text = "\n".join(campaign.ablation_section(order, tmp_path))  # no pilot under tmp_path
+    text = "\n".join(campaign.ablation_section(order, tmp_path, seeds=None))  # no pilot yet
     assert "**Interim**: the pilot has not fixed the seeds per arm yet" in text and "contradicted" not in text
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
     assert campaign.registered_seeds(tmp_path) == 3
-    text = "\n".join(campaign.ablation_section(order, tmp_path))
+    text = "\n".join(campaign.ablation_section(order, tmp_path, campaign.registered_seeds(tmp_path)))
     assert "**Interim**: 1 of 2 comparisons have their 3 paired seeds (the pilot's count)" in text
     assert "| interim (2 of 3 seeds)" in text and "contradicted" not in text
     assert f"- *interim*: {campaign.INTERIM_RULE}." in campaign.report(tmp_path)
@@ -274,7 +274,7 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     assert campaign.interior_outcome(family) == "shown at segments 4"  # 8 beats 1, not all
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
-    text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path))
+    text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path, campaign.registered_seeds(tmp_path)))
     assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
     assert "| 4 vs 1       |   6 |           +3.00 | [+3.00, +3.00] |" in text  # signed points, also when none is "–"
     assert "| 2 vs all     |   6 |           -2.00 | [-2.00, -2.00] |" in text
@@ -304,11 +304,11 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
         rates = tomllib.loads((files / f"{settings['lr_study']}.toml").read_text())
         assert rates["lr"] == list(campaign.LR_GRID) and rates["lr_extend"] is True  # the protocol's grid, edge rule
     order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
-    assert "Learning rates (`order_lr`): not run yet." in campaign.ablation_section(order, tmp_path)
+    assert "Learning rates (`order_lr`): not run yet." in campaign.ablation_section(order, tmp_path, seeds=None)
     _study_table(tmp_path / "order_lr", [({"order": "depthwise_first", "lr": 0.05}, [0.91]),
                                          ({"order": "depthwise_first", "lr": 0.1}, [0.92]),
                                          ({"order": "pointwise_first", "lr": 0.05}, [0.90])], seeds=(0,))
-    lines = campaign.ablation_section(order, tmp_path)
+    lines = campaign.ablation_section(order, tmp_path, seeds=None)
     assert lines[4].startswith("Learning rates (`order_lr`, 3 trials finished, 3.0 core-hours; validation accuracy "
                                "after the last epoch, seed 0; -: not finished yet, and the chosen rate may change")
     assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
@@ -316,20 +316,20 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     edge = [({"order": "depthwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.91), (0.1, 0.92))]
     inside = [({"order": "pointwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.92), (0.1, 0.91))]
     _study_table(tmp_path / "waiting" / "order_lr", edge + inside, seeds=(0,))
-    header = campaign.ablation_section(order, tmp_path / "waiting")[4]
+    header = campaign.ablation_section(order, tmp_path / "waiting", seeds=None)[4]
     assert header.endswith("seed 0; best at the grid's edge, waiting for the step beyond it (`lr_extend`): "
                            "order=depthwise_first):")
     assert arm_label(["segments", "width", "width_divisor"], (8, 1.1111111111154859, 8)) == \
         "segments=8, width=1.1111, width_divisor=8"  # a matched width as the tables print it
     step = ({"order": "depthwise_first", "lr": 0.2}, [0.91])
     _study_table(tmp_path / "stepped" / "order_lr", [*edge, step, *inside], seeds=(0,))
-    lines = campaign.ablation_section(order, tmp_path / "stepped")
+    lines = campaign.ablation_section(order, tmp_path / "stepped", seeds=None)
     assert lines[4].endswith("seed 0; rates beyond the grid: the one step `lr_extend` takes for an arm best at the "
                              "grid's edge (-: an arm best inside it takes none)):")
     assert lines[6].splitlines()[-2:] == [
         "| depthwise_first |     0.9000 |    0.9100 |   0.9200 |   0.9100 |      0.1000 |",
         "| pointwise_first |     0.9000 |    0.9200 |   0.9100 |   -      |      0.0500 |"]
-    lines = campaign.ablation_section(order, tmp_path)
+    lines = campaign.ablation_section(order, tmp_path, seeds=None)
     assert lines[-2:] == ["Not run yet.", ""]
     _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
                  seeds=(0,))
