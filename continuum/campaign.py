@@ -188,9 +188,13 @@ PILOT_METRIC = "val_acc"
 """What the pilot compares: the validation split's accuracy (the test split decides nothing)."""
 
 
-def _pilot_arms(root: Path) -> dict[str, tuple[pd.DataFrame, pd.Series, pd.Series]]:
-    """Each pilot study with a table under ``root``: its trials and its two arms (segments 1, all), one value of
-    :data:`PILOT_METRIC` per paired seed."""
+PilotArms = dict[str, tuple[pd.DataFrame, pd.Series, pd.Series]]
+"""Each pilot study (by name): its trials and its two arms (segments 1, all), one value of :data:`PILOT_METRIC` per
+paired seed."""
+
+
+def pilot_arms(root: Path) -> PilotArms:
+    """The pilot studies with a table under ``root`` (the campaign's results root), read once per report."""
     arms = {}
     for study in PILOT_LENGTHS:
         if (trials := _table_or_none(root, study)) is not None:
@@ -198,8 +202,8 @@ def _pilot_arms(root: Path) -> dict[str, tuple[pd.DataFrame, pd.Series, pd.Serie
     return arms
 
 
-def _pilot_comparisons(arms: dict[str, tuple[pd.DataFrame, pd.Series, pd.Series]]) -> dict[str, Comparison]:
-    """The paired comparison (all - 1) of each pilot study in ``arms`` (:func:`_pilot_arms`) with 2 or more paired
+def _pilot_comparisons(arms: PilotArms) -> dict[str, Comparison]:
+    """The paired comparison (all - 1) of each pilot study in ``arms`` (:func:`pilot_arms`) with 2 or more paired
     seeds."""
     return {study: compare(a, b, MARGIN) for study, (_, a, b) in arms.items() if len(a) >= 2}
 
@@ -228,22 +232,22 @@ def seed_plan(comparisons: dict[str, Comparison]) -> SeedPlan | None:
     return SeedPlan(check, study, seeds_needed(comparisons[study].sd))
 
 
-def registered_seeds(root: Path) -> int | None:
+def registered_seeds(arms: PilotArms) -> int | None:
     """The paired seeds every arm of an ablation runs: the pilot's count, at most :data:`MAX_SEEDS`; ``None`` before
-    the pilot under ``root`` has fixed it."""
-    plan = seed_plan(_pilot_comparisons(_pilot_arms(root)))
+    the pilot (``arms``: :func:`pilot_arms`) has fixed it."""
+    plan = seed_plan(_pilot_comparisons(arms))
     return None if plan is None else min(plan.seeds, MAX_SEEDS)
 
 
-def pilot_section(root: Path) -> list[str]:
+def pilot_section(root: Path, arms: PilotArms) -> list[str]:
     """The report's pilot section: per-arm results at both lengths, the length check and the seed count.
 
     Args:
-        root: the campaign's results root (``pilot`` and ``pilot_long`` studies beneath it).
+        root: the campaign's results root (``pilot_lr`` beneath it).
+        arms: the pilot studies read from it (:func:`pilot_arms`).
     """
     lines = ["## Pilot: training length and seeds", ""]
     lines += lr_lines(root, "pilot_lr")
-    arms = _pilot_arms(root)
     comparisons = _pilot_comparisons(arms)
     for study, label in PILOT_LENGTHS.items():
         if study not in arms:
@@ -328,14 +332,15 @@ def interior_family(study: str) -> Ablation:
                                     for k in INTERIOR_COUNTS for end in ("1", "all")), "")
 
 
-def interior_outcome(family: pd.DataFrame) -> str:
+def interior_outcome(family: pd.DataFrame, seeds: int | None) -> str:
     """The interior-optimum rule: shown at each count better than segments 1 and than all, both with Holm-adjusted
-    p < :data:`ALPHA`; else not shown (waiting while the family is incomplete: no Holm-adjusted p yet).
+    p < :data:`ALPHA`; else not shown (waiting while the family is incomplete: :func:`family_complete`).
 
     Args:
         family: :func:`family_table` of :func:`interior_family`.
+        seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
     """
-    if family["p_holm"].isna().any():
+    if not family_complete(family["n"], seeds):
         return f"{INTERIM}: waits for every arm's paired seeds"
     better = family.assign(count=[label.split(" vs ")[0] for label in family["comparison"]],
                            won=(family["p_holm"] < ALPHA) & (family["diff"] > 0)).groupby("count", sort=False)["won"]
@@ -347,7 +352,7 @@ def interior_lines(study: str, tables: dict[str, pd.DataFrame], seeds: int | Non
     """The report's lines on the interior-optimum test of a spectrum study (``seeds``: :func:`registered_seeds`)."""
     family = family_table(interior_family(study), tables, seeds)
     return [f"Interior optimum (pre-registered; {len(family)} comparisons, Holm, paired by seed, test accuracy): "
-            f"**{interior_outcome(family)}**.", "",
+            f"**{interior_outcome(family, seeds)}**.", "",
             _in_points(family, ["comparison", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm"]), ""]
 
 
@@ -612,8 +617,9 @@ def report(root: Path) -> str:
     """The campaign's report (Markdown) from the tables under ``root``."""
     lines = ["# Campaign report", "", "Protocol: `experiments/PROTOCOL.md`. Regenerate with "
              f"`python -m continuum.campaign {root}`.", ""]
-    lines += pilot_section(root)
-    seeds = registered_seeds(root)
+    arms = pilot_arms(root)
+    lines += pilot_section(root, arms)
+    seeds = registered_seeds(arms)
     for ablation in ABLATIONS:
         lines += ablation_section(ablation, root, seeds)
     lines += search_section(root)

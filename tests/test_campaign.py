@@ -95,6 +95,10 @@ def _pilot_table(folder, diffs):
     pd.DataFrame(rows, columns=TRIAL_COLUMNS).to_csv(folder / "trials.csv", index=False)
 
 
+def _registered_seeds(root):
+    return campaign.registered_seeds(campaign.pilot_arms(root))
+
+
 def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     assert campaign.main([str(tmp_path)]) == 2  # no study in it: a mistyped root gets no report of nothing
     assert "holds no study" in capsys.readouterr().err and not (tmp_path / "README.md").exists()
@@ -108,13 +112,13 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     unfinished = pd.read_csv(tmp_path / "pilot_long" / "trials.csv")
     unfinished.loc[unfinished["seed"] == 2, "state"] = "RUNNING"  # a pair not finished: no verdict yet
     unfinished.to_csv(tmp_path / "pilot_long" / "trials.csv", index=False)
-    lines = campaign.pilot_section(tmp_path)
+    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
     assert "- Length check: waits for `pilot_long`'s other paired seeds (2 of 3 finished); no verdict, and no seed " \
         "count, before that." in lines and not any("Seeds" in line for line in lines)
     _pilot_table(tmp_path / "pilot_long_moved", [0.010, 0.012, 0.008])
     (tmp_path / "pilot_long").rename(tmp_path / "pilot_unfinished")
     (tmp_path / "pilot_long_moved").rename(tmp_path / "pilot_long")
-    lines = campaign.pilot_section(tmp_path)
+    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
     assert any("**failed: 15 epochs**" in line for line in lines)
     assert any(line.startswith("- **Convergence is not shown**") for line in lines)
     assert any(line.startswith("- Seeds (`pilot_long`): sd 0.20 points") for line in lines)  # the longer pilot's sd
@@ -181,7 +185,7 @@ def test_an_ablation_family_is_holm_corrected_and_judged(tmp_path):
     assert family["mcnemar_p"].iloc[1] < 0.05  # 6 images lost per seed, none won
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])  # the pilot fixes 3 seeds
-    text = "\n".join(campaign.ablation_section(order, tmp_path, campaign.registered_seeds(tmp_path)))
+    text = "\n".join(campaign.ablation_section(order, tmp_path, _registered_seeds(tmp_path)))
     assert "equivalent within ±1 pt" in text and "`order` (12 trials, 12.0 core-hours" in text
     assert "Interim" not in text
 
@@ -207,20 +211,20 @@ def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_
     assert "**Interim**: the pilot has not fixed the seeds per arm yet" in text and "contradicted" not in text
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
-    assert campaign.registered_seeds(tmp_path) == 3
-    text = "\n".join(campaign.ablation_section(order, tmp_path, campaign.registered_seeds(tmp_path)))
+    assert _registered_seeds(tmp_path) == 3
+    text = "\n".join(campaign.ablation_section(order, tmp_path, _registered_seeds(tmp_path)))
     assert "**Interim**: 1 of 2 comparisons have their 3 paired seeds (the pilot's count)" in text
     assert "| interim (2 of 3 seeds)" in text and "contradicted" not in text
     assert f"- *interim*: {campaign.INTERIM_RULE}." in campaign.report(tmp_path)
 
 
 def test_the_registered_seeds_are_the_pilots_count_capped_at_the_machines_most(tmp_path):
-    assert campaign.registered_seeds(tmp_path) is None
+    assert _registered_seeds(tmp_path) is None
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
-    assert campaign.registered_seeds(tmp_path) is None  # the long pilot decides which spread counts
+    assert _registered_seeds(tmp_path) is None  # the long pilot decides which spread counts
     _pilot_table(tmp_path / "pilot_long", [0.010, 0.030, -0.010])  # failed length check: pilot_long's sd, 2 points
     assert campaign.seeds_needed(0.02) > campaign.MAX_SEEDS
-    assert campaign.registered_seeds(tmp_path) == campaign.MAX_SEEDS
+    assert _registered_seeds(tmp_path) == campaign.MAX_SEEDS
 
 
 def test_an_interaction_subtracts_the_per_seed_differences_of_another_study(tmp_path):
@@ -271,10 +275,10 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     tables = {"spectrum_params": campaign.load(tmp_path / "spectrum_params")}
     family = campaign.family_table(campaign.interior_family("spectrum_params"), tables, seeds=6)
     assert len(family) == 10 and set(family["verdict"]) == {"not tested"}  # a finding, not a paper claim
-    assert campaign.interior_outcome(family) == "shown at segments 4"  # 8 beats 1, not all
+    assert campaign.interior_outcome(family, 6) == "shown at segments 4"  # 8 beats 1, not all
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
-    text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path, campaign.registered_seeds(tmp_path)))
+    text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path, _registered_seeds(tmp_path)))
     assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
     assert "| 4 vs 1       |   6 |           +3.00 | [+3.00, +3.00] |" in text  # signed points, also when none is "–"
     assert "| 2 vs all     |   6 |           -2.00 | [-2.00, -2.00] |" in text
@@ -283,20 +287,21 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
                  seeds=seeds, images=400)
     missing = campaign.family_table(campaign.interior_family("spectrum_params"),
                                     {"spectrum_params": campaign.load(tmp_path / "flat" / "spectrum_params")}, 6)
-    assert campaign.interior_outcome(missing) == "interim: waits for every arm's paired seeds"
-    assert campaign.interior_outcome(campaign.family_table(campaign.interior_family("spectrum_params"), tables,
-                                                           seeds=7)) == "interim: waits for every arm's paired seeds"
+    assert campaign.interior_outcome(missing, 6) == "interim: waits for every arm's paired seeds"
+    short = campaign.family_table(campaign.interior_family("spectrum_params"), tables, seeds=7)
+    assert campaign.interior_outcome(short, 7) == "interim: waits for every arm's paired seeds"
+    assert campaign.interior_outcome(family, None) == "interim: waits for every arm's paired seeds"  # no pilot yet
     arms["4"] = flat
     _study_table(tmp_path / "none" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
                  seeds=seeds, images=400)
     none = campaign.family_table(campaign.interior_family("spectrum_params"),
                                  {"spectrum_params": campaign.load(tmp_path / "none" / "spectrum_params")}, 6)
-    assert campaign.interior_outcome(none) == "no interior optimum shown"
+    assert campaign.interior_outcome(none, 6) == "no interior optimum shown"
 
 
 def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_report_shows_them(tmp_path):
     files = Path(__file__).resolve().parents[1] / "experiments" / "campaign"
-    seeds = campaign.registered_seeds(files.parents[1] / "results" / "campaign")  # what the committed pilot fixed
+    seeds = _registered_seeds(files.parents[1] / "results" / "campaign")  # what the committed pilot fixed
     for study in (study for ablation in campaign.ABLATIONS for study in ablation.studies):
         settings = tomllib.loads((files / f"{study}.toml").read_text())
         assert settings["lr"] == "tuned" and settings["lr_study"] == study + campaign.LR_STUDY_SUFFIX
