@@ -22,7 +22,7 @@ from continuum.analysis import Comparison, arm_label, best_rate, compare, holm, 
 from continuum.arm_latency import LATENCY_FILE
 from continuum.files import atomic_write
 from continuum.results import TableError, load
-from continuum.sweep.record import decode_correct
+from continuum.sweep.record import POINT_COLUMNS, decode_correct
 
 ALPHA = 0.05
 """Family-wise error rate of each ablation's family of comparisons (Holm), and the level of every test."""
@@ -146,18 +146,27 @@ def core_hours(trials: pd.DataFrame) -> float:
     return (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
 
 
-def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[str]:
+def lr_lines(root: Path, study: str, arm_columns: Sequence[str], grid: Sequence[float] = LR_GRID) -> list[str]:
     """The learning-rate study's validation accuracy per arm and rate (rates past the grid's edge where an arm was
     best there: ``lr_extend``), and the rate each arm takes (the best mean, ties to the smaller: what ``--lr tuned``
     reads), with what may still change it: grid rates not finished yet, or the step beyond the grid's edge not taken
-    yet by an arm best there."""
+    yet by an arm best there.
+
+    Args:
+        root: the campaign's results root.
+        study: the learning-rate study (a folder under ``root``).
+        arm_columns: the columns that name its arms, shown even while one arm alone has trials; any other column
+            that varies besides the rate (a matched width) is shown too.
+        grid: the protocol's rates.
+    """
     trials = _table_or_none(root, study)
     if trials is None:
         return [f"Learning rates (`{study}`): not run yet.", ""]
     done = trials[trials["state"] == "COMPLETE"]
     if done.empty:
         return [f"Learning rates (`{study}`): no trial finished yet.", ""]
-    arms = [c for c in varying_columns(trials) if c != "lr"] or ["segments"]  # one arm finished: still named
+    varying = varying_columns(trials)
+    arms = [c for c in POINT_COLUMNS if c != "lr" and (c in arm_columns or c in varying)]
     table = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
     chosen = table.apply(best_rate, axis=1).rename("chosen lr")
     in_grid = table[[rate for rate in table.columns if rate in grid]]
@@ -175,14 +184,16 @@ def lr_lines(root: Path, study: str, grid: Sequence[float] = LR_GRID) -> list[st
         notes.append("rates beyond the grid: the one step `lr_extend` takes for an arm best at the grid's edge "
                      "(-: an arm best inside it takes none)")
     shown = sort_arms(table.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
-    return [f"Learning rates (`{study}`, {len(done)} trials finished, {core_hours(trials):.1f} core-hours; validation "
-            f"accuracy after the last epoch, seed 0{''.join('; ' + note for note in notes)}):", "",
-            _markdown(shown, missingval="-"),
-            ""]
+    return [f"Learning rates (`{study}`, {_count(len(done), 'trial')} finished, {core_hours(trials):.1f} "
+            f"core-hours; validation accuracy after the last epoch, seed 0{''.join('; ' + note for note in notes)}):",
+            "", _markdown(shown, missingval="-"), ""]
 
 
 PILOT_LENGTHS = {"pilot": "5 epochs", "pilot_long": "15 epochs"}
 """The pilot's two studies (segments 1 vs all, paired seeds), each with its training length."""
+
+PILOT_COLUMN = "segments"
+"""What differs between the pilot's two arms (1 and all)."""
 
 PILOT_METRIC = "val_acc"
 """What the pilot compares: the validation split's accuracy (the test split decides nothing)."""
@@ -198,7 +209,7 @@ def pilot_arms(root: Path) -> PilotArms:
     arms = {}
     for study in PILOT_LENGTHS:
         if (trials := _table_or_none(root, study)) is not None:
-            arms[study] = (trials, *paired_sides(trials, "segments", "1", "all", PILOT_METRIC))
+            arms[study] = (trials, *paired_sides(trials, PILOT_COLUMN, "1", "all", PILOT_METRIC))
     return arms
 
 
@@ -247,7 +258,7 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
         arms: the pilot studies read from it (:func:`pilot_arms`).
     """
     lines = ["## Pilot: training length and seeds", ""]
-    lines += lr_lines(root, "pilot_lr")
+    lines += lr_lines(root, "pilot_lr", [PILOT_COLUMN])
     comparisons = _pilot_comparisons(arms)
     for study, label in PILOT_LENGTHS.items():
         if study not in arms:
@@ -318,6 +329,12 @@ class Ablation(NamedTuple):
     family: tuple[Claim, ...]
     limitations: str
     plots: tuple[str, ...] = ("curves.png",)
+
+    def arm_columns(self, study: str) -> list[str]:
+        """The columns that name ``study``'s arms: the column each of its claims compares and those its ``where``
+        fixes, in the order the claims name them."""
+        return list(dict.fromkeys(column for claim in self.family if claim.study == study
+                                  for column in (claim.column, *(name for name, _ in claim.where))))
 
 
 SPECTRUM_COUNTS = ("1", "2", "4", "8", "16", "32")
@@ -538,6 +555,11 @@ def _markdown(table: pd.DataFrame, missingval: str = "–") -> str:
     return shown.where(shown.notna(), None).to_markdown(index=False, floatfmt=places, missingval=missingval)
 
 
+def _count(number: int, noun: str) -> str:
+    """``number`` and ``noun``, plural unless one: ``1 trial``, ``3 trials``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _points(value: float) -> str:
     return "–" if pd.isna(value) else f"{100 * value:+.2f}"
 
@@ -553,9 +575,12 @@ def _in_points(family: pd.DataFrame, columns: list[str]) -> str:
 def _test_table(study: str, trials: pd.DataFrame) -> list[str]:
     """A study's arms on the test split (mean and 95 % interval over seeds, n, size), with its trials and
     core-hours."""
+    finished = (trials["state"] == "COMPLETE").sum()
+    if not finished:
+        return [f"`{study}`: no trial finished yet.", ""]
     summary = summarize(trials, metric="test_acc")
     shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
-    return [f"`{study}` ({(trials['state'] == 'COMPLETE').sum()} trials, {core_hours(trials):.1f} core-hours; test "
+    return [f"`{study}` ({_count(finished, 'trial')}, {core_hours(trials):.1f} core-hours; test "
             "accuracy, mean and 95 % interval over seeds):", "", _markdown(shown), ""]
 
 
@@ -572,7 +597,7 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     done = trials[trials["state"] == "COMPLETE"]
     front = pareto_front(done, "val_acc", "flops").sort_values("val_acc", ascending=False)
     knobs = [c for c in ("model", "segments", "order", "mid_act", "residual", "width") if c in varying_columns(done)]
-    lines += [f"`{search}` ({len(done)} trials, {core_hours(trials):.1f} core-hours), its front (validation "
+    lines += [f"`{search}` ({_count(len(done), 'trial')}, {core_hours(trials):.1f} core-hours), its front (validation "
               "accuracy, one seed each):", "",
               _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
               f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
@@ -592,7 +617,7 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[
     tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
     for study in ablation.studies:  # each arm's rate, chosen before the study runs
-        lines += lr_lines(root, f"{study}{LR_STUDY_SUFFIX}")
+        lines += lr_lines(root, f"{study}{LR_STUDY_SUFFIX}", ablation.arm_columns(study))
     if not tables:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():

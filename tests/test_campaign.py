@@ -128,14 +128,16 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": s, "lr": lr, "seed": 0,
                    "val_acc": acc} for i, (s, lr, acc) in enumerate(rates)],
                  columns=TRIAL_COLUMNS).to_csv(tmp_path / "pilot_lr" / "trials.csv", index=False)
-    lines = campaign.lr_lines(tmp_path, "pilot_lr")
+    lines = campaign.lr_lines(tmp_path, "pilot_lr", [campaign.PILOT_COLUMN])
     assert "| segments   |   lr 0.025 |   lr 0.05 |   chosen lr |" in lines[2]
     assert lines[2].splitlines()[-2:] == ["| 1          |     0.9000 |    0.9200 |      0.0500 |",
                                           "| all        |     0.9100 |    0.9100 |      0.0250 |"]  # a tie: smaller
     one_arm = pd.read_csv(tmp_path / "pilot_lr" / "trials.csv").iloc[:2]  # only segments=1 finished so far
     one_arm.to_csv(tmp_path / "pilot_lr" / "trials.csv", index=False)
-    assert campaign.lr_lines(tmp_path, "pilot_lr")[2].splitlines()[-1] == "|          1 |     0.9000 |    0.9200 " \
-                                                                            "|      0.0500 |"
+    one_arm_lines = campaign.lr_lines(tmp_path, "pilot_lr", [campaign.PILOT_COLUMN])
+    assert one_arm_lines[0].startswith("Learning rates (`pilot_lr`, 2 trials finished")
+    assert one_arm_lines[2].splitlines()[0] == "|   segments |   lr 0.025 |   lr 0.05 |   chosen lr |"  # still named
+    assert one_arm_lines[2].splitlines()[-1] == "|          1 |     0.9000 |    0.9200 |      0.0500 |"
     assert campaign.main([str(tmp_path / "nothing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
@@ -316,14 +318,14 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     lines = campaign.ablation_section(order, tmp_path, seeds=None)
     assert lines[4].startswith("Learning rates (`order_lr`, 3 trials finished, 3.0 core-hours; validation accuracy "
                                "after the last epoch, seed 0; -: not finished yet, and the chosen rate may change")
-    assert lines[6].splitlines()[-2:] == ["| depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
-                                          "| pointwise_first |    0.9000 |   -      |      0.0500 |"]
+    assert lines[6].splitlines()[-2:] == ["| all        | depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
+                                          "| all        | pointwise_first |    0.9000 |   -      |      0.0500 |"]
     edge = [({"order": "depthwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.91), (0.1, 0.92))]
     inside = [({"order": "pointwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.92), (0.1, 0.91))]
     _study_table(tmp_path / "waiting" / "order_lr", edge + inside, seeds=(0,))
     header = campaign.ablation_section(order, tmp_path / "waiting", seeds=None)[4]
     assert header.endswith("seed 0; best at the grid's edge, waiting for the step beyond it (`lr_extend`): "
-                           "order=depthwise_first):")
+                           "segments=all, order=depthwise_first):")
     assert arm_label(["segments", "width", "width_divisor"], (8, 1.1111111111154859, 8)) == \
         "segments=8, width=1.1111, width_divisor=8"  # a matched width as the tables print it
     step = ({"order": "depthwise_first", "lr": 0.2}, [0.91])
@@ -332,13 +334,23 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     assert lines[4].endswith("seed 0; rates beyond the grid: the one step `lr_extend` takes for an arm best at the "
                              "grid's edge (-: an arm best inside it takes none)):")
     assert lines[6].splitlines()[-2:] == [
-        "| depthwise_first |     0.9000 |    0.9100 |   0.9200 |   0.9100 |      0.1000 |",
-        "| pointwise_first |     0.9000 |    0.9200 |   0.9100 |   -      |      0.0500 |"]
+        "| all        | depthwise_first |     0.9000 |    0.9100 |   0.9200 |   0.9100 |      0.1000 |",
+        "| all        | pointwise_first |     0.9000 |    0.9200 |   0.9100 |   -      |      0.0500 |"]
     lines = campaign.ablation_section(order, tmp_path, seeds=None)
     assert lines[-2:] == ["Not run yet.", ""]
+    assert [ablation.arm_columns(study) for ablation in campaign.ABLATIONS for study in ablation.studies] == [
+        ["segments"], ["segments"], ["order", "segments"], ["mid_act"], ["mid_act"], ["residual"], ["model"]]
+    residual = next(a for a in campaign.ABLATIONS if a.studies == ("residual",))
+    _study_table(tmp_path / "residual_lr", [({"lr": 0.025}, [0.92]), ({"lr": 0.1, "state": "RUNNING"}, [0.0])],
+                 seeds=(0,))  # one arm, one rate finished: the arm is still named by its own column
+    lines = campaign.ablation_section(residual, tmp_path, seeds=None)
+    assert lines[4].startswith("Learning rates (`residual_lr`, 1 trial finished, 1.0 core-hours;")
+    assert lines[6].splitlines()[0] == "| residual   |   lr 0.025 |   chosen lr |"
+    _study_table(tmp_path / "residual", [({"state": "RUNNING"}, [0.0])], seeds=(0,))
+    assert "`residual`: no trial finished yet." in campaign.ablation_section(residual, tmp_path, seeds=3)
     _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
                  seeds=(0,))
-    rows = campaign.lr_lines(tmp_path, "spectrum_params_lr")[2].splitlines()[2:]
+    rows = campaign.lr_lines(tmp_path, "spectrum_params_lr", ["segments"])[2].splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ["2", "16", "all"]  # by number, depthwise last
 
 
