@@ -498,8 +498,8 @@ def family_table(ablation: Ablation, tables: dict[str, pd.DataFrame], seeds: int
     for claim in ablation.family:
         sides = _sides(claim, tables, metric)
         comparison = compare(*sides, MARGIN) if sides is not None and len(sides[0]) >= 2 else None
-        rows.append({"comparison": claim.label, "claim": claim.claim or "-", "n": 0 if comparison is None
-                     else comparison.n, "comparison_": comparison, "mcnemar_p": _mcnemar(claim, tables)})
+        rows.append({"comparison": claim.label, "claim": claim.claim or "-", "n": 0 if sides is None
+                     else len(sides[0]), "comparison_": comparison, "mcnemar_p": _mcnemar(claim, tables)})
         if comparison is not None:
             tested.append(len(rows) - 1)
     complete = family_complete([row["n"] for row in rows], seeds)

@@ -205,6 +205,10 @@ def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_
     assert family["p_holm"].isna().all() and family["p_tost_holm"].isna().all()  # Holm over part of a family: none
     assert list(family["verdict"]) == ["interim (2 of 3 seeds)", "interim (family incomplete)"]
     assert list(campaign.family_table(order, {}, seeds=3)["verdict"]) == ["interim (0 of 3 seeds)"] * 2  # queued
+    one_pair = tables["order"][(tables["order"]["segments"].astype(str) == "4") | (tables["order"]["seed"] == 0)]
+    family = campaign.family_table(order, {"order": one_pair}, seeds=3)  # one pair: counted, too few for an interval
+    assert list(family["n"]) == [1, 3] and list(family["p"].isna()) == [True, False]
+    assert family["verdict"][0] == "interim (1 of 3 seeds)"
     unfixed = campaign.family_table(order, tables, seeds=None)  # no pilot yet: nothing is judged
     assert set(unfixed["verdict"]) == {"interim (the pilot has not fixed the seeds)"}
     judged = campaign.family_table(order, tables, seeds=2)  # had the pilot fixed 2 seeds, the family is complete
