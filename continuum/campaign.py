@@ -266,7 +266,7 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
             continue
         trials, a, b = arms[study]
         if len(a) < 2:
-            lines.append(f"- {label} (`{study}`): {len(a)} paired seed(s) finished; the check needs 2 or more.")
+            lines.append(f"- {label} (`{study}`): {_count(len(a), 'paired seed')} finished; the check needs 2 or more.")
             continue
         c = comparisons[study]
         lines.append(f"- {label} (`{study}`, n = {c.n} paired seeds, {core_hours(trials):.1f} core-hours): "

@@ -123,6 +123,11 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     assert any(line.startswith("- **Convergence is not shown**") for line in lines)
     assert any(line.startswith("- Seeds (`pilot_long`): sd 0.20 points") for line in lines)  # the longer pilot's sd
     assert "Learning rates (`pilot_lr`): not run yet." in text
+    _pilot_table(tmp_path / "pilot_one", [-0.020])  # one paired seed: too few for the check, and said so singly
+    (tmp_path / "pilot_long").rename(tmp_path / "pilot_three")
+    (tmp_path / "pilot_one").rename(tmp_path / "pilot_long")
+    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    assert any(line.endswith("(`pilot_long`): 1 paired seed finished; the check needs 2 or more.") for line in lines)
     rates = [("1", 0.025, 0.90), ("1", 0.05, 0.92), ("all", 0.025, 0.91), ("all", 0.05, 0.91)]
     (tmp_path / "pilot_lr").mkdir()
     pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": s, "lr": lr, "seed": 0,
