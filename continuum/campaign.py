@@ -146,6 +146,13 @@ def core_hours(trials: pd.DataFrame) -> float:
     return (done["train_s"] * done["threads"].fillna(1)).sum() / 3600
 
 
+def shown_arm_columns(trials: pd.DataFrame, arm_columns: Sequence[str]) -> list[str]:
+    """The columns a table of ``trials`` names its arms by: ``arm_columns`` (even while one arm alone has trials) and
+    every other column that varies (a matched width, a rate), in the trials table's order."""
+    varying = varying_columns(trials)
+    return [c for c in POINT_COLUMNS if c in arm_columns or c in varying]
+
+
 def lr_lines(root: Path, study: str, arm_columns: Sequence[str], grid: Sequence[float] = LR_GRID) -> list[str]:
     """The learning-rate study's validation accuracy per arm and rate (rates past the grid's edge where an arm was
     best there: ``lr_extend``), and the rate each arm takes (the best mean, ties to the smaller: what ``--lr tuned``
@@ -165,8 +172,7 @@ def lr_lines(root: Path, study: str, arm_columns: Sequence[str], grid: Sequence[
     done = trials[trials["state"] == "COMPLETE"]
     if done.empty:
         return [f"Learning rates (`{study}`): no trial finished yet.", ""]
-    varying = varying_columns(trials)
-    arms = [c for c in POINT_COLUMNS if c != "lr" and (c in arm_columns or c in varying)]
+    arms = [c for c in shown_arm_columns(trials, arm_columns) if c != "lr"]
     table = done.pivot_table(index=arms, columns="lr", values="val_acc", aggfunc="mean")
     chosen = table.apply(best_rate, axis=1).rename("chosen lr")
     in_grid = table[[rate for rate in table.columns if rate in grid]]
@@ -572,13 +578,20 @@ def _in_points(family: pd.DataFrame, columns: list[str]) -> str:
     return _markdown(shown[columns])
 
 
-def _test_table(study: str, trials: pd.DataFrame) -> list[str]:
+def _test_table(study: str, trials: pd.DataFrame, arm_columns: Sequence[str] = ()) -> list[str]:
     """A study's arms on the test split (mean and 95 % interval over seeds, n, size), with its trials and
-    core-hours."""
+    core-hours.
+
+    Args:
+        study: the study's name.
+        trials: its trials table.
+        arm_columns: the columns that name its arms, shown even while one arm alone has finished trials; the other
+            columns that vary (a matched width, a rate) are shown too.
+    """
     finished = (trials["state"] == "COMPLETE").sum()
     if not finished:
         return [f"`{study}`: no trial finished yet.", ""]
-    summary = summarize(trials, metric="test_acc")
+    summary = summarize(trials, by=shown_arm_columns(trials, arm_columns), metric="test_acc")
     shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
     return [f"`{study}` ({_count(finished, 'trial')}, {core_hours(trials):.1f} core-hours; test "
             "accuracy, mean and 95 % interval over seeds):", "", _markdown(shown), ""]
@@ -621,7 +634,7 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[
     if not tables:
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():
-        lines += _test_table(study, trials)
+        lines += _test_table(study, trials, ablation.arm_columns(study))
     family = family_table(ablation, tables, seeds)
     shown = _in_points(family, ["comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm",
                                 "p_tost_holm", "mcnemar_p", "verdict"])

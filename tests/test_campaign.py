@@ -357,6 +357,12 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     assert lines[6].splitlines()[0] == "| residual   |   lr 0.025 |   chosen lr |"
     _study_table(tmp_path / "residual", [({"state": "RUNNING"}, [0.0])], seeds=(0,))
     assert "`residual`: no trial finished yet." in campaign.ablation_section(residual, tmp_path, seeds=3)
+    _study_table(tmp_path / "one_arm" / "residual", [({}, [0.94]), ({"state": "RUNNING"}, [0.0])], seeds=(0, 1))
+    lines = campaign.ablation_section(residual, tmp_path / "one_arm", seeds=3)  # the finished trial's arm is named
+    table = lines[lines.index("`residual` (1 trial, 1.0 core-hours; test accuracy, mean and 95 % interval over "
+                              "seeds):") + 2].splitlines()
+    assert table[0].split("|")[1:4] == [" model           ", " segments   ", " residual   "]
+    assert table[2].split("|")[3:5] == [" True       ", "   1 "]
     _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
                  seeds=(0,))
     rows = campaign.lr_lines(tmp_path, "spectrum_params_lr", ["segments"])[2].splitlines()[2:]
