@@ -608,12 +608,16 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     if trials is None:
         return lines + ["Not run yet.", ""]
     done = trials[trials["state"] == "COMPLETE"]
-    front = pareto_front(done, "val_acc", "flops").sort_values("val_acc", ascending=False)
-    knobs = [c for c in ("model", "segments", "order", "mid_act", "residual", "width") if c in varying_columns(done)]
-    lines += [f"`{search}` ({_count(len(done), 'trial')}, {core_hours(trials):.1f} core-hours), its front (validation "
-              "accuracy, one seed each):", "",
-              _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
-              f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
+    if done.empty:
+        lines += [f"`{search}`: no trial finished yet.", ""]
+    else:
+        front = pareto_front(done, "val_acc", "flops").sort_values("val_acc", ascending=False)
+        knobs = [c for c in ("model", "segments", "order", "mid_act", "residual", "width")
+                 if c in varying_columns(done)]
+        lines += [f"`{search}` ({_count(len(done), 'trial')}, {core_hours(trials):.1f} core-hours), its front "
+                  "(validation accuracy, one seed each):", "",
+                  _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
+                  f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
     again = _table_or_none(root, retrain)
     return lines + (_test_table(retrain, again) if again is not None else [f"`{retrain}`: not run yet.", ""])
 
@@ -647,7 +651,9 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[
                   "paired seeds (the pilot's count); Holm-adjusted p-values and verdicts wait for all of them.", ""]
     for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
         lines += interior_lines(study, tables, seeds) + latency_lines(study, root, tables[study])
-    lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study in tables for plot in ablation.plots]
+    lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study, trials in tables.items()
+              if (trials["state"] == "COMPLETE").any()  # the sweep draws a study's plots once a trial finishes
+              for plot in ablation.plots]
     return lines + [f"**Limitations**: {ablation.limitations}", ""]
 
 

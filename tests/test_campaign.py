@@ -2,6 +2,7 @@
 check and seed count, and the report written from tables alone."""
 
 import os
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -259,6 +260,10 @@ def test_an_interaction_subtracts_the_per_seed_differences_of_another_study(tmp_
 
 def test_the_search_section_shows_the_front_and_the_retrained_configurations(tmp_path):
     assert "Not run yet." in campaign.search_section(tmp_path)
+    _study_table(tmp_path / "search", [({"state": "FAIL"}, [0.0])], seeds=(0,))  # interrupted: no plot drawn yet
+    lines = campaign.search_section(tmp_path)
+    assert "`search`: no trial finished yet." in lines and not [line for line in lines if line.startswith("![")]
+    shutil.rmtree(tmp_path / "search")
     searched = [("1/4/all", 0.75, 0.91, 3e7), ("all", 1.5, 0.93, 6e7), ("4", 1.5, 0.90, 7e7)]  # the last: dominated
     (tmp_path / "search").mkdir()
     pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": s, "width": w,
@@ -356,13 +361,16 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     assert lines[4].startswith("Learning rates (`residual_lr`, 1 trial finished, 1.0 core-hours;")
     assert lines[6].splitlines()[0] == "| residual   |   lr 0.025 |   chosen lr |"
     _study_table(tmp_path / "residual", [({"state": "RUNNING"}, [0.0])], seeds=(0,))
-    assert "`residual`: no trial finished yet." in campaign.ablation_section(residual, tmp_path, seeds=3)
+    lines = campaign.ablation_section(residual, tmp_path, seeds=3)
+    assert "`residual`: no trial finished yet." in lines
+    assert not [line for line in lines if line.startswith("![")]  # no link to a plot the sweep has not drawn
     _study_table(tmp_path / "one_arm" / "residual", [({}, [0.94]), ({"state": "RUNNING"}, [0.0])], seeds=(0, 1))
     lines = campaign.ablation_section(residual, tmp_path / "one_arm", seeds=3)  # the finished trial's arm is named
     table = lines[lines.index("`residual` (1 trial, 1.0 core-hours; test accuracy, mean and 95 % interval over "
                               "seeds):") + 2].splitlines()
     assert table[0].split("|")[1:4] == [" model           ", " segments   ", " residual   "]
     assert table[2].split("|")[3:5] == [" True       ", "   1 "]
+    assert "![residual curves](residual/curves.png)\n" in lines  # drawn once a trial finished
     _study_table(tmp_path / "spectrum_params_lr", [({"segments": k, "lr": 0.05}, [0.9]) for k in ("16", "all", "2")],
                  seeds=(0,))
     rows = campaign.lr_lines(tmp_path, "spectrum_params_lr", ["segments"])[2].splitlines()[2:]
