@@ -110,6 +110,51 @@ def test_sigusr1_stops_each_worker_after_its_epoch_in_progress_and_the_rerun_los
     assert len(done) == 2 and (done.loc[stopped.index, "resumed_epochs"] == stopped).all()  # every epoch kept
 
 
+SEARCH = ["--search", "nsga2", "--n-trials", "2", "--epochs", "2", "--segments", "1,all", "--seeds", "0,1"]
+"""A search of two trials of two epochs, cycling two seeds: a stop after the first epoch of its first trial."""
+
+
+def test_a_stopped_search_trial_reruns_its_point_from_its_saved_epochs_before_drawing_new_ones(tmp_path, monkeypatch):
+    from continuum.sweep import objective
+    storage = _file_storages(tmp_path)["journal"]
+    args = [*FAST, "--out", str(tmp_path), "--storage", storage, *SEARCH]
+    stops = iter([True])  # SIGUSR1 during the first epoch: the trial stops once that epoch is saved
+    monkeypatch.setattr(objective, "stop_requested", lambda: next(stops, False))
+    assert main(args) == 130
+    stopped = _trials(storage)
+    assert [t.state.name for t in stopped] == ["FAIL"] and stopped[0].user_attrs["fail_reason"] == "interrupted"
+    assert len(list((tmp_path / "default" / "snapshots").glob("*.pt"))) == 1
+    assert main(args) == 0
+    trials = _trials(storage)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]  # 2 trials done, none drawn twice
+    rerun = trials[1]
+    assert rerun.system_attrs["failed_trial"] == 0  # queued as Optuna retries a stale trial
+    assert rerun.params == stopped[0].params and rerun.user_attrs["point"] == stopped[0].user_attrs["point"]
+    table = results.load(tmp_path / "default").set_index("trial")
+    assert table.loc[1, "seed"] == 0 and table.loc[2, "seed"] == 0  # the rerun keeps its point's seed: not 1 % 2
+    assert table.loc[1, "resumed_epochs"] == 1 and table.loc[1, "epochs_done"] == 2
+    assert not (tmp_path / "default" / "snapshots").exists()
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_search_point_queued_again_twice_runs_once(tmp_path, monkeypatch):
+    """Two workers queueing the same interrupted point at once: the later copy stands down as a duplicate."""
+    from continuum.sweep import objective
+    storage = _file_storages(tmp_path)["journal"]
+    args = [*FAST, "--out", str(tmp_path), "--storage", storage, *SEARCH, "--n-trials", "1"]
+    monkeypatch.setattr(objective, "stop_requested", lambda: True)
+    assert main(args) == 130
+    study = optuna.load_study(study_name="default", storage=open_storage(storage, 1))
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    for _ in range(2):
+        retry(study, study.trials[0])
+    monkeypatch.setattr(objective, "stop_requested", lambda: False)
+    assert main(args) == 0
+    trials = _trials(storage)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "FAIL"]
+    assert trials[2].user_attrs["fail_reason"] == f"{DUPLICATE}: trial 1 has this point"
+
+
 def test_sigusr1_that_reaches_workers_before_their_handlers_stops_them_quietly(tmp_path, monkeypatch, caplog):
     """The parent passes SIGUSR1 on the moment it has it; workers still importing torch die of the signal itself.
     They had no trial: nothing is failed, nothing is reported lost, and the sweep stops as asked."""

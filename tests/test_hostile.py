@@ -118,6 +118,10 @@ VALUES = [
     (["--heartbeat", "0"], "heartbeat=0 is not valid"),
     (["--match-params", "-5"], "match_params=-5 is not valid"),
     (["--objectives", "val_acc,val_acc", "--search", "tpe"], "objectives: val_acc is listed twice"),
+    (["--population", "8", "--search", "tpe"], "population=8 sizes NSGA-II's generations; give it with --search nsga2"),
+    (["--population", "20", "--search", "nsga2"], "population=20 with n_trials=20: NSGA-II would never get past its "
+                                                  "first, random generation; give a population below n_trials"),
+    (["--population", "1", "--search", "nsga2"], "population=1 is not valid"),
     (["--device", "mps"], "device 'mps' is not supported; use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--device", "gpu"], "device 'gpu' is not valid"),

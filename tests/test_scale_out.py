@@ -220,6 +220,7 @@ def test_each_local_worker_draws_its_own_configurations():
     cfg = from_settings({"search": "tpe", "n_trials": 4, "out": "/tmp"})
     assert len({sampler_seed(cfg, worker) for worker in range(4)}) == 4
     assert sampler_seed(cfg, None) == sampler_seed(cfg, 0) == sampler_seed(cfg, 0)  # one process reproduces
+    assert sampler_seed(cfg, 0, drawn=4) != sampler_seed(cfg, 0)  # a resumed search draws new points
     draws = []
     for worker in (1, 2):
         study = optuna.create_study(sampler=_sampler(cfg, worker))

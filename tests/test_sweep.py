@@ -136,6 +136,16 @@ def test_search_modes(tmp_path, search, extra):
     assert all(s.count("/") == 2 for s in trials["segments"])  # one value per stage
     assert sweep(tmp_path, *args) == 0  # rerun: already 3 trials, nothing to do
     assert len(results.load(tmp_path / "default")) == 3
+    if search == "nsga2":  # generations of 2 (a quarter of 3 trials, at least 2): the third trial is bred
+        study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'default' / 'study.db'}")
+        assert [t.system_attrs["NSGAIISampler:generation"] for t in study.trials] == [0, 0, 1]
+
+
+def test_a_resumed_search_draws_new_points_not_the_ones_it_drew_before_its_stop(tmp_path):
+    args = ["--search", "tpe", "--segments", "1,4,all"]
+    assert sweep(tmp_path, *args, "--n-trials", "1") == 0
+    assert sweep(tmp_path, *args, "--n-trials", "2") == 0  # topped up: a sampler seeded anew
+    assert results.load(tmp_path / "default")["segments"].is_unique
 
 
 def test_experiment_file_gives_the_same_settings(tmp_path):

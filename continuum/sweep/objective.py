@@ -23,7 +23,7 @@ from continuum.data import TensorData
 from continuum.knobs import SegmentError
 from continuum.strategy import TUNER, strategies_fingerprint
 from continuum.sweep.points import INTERRUPTED, GridPoint, TrialFailed, build_model, creation_kwargs, grid_point, \
-    matched, show_point, suggest_point, varied_knobs
+    matched, search_point, show_point, varied_knobs
 from continuum.sweep.record import encode_correct, point_cells, record
 from continuum.sweep.settings import OBJECTIVES, SweepConfig
 from continuum.sweep.signals import stop_requested
@@ -95,8 +95,7 @@ class Objective:
             self.resume_first(trial)
             point = grid_point(trial, self.cfg.retry_failed)
         else:
-            config, seed = suggest_point(trial, self.cfg)
-            point = GridPoint(config, self.cfg.lrs[0], seed)
+            point = search_point(trial, self.cfg)
         point = point._replace(config=matched(point.config, self.cfg, self.data),
                                lr=replace(self.cfg.train, lr=point.lr).resolved_lr)
         if self.cfg.search == "grid":
@@ -104,20 +103,21 @@ class Objective:
         return point
 
     def snapshot(self, trial: optuna.Trial) -> Path | None:
-        """Where a grid trial saves its training state after each epoch (:meth:`saved_state`). ``None`` in a search,
-        whose failed points are not rerun.
+        """Where a trial saves its training state after each epoch: its point's (:meth:`saved_state`); ``None`` for
+        a search trial whose point another live trial holds (:func:`~continuum.sweep.points.search_point`).
 
         Args:
             trial: the running trial.
         """
-        return self.saved_state(trial.user_attrs["point"]) if self.cfg.search == "grid" else None
+        point = trial.user_attrs.get("point")
+        return None if point is None else self.saved_state(point)
 
     def saved_state(self, point: str) -> Path:
-        """Where the grid point ``point`` (its key) saves its training state after each epoch, named by the point
-        and the data: a rerun of an interrupted point resumes from there.
+        """Where the point ``point`` (its key) saves its training state after each epoch, named by the point and the
+        data: a rerun of an interrupted point resumes from there.
 
         Args:
-            point: the grid point's key (:func:`~continuum.sweep.points.point_key`).
+            point: the point's key (:func:`~continuum.sweep.points.point_key`).
         """
         run = [point, self.context["dataset"], self.context["train_size"], self.context["val_size"]]
         return self.folder / "snapshots" / f"{hashlib.sha256(repr(run).encode()).hexdigest()[:20]}.pt"

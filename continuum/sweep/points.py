@@ -497,6 +497,29 @@ def show_point(trial: optuna.Trial, config: ModelConfig, lr: float, knobs: Seque
             pass
 
 
+def search_point(trial: optuna.Trial, cfg: SweepConfig) -> GridPoint:
+    """The point the sampler draws for a search trial (:func:`suggest_point`) at the search's learning rate.
+
+    The trial keeps the point's key (``point``, as a grid trial does) unless another live trial holds the same
+    point: its saved training state goes by that key, and when it is interrupted its point is queued again with its
+    params (:func:`~continuum.sweep.study.plan_search`). Such a rerun, drawing nothing, takes its original's seed
+    and stands down like a grid's duplicate when another trial has done or holds the point (:func:`grid_point`).
+
+    Args:
+        trial: the trial just taken from the study (a new one, or a queued rerun).
+        cfg: the search.
+    """
+    config, seed = suggest_point(trial, cfg)  # a rerun's params are its original's: stored, not drawn again
+    if "point" in trial.user_attrs:
+        return grid_point(trial, cfg.retry_failed)
+    point = GridPoint(config, cfg.lrs[0], seed)
+    key = point_key(point)
+    live = trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    if not any(t.user_attrs.get("point") == key and t.number != trial.number for t in live):
+        trial.set_user_attr("point", key)
+    return point
+
+
 def grid_point(trial: optuna.Trial, retry_failed: bool = False) -> GridPoint:
     """The enqueued point of a grid trial (its ``point`` user attribute).
 

@@ -170,6 +170,8 @@ class SweepConfig(ConfigBase):
                                       optional(integer(1)))
     search: str = setting("grid", "grid, or a search", choices=SEARCH_MODES)
     n_trials: int = setting(20, "trials of a search (total in the study; a rerun tops it up)", integer(1))
+    population: int | None = setting(None, "NSGA-II's trials per generation (its first is random); none: a quarter "
+                                           "of --n-trials (2 to 50), about 4 generations", optional(integer(2)))
     objectives: tuple[str, ...] = setting(("val_acc",), "what a search optimises: val_acc first (nsga2 adds flops)",
                                           choices=tuple(OBJECTIVES), listed=True)
     pruner: str = setting("none", "prune weak trials early", choices=PRUNERS)
@@ -212,6 +214,13 @@ class SweepConfig(ConfigBase):
         if cfg.objectives[0] != "val_acc":
             raise ValueError(f"objectives={','.join(cfg.objectives)} is not valid; start with val_acc, then any of "
                              "flops, latency, params")
+        if cfg.population is not None and cfg.search != "nsga2":
+            raise ValueError(f"population={cfg.population} sizes NSGA-II's generations; give it with --search nsga2 "
+                             "(or leave it out)")
+        if cfg.population is not None and cfg.population >= cfg.n_trials:
+            raise ValueError(f"population={cfg.population} with n_trials={cfg.n_trials}: NSGA-II would never get "
+                             "past its first, random generation; give a population below n_trials (a quarter of it "
+                             "makes 4 generations)")
         if len(cfg.objectives) > 1 and cfg.pruner != "none":
             raise ValueError("pruning needs a single objective; use --pruner none with several objectives")
         if cfg.match_params is not None and cfg.match_flops is not None:
@@ -237,6 +246,12 @@ class SweepConfig(ConfigBase):
             raise ValueError("segment_width and segments are two ways to size the segments; give one of them "
                              "(with segment_width, leave segments out)")
         return cfg
+
+    @property
+    def resolved_population(self) -> int:
+        """NSGA-II's trials per generation: ``population``, or a quarter of ``n_trials`` from 2 to Optuna's default
+        of 50 (which, over fewer than 100 trials, leaves NSGA-II a random search)."""
+        return self.population or min(50, max(2, self.n_trials // 4))
 
     def check_retrain(self) -> None:
         """Refuse a ``retrain`` that cannot take its configurations from the search: in a search, of itself, or

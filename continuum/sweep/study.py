@@ -1,5 +1,6 @@
 """Study control: open or resume a study (refusing other fixed settings), queue a grid's points so each runs
-exactly once, run trials until the grid or the search is done, and write the results tables after every trial.
+exactly once (and a search's interrupted points again), run trials until the grid or the search is done, and write
+the results tables after every trial.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Callable, Sequence
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from continuum.data import TensorData
@@ -44,28 +46,32 @@ def storage_url(cfg: SweepConfig) -> str:
     return url
 
 
-def sampler_seed(cfg: SweepConfig, worker: int | None) -> int:
-    """The seed of this process's search sampler, so that parallel workers draw different configurations.
+def sampler_seed(cfg: SweepConfig, worker: int | None, drawn: int = 0) -> int:
+    """The seed of this process's search sampler, so that parallel workers, and a search resumed, draw different
+    configurations.
 
-    From the study's first seed and the process's number: 0 for a lone process on a file storage (a one-process
-    search reproduces), ``i`` for local worker ``i`` of ``--workers N``; a process sharing a database server with
-    others it cannot number mixes in its process id.
+    From the study's first seed, the process's number and how many trials the study held when the process opened
+    it: 0 for a lone process on a file storage (a one-process search reproduces), ``i`` for local worker ``i`` of
+    ``--workers N``; a process sharing a database server with others it cannot number mixes in its process id. A
+    sampler's random state is not stored with the study: seeded as before, a resumed search would draw again the
+    points it drew before its stop.
 
     Args:
         cfg: the sweep.
         worker: the local worker number, or ``None`` for a process started on its own.
+        drawn: the trials the study held when this process opened it.
     """
     if worker is None:
         worker = 0 if storage_url(cfg).startswith(("sqlite:///", "journal:")) else os.getpid()
-    return int(np.random.SeedSequence([cfg.seeds[0], worker]).generate_state(1)[0])
+    return int(np.random.SeedSequence([cfg.seeds[0], worker, drawn]).generate_state(1)[0])
 
 
-def _sampler(cfg: SweepConfig, worker: int | None) -> optuna.samplers.BaseSampler:
-    seed = sampler_seed(cfg, worker)
+def _sampler(cfg: SweepConfig, worker: int | None, drawn: int = 0) -> optuna.samplers.BaseSampler:
+    seed = sampler_seed(cfg, worker, drawn)
     if cfg.search == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if cfg.search == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(population_size=cfg.resolved_population, seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)  # grid trials are all enqueued; it never draws
 
 
@@ -98,14 +104,16 @@ def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage, worker: i
     settings = cfg.fixed_settings()
     directions = [OBJECTIVES[o].direction for o in cfg.objectives]
     existing = {s.study_name: s for s in storage.get_all_studies()}
+    drawn = 0
     if cfg.study in existing:
         stored = existing[cfg.study].user_attrs.get("settings")
         diff = _settings_diff(stored, settings) if stored is not None else []
         if diff:
             raise ValueError(f"study {cfg.study!r} was run with other settings: {'; '.join(diff)}; "
                              "use --study NEW or the same settings")
+        drawn = len(storage.get_all_trials(storage.get_study_id_from_name(cfg.study), deepcopy=False))
     study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
-                                sampler=_sampler(cfg, worker), pruner=_pruner(cfg), load_if_exists=True)
+                                sampler=_sampler(cfg, worker, drawn), pruner=_pruner(cfg), load_if_exists=True)
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", settings)
     if study.metric_names != list(cfg.objectives):
@@ -115,16 +123,48 @@ def open_study(cfg: SweepConfig, storage: optuna.storages.BaseStorage, worker: i
     return study
 
 
-def plan_grid(study: optuna.Study, keys: Sequence[str], retry_failed: bool) -> int:
-    """Enqueue every grid point x seed that no trial has done or holds (:func:`point_taken`); returns how many."""
-    seen: dict[str, list] = defaultdict(list)
+def trials_by_point(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
+    """The trials of ``study`` that hold a point (a grid's, or a search's: its ``point`` key), by that key."""
+    seen: dict[str, list[FrozenTrial]] = defaultdict(list)
     for trial in study.get_trials(deepcopy=False):
         if "point" in trial.user_attrs:
             seen[trial.user_attrs["point"]].append(trial)
+    return seen
+
+
+def plan_grid(study: optuna.Study, keys: Sequence[str], retry_failed: bool) -> int:
+    """Enqueue every grid point x seed that no trial has done or holds (:func:`point_taken`); returns how many."""
+    seen = trials_by_point(study)
     missing = [key for key in keys if point_taken(seen[key], retry_failed=retry_failed) is None]
     for key in missing:
         study.enqueue_trial({}, user_attrs={"point": key})
     return len(missing)
+
+
+def plan_search(study: optuna.Study, cfg: SweepConfig) -> int:
+    """Queue again the point of every search trial that failed for a transient reason (interrupted, its worker lost
+    or gone stale) and that no other trial has done or holds (:func:`point_taken`), while the search is short of
+    ``n_trials``; returns how many.
+
+    Each is queued as Optuna retries a stale trial: a copy with its params (drawn no more), its sampler's records
+    (NSGA-II's generation) and its ``point``, whose saved training state the rerun resumes. A search thus runs each
+    point it drew to the end, as a grid does, and a stop costs no more than the epochs in progress.
+    """
+    free = cfg.n_trials - count_trials(study, (*DONE, TrialState.RUNNING, TrialState.WAITING))
+    lost = [trials for trials in trials_by_point(study).values()
+            if point_taken(trials, retry_failed=cfg.retry_failed) is None][:max(0, free)]
+    with warnings.catch_warnings():  # experimental since Optuna 2.8, and what a stale trial's retry is
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback()
+    for trials in lost:
+        retry(study, max(trials, key=lambda t: t.number))
+    return len(lost)
+
+
+def plan(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> int:
+    """Queue what has to run again or still: the ``grid``'s points (:func:`plan_grid`), or a search's interrupted
+    ones (:func:`plan_search`); returns how many."""
+    return plan_grid(study, grid, cfg.retry_failed) if cfg.search == "grid" else plan_search(study, cfg)
 
 
 def count_trials(study: optuna.Study, states: Sequence[TrialState], keys: set[str] | None = None) -> int:
@@ -206,9 +246,9 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def remaining(study: optuna.Study, cfg: SweepConfig, grid: Sequence[str]) -> int:
     """Trials left to run: the grid's points queued or running (after queueing the missing ones), or a search's
-    trials short of ``n_trials``."""
+    trials short of ``n_trials`` (after queueing its interrupted points again)."""
+    plan(study, cfg, grid)
     if cfg.search == "grid":
-        plan_grid(study, grid, cfg.retry_failed)
         return count_trials(study, (TrialState.WAITING, TrialState.RUNNING), set(grid))
     return max(0, cfg.n_trials - count_trials(study, DONE))
 
@@ -233,10 +273,12 @@ def extend_grid(study: optuna.Study, cfg: SweepConfig, grid: list[str]) -> bool:
 
 
 def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str], wait: bool = True) -> bool:
-    """Whether this worker has a trial to run now: a search short of ``n_trials``, or a queued grid point.
+    """Whether this worker has a trial to run now: a search short of ``n_trials`` or with a point queued again, or a
+    queued grid point.
 
-    Fails the grid's trials whose heartbeat went stale, so that their points are queued again (a dead worker's point
-    is rerun, first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`). Adds the points
+    Fails the trials whose heartbeat went stale, so that their points are queued again (:func:`plan`; a dead
+    worker's grid point is rerun first if it saved a state: :meth:`~continuum.sweep.objective.Objective.resume_first`;
+    a search's interrupted points run before it draws new ones). Adds the points
     ``lr_extend`` asks for as soon as their rates have finished (:func:`extend_grid`), other points still running or
     not. While only other workers' trials of the grid are running, waits for them (their points may come back, or
     extend the grid) when ``wait``, else answers no at once.
@@ -253,12 +295,13 @@ def has_work(study: optuna.Study, cfg: SweepConfig, grid: list[str], wait: bool 
     while True:
         if stop_requested():
             raise StopRequested("stopped between trials")
-        if cfg.search != "grid":
-            return count_trials(study, DONE if wait else (*DONE, TrialState.RUNNING)) < cfg.n_trials
         with warnings.catch_warnings():  # experimental since Optuna 2.9, and what heartbeats are for
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        plan_grid(study, grid, cfg.retry_failed)  # re-queues points whose worker died meanwhile
+        plan(study, cfg, grid)  # re-queues points whose worker died or stopped meanwhile
+        if cfg.search != "grid":  # a point queued again runs even when the search is done meanwhile: it was drawn
+            taken = count_trials(study, DONE if wait else (*DONE, TrialState.RUNNING))
+            return taken < cfg.n_trials or count_trials(study, (TrialState.WAITING,)) > 0
         if count_trials(study, (TrialState.WAITING,)):
             return True
         if extend_grid(study, cfg, grid):

@@ -41,7 +41,7 @@ from continuum.sweep.points import (WORKER_LOST, build_model, grid_models, grid_
 from continuum.sweep.settings import SweepConfig
 from continuum.sweep.signals import stop_requested, wait_for_stop
 from continuum.sweep.storage import open_storage, storage_file
-from continuum.sweep.study import DONE, connect, count_trials, has_work, plan_grid, run, storage_url
+from continuum.sweep.study import DONE, connect, count_trials, has_work, plan, run, storage_url
 from continuum.train import StopRequested, resolve_device, tune_kernels
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,8 @@ class QueuedStudy:
 
     def free_trials(self) -> int:
         """Trials a worker started now could run: the grid's queued points (after queueing the missing ones and
-        those ``lr_extend`` adds), or a search's trials short of ``n_trials`` that none runs."""
+        those ``lr_extend`` adds), or a search's trials short of ``n_trials`` that none runs (at least its points
+        queued again)."""
         try:
             if not has_work(self.study, self.cfg, self.grid, wait=False):
                 return 0
@@ -247,7 +248,8 @@ class QueuedStudy:
             return 0  # passed on to the workers by the next pass
         if self.cfg.search == "grid":
             return count_trials(self.study, (TrialState.WAITING,))
-        return self.cfg.n_trials - count_trials(self.study, (*DONE, TrialState.RUNNING))
+        return max(self.cfg.n_trials - count_trials(self.study, (*DONE, TrialState.RUNNING)),
+                   count_trials(self.study, (TrialState.WAITING,)))
 
     def starting(self, running: Collection[tuple[subprocess.Popen, QueuedStudy]]) -> int:
         """Its workers among ``running`` that run no trial yet (about to take one of the free trials)."""
@@ -308,15 +310,15 @@ class StudyQueue:
         return needed is None or needed.finished
 
     def open(self, queued: QueuedStudy) -> None:
-        """Open the study of ``queued`` and list its grid (reading its ``lr_study`` or search) and queue its points.
+        """Open the study of ``queued`` and list its grid (reading its ``lr_study`` or search) and queue its points
+        (a search's interrupted ones).
 
         Raises:
             ValueError: the study holds other settings, or what it reads cannot be read.
         """
         queued.grid = [point_key(point) for point in grid_points(queued.cfg)] if queued.cfg.search == "grid" else []
         queued.study = connect(queued.cfg, worker=0)
-        if queued.grid:
-            plan_grid(queued.study, queued.grid, queued.cfg.retry_failed)  # here, so workers seldom race for it
+        plan(queued.study, queued.cfg, queued.grid)  # here, so workers seldom race for it
 
     def opened(self, queued: QueuedStudy) -> bool:
         """Whether ``queued`` is open and can run, opening it once it is ready; a study that cannot be opened then
