@@ -264,16 +264,18 @@ def test_the_search_section_shows_the_front_and_the_retrained_configurations(tmp
     lines = campaign.search_section(tmp_path)
     assert "`search`: no trial finished yet." in lines and not [line for line in lines if line.startswith("![")]
     shutil.rmtree(tmp_path / "search")
-    searched = [("1/4/all", 0.75, 0.91, 3e7), ("all", 1.5, 0.93, 6e7), ("4", 1.5, 0.90, 7e7)]  # the last: dominated
+    searched = [("1/4/all", 0.75, 0.91, 3e7), ("all", 1.5, 0.93, 6e7), ("4", 1.5, 0.90, 7e7),  # 2: dominated
+                ("all", 1.5, 0.93, 6e7)]  # trained again: shown once
     (tmp_path / "search").mkdir()
     pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": s, "width": w,
                    "val_acc": acc, "flops": flops, "params": 1000, "train_s": 1800.0, "threads": 1}
                   for i, (s, w, acc, flops) in enumerate(searched)],
                  columns=TRIAL_COLUMNS).to_csv(tmp_path / "search" / "trials.csv", index=False)
     text = "\n".join(campaign.search_section(tmp_path))
-    assert "`search` (3 trials, 1.5 core-hours)" in text and "`search_retrain`: not run yet." in text
+    assert "`search` (4 trials of 3 configurations, 2.0 core-hours)" in text
+    assert "`search_retrain`: not run yet." in text
     front = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("|")]
-    assert front[2:] == ["1", "0"]  # best validation accuracy first
+    assert front[2:] == ["1, 3", "0"]  # best validation accuracy first
     assert "| 60,000,000 |" in text
     _study_table(tmp_path / "search_retrain", [({"segments": "all", "width": 1.5}, [0.92, 0.93, 0.925]),
                                                ({"segments": "1/4/all", "width": 0.75}, [0.90, 0.91, 0.905])])
