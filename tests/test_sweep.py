@@ -326,6 +326,16 @@ def test_cli_settings_parse():
         from_settings({"colour": "red"})
 
 
+def test_retry_failed_reruns_a_failed_point_once_not_for_ever(tmp_path):
+    diverging = ["--segments", "1", "--lr", "1e30"]  # a non-finite loss in its first epoch, every time
+    assert sweep(tmp_path, *diverging) == 0
+    assert sweep(tmp_path, *diverging) == 0 and len(states(tmp_path)) == 1  # a lasting failure is not rerun
+    assert sweep(tmp_path, *diverging, "--retry-failed") == 0
+    table = states(tmp_path)
+    assert list(table["state"]) == ["FAIL", "FAIL"] and table["reason"].str.startswith("non-finite").all()
+    assert sweep(tmp_path, *diverging, "--retry-failed") == 0 and len(states(tmp_path)) == 2  # failed again: done
+
+
 def test_pruner_stops_weak_trials_and_they_count_as_done(tmp_path):
     args = ["--segments", "1,4,all", "--seeds", "0,1", "--epochs", "2", "--pruner", "median"]
     assert sweep(tmp_path, *args) == 0

@@ -549,14 +549,17 @@ def point_taken(trials: Sequence[optuna.trial.FrozenTrial], before: int | None =
                 retry_failed: bool = False) -> int | None:
     """The number of a trial that has done or holds a grid point, among ``trials`` of that point, else ``None``.
 
-    Done: COMPLETE or PRUNED, or FAIL for a lasting reason (non-finite loss, out of memory) unless ``retry_failed``.
-    Held: WAITING or RUNNING (numbered below ``before`` when given). Trials stopped by Ctrl-C, by a dead worker or
-    standing down as duplicates neither do nor hold their point.
+    Done: COMPLETE or PRUNED, or FAIL for a lasting reason (non-finite loss, out of memory); with ``retry_failed``
+    the point's first such failure does not count, its second does (the point is rerun once, not for ever). Held:
+    WAITING or RUNNING (numbered below ``before`` when given). Trials stopped by Ctrl-C, by a dead worker or standing
+    down as duplicates neither do nor hold their point.
     """
+    retries_left = int(retry_failed)
     for t in sorted(trials, key=lambda t: t.number):
         reason = t.user_attrs.get("fail_reason") or ""
         lasting_failure = t.state == TrialState.FAIL and reason and not reason.startswith(TRANSIENT_FAILURES)
         live = t.state in (TrialState.WAITING, TrialState.RUNNING) and (before is None or t.number < before)
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or live or (lasting_failure and not retry_failed):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or live or (lasting_failure and not retries_left):
             return t.number
+        retries_left -= bool(lasting_failure)
     return None

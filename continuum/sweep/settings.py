@@ -179,7 +179,7 @@ class SweepConfig(ConfigBase):
     storage: str | None = setting(None, "Optuna storage URL; {out} and {study} stand for --out and --study "
                                   "(default: sqlite:///OUT/STUDY/study.db)", optional(storage_text))
     out: str = setting("results", "results root; tables go to OUT/STUDY/", text)
-    retry_failed: bool = setting(False, "rerun points whose trial failed for a lasting reason", parse_bool,
+    retry_failed: bool = setting(False, "rerun, once, points whose trial failed for a lasting reason", parse_bool,
                                  switch=True)
     heartbeat: int = setting(10, "seconds between trial heartbeats; 3 missed make a trial stale", integer(1))
     latency_batch: int = setting(32, "batch size of the per-trial latency probe", integer(1))
