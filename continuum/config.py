@@ -299,8 +299,8 @@ class DataConfig(ConfigBase):
         train_size: training images to use (a fixed random subset); ``None`` or 0: all.
         val_size: validation images to use; ``None`` or 0: all.
         holdout: validation images carved, class-stratified, from the training images (a fixed split); the
-            dataset's own test split is then scored once, after training, for the reported numbers. 0: the test
-            split validates (no test score).
+            dataset's own test split is then scored once, after training, for the reported numbers (by a grid's
+            trials; a search's never score it). 0: the test split validates (no test score).
     """
 
     dataset: str = setting("fashion-mnist", f"the images: {', '.join(DATASETS)}", text, group="data")
@@ -309,7 +309,7 @@ class DataConfig(ConfigBase):
     train_size: int | None = setting(10_000, "training images used, 0 = all", optional(integer(0)), group="data")
     val_size: int | None = setting(2_000, "validation images used, 0 = all", optional(integer(0)), group="data")
     holdout: int = setting(0, "validation images held out of the training images, class-stratified; the test split "
-                              "is then scored once after training (0: the test split validates)", integer(0),
+                              "is then scored once after training, in a grid (0: the test split validates)", integer(0),
                            group="data")
 
 

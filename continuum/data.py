@@ -44,8 +44,8 @@ class TensorData:
         val_y: int64 ``M`` validation labels.
         num_classes: number of classes.
         hflip: horizontal flips are a valid augmentation (clothes, objects; not digits or text).
-        test_x: uint8 ``T x C x H x W`` test images, kept apart from every choice; ``None``: no test split (the
-            validation images are the dataset's test split).
+        test_x: uint8 ``T x C x H x W`` test images, kept apart from every choice; ``None``: no test split to score
+            (the validation images are the dataset's test split, or the data serves a search: :meth:`without_test`).
         test_y: int64 ``T`` test labels.
     """
 
@@ -88,6 +88,10 @@ class TensorData:
         train_x, train_y = pick(self.train_x, self.train_y, train_size)
         val_x, val_y = pick(self.val_x, self.val_y, val_size)
         return dataclasses.replace(self, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+
+    def without_test(self) -> TensorData:
+        """A copy without the test split, for trials that make a choice (a search's): they never score it."""
+        return dataclasses.replace(self, test_x=None, test_y=None)
 
     def holdout(self, size: int, seed: int = 0) -> TensorData:
         """A copy that validates on ``size`` training images and keeps the current validation images (the

@@ -73,6 +73,16 @@ def test_a_holdout_sweep_validates_on_held_out_images_and_scores_the_test_split_
     assert "lr" in summary  # the two rates are reported apart
 
 
+def test_a_searchs_trials_validate_on_the_held_out_images_and_never_score_the_test_split(tmp_path):
+    assert main([*FAST, "--out", str(tmp_path), "--search", "tpe", "--n-trials", "1", "--holdout", "64",
+                 "--train-size", "0", "--val-size", "0"]) == 0
+    trials = results.load(tmp_path / "default")
+    assert list(trials["state"]) == ["COMPLETE"] and list(trials["val_size"]) == [64]
+    assert trials[["test_size", "test_acc", "test_loss", "test_correct"]].isna().all(axis=None)
+    summary = (tmp_path / "default" / "summary.md").read_text()
+    assert "test_acc" not in summary and "test split" not in summary
+
+
 def write_lr_study(root, rows):
     """A finished lr study's trials.csv holding ``rows`` of (segments, lr, val_acc), as the sweep writes it."""
     cfg = from_settings({"segments": "1,all"})
@@ -227,13 +237,15 @@ def test_a_retrain_of_a_search_without_finished_trials_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_search_then_a_retrain_of_its_best_configuration_with_new_seeds(tmp_path):
     assert main([*FAST, "--out", str(tmp_path), "--study", "search", "--search", "nsga2", "--n-trials", "2",
-                 "--width", "0.25,0.5"]) == 0
+                 "--width", "0.25,0.5", "--holdout", "64"]) == 0
     searched = results.load(tmp_path / "search")
+    assert searched["test_acc"].isna().all()  # the search chose on validation alone
     best = searched.sort_values("val_acc", ascending=False).iloc[0]
-    retrain = [*SYNTHETIC, "--out", str(tmp_path), "--study", "again", "--retrain", "search"]  # the search's widths
-    assert main([*retrain, "--retrain-top", "1", "--seeds", "3,4"]) == 0
+    retrain = [*SYNTHETIC, "--out", str(tmp_path), "--study", "again", "--retrain", "search", "--holdout", "64"]
+    assert main([*retrain, "--retrain-top", "1", "--seeds", "3,4"]) == 0  # the search's widths
     again = results.load(tmp_path / "again")
     assert list(again["seed"]) == [3, 4] and set(again["state"]) == {"COMPLETE"}
+    assert again["test_acc"].notna().all()  # its choice, judged on the test split
     for column in ("segments", "order", "mid_act", "residual", "width"):
         assert set(again[column].astype(str)) == {str(best[column])}
     assert main([*retrain, "--retrain-top", "2", "--seeds", "3,4"]) == 2  # another top is another study's setting

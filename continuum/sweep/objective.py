@@ -64,12 +64,14 @@ class Objective:
 
     Args:
         cfg: the sweep.
-        data: the dataset, loaded once for all trials.
+        data: the dataset, loaded once for all trials; a search's trials never score its test split (they choose;
+            ``retrain`` scores the configurations they chose).
         progress: show a tqdm bar per trial.
     """
 
     def __init__(self, cfg: SweepConfig, data: TensorData, progress: bool) -> None:
         self.cfg = cfg
+        data = data if cfg.search == "grid" else data.without_test()
         self.data = data
         self.progress = progress
         self.trial_number = -1  # the trial this worker runs or ran last

@@ -168,7 +168,8 @@ class SweepConfig(ConfigBase):
                                        optional(integer(1)))
     match_flops: int | None = setting(None, "scale each point's width to N FLOPs per image (within 2 %%)",
                                       optional(integer(1)))
-    search: str = setting("grid", "grid, or a search", choices=SEARCH_MODES)
+    search: str = setting("grid", "grid, or a search (its trials never score a held-out test split: --retrain does)",
+                         choices=SEARCH_MODES)
     n_trials: int = setting(20, "trials of a search (total in the study; a rerun tops it up)", integer(1))
     population: int | None = setting(None, "NSGA-II's trials per generation (its first is random); none: a quarter "
                                            "of --n-trials (2 to 50), about 4 generations", optional(integer(2)))
