@@ -427,8 +427,7 @@ def summary_markdown(trials: pd.DataFrame, title: str, command: str | None = Non
                   "continuum.spectrum` measures it on a quiet machine."]
     failures = failures_by_point(trials)
     if len(failures):
-        lines += ["", "Failed trials, per point (an interrupted trial's point resumes from its saved epochs in the "
-                  "next trial of that point):", ""]
+        lines += ["", "Failed trials, per point, with the trial that later completed the point or runs it now:", ""]
         for row in failures.itertuples():
             outcome = (f"completed by trial {row.completed_by}" if pd.notna(row.completed_by) else
                        f"running as trial {row.running_as}" if pd.notna(row.running_as) else "not completed")

@@ -138,6 +138,7 @@ def test_failed_trials_are_listed_per_point_with_what_became_of_it():
     assert list(table["completed_by"].astype(object)) == [3, pd.NA, 6]
     assert list(table["running_as"].astype(object)) == [pd.NA, 4, pd.NA]
     text = summary_markdown(trials, "t")
+    assert "Failed trials, per point, with the trial that later completed the point or runs it now:\n" in text
     assert ("- segments 1, lr 0.05, seed 0: completed by trial 3\n  - trial 0, after 2 epochs: interrupted\n"
             "  - trial 2, after 3 epochs: interrupted\n") in text
     assert "- segments all, lr 0.05, seed 0: running as trial 4\n  - trial 1, after 1 epoch: interrupted\n" in text
