@@ -613,14 +613,17 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     else:
         searched = [c for c in ("model", "segments", "order", "mid_act", "residual", "width") if c in done]
         config = done[searched].astype(str).apply(tuple, axis=1)  # one configuration, however often it was trained
-        trained = done.groupby(config, sort=False)["trial"].agg(lambda t: ", ".join(map(str, sorted(t))))
+        trial = done["trial"].astype(str)  # a configuration trained more than once: each trial with its accuracy
+        trial = trial.where(~config.duplicated(keep=False), trial + done["val_acc"].map(" ({:.4f})".format))
+        trained = trial.groupby(config, sort=False).agg(", ".join)
         front = pareto_front(done, "val_acc", "flops").sort_values("val_acc", ascending=False)
-        front = front[~config[front.index].duplicated()]  # its best trial; the column lists them all
+        front = front[~config[front.index].duplicated()]  # its best trial
         front = front.assign(trial=config[front.index].map(trained))
         knobs = [c for c in searched if c in varying_columns(done)]
         lines += [f"`{search}` ({_count(len(done), 'trial')} of {_count(config.nunique(), 'configuration')}, "
                   f"{core_hours(trials):.1f} core-hours), its front (validation accuracy, one seed each; a "
-                  "configuration trained more than once shows once, with its trials):", "",
+                  "configuration trained more than once shows once, at its best trial, with each trial's "
+                  "accuracy):", "",
                   _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
                   f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
     again = _table_or_none(root, retrain)
