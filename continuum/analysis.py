@@ -19,12 +19,18 @@ SEGMENT_ORDER_ALL = 10**9
 """Sort key of ``"all"`` (after every count)."""
 
 
-def segments_key(value: str) -> float:
-    """Sort key of a segments cell: counts numerically, ``"all"`` last, per-stage strings by their text."""
-    text = str(value)
-    if text == "all":
-        return SEGMENT_ORDER_ALL
-    return float(text) if text.isdigit() else SEGMENT_ORDER_ALL + 1
+def segments_key(value: str) -> tuple[float, ...]:
+    """Sort key of a segments cell: counts numerically, ``"all"`` last; a per-stage cell (``"4/all/16"``) stage by
+    stage the same way (``"4/2/16"`` before ``"4/16/1"``)."""
+    return tuple(SEGMENT_ORDER_ALL if part == "all" else float(part) if part.isdigit() else SEGMENT_ORDER_ALL + 1
+                 for part in str(value).split("/"))
+
+
+def segments_rank(column: pd.Series) -> pd.Series:
+    """Each segments cell of ``column`` as its place in :func:`segments_key` order: a sort key that pandas (whose
+    Arrow-backed sorts take no tuples) can use in ``sort_values(key=...)``."""
+    text = column.astype(str)
+    return text.map({value: rank for rank, value in enumerate(sorted(text.unique(), key=segments_key))})
 
 
 def best_rate(scores: pd.Series) -> float:
@@ -174,7 +180,7 @@ def sort_arms(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """
     if "segments" in table:
         table = table.sort_values([c for c in by if c != "segments"] + ["segments"], kind="stable",
-                                  key=lambda col: col.map(segments_key) if col.name == "segments" else col)
+                                  key=lambda col: segments_rank(col) if col.name == "segments" else col)
     return table.reset_index(drop=True)
 
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from continuum.analysis import (arm_label, bootstrap_interval, compare, difference, edf, efficiency, holm,
-                                mcnemar_test, paired_sides, pareto_front, segments_key, summarize, t_interval)
+                                mcnemar_test, paired_sides, pareto_front, segments_key, segments_rank, summarize,
+                                t_interval)
 
 
 def _trials():
@@ -46,6 +47,10 @@ def test_edf_and_pareto():
 
 def test_segments_sort_key():
     assert sorted(["all", "16", "2", "1"], key=segments_key) == ["1", "2", "16", "all"]
+    assert sorted(["4/all/16", "16/1/1", "4/16/1", "4/2/16"], key=segments_key) == [
+        "4/2/16", "4/16/1", "4/all/16", "16/1/1"]  # per-stage counts stage by stage, not by their text
+    cells = pd.Series(["4/all/16", "16/1/1", "4/2/16"], dtype="string[pyarrow]")  # as tables load them
+    assert cells.sort_values(key=segments_rank).tolist() == ["4/2/16", "4/all/16", "16/1/1"]
 
 
 def test_an_arm_is_labelled_by_its_columns_floats_as_the_tables_print_them():
