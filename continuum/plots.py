@@ -12,10 +12,11 @@ from typing import Sequence
 
 import matplotlib.ticker
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from continuum.analysis import arm_columns, arm_label, edf, pareto_front, require_columns, segments_key, summarize, \
-    varying_columns
+from continuum.analysis import arm_columns, arm_label, edf, pareto_front, require_columns, segments_key, \
+    segments_rank, summarize, varying_columns
 from continuum.files import atomic_write
 
 
@@ -32,6 +33,19 @@ def _groups(frame: pd.DataFrame, by: Sequence[str]) -> list[tuple[dict, pd.DataF
 
     pairs = sorted(frame.groupby(list(by), sort=False, dropna=False), key=order)
     return [(dict(zip(by, key if isinstance(key, tuple) else (key,))), group) for key, group in pairs]
+
+
+LEGEND_MAX_ENTRIES = 24  # as many as fit beside the lines at these sizes; a search's dozens would cover them
+
+
+def _legend(ax: Axes, fontsize: float) -> None:
+    """``ax``'s legend, or, where it has more than :data:`LEGEND_MAX_ENTRIES` entries, a note of how many lines it
+    would have named (a legend that long hides every line and overflows the figure)."""
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries <= LEGEND_MAX_ENTRIES:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(0.01, 0.01, f"{entries} lines, too many to label", transform=ax.transAxes, fontsize=fontsize)
 
 
 def _figure(*size: float, columns: int = 1) -> tuple[Figure, list]:
@@ -67,7 +81,7 @@ def plot_curves(curves: pd.DataFrame, metric: str = "val_acc", by: str | Sequenc
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return fig
 
 
@@ -85,7 +99,7 @@ def plot_spectrum(trials: pd.DataFrame) -> Figure:
     position = {count: i for i, count in enumerate(counts)}  # numbers, not matplotlib's categories in drawing order
     fig, (acc_ax, cost_ax, time_ax) = _figure(14, 4.2, columns=3)
     for values, group in _groups(table, lines) if lines else [({}, table)]:
-        group = group.sort_values("segments", key=lambda col: col.map(segments_key))
+        group = group.sort_values("segments", key=segments_rank)
         x = group["segments"].astype(str).map(position)
         label = _label(values, lines)
         err = [group["val_acc_mean"] - group["val_acc_ci_low"], group["val_acc_ci_high"] - group["val_acc_mean"]]
@@ -98,14 +112,16 @@ def plot_spectrum(trials: pd.DataFrame) -> Figure:
     cost_ax.set(xlabel="segments", yscale="log", title="cost per image")
     time_ax.set(xlabel="segments", ylabel="ms per batch", title="measured latency")
     for ax in (acc_ax, cost_ax, time_ax):
-        ax.set_xticks(range(len(counts)), counts)
+        ax.set_xticks(range(len(counts)), counts, rotation=90 if len(counts) > 8 else 0)  # a search's per-stage counts
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _legend(ax, 6)
     return fig
 
 
 def plot_edf(trials: pd.DataFrame, by: str | Sequence[str] | None = None) -> Figure:
-    """Empirical distribution of validation error, one line per value of ``by`` (default: the varying columns).
+    """Empirical distribution of validation error, one line per value of ``by`` (default: the varying columns);
+    where each value has a single trial (a search), one line of every trial: the distribution over the configurations
+    the study sampled.
 
     Raises:
         ValueError: a column the table lacks.
@@ -113,13 +129,16 @@ def plot_edf(trials: pd.DataFrame, by: str | Sequence[str] | None = None) -> Fig
     by = arm_columns(trials, by)
     require_columns(trials, ["state", "val_acc"], "trials table")
     done = trials[trials["state"] == "COMPLETE"]
+    groups = [(_label(values, by), group) for values, group in _groups(done, by)]
+    if len(groups) > 1 and all(len(group) == 1 for _, group in groups):  # one-point steps show nothing
+        groups = [("every trial", done)]
     fig, (ax,) = _figure(6, 4.5)
-    for values, group in _groups(done, by):
+    for label, group in groups:
         curve = edf(1 - group["val_acc"].astype(float))
-        ax.step(curve["value"], curve["F"], where="post", label=f"{_label(values, by)} (n={len(group)})")
+        ax.step(curve["value"], curve["F"], where="post", label=f"{label} (n={len(group)})")
     ax.set(xlabel="validation error", ylabel="share of trials with lower error", title="error EDF")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return fig
 
 
@@ -135,7 +154,7 @@ def plot_pareto(trials: pd.DataFrame, cost: str = "macs") -> Figure:
                     textcoords="offset points")
     ax.set(xscale="log", xlabel=cost, ylabel="validation accuracy", title=f"accuracy vs {cost}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return fig
 
 

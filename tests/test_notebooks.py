@@ -60,3 +60,29 @@ def test_the_spectrum_keeps_segments_in_numeric_order_with_matched_widths_on_one
     assert [round(y, 4) for y in line.get_ydata()] == [0.9205, 0.9255, 0.9305, 0.9405]
     assert [t.get_text() for t in accuracy.get_xticklabels()] == ["1", "2", "16", "all"]
     assert "categorical units" not in caplog.text
+
+
+def test_a_plot_with_more_lines_than_a_legend_can_name_says_how_many_instead():
+    """A search's dozens of configurations: no legend covering the lines, a note of their number; a few keep one."""
+    def trials(configs: int) -> pd.DataFrame:
+        return pd.DataFrame([{"trial": i, "state": "COMPLETE", "model": "continuum_small", "segments": "4",
+                              "width": 0.5 + i / 100, "seed": 0, "val_acc": 0.9, "params": 1000, "macs": 5e6,
+                              "flops": 1e7, "latency_ms": 1.0} for i in range(configs)])
+
+    many = plots.LEGEND_MAX_ENTRIES + 1
+    for fig in (plots.plot_curves(trials(many).assign(epoch=1)), plots.plot_spectrum(trials(many))):
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        assert f"{many} lines, too many to label" in [t.get_text() for t in fig.axes[0].texts]
+    few = plots.plot_curves(trials(3).assign(epoch=1)).axes[0]
+    assert len(few.get_legend().get_texts()) == 3 and not few.texts
+
+
+def test_the_edf_of_a_study_with_one_trial_per_configuration_is_one_line_of_every_trial():
+    """A search trains each configuration once: one-point EDFs per configuration draw nothing, so one line of all."""
+    rows = [{"state": "COMPLETE", "segments": s, "width": w, "seed": seed, "val_acc": acc}
+            for s, w, seed, acc in [("1", 1.0, 0, 0.90), ("4", 0.5, 0, 0.92), ("all", 1.5, 0, 0.91)]]
+    (ax,) = plots.plot_edf(pd.DataFrame(rows)).axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["every trial (n=3)"]
+    rows += [dict(row, seed=1, val_acc=row["val_acc"] + 0.01) for row in rows]  # seeds: one line per configuration
+    (ax,) = plots.plot_edf(pd.DataFrame(rows)).axes
+    assert len(ax.get_legend().get_texts()) == 3
