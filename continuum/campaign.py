@@ -608,6 +608,7 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     if trials is None:
         return lines + ["Not run yet.", ""]
     done = trials[trials["state"] == "COMPLETE"]
+    knobs: list[str] = []  # the searched columns that vary: they name a retrained configuration too
     if done.empty:
         lines += [f"`{search}`: no trial finished yet.", ""]
     else:
@@ -627,7 +628,7 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
                   _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
                   f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
     again = _table_or_none(root, retrain)
-    return lines + (_test_table(retrain, again) if again is not None else [f"`{retrain}`: not run yet.", ""])
+    return lines + (_test_table(retrain, again, knobs) if again is not None else [f"`{retrain}`: not run yet.", ""])
 
 
 def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[str]:

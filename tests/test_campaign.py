@@ -277,6 +277,11 @@ def test_the_search_section_shows_the_front_and_the_retrained_configurations(tmp
     front = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("|")]
     assert front[2:] == ["1 (0.9300), 3 (0.9250)", "0"]  # best validation accuracy first
     assert "0.9300 | 60,000,000 |" in text and "0.9250 | 60,000,000 |" not in text
+    _study_table(tmp_path / "search_retrain", [({"segments": "all", "width": 1.5}, [0.92, 0.93])])
+    text = "\n".join(campaign.search_section(tmp_path))
+    header = [line for line in text.splitlines() if line.startswith("|")][-3]
+    assert {"segments", "width"} <= {c.strip() for c in header.split("|")}  # one so far: named by the knobs
+    shutil.rmtree(tmp_path / "search_retrain")
     _study_table(tmp_path / "search_retrain", [({"segments": "all", "width": 1.5}, [0.92, 0.93, 0.925]),
                                                ({"segments": "1/4/all", "width": 0.75}, [0.90, 0.91, 0.905])])
     text = "\n".join(campaign.search_section(tmp_path))
