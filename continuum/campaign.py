@@ -195,8 +195,13 @@ def lr_lines(root: Path, study: str, arm_columns: Sequence[str], grid: Sequence[
             "", _markdown(shown, missingval="-"), ""]
 
 
-PILOT_LENGTHS = {"pilot": "5 epochs", "pilot_long": "15 epochs"}
-"""The pilot's two studies (segments 1 vs all, paired seeds), each with its training length."""
+PILOT_LENGTHS = {"pilot": 5, "pilot_long": 15, "pilot_longer": 45}
+"""The pilot's studies (segments 1 vs all, paired seeds) in order, each with its training length in epochs, each 3x
+the one before. The first two decide the campaign's length (:func:`seed_plan`); the third checks the length chosen
+after a failed first check (:func:`convergence_lines`; ``experiments/PROTOCOL.md``, note of 2026-12-06)."""
+
+SHORT_PILOT, LONG_PILOT, LONGER_PILOT = PILOT_LENGTHS
+"""The pilot studies by role: the campaign's first length, 3x it, 9x it."""
 
 PILOT_COLUMN = "segments"
 """What differs between the pilot's two arms (1 and all)."""
@@ -239,13 +244,20 @@ class SeedPlan(NamedTuple):
     seeds: int
 
 
+def _check(comparisons: dict[str, Comparison], short: str, long: str) -> LengthCheck | None:
+    """The length check of two pilot studies (by name in ``comparisons``); ``None`` while either lacks its paired seeds
+    (``long`` fewer than ``short``)."""
+    if not {short, long} <= set(comparisons) or comparisons[long].n < comparisons[short].n:
+        return None
+    return length_check(comparisons[short], comparisons[long])
+
+
 def seed_plan(comparisons: dict[str, Comparison]) -> SeedPlan | None:
     """The length check and the seed count, from the pilot studies' comparisons (by study name); ``None`` while
-    either lacks its paired seeds (``pilot_long`` fewer than ``pilot``)."""
-    if not set(PILOT_LENGTHS) <= set(comparisons) or comparisons["pilot_long"].n < comparisons["pilot"].n:
+    either of the two first pilot studies lacks its paired seeds."""
+    if (check := _check(comparisons, SHORT_PILOT, LONG_PILOT)) is None:
         return None
-    check = length_check(comparisons["pilot"], comparisons["pilot_long"])
-    study = "pilot" if check.passed else "pilot_long"  # the seeds come from the campaign's length
+    study = SHORT_PILOT if check.passed else LONG_PILOT  # the seeds come from the campaign's length
     return SeedPlan(check, study, seeds_needed(comparisons[study].sd))
 
 
@@ -256,8 +268,39 @@ def registered_seeds(arms: PilotArms) -> int | None:
     return None if plan is None else min(plan.seeds, MAX_SEEDS)
 
 
+def _check_line(name: str, check: LengthCheck, outcome: str) -> str:
+    """One check's line of the report: its name, ranking, how far the difference moved, and ``outcome``."""
+    return (f"- {name} ({'same' if check.same_ranking else 'different'} ranking, difference moved "
+            f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
+
+
+def convergence_lines(arms: PilotArms) -> list[str]:
+    """The report's lines on convergence after a failed length check: the ablations train
+    ``PILOT_LENGTHS[LONG_PILOT]`` epochs, and the same check from there to ``PILOT_LENGTHS[LONGER_PILOT]`` shows
+    convergence or not; it decides nothing that has run (``experiments/PROTOCOL.md``, note of 2026-12-06).
+
+    Args:
+        arms: the pilot studies (:func:`pilot_arms`).
+    """
+    comparisons = _pilot_comparisons(arms)
+    short, long, longer = (PILOT_LENGTHS[study] for study in (SHORT_PILOT, LONG_PILOT, LONGER_PILOT))
+    check = _check(comparisons, LONG_PILOT, LONGER_PILOT)
+    if check is None:
+        finished = len(arms[LONGER_PILOT][1]) if LONGER_PILOT in arms else 0
+        return [f"- **Convergence is not shown**: the ablations train {long} epochs, with the learning rates chosen "
+                f"at {short}; the same check from {long} to {longer} epochs (`{LONGER_PILOT}`) waits for its paired "
+                f"seeds ({finished} of {comparisons[LONG_PILOT].n} finished)."]
+    if check.passed:
+        return [_check_line(f"Convergence check, {long} to {longer} epochs", check,
+                            f"passed: convergence shown at {long} epochs")]
+    return [_check_line(f"Convergence check, {long} to {longer} epochs", check,
+                        f"failed: convergence is not shown at {long} epochs"),
+            f"- The ablations were not rerun at {longer} epochs: their rankings may still move with training length."]
+
+
 def pilot_section(root: Path, arms: PilotArms) -> list[str]:
-    """The report's pilot section: per-arm results at both lengths, the length check and the seed count.
+    """The report's pilot section: per-arm results at each length, the length check, the seed count and, after a
+    failed length check, the convergence check.
 
     Args:
         root: the campaign's results root (``pilot_lr`` beneath it).
@@ -266,7 +309,8 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
     lines = ["## Pilot: training length and seeds", ""]
     lines += lr_lines(root, "pilot_lr", [PILOT_COLUMN])
     comparisons = _pilot_comparisons(arms)
-    for study, label in PILOT_LENGTHS.items():
+    for study, epochs in PILOT_LENGTHS.items():
+        label = f"{epochs} epochs"
         if study not in arms:
             lines.append(f"- {label} (`{study}`): not run yet.")
             continue
@@ -281,17 +325,15 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
                      f"{100 * c.ci_high:+.2f}], sd of the paired differences {100 * c.sd:.2f} points.")
     lines.append("")
     plan = seed_plan(comparisons)
-    if plan is None and set(PILOT_LENGTHS) <= set(comparisons):
-        lines.append(f"- Length check: waits for `pilot_long`'s other paired seeds ({comparisons['pilot_long'].n} "
-                     f"of {comparisons['pilot'].n} finished); no verdict, and no seed count, before that.")
+    if plan is None and {SHORT_PILOT, LONG_PILOT} <= set(comparisons):
+        lines.append(f"- Length check: waits for `{LONG_PILOT}`'s other paired seeds ({comparisons[LONG_PILOT].n} "
+                     f"of {comparisons[SHORT_PILOT].n} finished); no verdict, and no seed count, before that.")
     elif plan is not None:
         check, chosen, n = plan
-        outcome = "passed: 5 epochs" if check.passed else "failed: 15 epochs"
-        lines.append(f"- Length check ({'same' if check.same_ranking else 'different'} ranking, difference moved "
-                     f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
+        lines.append(_check_line("Length check", check, f"{'passed' if check.passed else 'failed'}: "
+                                 f"{PILOT_LENGTHS[chosen]} epochs"))
         if not check.passed:
-            lines.append("- **Convergence is not shown**: the ablations train 15 epochs, with the learning rates "
-                         "chosen at 5; the same check from 15 to 45 epochs was not run (it would cost 3x again).")
+            lines += convergence_lines(arms)
         reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
         lines.append(f"- Seeds (`{chosen}`): sd {100 * comparisons[chosen].sd:.2f} points -> {n} seeds per arm for a "
                      f"95 % half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")

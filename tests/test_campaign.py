@@ -121,8 +121,28 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     (tmp_path / "pilot_long_moved").rename(tmp_path / "pilot_long")
     lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
     assert any("**failed: 15 epochs**" in line for line in lines)
-    assert any(line.startswith("- **Convergence is not shown**") for line in lines)
+    assert "- **Convergence is not shown**: the ablations train 15 epochs, with the learning rates chosen at 5; the " \
+        "same check from 15 to 45 epochs (`pilot_longer`) waits for its paired seeds (0 of 3 finished)." in lines
     assert any(line.startswith("- Seeds (`pilot_long`): sd 0.20 points") for line in lines)  # the longer pilot's sd
+    _pilot_table(tmp_path / "pilot_longer", [0.011, 0.013, 0.009])  # 15 -> 45 epochs: moved 0.1 point, same sign
+    longer = campaign.pilot_arms(tmp_path)
+    lines = campaign.pilot_section(tmp_path, longer)
+    assert "- Convergence check, 15 to 45 epochs (same ranking, difference moved +0.10 points; limit 0.3): **passed: " \
+        "convergence shown at 15 epochs**." in lines and not any("not shown" in line for line in lines)
+    assert any(line.startswith("- 45 epochs (`pilot_longer`, n = 3 paired seeds") for line in lines)
+    assert campaign.registered_seeds(longer) == 3  # the convergence check changes no seed count
+    moved = pd.read_csv(tmp_path / "pilot_longer" / "trials.csv")
+    moved.loc[moved["segments"] == "all", "val_acc"] -= 0.02  # the difference turns: +1.1 -> -0.9 points
+    moved.to_csv(tmp_path / "pilot_longer" / "trials.csv", index=False)
+    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    assert "- Convergence check, 15 to 45 epochs (different ranking, difference moved -1.90 points; limit 0.3): " \
+        "**failed: convergence is not shown at 15 epochs**." in lines
+    assert "- The ablations were not rerun at 45 epochs: their rankings may still move with training length." in lines
+    moved[moved["seed"] < 2].to_csv(tmp_path / "pilot_longer" / "trials.csv", index=False)  # 2 of 3 seeds so far
+    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    assert any(line.endswith("waits for its paired seeds (2 of 3 finished).") for line in lines)
+    (tmp_path / "pilot_longer" / "trials.csv").unlink()
+    (tmp_path / "pilot_longer").rmdir()
     assert "Learning rates (`pilot_lr`): not run yet." in text
     _pilot_table(tmp_path / "pilot_one", [-0.020])  # one paired seed: too few for the check, and said so singly
     (tmp_path / "pilot_long").rename(tmp_path / "pilot_three")

@@ -8,7 +8,8 @@
 #   bash experiments/campaign/run.sh               the pilot: pilot_lr, pilot, pilot_long
 #   bash experiments/campaign/run.sh ablations     every ablation, each learning-rate study before its study (set the
 #                                                  epochs and seeds the pilot chose in their files first)
-#   bash experiments/campaign/run.sh STUDY ...     these studies, in this order
+#   bash experiments/campaign/run.sh STUDY ...     these studies, in this order (after a failed length check and the
+#                                                  ablations: pilot_longer, the check from 15 to 45 epochs)
 #   bash experiments/campaign/run.sh ... -- OPTION ...
 #                                                  sweep options for every study, such as a campaign of its own on a
 #                                                  GPU: -- --out results/gpu_campaign --device cuda --epochs 30 (each
