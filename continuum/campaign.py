@@ -274,15 +274,15 @@ def _check_line(name: str, check: LengthCheck, outcome: str) -> str:
             f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
 
 
-def convergence_lines(arms: PilotArms) -> list[str]:
+def convergence_lines(arms: PilotArms, comparisons: dict[str, Comparison]) -> list[str]:
     """The report's lines on convergence after a failed length check: the ablations train
     ``PILOT_LENGTHS[LONG_PILOT]`` epochs, and the same check from there to ``PILOT_LENGTHS[LONGER_PILOT]`` shows
     convergence or not; it decides nothing that has run (``experiments/PROTOCOL.md``, note of 2026-12-06).
 
     Args:
         arms: the pilot studies (:func:`pilot_arms`).
+        comparisons: their paired comparisons (:func:`_pilot_comparisons` of ``arms``).
     """
-    comparisons = _pilot_comparisons(arms)
     short, long, longer = (PILOT_LENGTHS[study] for study in (SHORT_PILOT, LONG_PILOT, LONGER_PILOT))
     check = _check(comparisons, LONG_PILOT, LONGER_PILOT)
     if check is None:
@@ -290,11 +290,10 @@ def convergence_lines(arms: PilotArms) -> list[str]:
         return [f"- **Convergence is not shown**: the ablations train {long} epochs, with the learning rates chosen "
                 f"at {short}; the same check from {long} to {longer} epochs (`{LONGER_PILOT}`) waits for its paired "
                 f"seeds ({finished} of {comparisons[LONG_PILOT].n} finished)."]
+    name = f"Convergence check, {long} to {longer} epochs"
     if check.passed:
-        return [_check_line(f"Convergence check, {long} to {longer} epochs", check,
-                            f"passed: convergence shown at {long} epochs")]
-    return [_check_line(f"Convergence check, {long} to {longer} epochs", check,
-                        f"failed: convergence is not shown at {long} epochs"),
+        return [_check_line(name, check, f"passed: convergence shown at {long} epochs")]
+    return [_check_line(name, check, f"failed: convergence is not shown at {long} epochs"),
             f"- The ablations were not rerun at {longer} epochs: their rankings may still move with training length."]
 
 
@@ -333,7 +332,7 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
         lines.append(_check_line("Length check", check, f"{'passed' if check.passed else 'failed'}: "
                                  f"{PILOT_LENGTHS[chosen]} epochs"))
         if not check.passed:
-            lines += convergence_lines(arms)
+            lines += convergence_lines(arms, comparisons)
         reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
         lines.append(f"- Seeds (`{chosen}`): sd {100 * comparisons[chosen].sd:.2f} points -> {n} seeds per arm for a "
                      f"95 % half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
