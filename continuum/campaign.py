@@ -1,7 +1,8 @@
 """The campaign's pre-registered rules (``experiments/PROTOCOL.md``) as code: the verdict vocabulary, the pilot's
 training-length check and seed count, and the report they write.
 
-    python -m continuum.campaign results/campaign          # writes results/campaign/README.md from the tables
+    python -m continuum.campaign results/campaign --report results/README.md   # the report from the tables
+    python -m continuum.campaign results/gpu_campaign      # writes results/gpu_campaign/README.md
 
 Every number in the report is recomputed from the studies' ``trials.csv``; nothing is typed in.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -638,10 +640,23 @@ def _test_table(study: str, trials: pd.DataFrame, arm_columns: Sequence[str] = (
             "accuracy, mean and 95 % interval over seeds):", "", _markdown(shown), ""]
 
 
-def search_section(root: Path, search: str = "search", retrain: str = "search_retrain") -> list[str]:
+def _image(study: str, plot: str, images: Path) -> str:
+    """A study's plot embedded in the report (``images``: the campaign's root seen from the report's folder)."""
+    return f"![{study} {Path(plot).stem}]({(images / study / plot).as_posix()})\n"
+
+
+def search_section(root: Path, search: str = "search", retrain: str = "search_retrain",
+                   images: Path = Path(".")) -> list[str]:
     """The report's section on the search, a finding with no paper claim and no verdict: the search's Pareto front
     in validation accuracy and FLOPs, and the front's best configurations trained again with the campaign's seeds,
-    on the test split."""
+    on the test split.
+
+    Args:
+        root: the campaign's results root.
+        search: the search study.
+        retrain: the study that trains the front's best configurations again.
+        images: ``root`` seen from the report's folder, for the embedded plot.
+    """
     lines = [f"## Search (`{search}`, `{retrain}`)", "",
              "**Question**: Which configurations (per-stage segments, order, activation, width) does NSGA-II find on "
              "the accuracy-FLOPs front? No paper claim: a finding, no verdict.", ""]
@@ -667,12 +682,12 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
                   "configuration trained more than once shows once, at its best trial, with each trial's "
                   "accuracy):", "",
                   _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
-                  f"![{search} pareto_macs]({search}/pareto_macs.png)\n"]
+                  _image(search, "pareto_macs.png", images)]
     again = _table_or_none(root, retrain)
     return lines + (_test_table(retrain, again, knobs) if again is not None else [f"`{retrain}`: not run yet.", ""])
 
 
-def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[str]:
+def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: Path = Path(".")) -> list[str]:
     """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
     of comparisons with their verdicts, core-hours, plots and limitations.
 
@@ -680,6 +695,7 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[
         ablation: the ablation.
         root: the campaign's results root.
         seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
+        images: ``root`` seen from the report's folder, for the embedded plots.
     """
     tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
@@ -701,34 +717,50 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None) -> list[
                   "paired seeds (the pilot's count); Holm-adjusted p-values and verdicts wait for all of them.", ""]
     for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
         lines += interior_lines(study, tables, seeds) + latency_lines(study, root, tables[study])
-    lines += [f"![{study} {plot[:-4]}]({study}/{plot})\n" for study, trials in tables.items()
+    lines += [_image(study, plot, images) for study, trials in tables.items()
               if (trials["state"] == "COMPLETE").any()  # the sweep draws a study's plots once a trial finishes
               for plot in ablation.plots]
     return lines + [f"**Limitations**: {ablation.limitations}", ""]
 
 
-def report(root: Path) -> str:
-    """The campaign's report (Markdown) from the tables under ``root``."""
-    lines = ["# Campaign report", "", "Protocol: `experiments/PROTOCOL.md`. Regenerate with "
-             f"`python -m continuum.campaign {root}`.", ""]
+def report_file(root: Path, out: Path | None = None) -> Path:
+    """Where the report goes: ``out``, else ``root/README.md``."""
+    return out or root / "README.md"
+
+
+def report(root: Path, out: Path | None = None) -> str:
+    """The campaign's report (Markdown) from the tables under ``root``.
+
+    Args:
+        root: the campaign's results root.
+        out: the file the report is written to, which its plot links start from; ``None``: ``root/README.md``.
+    """
+    command = f"python -m continuum.campaign {root}" + (f" --report {out}" if out is not None else "")
+    lines = ["# Campaign report", "", f"Protocol: `experiments/PROTOCOL.md`. Regenerate with `{command}`.", ""]
+    images = Path(os.path.relpath(root, report_file(root, out).parent))
     arms = pilot_arms(root)
     lines += pilot_section(root, arms)
     seeds = registered_seeds(arms)
     for ablation in ABLATIONS:
-        lines += ablation_section(ablation, root, seeds)
-    lines += search_section(root)
+        lines += ablation_section(ablation, root, seeds, images)
+    lines += search_section(root, images=images)
     lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()),
               f"- *{INTERIM}*: {INTERIM_RULE}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.campaign") -> int:
-    """``python -m continuum.campaign ROOT``: write ``ROOT/README.md`` (``prog``: how it is called); exit 2 on a bad
-    folder or a damaged table."""
+    """``python -m continuum.campaign ROOT [--report FILE]``: write the report to ``FILE`` (default
+    ``ROOT/README.md``; ``prog``: how it is called); exit 2 on a bad folder, a damaged table or a report that cannot
+    be written, leaving the last report as it was."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="the campaign's results root (results/campaign)")
+    parser.add_argument("--report", type=Path, default=None, metavar="FILE",
+                        help="the Markdown file to write (default: ROOT/README.md); its plot links start from its "
+                             "folder")
     args = parser.parse_args(argv)
+    out = report_file(args.root, args.report)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder; give the campaign's results root (results/campaign)",
               file=sys.stderr)
@@ -737,12 +769,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.cam
         print(f"error: {args.root} holds no study (no {args.root}/STUDY/trials.csv); give the campaign's results "
               "root (results/campaign)", file=sys.stderr)
         return 2
-    try:
-        text = report(args.root)
-    except TableError as err:
-        print(f"error: {err}; {args.root / 'README.md'} is left as it was", file=sys.stderr)
+    if out.is_dir() or out.suffix != ".md":
+        print(f"error: --report {out} is not a Markdown file; give one such as results/README.md", file=sys.stderr)
         return 2
-    atomic_write(args.root / "README.md", lambda path: path.write_text(text, encoding="utf-8"))
+    try:
+        text = report(args.root, args.report)
+    except TableError as err:
+        print(f"error: {err}; {out} is left as it was", file=sys.stderr)
+        return 2
+    try:
+        atomic_write(out, lambda path: path.write_text(text, encoding="utf-8"))
+    except OSError as err:
+        print(f"error: cannot write the report to {out} ({err.strerror or err}); give a file in a writable folder",
+              file=sys.stderr)
+        return 2
     print(text)
     return 0
 

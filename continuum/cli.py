@@ -7,7 +7,7 @@ Examples:
   continuum spectrum --segments 1,4,16,all         # params, MACs and latency along the continuum, no training
   continuum bench --shapes small_64                # the conv kernels against torch's and timm's
   continuum arm_latency results/campaign/spectrum_params   # each arm's inference latency, on a quiet machine
-  continuum campaign results/campaign              # the campaign's report from its studies' tables
+  continuum campaign results/campaign --report results/README.md   # the campaign's report from its tables
   continuum sweep --help                           # each command's own options
 """
 

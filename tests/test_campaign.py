@@ -250,6 +250,28 @@ def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_
     assert f"- *interim*: {campaign.INTERIM_RULE}." in campaign.report(tmp_path)
 
 
+def test_the_report_goes_where_report_says_with_its_plot_links_from_there(tmp_path, capsys):
+    root = tmp_path / "results" / "campaign"
+    _study_table(root / "order", [({"order": "depthwise_first"}, [0.90, 0.91, 0.92]),
+                                  ({"order": "pointwise_first"}, [0.90, 0.91, 0.92])])
+    out = tmp_path / "results" / "README.md"
+    assert campaign.main([str(root), "--report", str(out)]) == 0 and not (root / "README.md").exists()
+    text = out.read_text()
+    assert f"Regenerate with `python -m continuum.campaign {root} --report {out}`." in text
+    assert "![order curves](campaign/order/curves.png)" in text  # from results/, as the file sits
+    assert campaign.main([str(root)]) == 0  # the default: ROOT/README.md, links from the root
+    assert "![order curves](order/curves.png)" in (root / "README.md").read_text()
+    capsys.readouterr()
+    table = (root / "order" / "trials.csv").read_text()
+    for bad in [root, root / "order" / "trials.csv", ""]:  # a folder, a table it would overwrite, nothing
+        assert campaign.main([str(root), "--report", str(bad)]) == 2
+        error = capsys.readouterr().err
+        assert error == f"error: --report {Path(bad)} is not a Markdown file; give one such as results/README.md\n"
+    assert campaign.main([str(root), "--report", str(root / "order" / "trials.csv" / "README.md")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot write the report to") and error.count("\n") == 1, error
+    assert out.read_text() == text and (root / "order" / "trials.csv").read_text() == table  # nothing overwritten
+
 def test_the_registered_seeds_are_the_pilots_count_capped_at_the_machines_most(tmp_path):
     assert _registered_seeds(tmp_path) is None
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
