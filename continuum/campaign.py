@@ -299,6 +299,21 @@ def convergence_lines(arms: PilotArms, comparisons: dict[str, Comparison]) -> li
             f"- The ablations were not rerun at {longer} epochs: their rankings may still move with training length."]
 
 
+def length_lines(arms: PilotArms, comparisons: dict[str, Comparison]) -> list[str]:
+    """The length check's line and, after a failed one, the convergence check's (:func:`convergence_lines`); none
+    before the pilot has fixed them.
+
+    Args:
+        arms: the pilot studies (:func:`pilot_arms`).
+        comparisons: their paired comparisons (:func:`_pilot_comparisons` of ``arms``).
+    """
+    if (plan := seed_plan(comparisons)) is None:
+        return []
+    outcome = f"{'passed' if plan.check.passed else 'failed'}: {PILOT_LENGTHS[plan.study]} epochs"
+    checked = [_check_line("Length check", plan.check, outcome)]
+    return checked if plan.check.passed else checked + convergence_lines(arms, comparisons)
+
+
 def pilot_section(root: Path, arms: PilotArms) -> list[str]:
     """The report's pilot section: per-arm results at each length, the length check, the seed count and, after a
     failed length check, the convergence check.
@@ -330,11 +345,8 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
         lines.append(f"- Length check: waits for `{LONG_PILOT}`'s other paired seeds ({comparisons[LONG_PILOT].n} "
                      f"of {comparisons[SHORT_PILOT].n} finished); no verdict, and no seed count, before that.")
     elif plan is not None:
-        check, chosen, n = plan
-        lines.append(_check_line("Length check", check, f"{'passed' if check.passed else 'failed'}: "
-                                 f"{PILOT_LENGTHS[chosen]} epochs"))
-        if not check.passed:
-            lines += convergence_lines(arms, comparisons)
+        _, chosen, n = plan
+        lines += length_lines(arms, comparisons)
         reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
         lines.append(f"- Seeds (`{chosen}`): sd {100 * comparisons[chosen].sd:.2f} points -> {n} seeds per arm for a "
                      f"95 % half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
@@ -687,6 +699,35 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     return lines + (_test_table(retrain, again, knobs) if again is not None else [f"`{retrain}`: not run yet.", ""])
 
 
+def _ablation_tables(ablation: Ablation, root: Path) -> dict[str, pd.DataFrame]:
+    """The trials tables of ``ablation``'s studies that exist under ``root``, by study name."""
+    return {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
+
+
+def glance_section(root: Path, arms: PilotArms) -> list[str]:
+    """The report's answers first: every ablation's comparisons with their verdicts in one table, each spectrum
+    study's interior-optimum outcome and the pilot's training-length checks; the sections below hold the arms, the
+    details, the plots and the limitations.
+
+    Args:
+        root: the campaign's results root.
+        arms: the pilot studies (:func:`pilot_arms`), which fix the seeds and the training length.
+    """
+    seeds = registered_seeds(arms)
+    families, interiors = [], []
+    for ablation in ABLATIONS:
+        tables = _ablation_tables(ablation, root)
+        families.append(family_table(ablation, tables, seeds).assign(study=[c.study for c in ablation.family]))
+        interiors += [f"- Interior optimum (`{study}`, pre-registered): "
+                      f"**{interior_outcome(family_table(interior_family(study), tables, seeds), seeds)}**."
+                      for study in ablation.studies if study in SPECTRUM_STUDIES]
+    shown = _in_points(pd.concat(families, ignore_index=True),
+                       ["study", "comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p_holm", "verdict"])
+    return ["## Verdicts at a glance", "", "Each ablation's family of comparisons (Holm within it), paired by seed, "
+            "test accuracy; its section below gives the arms, the tests, the plots and the limitations.", "",
+            shown, "", *interiors, *length_lines(arms, _pilot_comparisons(arms)), ""]
+
+
 def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: Path = Path(".")) -> list[str]:
     """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
     of comparisons with their verdicts, core-hours, plots and limitations.
@@ -697,7 +738,7 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: 
         seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
         images: ``root`` seen from the report's folder, for the embedded plots.
     """
-    tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
+    tables = _ablation_tables(ablation, root)
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
     for study in ablation.studies:  # each arm's rate, chosen before the study runs
         lines += lr_lines(root, f"{study}{LR_STUDY_SUFFIX}", ablation.arm_columns(study))
@@ -739,8 +780,8 @@ def report(root: Path, out: Path | None = None) -> str:
     lines = ["# Campaign report", "", f"Protocol: `experiments/PROTOCOL.md`. Regenerate with `{command}`.", ""]
     images = Path(os.path.relpath(root, report_file(root, out).parent))
     arms = pilot_arms(root)
-    lines += pilot_section(root, arms)
     seeds = registered_seeds(arms)
+    lines += glance_section(root, arms) + pilot_section(root, arms)
     for ablation in ABLATIONS:
         lines += ablation_section(ablation, root, seeds, images)
     lines += search_section(root, images=images)

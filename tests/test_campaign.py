@@ -216,6 +216,14 @@ def test_an_ablation_family_is_holm_corrected_and_judged(tmp_path):
     text = "\n".join(campaign.ablation_section(order, tmp_path, _registered_seeds(tmp_path)))
     assert "equivalent within ±1 pt" in text and "`order` (12 trials, 12.0 core-hours" in text
     assert "Interim" not in text
+    glance = "\n".join(campaign.glance_section(tmp_path, campaign.pilot_arms(tmp_path)))  # the answers first
+    rows = [line.split("|")[1:-1] for line in glance.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == sum(len(ablation.family) for ablation in campaign.ABLATIONS)  # every comparison, once
+    order_rows = {row[1].strip(): row[-1].strip() for row in rows if row[0].strip() == "order"}
+    assert order_rows == dict(zip(family["comparison"], family["verdict"]))  # as the order section judges them
+    assert {row[-1].strip() for row in rows if row[0].strip() == "residual"} == {"interim (0 of 3 seeds)"}
+    assert "- Interior optimum (`spectrum_params`, pre-registered): **interim: waits for every arm's paired " \
+        "seeds**." in glance and "- Length check (same ranking" in glance and "**passed: 5 epochs**" in glance
 
 
 def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_holm_and_no_verdict(tmp_path):
