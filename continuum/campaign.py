@@ -194,7 +194,7 @@ def lr_lines(root: Path, study: str, arm_columns: Sequence[str], grid: Sequence[
     shown = sort_arms(table.rename(columns=lambda lr: f"lr {lr:g}").join(chosen).reset_index(), arms)
     return [f"Learning rates (`{study}`, {_count(len(done), 'trial')} finished, {core_hours(trials):.1f} "
             f"core-hours; validation accuracy after the last epoch, seed 0{''.join('; ' + note for note in notes)}):",
-            "", _markdown(shown, missingval="-"), ""]
+            "", _markdown(shown, missingval="-"), "", protocol_line(study, trials), ""]
 
 
 PILOT_LENGTHS = {"pilot": 5, "pilot_long": 15, "pilot_longer": 45}
@@ -340,6 +340,8 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
                      f"all {b.mean():.4f}; all - 1 = {100 * c.diff:+.2f} points [{100 * c.ci_low:+.2f}, "
                      f"{100 * c.ci_high:+.2f}], sd of the paired differences {100 * c.sd:.2f} points.")
     lines.append("")
+    for study, (trials, _, _) in arms.items():
+        lines += [protocol_line(study, trials), ""]
     plan = seed_plan(comparisons)
     if plan is None and {SHORT_PILOT, LONG_PILOT} <= set(comparisons):
         lines.append(f"- Length check: waits for `{LONG_PILOT}`'s other paired seeds ({comparisons[LONG_PILOT].n} "
@@ -633,6 +635,32 @@ def _in_points(family: pd.DataFrame, columns: list[str]) -> str:
     return _markdown(shown[columns])
 
 
+def _values(trials: pd.DataFrame, column: str, form: str = "{}", separator: str = " / ") -> str:
+    """The distinct values ``trials`` recorded in ``column``, each in ``form``, in order, joined by ``separator``."""
+    values = sorted(trials[column].dropna().unique()) if column in trials else []
+    return separator.join(form.format(value) for value in values) or "–"
+
+
+def protocol_line(study: str, trials: pd.DataFrame) -> str:
+    """How ``study``'s finished trials were trained, read from its table (a setting that differs between trials
+    lists each value): the model (with its per-stage depths where set), the data, the length, batch and schedule,
+    weight decay, precision, seeds and the machine each worker ran on.
+
+    Args:
+        study: the study's name.
+        trials: its trials table.
+    """
+    done = trials[trials["state"] == "COMPLETE"]
+    warmup, depths = _values(done, "warmup_epochs", "{:g}"), _values(done, "depths")
+    model = _values(done, "model") + ("" if depths in ("none", "–") else f" with per-stage depths {depths}")
+    return (f"`{study}` ran (its table's record): {model}; {_values(done, 'dataset')}, "
+            f"{_values(done, 'train_size', '{:,.0f}')} training and {_values(done, 'val_size', '{:,.0f}')} validation "
+            f"images; {_values(done, 'epochs', '{:.0f}')} epochs, batch {_values(done, 'batch_size', '{:.0f}')}, "
+            f"{_values(done, 'recipe')} schedule with {warmup} warm-up epoch{'' if warmup == '1' else 's'}, weight "
+            f"decay {_values(done, 'weight_decay', '{:g}')}, {_values(done, 'precision')}; seeds "
+            f"{_values(done, 'seed', '{:.0f}', ', ')}; {_values(done, 'device')}.")
+
+
 def _test_table(study: str, trials: pd.DataFrame, arm_columns: Sequence[str] = ()) -> list[str]:
     """A study's arms on the test split (mean and 95 % interval over seeds, n, size), with its trials and
     core-hours.
@@ -649,7 +677,7 @@ def _test_table(study: str, trials: pd.DataFrame, arm_columns: Sequence[str] = (
     summary = summarize(trials, by=shown_arm_columns(trials, arm_columns), metric="test_acc")
     shown = summary.drop(columns=[c for c in summary if c.startswith("latency")])
     return [f"`{study}` ({_count(finished, 'trial')}, {core_hours(trials):.1f} core-hours; test "
-            "accuracy, mean and 95 % interval over seeds):", "", _markdown(shown), ""]
+            "accuracy, mean and 95 % interval over seeds):", "", _markdown(shown), "", protocol_line(study, trials), ""]
 
 
 def _image(study: str, plot: str, images: Path) -> str:
@@ -694,7 +722,7 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
                   "configuration trained more than once shows once, at its best trial, with each trial's "
                   "accuracy):", "",
                   _markdown(front[["trial", *knobs, "val_acc", "flops", "params"]]), "",
-                  _image(search, "pareto_macs.png", images)]
+                  protocol_line(search, trials), "", _image(search, "pareto_macs.png", images)]
     again = _table_or_none(root, retrain)
     return lines + (_test_table(retrain, again, knobs) if again is not None else [f"`{retrain}`: not run yet.", ""])
 

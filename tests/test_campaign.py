@@ -454,3 +454,20 @@ def test_the_campaign_script_runs_its_studies_under_any_root(tmp_path):
     assert command() == ("-m continuum.sweep --config experiments/campaign/pilot_lr.toml --config "
                          "experiments/campaign/pilot.toml --config experiments/campaign/pilot_long.toml --quiet")
     assert command("ablations").count("--config") == 16
+
+
+def test_each_study_says_how_it_ran_from_its_finished_trials():
+    record = {"model": "continuum_small", "depths": "4/4/4", "dataset": "fashion-mnist", "train_size": 55000,
+              "val_size": 5000, "epochs": 15, "batch_size": 128, "recipe": "cosine", "warmup_epochs": 1.0,
+              "weight_decay": 5e-4, "precision": "fp32"}
+    trials = pd.DataFrame([record | {"trial": 0, "state": "COMPLETE", "seed": 1, "device": "cpu B"},
+                           record | {"trial": 1, "state": "COMPLETE", "seed": 0, "device": "cpu A"},
+                           record | {"trial": 2, "state": "FAIL", "seed": 2, "device": "cpu C"}])  # not counted
+    assert campaign.protocol_line("residual", trials) == (
+        "`residual` ran (its table's record): continuum_small with per-stage depths 4/4/4; fashion-mnist, 55,000 "
+        "training and 5,000 validation images; 15 epochs, batch 128, cosine schedule with 1 warm-up epoch, weight "
+        "decay 0.0005, fp32; seeds 0, 1; cpu A / cpu B.")
+    plain = trials.assign(depths="none", warmup_epochs=0.0).drop(columns="precision")  # an older table: no column
+    assert campaign.protocol_line("order", plain).startswith("`order` ran (its table's record): continuum_small; ")
+    assert "cosine schedule with 0 warm-up epochs, weight decay 0.0005, –; seeds" in campaign.protocol_line(
+        "order", plain)
