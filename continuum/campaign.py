@@ -436,22 +436,43 @@ def interior_lines(study: str, tables: dict[str, pd.DataFrame], seeds: int | Non
             _in_points(family, ["comparison", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm"]), ""]
 
 
-def latency_lines(study: str, root: Path, trials: pd.DataFrame) -> list[str]:
-    """A spectrum study's arms by test accuracy and quiet-machine latency (``latency.csv``, written by
-    ``python -m continuum.arm_latency``), the accuracy-latency Pareto front marked."""
+COSTS = {"FLOPs": "flops", "latency": "latency_ms"}
+"""The costs a spectrum study's accuracy is weighed against (each with its Pareto front), by the column holding
+each: FLOPs per image, and the inference latency measured on a quiet machine (``latency.csv``)."""
+
+
+def cost_lines(study: str, root: Path, trials: pd.DataFrame) -> list[str]:
+    """Where a spectrum study's arms are best: mean test accuracy against FLOPs and against quiet-machine inference
+    latency (``latency.csv``, written by ``python -m continuum.arm_latency``), each accuracy-cost Pareto front
+    marked, and a line naming the most accurate arm and both fronts.
+
+    Args:
+        study: the spectrum study.
+        root: the campaign's results root.
+        trials: its trials table.
+    """
+    summary = summarize(trials, metric="test_acc").astype({"segments": str})
+    arms = summary[[c for c in ("segments", "test_acc_mean", "n", "width", "params", "flops") if c in summary]]
     path = root / study / LATENCY_FILE
-    if not path.exists():
-        return [f"Quiet-machine latency: not measured yet (`python -m continuum.arm_latency {root / study}`).", ""]
-    latency = pd.read_csv(path, dtype={"segments": str})
-    accuracy = summarize(trials, metric="test_acc")[["segments", "test_acc_mean", "n"]]
-    arms = accuracy.astype({"segments": str}).merge(latency[["segments", "width", "params", "latency_ms"]],
-                                                   on="segments")
-    front = pareto_front(arms.rename(columns={"test_acc_mean": "acc"}), "acc", "latency_ms")
-    arms["on the front"] = ["yes" if i in front.index else "" for i in arms.index]
-    first = latency.iloc[0]
-    return [f"Test accuracy against inference latency on a quiet machine ({first['device']}, batch "
-            f"{first['batch_size']}, median ms, measured {first['measured']}; the accuracy-latency front marked):",
-            "", _markdown(arms), ""]
+    measured = pd.read_csv(path, dtype={"segments": str}) if path.exists() else None
+    if measured is not None:
+        arms = arms.merge(measured[["segments", "latency_ms"]], on="segments", how="left")
+    best = [f"the highest test accuracy at segments {arms.loc[arms['test_acc_mean'].idxmax(), 'segments']}"]
+    for cost, column in COSTS.items():
+        if column in arms and arms[column].notna().any():
+            front = pareto_front(arms, "test_acc_mean", column)
+            best.append(f"the accuracy-{cost} front at segments {', '.join(front['segments'])}")
+            arms[f"{cost} front"] = ["yes" if i in front.index else "" for i in arms.index]
+    lines = [f"Where `{study}` is best (means over seeds; the comparisons above say which differences are beyond "
+             f"noise): {'; '.join(best)}.", ""]
+    if measured is None:
+        return lines + ["Test accuracy against FLOPs per image, the accuracy-FLOPs front marked:", "",
+                        _markdown(arms), "", "Quiet-machine latency: not measured yet "
+                        f"(`python -m continuum.arm_latency {root / study}`).", ""]
+    first = measured.iloc[0]
+    return lines + [f"Test accuracy against FLOPs per image and against inference latency on a quiet machine "
+                    f"({first['device']}, batch {first['batch_size']}, median ms, measured {first['measured']}), "
+                    "each accuracy-cost front marked:", "", _markdown(arms), ""]
 
 
 def _spectrum(study: str, budget: str) -> Ablation:
@@ -785,7 +806,7 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: 
         lines += [f"**Interim**: {(family['n'] >= seeds).sum()} of {len(family)} comparisons have their {seeds} "
                   "paired seeds (the pilot's count); Holm-adjusted p-values and verdicts wait for all of them.", ""]
     for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
-        lines += interior_lines(study, tables, seeds) + latency_lines(study, root, tables[study])
+        lines += interior_lines(study, tables, seeds) + cost_lines(study, root, tables[study])
     lines += [_image(study, plot, images) for study, trials in tables.items()
               if (trials["state"] == "COMPLETE").any()  # the sweep draws a study's plots once a trial finishes
               for plot in ablation.plots]

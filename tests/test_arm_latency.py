@@ -22,7 +22,8 @@ def _study(folder, arms=ARMS, seeds=(0, 1), params=None):
         for seed in seeds:
             rows.append(point_cells(config.validate().to_dict() | {"lr": 0.05, "seed": seed})
                         | {"trial": len(rows), "state": "COMPLETE", "dataset": "synthetic", "params": params or built,
-                           "test_acc": 0.8 + 0.1 * (config.segments == "all"), "val_acc": 0.8})
+                           "test_acc": 0.8 + 0.1 * (config.segments == "all"), "val_acc": 0.8,
+                           "flops": 2e6 + 1e6 * (config.segments == "all")})
     folder.mkdir(parents=True)
     pd.DataFrame(rows, columns=TRIAL_COLUMNS).to_csv(folder / "trials.csv", index=False)
     return folder
@@ -36,8 +37,13 @@ def test_each_arm_is_timed_once_and_the_report_shows_accuracy_against_latency(tm
     assert list(table.columns) == arm_latency.LATENCY_COLUMNS and len(table) == 2
     assert list(table["segments"].astype(str)) == ["1", "all"] and (table["latency_ms"] > 0).all()
     assert set(table["batch_size"]) == {4} and "wrote" in capsys.readouterr().out
-    text = "\n".join(campaign.latency_lines("spectrum_params", tmp_path, campaign.load(folder)))
-    assert "Test accuracy against inference latency on a quiet machine" in text and "yes" in text
+    lines = campaign.cost_lines("spectrum_params", tmp_path, campaign.load(folder))
+    assert lines[0].endswith("the highest test accuracy at segments all; the accuracy-FLOPs front at segments "
+                             "1, all; the accuracy-latency front at segments 1, all.")  # all: more accurate, dearer
+    assert lines[2].startswith("Test accuracy against FLOPs per image and against inference latency on a quiet")
+    header, _, *rows = lines[4].splitlines()
+    assert header.split("|")[-3:-1] == [" FLOPs front   ", " latency front   "]
+    assert [row.split("|")[-3:-1] for row in rows] == [[" yes           ", " yes             "]] * 2
 
 
 def test_a_busy_machine_or_an_arm_that_rebuilds_otherwise_is_refused(tmp_path, monkeypatch, capsys):
@@ -56,8 +62,13 @@ def test_a_busy_machine_or_an_arm_that_rebuilds_otherwise_is_refused(tmp_path, m
 
 def test_the_report_says_how_to_measure_when_nothing_was(tmp_path):
     folder = _study(tmp_path / "spectrum_flops", seeds=(0,))
-    lines = campaign.latency_lines("spectrum_flops", tmp_path, campaign.load(folder))
-    assert lines[0].startswith("Quiet-machine latency: not measured yet (`python -m continuum.arm_latency")
+    lines = campaign.cost_lines("spectrum_flops", tmp_path, campaign.load(folder))
+    assert lines[0].endswith("the accuracy-FLOPs front at segments 1, all.")  # no latency front before it is timed
+    assert lines[-2].startswith("Quiet-machine latency: not measured yet (`python -m continuum.arm_latency")
+    assert "latency front" not in lines[4] and "FLOPs front" in lines[4]
+    uncounted = campaign.load(folder).assign(flops=float("nan"))  # no FLOPs recorded: no front claimed on them
+    first = campaign.cost_lines("spectrum_flops", tmp_path, uncounted)[0]
+    assert first.endswith("noise): the highest test accuracy at segments all.")
 
 
 @pytest.fixture(autouse=True)
