@@ -444,13 +444,15 @@ each: FLOPs per image, and the inference latency measured on a quiet machine (``
 def cost_lines(study: str, root: Path, trials: pd.DataFrame) -> list[str]:
     """Where a spectrum study's arms are best: mean test accuracy against FLOPs and against quiet-machine inference
     latency (``latency.csv``, written by ``python -m continuum.arm_latency``), each accuracy-cost Pareto front
-    marked, and a line naming the most accurate arm and both fronts.
+    marked, and a line naming the most accurate arm and both fronts; none before a trial has finished.
 
     Args:
         study: the spectrum study.
         root: the campaign's results root.
         trials: its trials table.
     """
+    if not (trials["state"] == "COMPLETE").any():
+        return []
     summary = summarize(trials, metric="test_acc").astype({"segments": str})
     arms = summary[[c for c in ("segments", "test_acc_mean", "n", "width", "params", "flops") if c in summary]]
     path = root / study / LATENCY_FILE
@@ -767,9 +769,10 @@ def glance_section(root: Path, arms: PilotArms) -> list[str]:
     for ablation in ABLATIONS:
         tables = _ablation_tables(ablation, root)
         families.append(family_table(ablation, tables, seeds).assign(study=[c.study for c in ablation.family]))
-        interiors += [f"- Interior optimum (`{study}`, pre-registered): "
-                      f"**{interior_outcome(family_table(interior_family(study), tables, seeds), seeds)}**."
-                      for study in ablation.studies if study in SPECTRUM_STUDIES]
+        for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES):
+            interiors.append(f"- Interior optimum (`{study}`, pre-registered): "
+                             f"**{interior_outcome(family_table(interior_family(study), tables, seeds), seeds)}**.")
+            interiors += [f"- {line}" for line in cost_lines(study, root, tables[study])[:1]] if study in tables else []
     shown = _in_points(pd.concat(families, ignore_index=True),
                        ["study", "comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p_holm", "verdict"])
     return ["## Verdicts at a glance", "", "Each ablation's family of comparisons (Holm within it), paired by seed, "

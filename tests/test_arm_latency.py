@@ -69,6 +69,7 @@ def test_the_report_says_how_to_measure_when_nothing_was(tmp_path):
     uncounted = campaign.load(folder).assign(flops=float("nan"))  # no FLOPs recorded: no front claimed on them
     first = campaign.cost_lines("spectrum_flops", tmp_path, uncounted)[0]
     assert first.endswith("noise): the highest test accuracy at segments all.")
+    assert campaign.cost_lines("spectrum_flops", tmp_path, uncounted.assign(state="RUNNING")) == []  # none finished
 
 
 @pytest.fixture(autouse=True)

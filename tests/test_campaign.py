@@ -355,6 +355,9 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
     assert "| 4 vs 1       |   6 |           +3.00 | [+3.00, +3.00] |" in text  # signed points, also when none is "–"
     assert "| 2 vs all     |   6 |           -2.00 | [-2.00, -2.00] |" in text
+    glance = campaign.glance_section(tmp_path, campaign.pilot_arms(tmp_path))  # the answers first, the same
+    assert "- Interior optimum (`spectrum_params`, pre-registered): **shown at segments 4**." in glance
+    assert "the highest test accuracy at segments 4; the accuracy-FLOPs front at segments 4." in "\n".join(glance)
     del arms["4"]
     _study_table(tmp_path / "flat" / "spectrum_params", [({"segments": k}, accs) for k, accs in arms.items()],
                  seeds=seeds, images=400)
