@@ -217,21 +217,6 @@ PilotArms = dict[str, tuple[pd.DataFrame, pd.Series, pd.Series]]
 paired seed."""
 
 
-def pilot_arms(root: Path) -> PilotArms:
-    """The pilot studies with a table under ``root`` (the campaign's results root), read once per report."""
-    arms = {}
-    for study in PILOT_LENGTHS:
-        if (trials := _table_or_none(root, study)) is not None:
-            arms[study] = (trials, *paired_sides(trials, PILOT_COLUMN, "1", "all", PILOT_METRIC))
-    return arms
-
-
-def _pilot_comparisons(arms: PilotArms) -> dict[str, Comparison]:
-    """The paired comparison (all - 1) of each pilot study in ``arms`` (:func:`pilot_arms`) with 2 or more paired
-    seeds."""
-    return {study: compare(a, b, MARGIN) for study, (_, a, b) in arms.items() if len(a) >= 2}
-
-
 class SeedPlan(NamedTuple):
     """What the pilot fixes.
 
@@ -263,11 +248,32 @@ def seed_plan(comparisons: dict[str, Comparison]) -> SeedPlan | None:
     return SeedPlan(check, study, seeds_needed(comparisons[study].sd))
 
 
-def registered_seeds(arms: PilotArms) -> int | None:
+class Pilot(NamedTuple):
+    """The pilot studies, read and compared once per report (:func:`read_pilot`).
+
+    Args:
+        arms: the pilot studies with a table, by name.
+        comparisons: the paired comparison (all - 1) of each of them with 2 or more paired seeds, by name.
+        plan: what they fix (:func:`seed_plan`); ``None`` before they have fixed it.
+    """
+
+    arms: PilotArms
+    comparisons: dict[str, Comparison]
+    plan: SeedPlan | None
+
+
+def read_pilot(root: Path) -> Pilot:
+    """The pilot studies with a table under ``root`` (the campaign's results root), their comparisons and plan."""
+    arms = {study: (trials, *paired_sides(trials, PILOT_COLUMN, "1", "all", PILOT_METRIC))
+            for study in PILOT_LENGTHS if (trials := _table_or_none(root, study)) is not None}
+    comparisons = {study: compare(a, b, MARGIN) for study, (_, a, b) in arms.items() if len(a) >= 2}
+    return Pilot(arms, comparisons, seed_plan(comparisons))
+
+
+def registered_seeds(pilot: Pilot) -> int | None:
     """The paired seeds every arm of an ablation runs: the pilot's count, at most :data:`MAX_SEEDS`; ``None`` before
-    the pilot (``arms``: :func:`pilot_arms`) has fixed it."""
-    plan = seed_plan(_pilot_comparisons(arms))
-    return None if plan is None else min(plan.seeds, MAX_SEEDS)
+    the pilot (:func:`read_pilot`) has fixed it."""
+    return None if pilot.plan is None else min(pilot.plan.seeds, MAX_SEEDS)
 
 
 def _check_line(name: str, check: LengthCheck, outcome: str) -> str:
@@ -276,22 +282,21 @@ def _check_line(name: str, check: LengthCheck, outcome: str) -> str:
             f"{100 * check.moved:+.2f} points; limit {100 * LENGTH_TOLERANCE:.1f}): **{outcome}**.")
 
 
-def convergence_lines(arms: PilotArms, comparisons: dict[str, Comparison]) -> list[str]:
+def convergence_lines(pilot: Pilot) -> list[str]:
     """The report's lines on convergence after a failed length check: the ablations train
     ``PILOT_LENGTHS[LONG_PILOT]`` epochs, and the same check from there to ``PILOT_LENGTHS[LONGER_PILOT]`` shows
     convergence or not; it decides nothing that has run (``experiments/PROTOCOL.md``, note of 2026-12-06).
 
     Args:
-        arms: the pilot studies (:func:`pilot_arms`).
-        comparisons: their paired comparisons (:func:`_pilot_comparisons` of ``arms``).
+        pilot: the pilot studies (:func:`read_pilot`).
     """
     short, long, longer = (PILOT_LENGTHS[study] for study in (SHORT_PILOT, LONG_PILOT, LONGER_PILOT))
-    check = _check(comparisons, LONG_PILOT, LONGER_PILOT)
+    check = _check(pilot.comparisons, LONG_PILOT, LONGER_PILOT)
     if check is None:
-        finished = len(arms[LONGER_PILOT][1]) if LONGER_PILOT in arms else 0
+        finished = len(pilot.arms[LONGER_PILOT][1]) if LONGER_PILOT in pilot.arms else 0
         return [f"- **Convergence is not shown**: the ablations train {long} epochs, with the learning rates chosen "
                 f"at {short}; the same check from {long} to {longer} epochs (`{LONGER_PILOT}`) waits for its paired "
-                f"seeds ({finished} of {comparisons[LONG_PILOT].n} finished)."]
+                f"seeds ({finished} of {pilot.comparisons[LONG_PILOT].n} finished)."]
     name = f"Convergence check, {long} to {longer} epochs"
     if check.passed:
         return [_check_line(name, check, f"passed: convergence shown at {long} epochs")]
@@ -299,32 +304,27 @@ def convergence_lines(arms: PilotArms, comparisons: dict[str, Comparison]) -> li
             f"- The ablations were not rerun at {longer} epochs: their rankings may still move with training length."]
 
 
-def length_lines(arms: PilotArms, comparisons: dict[str, Comparison]) -> list[str]:
+def length_lines(pilot: Pilot) -> list[str]:
     """The length check's line and, after a failed one, the convergence check's (:func:`convergence_lines`); none
-    before the pilot has fixed them.
-
-    Args:
-        arms: the pilot studies (:func:`pilot_arms`).
-        comparisons: their paired comparisons (:func:`_pilot_comparisons` of ``arms``).
-    """
-    if (plan := seed_plan(comparisons)) is None:
+    before the pilot (:func:`read_pilot`) has fixed them."""
+    if (plan := pilot.plan) is None:
         return []
     outcome = f"{'passed' if plan.check.passed else 'failed'}: {PILOT_LENGTHS[plan.study]} epochs"
     checked = [_check_line("Length check", plan.check, outcome)]
-    return checked if plan.check.passed else checked + convergence_lines(arms, comparisons)
+    return checked if plan.check.passed else checked + convergence_lines(pilot)
 
 
-def pilot_section(root: Path, arms: PilotArms) -> list[str]:
+def pilot_section(root: Path, pilot: Pilot) -> list[str]:
     """The report's pilot section: per-arm results at each length, the length check, the seed count and, after a
     failed length check, the convergence check.
 
     Args:
         root: the campaign's results root (``pilot_lr`` beneath it).
-        arms: the pilot studies read from it (:func:`pilot_arms`).
+        pilot: the pilot studies read from it (:func:`read_pilot`).
     """
     lines = ["## Pilot: training length and seeds", ""]
     lines += lr_lines(root, "pilot_lr", [PILOT_COLUMN])
-    comparisons = _pilot_comparisons(arms)
+    arms, comparisons = pilot.arms, pilot.comparisons
     for study, epochs in PILOT_LENGTHS.items():
         label = f"{epochs} epochs"
         if study not in arms:
@@ -342,13 +342,13 @@ def pilot_section(root: Path, arms: PilotArms) -> list[str]:
     lines.append("")
     for study, (trials, _, _) in arms.items():
         lines += [protocol_line(study, trials), ""]
-    plan = seed_plan(comparisons)
+    plan = pilot.plan
     if plan is None and {SHORT_PILOT, LONG_PILOT} <= set(comparisons):
         lines.append(f"- Length check: waits for `{LONG_PILOT}`'s other paired seeds ({comparisons[LONG_PILOT].n} "
                      f"of {comparisons[SHORT_PILOT].n} finished); no verdict, and no seed count, before that.")
     elif plan is not None:
         _, chosen, n = plan
-        lines += length_lines(arms, comparisons)
+        lines += length_lines(pilot)
         reach = "" if n <= MAX_SEEDS else f" (more than this machine's {MAX_SEEDS}: the ±1-point target is not met)"
         lines.append(f"- Seeds (`{chosen}`): sd {100 * comparisons[chosen].sd:.2f} points -> {n} seeds per arm for a "
                      f"95 % half-width of at most {100 * HALF_WIDTH:.0f} point{reach}.")
@@ -428,9 +428,9 @@ def interior_outcome(family: pd.DataFrame, seeds: int | None) -> str:
     return f"shown at segments {', '.join(winners)}" if winners else "no interior optimum shown"
 
 
-def interior_lines(study: str, tables: dict[str, pd.DataFrame], seeds: int | None) -> list[str]:
-    """The report's lines on the interior-optimum test of a spectrum study (``seeds``: :func:`registered_seeds`)."""
-    family = family_table(interior_family(study), tables, seeds)
+def interior_lines(family: pd.DataFrame, seeds: int | None) -> list[str]:
+    """The report's lines on the interior-optimum test of a spectrum study (``family``: :func:`family_table` of its
+    :func:`interior_family`; ``seeds``: :func:`registered_seeds`)."""
     return [f"Interior optimum (pre-registered; {len(family)} comparisons, Holm, paired by seed, test accuracy): "
             f"**{interior_outcome(family, seeds)}**.", "",
             _in_points(family, ["comparison", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm"]), ""]
@@ -750,47 +750,71 @@ def search_section(root: Path, search: str = "search", retrain: str = "search_re
     return lines + (_test_table(retrain, again, knobs) if again is not None else [f"`{retrain}`: not run yet.", ""])
 
 
-def _ablation_tables(ablation: Ablation, root: Path) -> dict[str, pd.DataFrame]:
-    """The trials tables of ``ablation``'s studies that exist under ``root``, by study name."""
-    return {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
-
-
-def glance_section(root: Path, arms: PilotArms) -> list[str]:
-    """The report's answers first: every ablation's comparisons with their verdicts in one table, each spectrum
-    study's interior-optimum outcome and the pilot's training-length checks; the sections below hold the arms, the
-    details, the plots and the limitations.
-
-    Args:
-        root: the campaign's results root.
-        arms: the pilot studies (:func:`pilot_arms`), which fix the seeds and the training length.
-    """
-    seeds = registered_seeds(arms)
-    families, interiors = [], []
-    for ablation in ABLATIONS:
-        tables = _ablation_tables(ablation, root)
-        families.append(family_table(ablation, tables, seeds).assign(study=[c.study for c in ablation.family]))
-        for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES):
-            interiors.append(f"- Interior optimum (`{study}`, pre-registered): "
-                             f"**{interior_outcome(family_table(interior_family(study), tables, seeds), seeds)}**.")
-            interiors += [f"- {line}" for line in cost_lines(study, root, tables[study])[:1]] if study in tables else []
-    shown = _in_points(pd.concat(families, ignore_index=True),
-                       ["study", "comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p_holm", "verdict"])
-    return ["## Verdicts at a glance", "", "Each ablation's family of comparisons (Holm within it), paired by seed, "
-            "test accuracy; its section below gives the arms, the tests, the plots and the limitations.", "",
-            shown, "", *interiors, *length_lines(arms, _pilot_comparisons(arms)), ""]
-
-
-def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: Path = Path(".")) -> list[str]:
-    """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
-    of comparisons with their verdicts, core-hours, plots and limitations.
+class Judged(NamedTuple):
+    """One ablation's tables and judgements, computed once per report for its glance rows and its section
+    (:func:`judge`).
 
     Args:
         ablation: the ablation.
         root: the campaign's results root.
         seeds: the paired seeds per comparison the pilot fixed (:func:`registered_seeds`); ``None``: not fixed yet.
-        images: ``root`` seen from the report's folder, for the embedded plots.
+        tables: the trials tables of its studies that exist under ``root``, by study name.
+        family: its family of comparisons (:func:`family_table`).
+        interiors: each spectrum study's interior-optimum family (:func:`interior_family`), by study name.
+        costs: each spectrum study's :func:`cost_lines`, by study name (none for a study with no table).
     """
-    tables = _ablation_tables(ablation, root)
+
+    ablation: Ablation
+    root: Path
+    seeds: int | None
+    tables: dict[str, pd.DataFrame]
+    family: pd.DataFrame
+    interiors: dict[str, pd.DataFrame]
+    costs: dict[str, list[str]]
+
+
+def judge(ablation: Ablation, root: Path, seeds: int | None) -> Judged:
+    """Read ``ablation``'s tables under ``root`` and judge its comparisons with the pilot's ``seeds``
+    (:func:`registered_seeds`; ``None``: not fixed yet)."""
+    tables = {study: trials for study in ablation.studies if (trials := _table_or_none(root, study)) is not None}
+    spectra = [study for study in ablation.studies if study in SPECTRUM_STUDIES]
+    return Judged(ablation, root, seeds, tables, family_table(ablation, tables, seeds),
+                  {study: family_table(interior_family(study), tables, seeds) for study in spectra},
+                  {study: cost_lines(study, root, tables[study]) for study in spectra if study in tables})
+
+
+def glance_section(judged: Sequence[Judged], pilot: Pilot) -> list[str]:
+    """The report's answers first: every ablation's comparisons with their verdicts in one table, each spectrum
+    study's interior-optimum outcome and the pilot's training-length checks; the sections below hold the arms, the
+    details, the plots and the limitations.
+
+    Args:
+        judged: every ablation, judged (:func:`judge`).
+        pilot: the pilot studies (:func:`read_pilot`), which fix the seeds and the training length.
+    """
+    families, interiors = [], []
+    for one in judged:
+        families.append(one.family.assign(study=[c.study for c in one.ablation.family]))
+        for study, interior in one.interiors.items():
+            interiors.append(f"- Interior optimum (`{study}`, pre-registered): "
+                             f"**{interior_outcome(interior, one.seeds)}**.")
+            interiors += [f"- {line}" for line in one.costs.get(study, [])[:1]]
+    shown = _in_points(pd.concat(families, ignore_index=True),
+                       ["study", "comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p_holm", "verdict"])
+    return ["## Verdicts at a glance", "", "Each ablation's family of comparisons (Holm within it), paired by seed, "
+            "test accuracy; its section below gives the arms, the tests, the plots and the limitations.", "",
+            shown, "", *interiors, *length_lines(pilot), ""]
+
+
+def ablation_section(judged: Judged, images: Path = Path(".")) -> list[str]:
+    """The report's section on one ablation: question, arms (test accuracy, n, parameters, MACs, width), the family
+    of comparisons with their verdicts, core-hours, plots and limitations.
+
+    Args:
+        judged: the ablation, judged (:func:`judge`).
+        images: its results root seen from the report's folder, for the embedded plots.
+    """
+    ablation, root, seeds, tables, family = judged.ablation, judged.root, judged.seeds, judged.tables, judged.family
     lines = [f"## {ablation.name}", "", f"**Question**: {ablation.question}", ""]
     for study in ablation.studies:  # each arm's rate, chosen before the study runs
         lines += lr_lines(root, f"{study}{LR_STUDY_SUFFIX}", ablation.arm_columns(study))
@@ -798,7 +822,6 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: 
         return lines + ["Not run yet.", ""]
     for study, trials in tables.items():
         lines += _test_table(study, trials, ablation.arm_columns(study))
-    family = family_table(ablation, tables, seeds)
     shown = _in_points(family, ["comparison", "claim", "n", POINTS_COLUMN, "95 % CI", "p", "p_holm",
                                 "p_tost_holm", "mcnemar_p", "verdict"])
     lines += [f"Family of {len(family)} comparisons (Holm), paired by seed, test accuracy:", "", shown, ""]
@@ -808,8 +831,8 @@ def ablation_section(ablation: Ablation, root: Path, seeds: int | None, images: 
     elif not family_complete(family["n"], seeds):
         lines += [f"**Interim**: {(family['n'] >= seeds).sum()} of {len(family)} comparisons have their {seeds} "
                   "paired seeds (the pilot's count); Holm-adjusted p-values and verdicts wait for all of them.", ""]
-    for study in (s for s in ablation.studies if s in SPECTRUM_STUDIES and s in tables):
-        lines += interior_lines(study, tables, seeds) + cost_lines(study, root, tables[study])
+    for study, costs in judged.costs.items():  # the spectrum studies with a table
+        lines += interior_lines(judged.interiors[study], seeds) + costs
     lines += [_image(study, plot, images) for study, trials in tables.items()
               if (trials["state"] == "COMPLETE").any()  # the sweep draws a study's plots once a trial finishes
               for plot in ablation.plots]
@@ -831,11 +854,11 @@ def report(root: Path, out: Path | None = None) -> str:
     command = f"python -m continuum.campaign {root}" + (f" --report {out}" if out is not None else "")
     lines = ["# Campaign report", "", f"Protocol: `experiments/PROTOCOL.md`. Regenerate with `{command}`.", ""]
     images = Path(os.path.relpath(root, report_file(root, out).parent))
-    arms = pilot_arms(root)
-    seeds = registered_seeds(arms)
-    lines += glance_section(root, arms) + pilot_section(root, arms)
-    for ablation in ABLATIONS:
-        lines += ablation_section(ablation, root, seeds, images)
+    pilot = read_pilot(root)
+    judged = [judge(ablation, root, registered_seeds(pilot)) for ablation in ABLATIONS]
+    lines += glance_section(judged, pilot) + pilot_section(root, pilot)
+    for ablation in judged:
+        lines += ablation_section(ablation, images)
     lines += search_section(root, images=images)
     lines += ["## Verdict vocabulary", "", *(f"- **{word}**: {rule}." for word, rule in VERDICTS.items()),
               f"- *{INTERIM}*: {INTERIM_RULE}.", ""]

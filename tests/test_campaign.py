@@ -97,7 +97,18 @@ def _pilot_table(folder, diffs):
 
 
 def _registered_seeds(root):
-    return campaign.registered_seeds(campaign.pilot_arms(root))
+    return campaign.registered_seeds(campaign.read_pilot(root))
+
+
+def _section(ablation, root, seeds):
+    """The report's section on ``ablation``, judged with ``seeds``."""
+    return campaign.ablation_section(campaign.judge(ablation, root, seeds))
+
+
+def _glance(root):
+    """The report's first section, its lines as :func:`campaign.report` writes them."""
+    text = campaign.report(root)
+    return text[text.index("## Verdicts at a glance"):text.index("## Pilot")].splitlines()
 
 
 def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
@@ -113,19 +124,19 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     unfinished = pd.read_csv(tmp_path / "pilot_long" / "trials.csv")
     unfinished.loc[unfinished["seed"] == 2, "state"] = "RUNNING"  # a pair not finished: no verdict yet
     unfinished.to_csv(tmp_path / "pilot_long" / "trials.csv", index=False)
-    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    lines = campaign.pilot_section(tmp_path, campaign.read_pilot(tmp_path))
     assert "- Length check: waits for `pilot_long`'s other paired seeds (2 of 3 finished); no verdict, and no seed " \
         "count, before that." in lines and not any("Seeds" in line for line in lines)
     _pilot_table(tmp_path / "pilot_long_moved", [0.010, 0.012, 0.008])
     (tmp_path / "pilot_long").rename(tmp_path / "pilot_unfinished")
     (tmp_path / "pilot_long_moved").rename(tmp_path / "pilot_long")
-    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    lines = campaign.pilot_section(tmp_path, campaign.read_pilot(tmp_path))
     assert any("**failed: 15 epochs**" in line for line in lines)
     assert "- **Convergence is not shown**: the ablations train 15 epochs, with the learning rates chosen at 5; the " \
         "same check from 15 to 45 epochs (`pilot_longer`) waits for its paired seeds (0 of 3 finished)." in lines
     assert any(line.startswith("- Seeds (`pilot_long`): sd 0.20 points") for line in lines)  # the longer pilot's sd
     _pilot_table(tmp_path / "pilot_longer", [0.011, 0.013, 0.009])  # 15 -> 45 epochs: moved 0.1 point, same sign
-    longer = campaign.pilot_arms(tmp_path)
+    longer = campaign.read_pilot(tmp_path)
     lines = campaign.pilot_section(tmp_path, longer)
     assert "- Convergence check, 15 to 45 epochs (same ranking, difference moved +0.10 points; limit 0.3): **passed: " \
         "convergence shown at 15 epochs**." in lines and not any("not shown" in line for line in lines)
@@ -134,12 +145,12 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     moved = pd.read_csv(tmp_path / "pilot_longer" / "trials.csv")
     moved.loc[moved["segments"] == "all", "val_acc"] -= 0.02  # the difference turns: +1.1 -> -0.9 points
     moved.to_csv(tmp_path / "pilot_longer" / "trials.csv", index=False)
-    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    lines = campaign.pilot_section(tmp_path, campaign.read_pilot(tmp_path))
     assert "- Convergence check, 15 to 45 epochs (different ranking, difference moved -1.90 points; limit 0.3): " \
         "**failed: convergence is not shown at 15 epochs**." in lines
     assert "- The ablations were not rerun at 45 epochs: their rankings may still move with training length." in lines
     moved[moved["seed"] < 2].to_csv(tmp_path / "pilot_longer" / "trials.csv", index=False)  # 2 of 3 seeds so far
-    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    lines = campaign.pilot_section(tmp_path, campaign.read_pilot(tmp_path))
     assert any(line.endswith("waits for its paired seeds (2 of 3 finished).") for line in lines)
     (tmp_path / "pilot_longer" / "trials.csv").unlink()
     (tmp_path / "pilot_longer").rmdir()
@@ -147,7 +158,7 @@ def test_the_report_is_written_from_the_tables_alone(tmp_path, capsys):
     _pilot_table(tmp_path / "pilot_one", [-0.020])  # one paired seed: too few for the check, and said so singly
     (tmp_path / "pilot_long").rename(tmp_path / "pilot_three")
     (tmp_path / "pilot_one").rename(tmp_path / "pilot_long")
-    lines = campaign.pilot_section(tmp_path, campaign.pilot_arms(tmp_path))
+    lines = campaign.pilot_section(tmp_path, campaign.read_pilot(tmp_path))
     assert any(line.endswith("(`pilot_long`): 1 paired seed finished; the check needs 2 or more.") for line in lines)
     rates = [("1", 0.025, 0.90), ("1", 0.05, 0.92), ("all", 0.025, 0.91), ("all", 0.05, 0.91)]
     (tmp_path / "pilot_lr").mkdir()
@@ -213,10 +224,10 @@ def test_an_ablation_family_is_holm_corrected_and_judged(tmp_path):
     assert family["mcnemar_p"].iloc[1] < 0.05  # 6 images lost per seed, none won
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])  # the pilot fixes 3 seeds
-    text = "\n".join(campaign.ablation_section(order, tmp_path, _registered_seeds(tmp_path)))
+    text = "\n".join(_section(order, tmp_path, _registered_seeds(tmp_path)))
     assert "equivalent within ±1 pt" in text and "`order` (12 trials, 12.0 core-hours" in text
     assert "Interim" not in text
-    glance = "\n".join(campaign.glance_section(tmp_path, campaign.pilot_arms(tmp_path)))  # the answers first
+    glance = "\n".join(_glance(tmp_path))  # the answers first
     rows = [line.split("|")[1:-1] for line in glance.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == sum(len(ablation.family) for ablation in campaign.ABLATIONS)  # every comparison, once
     order_rows = {row[1].strip(): row[-1].strip() for row in rows if row[0].strip() == "order"}
@@ -247,12 +258,12 @@ def test_a_family_without_every_comparisons_registered_seeds_is_interim_with_no_
     assert set(unfixed["verdict"]) == {"interim (the pilot has not fixed the seeds)"}
     judged = campaign.family_table(order, tables, seeds=2)  # had the pilot fixed 2 seeds, the family is complete
     assert judged["p_holm"].notna().all() and judged["verdict"].isin(campaign.VERDICTS).all()
-    text = "\n".join(campaign.ablation_section(order, tmp_path, seeds=None))  # no pilot yet
+    text = "\n".join(_section(order, tmp_path, seeds=None))  # no pilot yet
     assert "**Interim**: the pilot has not fixed the seeds per arm yet" in text and "contradicted" not in text
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
     assert _registered_seeds(tmp_path) == 3
-    text = "\n".join(campaign.ablation_section(order, tmp_path, _registered_seeds(tmp_path)))
+    text = "\n".join(_section(order, tmp_path, _registered_seeds(tmp_path)))
     assert "**Interim**: 1 of 2 comparisons have their 3 paired seeds (the pilot's count)" in text
     assert "| interim (2 of 3 seeds)" in text and "contradicted" not in text
     assert f"- *interim*: {campaign.INTERIM_RULE}." in campaign.report(tmp_path)
@@ -351,11 +362,11 @@ def test_an_interior_optimum_is_shown_only_where_a_count_beats_both_ends(tmp_pat
     assert campaign.interior_outcome(family, 6) == "shown at segments 4"  # 8 beats 1, not all
     _pilot_table(tmp_path / "pilot", [-0.020, -0.022, -0.018])
     _pilot_table(tmp_path / "pilot_long", [-0.021, -0.023, -0.019])
-    text = "\n".join(campaign.ablation_section(campaign.ABLATIONS[0], tmp_path, _registered_seeds(tmp_path)))
+    text = "\n".join(_section(campaign.ABLATIONS[0], tmp_path, _registered_seeds(tmp_path)))
     assert "Interior optimum (pre-registered; 10 comparisons" in text and "**shown at segments 4**" in text
     assert "| 4 vs 1       |   6 |           +3.00 | [+3.00, +3.00] |" in text  # signed points, also when none is "–"
     assert "| 2 vs all     |   6 |           -2.00 | [-2.00, -2.00] |" in text
-    glance = campaign.glance_section(tmp_path, campaign.pilot_arms(tmp_path))  # the answers first, the same
+    glance = _glance(tmp_path)  # the answers first, the same
     assert "- Interior optimum (`spectrum_params`, pre-registered): **shown at segments 4**." in glance
     assert "the highest test accuracy at segments 4; the accuracy-FLOPs front at segments 4." in "\n".join(glance)
     del arms["4"]
@@ -385,11 +396,11 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
         rates = tomllib.loads((files / f"{settings['lr_study']}.toml").read_text())
         assert rates["lr"] == list(campaign.LR_GRID) and rates["lr_extend"] is True  # the protocol's grid, edge rule
     order = next(a for a in campaign.ABLATIONS if a.studies == ("order",))
-    assert "Learning rates (`order_lr`): not run yet." in campaign.ablation_section(order, tmp_path, seeds=None)
+    assert "Learning rates (`order_lr`): not run yet." in _section(order, tmp_path, seeds=None)
     _study_table(tmp_path / "order_lr", [({"order": "depthwise_first", "lr": 0.05}, [0.91]),
                                          ({"order": "depthwise_first", "lr": 0.1}, [0.92]),
                                          ({"order": "pointwise_first", "lr": 0.05}, [0.90])], seeds=(0,))
-    lines = campaign.ablation_section(order, tmp_path, seeds=None)
+    lines = _section(order, tmp_path, seeds=None)
     assert lines[4].startswith("Learning rates (`order_lr`, 3 trials finished, 3.0 core-hours; validation accuracy "
                                "after the last epoch, seed 0; -: not finished yet, and the chosen rate may change")
     assert lines[6].splitlines()[-2:] == ["| all        | depthwise_first |    0.9100 |   0.9200 |      0.1000 |",
@@ -397,35 +408,35 @@ def test_each_ablation_study_takes_its_rates_from_its_own_lr_study_and_the_repor
     edge = [({"order": "depthwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.91), (0.1, 0.92))]
     inside = [({"order": "pointwise_first", "lr": lr}, [acc]) for lr, acc in ((0.025, 0.90), (0.05, 0.92), (0.1, 0.91))]
     _study_table(tmp_path / "waiting" / "order_lr", edge + inside, seeds=(0,))
-    header = campaign.ablation_section(order, tmp_path / "waiting", seeds=None)[4]
+    header = _section(order, tmp_path / "waiting", seeds=None)[4]
     assert header.endswith("seed 0; best at the grid's edge, waiting for the step beyond it (`lr_extend`): "
                            "segments=all, order=depthwise_first):")
     assert arm_label(["segments", "width", "width_divisor"], (8, 1.1111111111154859, 8)) == \
         "segments=8, width=1.1111, width_divisor=8"  # a matched width as the tables print it
     step = ({"order": "depthwise_first", "lr": 0.2}, [0.91])
     _study_table(tmp_path / "stepped" / "order_lr", [*edge, step, *inside], seeds=(0,))
-    lines = campaign.ablation_section(order, tmp_path / "stepped", seeds=None)
+    lines = _section(order, tmp_path / "stepped", seeds=None)
     assert lines[4].endswith("seed 0; rates beyond the grid: the one step `lr_extend` takes for an arm best at the "
                              "grid's edge (-: an arm best inside it takes none)):")
     assert lines[6].splitlines()[-2:] == [
         "| all        | depthwise_first |     0.9000 |    0.9100 |   0.9200 |   0.9100 |      0.1000 |",
         "| all        | pointwise_first |     0.9000 |    0.9200 |   0.9100 |   -      |      0.0500 |"]
-    lines = campaign.ablation_section(order, tmp_path, seeds=None)
+    lines = _section(order, tmp_path, seeds=None)
     assert lines[-2:] == ["Not run yet.", ""]
     assert [ablation.arm_columns(study) for ablation in campaign.ABLATIONS for study in ablation.studies] == [
         ["segments"], ["segments"], ["order", "segments"], ["mid_act"], ["mid_act"], ["residual"], ["model"]]
     residual = next(a for a in campaign.ABLATIONS if a.studies == ("residual",))
     _study_table(tmp_path / "residual_lr", [({"lr": 0.025}, [0.92]), ({"lr": 0.1, "state": "RUNNING"}, [0.0])],
                  seeds=(0,))  # one arm, one rate finished: the arm is still named by its own column
-    lines = campaign.ablation_section(residual, tmp_path, seeds=None)
+    lines = _section(residual, tmp_path, seeds=None)
     assert lines[4].startswith("Learning rates (`residual_lr`, 1 trial finished, 1.0 core-hours;")
     assert lines[6].splitlines()[0] == "| residual   |   lr 0.025 |   chosen lr |"
     _study_table(tmp_path / "residual", [({"state": "RUNNING"}, [0.0])], seeds=(0,))
-    lines = campaign.ablation_section(residual, tmp_path, seeds=3)
+    lines = _section(residual, tmp_path, seeds=3)
     assert "`residual`: no trial finished yet." in lines
     assert not [line for line in lines if line.startswith("![")]  # no link to a plot the sweep has not drawn
     _study_table(tmp_path / "one_arm" / "residual", [({}, [0.94]), ({"state": "RUNNING"}, [0.0])], seeds=(0, 1))
-    lines = campaign.ablation_section(residual, tmp_path / "one_arm", seeds=3)  # the finished trial's arm is named
+    lines = _section(residual, tmp_path / "one_arm", seeds=3)  # the finished trial's arm is named
     table = lines[lines.index("`residual` (1 trial, 1.0 core-hours; test accuracy, mean and 95 % interval over "
                               "seeds):") + 2].splitlines()
     assert table[0].split("|")[1:4] == [" model           ", " segments   ", " residual   "]
