@@ -85,10 +85,12 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
     assert list(conv["segments"].astype(str).unique()) == ["1", "2", "4", "8", "all"]
     assert (conv["ours_ms"] == conv[["ours_nchw_ms", "ours_cl_ms"]].min(axis=1)).all()
     assert set(conv["ours_layout"]) <= {"nchw", "cl"}
-    for column in ("ours_ms", "native_nchw_ms", "native_cl_ms", "fastest_native_ms", "achieved_gflops", "floor_ms",
-                   "x_floor", "strategy", "device"):
+    for column in ("ours_ms", "native_nchw_ms", "native_cl_ms", "fastest_native_ms", "achieved_gflops", "copy_gbps",
+                   "floor_ms", "x_floor", "strategy", "device"):
         assert conv[column].notna().all(), column
     assert (conv["floor_ms"] > 0).all() and (conv["speedup_vs_native"] > 0).all()
+    assert conv["copy_gbps"].nunique() == 1  # one copy per shape, of its input's size, for every row of it
+    assert "copy of each shape's input: tiny float32 " in result.stdout
     for _, rows in conv.groupby("layer"):  # each count against the one before it, timed in the same rounds
         assert rows["x_fewer_segments"].iloc[0] != rows["x_fewer_segments"].iloc[0]  # nan: nothing before 1
         assert rows["fewer_ms"].iloc[1:].notna().all() and (rows["x_fewer_segments"].iloc[1:] > 0).all()
