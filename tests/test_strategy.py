@@ -654,10 +654,11 @@ def test_the_few_channel_kernels_are_exact_at_every_row_width_and_edge(k):
 @pytest.mark.parametrize("k", [*FEW_CHANNEL_WIDTHS, *BROADCAST_WIDTHS])
 def test_the_few_channel_kernels_float32_passes_match_float64_at_every_block_tail(k):
     # float32 runs the vector instructions (float64 plain arrays): whole-register stores that spill into the next
-    # block, masked ones at a pixel's last block, sums padded to whole registers
+    # block, masked ones at a pixel's last block, sums padded to whole registers; 8 groups: streaming stores where
+    # every block is whole registers (2, 4, 16 and, with AVX2, 8 channels per group)
     kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
     torch.manual_seed(k)
-    for groups, width in ((1, 5), (3, 7), (5, 17)):
+    for groups, width in ((1, 5), (3, 7), (5, 17), (8, 9)):
         x = torch.randn(2, groups * k, 6, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(groups * k, k, 3, 3, dtype=torch.float64)
         geom = ConvGeometry((1, 1), (1, 1), (1, 1), groups)

@@ -19,12 +19,18 @@
 // [i][j][c][e] = weight[base(c) + e, c % K, i, j] (the K output channels input channel c feeds,
 // `broadcast_taps(weight)` in continuum/kernels.py), so:
 // - forward: an output pixel's group sums, per tap and input channel c, the tap's row for c times c's input value
-//   broadcast to every lane: one register of sums per pixel, P pixels at once, each tap row loaded once for all;
+//   broadcast to every lane: one register of sums per pixel, P pixels at once, each tap row loaded once for all and
+//   held while the pixels take their input values one after the other (one address each, the channels at offsets
+//   from it: taken one channel at a time for all P pixels, the address arithmetic between the multiply-adds made the
+//   pass 1.05-1.3x slower on Zen 4);
 // - the taps' gradient: the row for c collects the output gradient's row (one load per pixel) times c's input value
 //   broadcast, summed in registers over a whole image, J kernel columns and D input channels at once.
 //
 // Both store whole registers where they can: a sum goes to a buffer padded to whole registers, an output block spills
 // into the next block's channels, which are written after it (masked stores are microcoded on AMD CPUs with AVX2).
+// Where every block is whole registers at aligned addresses (rotated: K = 2 and 4; broadcast: K = 16, and 8 with
+// AVX2), the forward pass writes its output with streaming stores: the tensors are larger than the caches, and a
+// plain store first reads each line it writes.
 //
 // The input gradient (stride 1) of either is its own forward call: the convolution of the output gradient with the
 // kernel flipped and transposed within each group (kernels.py prepares those taps).
@@ -38,6 +44,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -77,6 +84,7 @@ struct Lanes<float> {
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
   static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }  // every lane
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void stream(float* p) const { _mm512_stream_ps(p, v); }  // every lane, p aligned to the register; past the caches
   Lanes fma(Lanes a, Lanes b) const { return {_mm512_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm512_add_ps(v, a.v)}; }
   static Index rotation(int k, int d) {
@@ -101,6 +109,7 @@ struct Lanes<float> {
   void store(float* p, Mask m) const { _mm256_maskstore_ps(p, m, v); }  // microcoded on AMD: ~10x a plain store
   static Lanes load(const float* p) { return {_mm256_loadu_ps(p)}; }  // every lane
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }  // every lane, p aligned to the register; past the caches
   Lanes fma(Lanes a, Lanes b) const { return {_mm256_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm256_add_ps(v, a.v)}; }
   static Index rotation(int k, int d) {
@@ -132,6 +141,7 @@ struct Lanes<double> {
   void store(double* p, Mask m) const { for (int l = 0; l < m; ++l) p[l] = v[l]; }
   static Lanes load(const double* p) { return load(p, kLanes); }  // every lane
   void store(double* p) const { store(p, kLanes); }
+  void stream(double* p) const { store(p); }
   Lanes fma(Lanes a, Lanes b) const {
     Lanes r;
     for (int l = 0; l < kLanes; ++l) r.v[l] = v[l] + a.v[l] * b.v[l];
@@ -230,6 +240,13 @@ void for_gradient_pixels(const Geometry& g, int64_t i, int64_t j_first, int64_t 
   }
 }
 
+// Whether a forward pass of `block` channels per block writes y with streaming stores: every block whole registers
+// (block a multiple of kLanes) at addresses aligned to them (the channels a multiple of kLanes, y aligned).
+template <typename scalar_t>
+bool streams(const scalar_t* y, const Geometry& g, int64_t block) {
+  return block % kLanes == 0 && g.c % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
+}
+
 // Output pixels the forward pass computes at once: P * K sums, K kernel entries and an input in registers.
 constexpr int pixels_at_once(int k) {
   if (kRegisters == 32) return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k);
@@ -241,9 +258,9 @@ constexpr int columns_at_once(int k) { return std::min(3, std::max(1, (kRegister
 
 template <typename scalar_t, int K, int P, bool Inside>
 void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
-                    const typename Lanes<scalar_t>::Index* back, int64_t b, int64_t oy, int64_t ox) {
+                    const typename Lanes<scalar_t>::Index* back, bool stream, int64_t b, int64_t oy, int64_t ox) {
   // P neighbouring output pixels at once: each tap's K entries are loaded once for all P. Inside: every tap of the
-  // P pixels falls inside the input row (no checks per pixel).
+  // P pixels falls inside the input row (no checks per pixel). Stream: streaming stores (streams()).
   using V = Lanes<scalar_t>;
   constexpr int64_t S = kLanes / K * K;  // channels per block
   const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
@@ -279,7 +296,9 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
       V acc = sums[p][0];
       #pragma GCC unroll 16
       for (int e = 1; e < K; ++e) acc = acc + sums[p][e].rotated(back[e]);
-      if (cb + kLanes <= c)  // a whole register: the lanes past the block land in later blocks, written after it
+      if (stream)
+        acc.stream(out + p * c + cb);
+      else if (cb + kLanes <= c)  // a whole register: the lanes past the block land in later blocks, written after it
         acc.store(out + p * c + cb);
       else
         acc.store(out + p * c + cb, m);
@@ -359,20 +378,36 @@ struct Group {
   }
 };
 
-// Output pixels the broadcast forward computes at once: P * R sums, a tap row and a broadcast input in registers.
+// Output pixels the broadcast forward computes at once (P * R sums in registers), and input channels whose tap rows
+// (D * R registers) it holds while those pixels collect them: the rest of the registers.
 constexpr int broadcast_pixels_at_once(int r) {
   int p = 8;
   while (p > 1 && (p + 1) * r + 1 > kRegisters) p /= 2;
   return p;
 }
+constexpr int broadcast_rows_at_once(int k, int r, int p) {
+  return std::max(1, std::min(k, (kRegisters - 1 - p * r) / r));
+}
+
+// call(integral_constant<int, first>, integral_constant<int, width>) for the blocks first = First, First + Step, ...
+// below Last, each Step wide but the last (a compile-time loop: the kernels keep block sizes in template arguments)
+template <int First, int Step, int Last, typename Call>
+void for_each_block(const Call& call) {
+  if constexpr (First < Last) {
+    call(std::integral_constant<int, First>(), std::integral_constant<int, std::min(Step, Last - First)>());
+    for_each_block<First + Step, Step, Last>(call);
+  }
+}
 
 template <typename scalar_t, int K, int P, bool Inside>
 void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
-                      const Group<scalar_t, K>& group, int64_t b, int64_t oy, int64_t ox) {
-  // P neighbouring output pixels at once, group by group: each tap row is loaded once for all P. Inside: every tap
-  // of the P pixels falls inside the input row (no checks per pixel).
+                      const Group<scalar_t, K>& group, bool stream, int64_t b, int64_t oy, int64_t ox) {
+  // P neighbouring output pixels at once, group by group: each tap row is loaded once for all P, and D rows at a
+  // time stay in registers while each pixel takes its D input values (at one address plus offsets, so the
+  // multiply-adds need no address arithmetic between them). Inside: every tap of the P pixels falls inside the input
+  // row (no checks per pixel). Stream: streaming stores (streams()).
   using V = Lanes<scalar_t>;
-  constexpr int R = Group<scalar_t, K>::R;
+  constexpr int R = Group<scalar_t, K>::R, D = broadcast_rows_at_once(K, R, P);
   const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
   for (int64_t base = 0; base < c; base += K) {
@@ -389,23 +424,31 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
         const scalar_t* tap = taps + ((i * kw + j) * c + base) * K;
         const int64_t first = g.in_x(ox, j);  // the input column of pixel 0's tap
         const scalar_t* in = in_row + first * c;
-        #pragma GCC unroll 16
-        for (int d = 0; d < K; ++d) {  // input channel base + d
-          V row[R];  // row[e]: the entry from input channel base + d to output channel base + e
-          group.load(row, tap + d * K);
+        for_each_block<0, D, K>([&](auto d0, auto width) {  // input channels base + d0 ..
+          constexpr int D0 = decltype(d0)::value, W = decltype(width)::value;
+          V row[W][R];  // row[d][e]: the entry from input channel base + D0 + d to output channel base + e
+          #pragma GCC unroll 16
+          for (int d = 0; d < W; ++d) group.load(row[d], tap + (D0 + d) * K);
           #pragma GCC unroll 16
           for (int p = 0; p < P; ++p) {
             if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
-            const V value = V::broadcast(in + p * step + d);
-            #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) sums[p][r] = sums[p][r].fma(row[r], value);
+            const scalar_t* value = in + p * step + D0;
+            #pragma GCC unroll 16
+            for (int d = 0; d < W; ++d) {
+              const V broadcast = V::broadcast(value + d);
+              #pragma GCC unroll 4
+              for (int r = 0; r < R; ++r) sums[p][r] = sums[p][r].fma(row[d][r], broadcast);
+            }
           }
-        }
+        });
       }
     }
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {  // a store past the group lands in the next group's channels, which it overwrites
-      if (base + K < c)
+      if (stream) {
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) sums[p][r].stream(out + p * c + base + r * kLanes);
+      } else if (base + K < c)
         Group<scalar_t, K>::store_all(sums[p], out + p * c + base);
       else
         group.store(sums[p], out + p * c + base);
@@ -516,9 +559,12 @@ struct Rotated {
     typename V::Index back[K];  // rotation by -e
     #pragma GCC unroll 16
     for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
+    const bool stream = streams(y, g, kLanes / K * K);
     for_pixel_blocks<pixels_at_once(K)>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
-      forward_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, b, oy, ox);
+      forward_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, stream, b,
+                                                                                    oy, ox);
     });
+    if (stream) _mm_sfence();  // the streaming stores reach memory before the output is handed on
   }
 
   template <typename scalar_t, int K>
@@ -551,9 +597,12 @@ struct Broadcast {
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
     const Group<scalar_t, K> group;
     constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
+    const bool stream = streams(y, g, K);
     for_pixel_blocks<P>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
-      broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, b, oy, ox);
+      broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, stream,
+                                                                                      b, oy, ox);
     });
+    if (stream) _mm_sfence();  // the streaming stores reach memory before the output is handed on
   }
 
   template <typename scalar_t, int K>
