@@ -65,18 +65,24 @@ def _cpp_extension() -> ModuleType:
 
 
 @functools.lru_cache(maxsize=None)
-def built(name: str) -> ModuleType | None:
+def built(name: str, sources: Path = SOURCES) -> ModuleType | None:
     """``csrc/NAME.cpp`` built (or loaded from an earlier build), or ``None`` where it cannot be built here. Built
     with ``-O3 -march=native`` under a name holding a hash of torch's version, the CPU model and feature flags and
     the source (a library built for one CPU may not run on another), and of what torch writes into the build's
     command: the source's path, torch's install (its headers and libraries) and the compiler. Two checkouts or
     environments sharing the extensions folder each keep their own build; under one name, each would rewrite the
-    other's build file and rebuild it (minutes) whenever the other had run."""
+    other's build file and rebuild it (minutes) whenever the other had run.
+
+    Args:
+        name: the source's name, without ``.cpp``.
+        sources: the folder holding it and the headers it includes (another revision's ``csrc``, to time two builds
+            side by side: ``benchmarks/kernel_revisions.py``).
+    """
     if not building_allowed():
         return None
     cpp_extension = _cpp_extension()
-    source = SOURCES / f"{name}.cpp"
-    headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what the sources include
+    source = sources / f"{name}.cpp"
+    headers = b"".join(header.read_bytes() for header in sorted(sources.glob("*.h")))  # what the sources include
     defines = [f"-D{macro}={value}" for macro, value in DEFINES.get(name, {}).items()]
     command = f"{source.resolve()}|{Path(torch.__file__).resolve().parent}|{cpp_extension.get_cxx_compiler()}"
     machine = f"{torch.__version__}|{cpu_model()}|{cpu_flags_digest()}|{defines}|{command}"

@@ -1,0 +1,132 @@
+"""The few-channel C++ kernels (``continuum/csrc/few_channel.cpp``) of another revision against this checkout's, pass
+by pass: the forward pass, the input gradient (a forward pass over the output gradient with the flipped taps) and
+the kernel gradient of a channels-last float32 3x3 conv, both builds timed in interleaved rounds in one process (a
+slow spell of the machine hits both alike), on the same tensors. The speedup is the median of the per-round ratios
+(the other revision's time over this checkout's) with its 95 % bootstrap interval.
+
+    python benchmarks/kernel_revisions.py --base 9d9da8a --shapes 96x28x64 --widths 2,3,4,8,12,16
+
+Prints the table and writes kernel_revisions_cpu.csv under --out. Needs git and a compiler (a build takes one to two
+minutes, once per revision and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import torch
+
+from continuum import keep_freed_memory
+from continuum.bench import Shape, paired_ratio, parse_shapes
+from continuum.compiled import BROADCAST_WIDTHS, FEW_CHANNEL_WIDTHS, SOURCES, built, few_channel_kernels
+from continuum.config import argument, comma_list, integer
+from continuum.files import atomic_write, check_writable_folder
+from continuum.kernels import FEW_CHANNEL_KERNELS, flipped_transpose
+from continuum.timing import device_name, interleaved_times
+
+PASSES = ("forward", "input_grad", "kernel_grad")
+"""The passes timed, each a call of the kernel."""
+
+
+def revision_sources(revision: str, into: Path) -> Path:
+    """``continuum/csrc`` as it is at ``revision`` (a commit, tag or branch of this checkout), written under
+    ``into``; returns the folder."""
+    archive = subprocess.run(["git", "archive", revision, "continuum/csrc"], cwd=SOURCES, capture_output=True)
+    if archive.returncode != 0:
+        raise ValueError(f"--base {revision}: {archive.stderr.decode().strip() or 'not a revision of this checkout'}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "continuum" / "csrc"
+
+
+def pass_calls(module: ModuleType, shape: Shape, k: int, seed: int) -> dict[str, Callable[[], object]]:
+    """The three passes of ``module``'s kernel for ``k`` channels per group on ``shape`` (tensors from ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    x, grad_y = (torch.randn(shape.batch, shape.channels, shape.size, shape.size, generator=generator)
+                 .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    weight = torch.randn(shape.channels, k, 3, 3, generator=generator)
+    kernel = FEW_CHANNEL_KERNELS["rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"]
+    forward, taps_gradient = getattr(module, kernel.forward), getattr(module, kernel.taps_gradient)
+    taps, flipped, one = kernel.taps(weight), kernel.taps(flipped_transpose(weight)), [1, 1]
+    return {"forward": lambda: forward(x, taps, one, one, one),
+            "input_grad": lambda: forward(grad_y, flipped, one, one, one),
+            "kernel_grad": lambda: taps_gradient(grad_y, x, 3, 3, k, one, one, one)}
+
+
+def rows_for(shape: Shape, k: int, builds: dict[str, ModuleType], rounds: int, min_total_ms: float) -> list[dict]:
+    """One row per pass: both builds' median ms and the speedup of this checkout's over the other."""
+    calls = {f"{name}/{part}": call for name, module in builds.items()
+             for part, call in pass_calls(module, shape, k, seed=k).items()}
+    for call in calls.values():
+        call()  # warm: the allocator, the caches
+    times = interleaved_times(calls, torch.device("cpu"), rounds=rounds, min_total_ms=min_total_ms)
+    rows = []
+    for part in PASSES:
+        base, head = times[f"base/{part}"], times[f"head/{part}"]
+        speedup, low, high = paired_ratio(base, head)
+        rows.append({"shape": shape.name, "channels_per_group": k, "pass": part,
+                     "base_ms": float(pd.Series(base).median()), "head_ms": float(pd.Series(head).median()),
+                     "speedup": speedup, "speedup_low": low, "speedup_high": high, "rounds": len(base)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the revision to compare with (a commit, tag or branch)")
+    parser.add_argument("--shapes", default="96x28x64",
+                        help="CxHxB list or names of continuum.bench (default: 96x28x64)")
+    parser.add_argument("--widths", default="2,3,4,8,12,16",
+                        help=f"channels per group, {FEW_CHANNEL_WIDTHS.start} to {BROADCAST_WIDTHS.stop - 1} "
+                             "(default: 2,3,4,8,12,16)")
+    parser.add_argument("--rounds", type=argument(integer(3)), default=15, help="paired rounds at least (default: 15)")
+    parser.add_argument("--min-ms", type=argument(integer(1)), default=200,
+                        help="go on until each call's timed calls add up to this (default: 200)")
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args()
+    widths_allowed = range(FEW_CHANNEL_WIDTHS.start, BROADCAST_WIDTHS.stop)
+    try:
+        shapes = parse_shapes(args.shapes)
+        widths = comma_list("--widths", integer(widths_allowed.start, widths_allowed.stop - 1), "2,3,4,8,12,16",
+                            named=True)(args.widths)
+        check_writable_folder(Path(args.out), "--out")
+    except ValueError as err:
+        parser.error(str(err))
+    pairs = [(shape, k) for shape in shapes for k in widths if shape.channels % k == 0]
+    if not pairs:
+        parser.error("--widths: none divides the channels of --shapes; give widths that do, such as 2,4 for 96x28x64")
+    head = few_channel_kernels()
+    if head is None:
+        parser.error("the few-channel kernels cannot be built here (no compiler, or neither AVX-512 nor AVX2)")
+    keep_freed_memory()
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            sources = revision_sources(args.base, Path(folder))
+        except ValueError as err:
+            parser.error(str(err))
+        base = built("few_channel", sources)
+        if base is None or not all(hasattr(base, name) for kernel in FEW_CHANNEL_KERNELS.values()
+                                   for name in (kernel.forward, kernel.taps_gradient)):
+            parser.error(f"--base {args.base}: its few_channel.cpp does not build here with both kernels; "
+                         "give a revision from 2026-12-03 on")
+        rows = [row for shape, k in pairs for row in rows_for(shape, k, {"base": base, "head": head}, args.rounds,
+                                                             args.min_ms)]
+    table = pd.DataFrame(rows)
+    table["base"], table["device"] = args.base, device_name(torch.device("cpu"))
+    table["threads"] = torch.get_num_threads()
+    out = Path(args.out) / "kernel_revisions_cpu.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda path: table.to_csv(path, index=False))
+    print(table.drop(columns=["device"]).to_markdown(index=False, floatfmt=".3g"))
+    print(f"table: {out}")
+
+
+if __name__ == "__main__":
+    main()
