@@ -36,15 +36,21 @@ PASSES = ("forward", "input_grad", "kernel_grad")
 """The passes timed, each a call of the kernel."""
 
 
-def revision_sources(revision: str, into: Path) -> Path:
-    """``continuum/csrc`` as it is at ``revision`` (a commit, tag or branch of this checkout), written under
-    ``into``; returns the folder."""
-    archive = subprocess.run(["git", "archive", revision, "continuum/csrc"], cwd=SOURCES, capture_output=True)
-    if archive.returncode != 0:
-        raise ValueError(f"--base {revision}: {archive.stderr.decode().strip() or 'not a revision of this checkout'}")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
-    return into / "continuum" / "csrc"
+def revision_sources(revision: str) -> Path:
+    """``continuum/csrc`` as it is at ``revision`` (a commit, tag or branch of this checkout), written into a folder
+    named by the commit under the system's temporary folder (the same folder each time: the build's name holds the
+    source's path, so a revision built once loads in a second after that); returns the folder."""
+    def git(*command: str) -> bytes:
+        done = subprocess.run(["git", *command], cwd=SOURCES.parents[1], capture_output=True)  # the checkout
+        if done.returncode != 0:
+            raise ValueError(f"--base {revision}: {done.stderr.decode().strip() or 'not a revision of this checkout'}")
+        return done.stdout
+
+    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}").decode().strip()
+    folder = Path(tempfile.gettempdir()) / f"continuum-csrc-{commit[:12]}"
+    with tarfile.open(fileobj=io.BytesIO(git("archive", f"{commit}:continuum/csrc"))) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
 
 
 def pass_calls(module: ModuleType, shape: Shape, k: int, seed: int) -> dict[str, Callable[[], object]]:
@@ -106,18 +112,16 @@ def main() -> None:
     if head is None:
         parser.error("the few-channel kernels cannot be built here (no compiler, or neither AVX-512 nor AVX2)")
     keep_freed_memory()
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            sources = revision_sources(args.base, Path(folder))
-        except ValueError as err:
-            parser.error(str(err))
-        base = built("few_channel", sources)
-        if base is None or not all(hasattr(base, name) for kernel in FEW_CHANNEL_KERNELS.values()
-                                   for name in (kernel.forward, kernel.taps_gradient)):
-            parser.error(f"--base {args.base}: its few_channel.cpp does not build here with both kernels; "
-                         "give a revision from 2026-12-03 on")
-        rows = [row for shape, k in pairs for row in rows_for(shape, k, {"base": base, "head": head}, args.rounds,
-                                                             args.min_ms)]
+    try:
+        base = built("few_channel", revision_sources(args.base))
+    except ValueError as err:
+        parser.error(str(err))
+    if base is None or not all(hasattr(base, name) for kernel in FEW_CHANNEL_KERNELS.values()
+                               for name in (kernel.forward, kernel.taps_gradient)):
+        parser.error(f"--base {args.base}: its few_channel.cpp does not build here with both kernels; "
+                     "give a revision from 2026-12-03 on")
+    rows = [row for shape, k in pairs for row in rows_for(shape, k, {"base": base, "head": head}, args.rounds,
+                                                         args.min_ms)]
     table = pd.DataFrame(rows)
     table["base"], table["device"] = args.base, device_name(torch.device("cpu"))
     table["threads"] = torch.get_num_threads()

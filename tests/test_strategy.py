@@ -548,9 +548,7 @@ def test_each_checkout_environment_and_compiler_keeps_its_own_build(monkeypatch,
     other_torch.mkdir(parents=True)
     built.__wrapped__("depthwise")
     built.__wrapped__("depthwise")  # the same inputs: the same build
-    with monkeypatch.context() as patch:
-        patch.setattr(compiled, "SOURCES", other_checkout)
-        built.__wrapped__("depthwise")
+    built.__wrapped__("depthwise", other_checkout)
     with monkeypatch.context() as patch:
         patch.setattr(torch, "__file__", str(other_torch / "__init__.py"))
         built.__wrapped__("depthwise")

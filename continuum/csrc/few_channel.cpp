@@ -240,11 +240,12 @@ void for_gradient_pixels(const Geometry& g, int64_t i, int64_t j_first, int64_t 
   }
 }
 
-// Whether a forward pass of `block` channels per block writes y with streaming stores: every block whole registers
-// (block a multiple of kLanes) at addresses aligned to them (the channels a multiple of kLanes, y aligned).
-template <typename scalar_t>
-bool streams(const scalar_t* y, const Geometry& g, int64_t block) {
-  return block % kLanes == 0 && g.c % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
+// Whether a forward pass whose blocks are whole registers (`Block` channels, a multiple of kLanes) writes y with
+// streaming stores: the blocks sit at addresses aligned to registers (the channels a multiple of kLanes, y aligned).
+// Blocks of other widths never stream (their kernels are compiled without the branch).
+template <int Block, typename scalar_t>
+bool streams(const scalar_t* y, const Geometry& g) {
+  return Block % kLanes == 0 && g.c % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
 }
 
 // Output pixels the forward pass computes at once: P * K sums, K kernel entries and an input in registers.
@@ -296,7 +297,7 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
       V acc = sums[p][0];
       #pragma GCC unroll 16
       for (int e = 1; e < K; ++e) acc = acc + sums[p][e].rotated(back[e]);
-      if (stream)
+      if (S % kLanes == 0 && stream)
         acc.stream(out + p * c + cb);
       else if (cb + kLanes <= c)  // a whole register: the lanes past the block land in later blocks, written after it
         acc.store(out + p * c + cb);
@@ -445,7 +446,7 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
     }
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {  // a store past the group lands in the next group's channels, which it overwrites
-      if (stream) {
+      if (K % kLanes == 0 && stream) {
         #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) sums[p][r].stream(out + p * c + base + r * kLanes);
       } else if (base + K < c)
@@ -559,7 +560,7 @@ struct Rotated {
     typename V::Index back[K];  // rotation by -e
     #pragma GCC unroll 16
     for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
-    const bool stream = streams(y, g, kLanes / K * K);
+    const bool stream = streams<kLanes / K * K>(y, g);
     for_pixel_blocks<pixels_at_once(K)>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
       forward_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, stream, b,
                                                                                     oy, ox);
@@ -597,7 +598,7 @@ struct Broadcast {
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
     const Group<scalar_t, K> group;
     constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
-    const bool stream = streams(y, g, K);
+    const bool stream = streams<K>(y, g);
     for_pixel_blocks<P>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
       broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, stream,
                                                                                       b, oy, ox);
