@@ -165,3 +165,26 @@ def test_shapes_are_named_or_written_out():
     shapes = parse_shapes("small_64, 96x28x64,8X4X2")
     assert shapes[0] == SHAPES["small_64"]
     assert [(s.channels, s.size, s.batch) for s in shapes[1:]] == [(96, 28, 64), (8, 4, 2)]
+
+
+def test_kernel_revisions_takes_a_revisions_sources_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    from conftest import load_benchmark
+    from continuum.compiled import SOURCES
+
+    revisions = load_benchmark("kernel_revisions")
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCES, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    folder = revisions.revision_sources("HEAD")
+    committed = subprocess.run(["git", "show", "HEAD:continuum/csrc/few_channel.cpp"], cwd=SOURCES,
+                               capture_output=True, check=True).stdout
+    assert (folder / "few_channel.cpp").read_bytes() == committed and (folder / "thread_sums.h").exists()
+    assert folder == revisions.revision_sources("HEAD")  # one folder a commit: its build is reused
+    with pytest.raises(ValueError, match="--base no-such-revision: "):
+        revisions.revision_sources("no-such-revision")
+    for args, message in ((["--base", "HEAD", "--widths", "1"], "--widths=1 is not valid; use a whole number in 2..16"),
+                          (["--base", "HEAD", "--widths", "5"], "--widths: none divides the channels"),
+                          (["--widths", "2"], "the following arguments are required: --base")):
+        monkeypatch.setattr(sys, "argv", ["kernel_revisions.py", "--out", str(tmp_path), *args])
+        with pytest.raises(SystemExit) as exit_:
+            revisions.main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
