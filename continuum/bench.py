@@ -77,6 +77,10 @@ class Shape:
     size: int
     batch: int
 
+    def input_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one input tensor of ``dtype`` (``batch x channels x size x size``)."""
+        return self.batch * self.channels * self.size ** 2 * (torch.finfo(dtype).bits // 8)
+
 
 SHAPES = {s.name: s for s in (
     Shape("xception_middle", 728, 19, 32),  # Xception's middle flow at 299 px
@@ -243,7 +247,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
             count is timed in the same rounds, for a fair ``x_fewer_segments``. Updated with this count.
         loaded: tune the layers while other processes keep every core busy (:func:`busy_machine`).
     """
-    c, elem = shape.channels, torch.finfo(dtype).bits // 8
+    c = shape.channels
     x = torch.randn(shape.batch, c, shape.size, shape.size, device=device, dtype=dtype, requires_grad=True)
     inputs = {"nchw": x, "cl": x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)}
     pixels = shape.batch * shape.size * shape.size
@@ -272,7 +276,8 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
         times = interleaved_times(calls, device, **timing, contexts=list(contexts.values()))
         weights = c * c // segments * 9 + extra_weights
         row = _row(common, name, times, strategies, flops=3 * 2 * pixels * weights,
-                   tensor_bytes=3 * elem * (tensors * x.numel() + weights), **roofline)
+                   tensor_bytes=3 * (tensors * shape.input_bytes(dtype) + weights * x.element_size()),
+                   **roofline)
         fewer[name] = segments, row["ours_layout"]
         rows.append(row)
     return rows
@@ -345,8 +350,8 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
     rows = []
     for shape in shapes:
         for dtype in dtypes:
-            input_bytes = shape.batch * shape.channels * shape.size ** 2 * (torch.finfo(dtype).bits // 8)
-            roofline = {"peak": peaks[dtype_name(dtype)], "bandwidth": measure_copy_bandwidth(device, input_bytes)}
+            roofline = {"peak": peaks[dtype_name(dtype)],
+                        "bandwidth": measure_copy_bandwidth(device, shape.input_bytes(dtype))}
             fewer: dict[str, tuple[int, str]] = {}
             for count in shape_counts(shape, segments):
                 rows += _rows_for(shape, count, dtype, device, roofline, timing, fewer, loaded)

@@ -855,7 +855,8 @@ def report(root: Path, out: Path | None = None) -> str:
     lines = ["# Campaign report", "", f"Protocol: `experiments/PROTOCOL.md`. Regenerate with `{command}`.", ""]
     images = Path(os.path.relpath(root, report_file(root, out).parent))
     pilot = read_pilot(root)
-    judged = [judge(ablation, root, registered_seeds(pilot)) for ablation in ABLATIONS]
+    seeds = registered_seeds(pilot)
+    judged = [judge(ablation, root, seeds) for ablation in ABLATIONS]
     lines += glance_section(judged, pilot) + pilot_section(root, pilot)
     for ablation in judged:
         lines += ablation_section(ablation, images)
