@@ -32,9 +32,6 @@ from continuum.files import atomic_write, check_writable_folder
 from continuum.kernels import FEW_CHANNEL_KERNELS, flipped_transpose
 from continuum.timing import device_name, interleaved_times
 
-PASSES = ("forward", "input_grad", "kernel_grad")
-"""The passes timed, each a call of the kernel."""
-
 
 def revision_sources(revision: str) -> Path:
     """``continuum/csrc`` as it is at ``revision`` (a commit, tag or branch of this checkout), written into a folder
@@ -69,13 +66,13 @@ def pass_calls(module: ModuleType, shape: Shape, k: int, seed: int) -> dict[str,
 
 def rows_for(shape: Shape, k: int, builds: dict[str, ModuleType], rounds: int, min_total_ms: float) -> list[dict]:
     """One row per pass: both builds' median ms and the speedup of this checkout's over the other."""
-    calls = {f"{name}/{part}": call for name, module in builds.items()
-             for part, call in pass_calls(module, shape, k, seed=k).items()}
+    passes = {name: pass_calls(module, shape, k, seed=k) for name, module in builds.items()}
+    calls = {f"{name}/{part}": call for name, parts in passes.items() for part, call in parts.items()}
     for call in calls.values():
         call()  # warm: the allocator, the caches
     times = interleaved_times(calls, torch.device("cpu"), rounds=rounds, min_total_ms=min_total_ms)
     rows = []
-    for part in PASSES:
+    for part in passes["head"]:
         base, head = times[f"base/{part}"], times[f"head/{part}"]
         speedup, low, high = paired_ratio(base, head)
         rows.append({"shape": shape.name, "channels_per_group": k, "pass": part,
