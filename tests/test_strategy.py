@@ -1,5 +1,6 @@
 """Segmented-conv strategies: each equals the native grouped conv forward and backward; autotuning and its caches."""
 
+import itertools
 import json
 import os
 import shutil
@@ -632,31 +633,31 @@ def test_the_few_channel_kernels_are_built_for_the_declared_widths_alone():
 @pytest.mark.parametrize("k", [*FEW_CHANNEL_WIDTHS, *BROADCAST_WIDTHS])
 def test_the_few_channel_kernels_are_exact_at_every_row_width_and_edge(k):
     kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
-    torch.manual_seed(k)  # 16-24 columns: every remainder of the 4-8 pixel groups, whole groups inside and edge groups
-    for width in range(16, 25):
-        for padding in (0, 1, 2):  # 2: taps beyond the row's left and right edges, dilation 2
-            x = torch.randn(2, 5 * k, 3, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(True)
-            w = torch.randn(5 * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
-            geom = ConvGeometry((1, 1), (padding, padding), (max(padding, 1),) * 2, 5)
-            y = run_strategy(Strategy(kind), x, w, None, geom)
-            ref = F.conv2d(x, w, None, 1, padding, geom.dilation, 5)
-            upstream = torch.randn_like(ref)
-            torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-            for got, want in zip(torch.autograd.grad(y, (x, w), upstream),
-                                 torch.autograd.grad(ref, (x, w), upstream)):
-                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(k)  # 16-24 columns: every remainder of the pixel blocks, whole blocks inside and edge blocks
+    # 5 groups; at 3 channels per group 16 too, whole blocks of three registers (AVX-512)
+    for width, padding, groups in itertools.product(range(16, 25), (0, 1, 2), (5, 16) if k == 3 else (5,)):
+        x = torch.randn(2, groups * k, 3, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        w = torch.randn(groups * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
+        geom = ConvGeometry((1, 1), (padding, padding), (max(padding, 1),) * 2, groups)  # padding 2: dilation 2,
+        y = run_strategy(Strategy(kind), x, w, None, geom)  # taps beyond the row's left and right edges
+        ref = F.conv2d(x, w, None, 1, padding, geom.dilation, groups)
+        upstream = torch.randn_like(ref)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        for got, want in zip(torch.autograd.grad(y, (x, w), upstream), torch.autograd.grad(ref, (x, w), upstream)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.usefixtures("few_channel")
 @pytest.mark.parametrize("k", [*FEW_CHANNEL_WIDTHS, *BROADCAST_WIDTHS])
 def test_the_few_channel_kernels_float32_passes_match_float64_at_every_block_tail(k):
     # float32 runs the vector instructions (float64 plain arrays): whole-register stores that spill into the next
-    # block, masked ones at a pixel's last block, sums padded to whole registers; 8 groups: streaming stores where
-    # every block is whole registers (2, 4, 16 and, with AVX2, 8 channels per group)
+    # block, masked ones at a pixel's last block, sums padded to whole registers; 8, 16 and 32 groups: streaming
+    # stores where every block is whole registers (2, 3, 4, 16 and, with AVX2, 8 channels per group); 3 channels per
+    # group with AVX-512 on 16 and 32 groups: blocks of three registers, groups crossing from one into the next
     kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
     torch.manual_seed(k)
-    for groups, width in ((1, 5), (3, 7), (5, 17), (8, 9)):
+    for groups, width in ((1, 5), (3, 7), (5, 17), (8, 9), (16, 6), (32, 5)):
         x = torch.randn(2, groups * k, 6, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(groups * k, k, 3, 3, dtype=torch.float64)
         geom = ConvGeometry((1, 1), (1, 1), (1, 1), groups)

@@ -65,8 +65,11 @@ constexpr int kLanes = 16, kRegisters = 32;
 constexpr int kLanes = 8, kRegisters = 16;
 #endif
 
-// Lane l of a block takes lane base(l) + (l % k + d) % k (lanes past the block's whole groups keep their own).
-constexpr int rotated_lane(int l, int k, int d) { return l < kLanes / k * k ? l / k * k + (l % k + d) % k : l; }
+// Lane l of a block of `lanes` channels takes lane base(l) + (l % k + d) % k (lanes past the block's whole groups
+// keep their own).
+constexpr int rotated_lane(int l, int k, int d, int lanes) {
+  return l < lanes / k * k ? l / k * k + (l % k + d) % k : l;
+}
 
 template <typename scalar_t>
 struct Lanes;
@@ -87,12 +90,10 @@ struct Lanes<float> {
   void stream(float* p) const { _mm512_stream_ps(p, v); }  // every lane, p aligned to the register; past the caches
   Lanes fma(Lanes a, Lanes b) const { return {_mm512_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm512_add_ps(v, a.v)}; }
-  static Index rotation(int k, int d) {
-    alignas(64) int index[kLanes];
-    for (int l = 0; l < kLanes; ++l) index[l] = rotated_lane(l, k, d);
-    return _mm512_load_si512(index);
-  }
   Lanes rotated(Index index) const { return {_mm512_permutexvar_ps(index, v)}; }
+  // lane l takes lane index[l] of this register followed by `next` (index 16 and up: next's lanes)
+  Lanes joined(Lanes next, Index index) const { return {_mm512_permutex2var_ps(v, index, next.v)}; }
+  static Index indices(const int* lanes) { return _mm512_loadu_si512(lanes); }
 };
 #else
 template <>
@@ -112,12 +113,8 @@ struct Lanes<float> {
   void stream(float* p) const { _mm256_stream_ps(p, v); }  // every lane, p aligned to the register; past the caches
   Lanes fma(Lanes a, Lanes b) const { return {_mm256_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm256_add_ps(v, a.v)}; }
-  static Index rotation(int k, int d) {
-    alignas(32) int index[kLanes];
-    for (int l = 0; l < kLanes; ++l) index[l] = rotated_lane(l, k, d);
-    return _mm256_load_si256(reinterpret_cast<const __m256i*>(index));
-  }
   Lanes rotated(Index index) const { return {_mm256_permutevar8x32_ps(v, index)}; }
+  static Index indices(const int* lanes) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes)); }
 };
 #endif
 
@@ -152,15 +149,20 @@ struct Lanes<double> {
     for (int l = 0; l < kLanes; ++l) r.v[l] = v[l] + a.v[l];
     return r;
   }
-  static Index rotation(int k, int d) {
-    Index index;
-    for (int l = 0; l < kLanes; ++l) index.at[l] = rotated_lane(l, k, d);
-    return index;
-  }
   Lanes rotated(const Index& index) const {
     Lanes r;
     for (int l = 0; l < kLanes; ++l) r.v[l] = v[index.at[l]];
     return r;
+  }
+  Lanes joined(const Lanes& next, const Index& index) const {
+    Lanes r;
+    for (int l = 0; l < kLanes; ++l) r.v[l] = index.at[l] < kLanes ? v[index.at[l]] : next.v[index.at[l] - kLanes];
+    return r;
+  }
+  static Index indices(const int* lanes) {
+    Index index;
+    std::copy(lanes, lanes + kLanes, index.at);
+    return index;
   }
 };
 
@@ -248,31 +250,100 @@ bool streams(const scalar_t* y, const Geometry& g) {
   return Block % kLanes == 0 && g.c % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
 }
 
-// Output pixels the forward pass computes at once: P * K sums, K kernel entries and an input in registers.
-constexpr int pixels_at_once(int k) {
-  if (kRegisters == 32) return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k);
-  return std::max(1, (kRegisters - 1 - k) / k);
+// Registers in a block of the rotated kernel where the channels fill whole blocks of them (elsewhere one): three at
+// K = 3 with AVX-512, where 48 channels (16 groups, two of them crossing from one register into the next) fill
+// them, so that every load and store is a whole register at an aligned address and the output can stream (blocks of
+// 15 channels start mid-line: most of their loads span two cache lines, and the last of 96 channels holds 6). On
+// fewer channels, or a last block partly filled, three registers did up to a third more work than needed and ran
+// 1.1-1.3x slower than one.
+constexpr int block_registers(int k) { return kRegisters == 32 && k == 3 ? 3 : 1; }
+constexpr int block_channels(int k, int r) { return r * kLanes / k * k; }
+
+// call(integral_constant<int, R>): R = block_registers(K) where the channels c fill whole blocks of them, else 1
+template <int K, typename Call>
+void by_block_registers(int64_t c, const Call& call) {
+  constexpr int R = block_registers(K);
+  if constexpr (R > 1) {
+    if (c % block_channels(K, R) == 0) return call(std::integral_constant<int, R>());
+  }
+  call(std::integral_constant<int, 1>());
 }
 
-// Kernel columns the taps' gradient sums at once: J * K sums, K rotated gradients and an input in registers.
-constexpr int columns_at_once(int k) { return std::min(3, std::max(1, (kRegisters - 1 - k) / k)); }
-
-template <typename scalar_t, int K, int P, bool Inside>
-void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
-                    const typename Lanes<scalar_t>::Index* back, bool stream, int64_t b, int64_t oy, int64_t ox) {
-  // P neighbouring output pixels at once: each tap's K entries are loaded once for all P. Inside: every tap of the
-  // P pixels falls inside the input row (no checks per pixel). Stream: streaming stores (streams()).
+// The rotation by d within groups of K of a block of R registers: lane l of register r takes the block's lane
+// rotated_lane(r * kLanes + l), which lies in register r - 1, r or r + 1. One register: a permutation within it;
+// more: a permutation of two neighbours (`near`), and for a register between two others a second one that brings
+// in the lanes from the next (`far`).
+template <typename scalar_t, int K, int R>
+struct Rotation {
   using V = Lanes<scalar_t>;
-  constexpr int64_t S = kLanes / K * K;  // channels per block
+  typename V::Index near[R], far[R];
+  static constexpr int low(int r) { return R == 1 ? 0 : std::max(0, std::min(r - 1, R - 2)); }  // near's first
+  Rotation() = default;
+  explicit Rotation(int d) {
+    for (int r = 0; r < R; ++r) {
+      int near_lanes[kLanes], far_lanes[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const int from = rotated_lane(r * kLanes + l, K, d, block_channels(K, R)) - low(r) * kLanes;
+        const bool next = from >= 2 * kLanes;  // in register r + 1
+        near_lanes[l] = next ? 0 : from;
+        far_lanes[l] = next ? from - kLanes : l;
+      }
+      near[r] = V::indices(near_lanes);
+      far[r] = V::indices(far_lanes);
+    }
+  }
+  void apply(const V* in, V* out) const {  // out: in rotated
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if constexpr (R == 1) {
+        out[r] = in[r].rotated(near[r]);
+      } else {
+        out[r] = in[low(r)].joined(in[low(r) + 1], near[r]);
+        if (r > 0 && r < R - 1) out[r] = out[r].joined(in[r + 1], far[r]);
+      }
+    }
+  }
+};
+
+// The lanes of each of a block's R registers that hold channels (`left` of them from the block's first on; S
+// channels per block)
+template <typename scalar_t, int R>
+void block_masks(int64_t left, int64_t S, typename Lanes<scalar_t>::Mask* m) {
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) m[r] = Lanes<scalar_t>::mask(std::clamp(left - r * kLanes, int64_t(0), S / R));
+}
+
+// Output pixels the forward pass computes at once: P * K * R sums, K * R kernel entries and R inputs in registers.
+constexpr int pixels_at_once(int k, int r) {
+  if (kRegisters == 32 && r == 1) return k == 2 ? 8 : k == 3 ? 5 : k == 4 ? 4 : std::max(1, (31 - k) / k);
+  return std::max(1, (kRegisters - 1 - (k + 1) * r) / (k * r));
+}
+
+// Kernel columns the taps' gradient sums at once: J * K * R sums, K * R rotated gradients and R inputs in registers.
+constexpr int columns_at_once(int k, int r) {
+  return std::min(3, std::max(1, (kRegisters - 1 - (k + 1) * r) / (k * r)));
+}
+
+template <typename scalar_t, int K, int R, int P, bool Inside>
+void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
+                    const Rotation<scalar_t, K, R>* back, bool stream, int64_t b, int64_t oy, int64_t ox) {
+  // P neighbouring output pixels at once, blocks of R registers: each tap's K entries are loaded once for all P.
+  // Inside: every tap of the P pixels falls inside the input row (no checks per pixel). Stream: streaming stores
+  // (streams()).
+  using V = Lanes<scalar_t>;
+  constexpr int64_t S = block_channels(K, R);
   const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
   for (int64_t cb = 0; cb < c; cb += S) {
-    const typename V::Mask m = V::mask(std::min(S, c - cb));
-    V sums[P][K];  // sums[p][e][c']: input channel c' times its entries to output channel base + (c' % K + e) % K
+    typename V::Mask m[R];
+    block_masks<scalar_t, R>(c - cb, S, m);
+    V sums[P][K][R];  // sums[p][e][c']: input channel c' times its entries to output channel base + (c' % K + e) % K
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p)
       #pragma GCC unroll 16
-      for (int e = 0; e < K; ++e) sums[p][e] = V::zero();
+      for (int e = 0; e < K; ++e)
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) sums[p][e][r] = V::zero();
     for (int64_t i = 0; i < kh; ++i) {
       const int64_t iy = g.in_y(oy, i);
       if (iy < 0 || iy >= h) continue;
@@ -280,65 +351,88 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
       for (int64_t j = 0; j < kw; ++j) {
         const scalar_t* tap = taps + (i * kw + j) * K * c + cb;
         const int64_t first = g.in_x(ox, j);  // the input column of pixel 0's tap
-        V entry[K];
+        V entry[K][R];
         #pragma GCC unroll 16
-        for (int e = 0; e < K; ++e) entry[e] = V::load(tap + e * c, m);
+        for (int e = 0; e < K; ++e)
+          #pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) entry[e][r] = V::load(tap + e * c + r * kLanes, m[r]);
         #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
           if (!Inside && (first + p * sw < 0 || first + p * sw >= w)) continue;
-          const V in = V::load(in_row + first * c + p * step, m);
+          V in[R];
+          #pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) in[r] = V::load(in_row + first * c + p * step + r * kLanes, m[r]);
           #pragma GCC unroll 16
-          for (int e = 0; e < K; ++e) sums[p][e] = sums[p][e].fma(entry[e], in);
+          for (int e = 0; e < K; ++e)
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) sums[p][e][r] = sums[p][e][r].fma(entry[e][r], in[r]);
         }
       }
     }
     #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {  // output channel c collects sums[e] of input channel base + (c % K - e) % K
-      V acc = sums[p][0];
+      V acc[R], turned[R];
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r] = sums[p][0][r];
       #pragma GCC unroll 16
-      for (int e = 1; e < K; ++e) acc = acc + sums[p][e].rotated(back[e]);
-      if (S % kLanes == 0 && stream)
-        acc.stream(out + p * c + cb);
-      else if (cb + kLanes <= c)  // a whole register: the lanes past the block land in later blocks, written after it
-        acc.store(out + p * c + cb);
-      else
-        acc.store(out + p * c + cb, m);
+      for (int e = 1; e < K; ++e) {
+        back[e].apply(sums[p][e], turned);
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r] = acc[r] + turned[r];
+      }
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        scalar_t* to = out + p * c + cb + r * kLanes;
+        if (S % kLanes == 0 && stream)
+          acc[r].stream(to);
+        else if (cb + (r + 1) * kLanes <= c)  // whole: lanes past the block land in later ones, written after it
+          acc[r].store(to);
+        else if (cb + r * kLanes < c)
+          acc[r].store(to, m[r]);
+      }
     }
   }
 }
 
-template <typename scalar_t, int K, int J>
+template <typename scalar_t, int K, int R, int J>
 void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
-                           const typename Lanes<scalar_t>::Index* rotation, int64_t b, int64_t i, int64_t j0,
-                           int64_t cb) {
-  // kernel columns j0 .. j0 + J - 1 of kernel row i, for the block at channel cb, over image b: J * K sums in
-  // registers, written once (a whole register each: `sums` holds kLanes per block)
+                           const Rotation<scalar_t, K, R>* rotation, int64_t b, int64_t i, int64_t j0, int64_t cb) {
+  // kernel columns j0 .. j0 + J - 1 of kernel row i, for the block at channel cb, over image b: J * K * R sums in
+  // registers, written once (whole registers: `sums` holds R * kLanes per block)
   using V = Lanes<scalar_t>;
-  constexpr int64_t S = kLanes / K * K;  // channels per block
+  constexpr int64_t S = block_channels(K, R);
   const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
-  const typename V::Mask m = V::mask(std::min(S, c - cb));
-  V acc[J][K];
+  typename V::Mask m[R];
+  block_masks<scalar_t, R>(c - cb, S, m);
+  V acc[J][K][R];
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
-    for (int e = 0; e < K; ++e) acc[j][e] = V::zero();
+    for (int e = 0; e < K; ++e)
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[j][e][r] = V::zero();
   for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + cb;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
     return [&, in_row, dy_row](int64_t ox, auto checked) {
-      V d[K];  // d[e][c']: the gradient of output channel base + (c' % K + e) % K
-      d[0] = V::load(dy_row + ox * c, m);
+      V d[K][R];  // d[e][c']: the gradient of output channel base + (c' % K + e) % K
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) d[0][r] = V::load(dy_row + ox * c + r * kLanes, m[r]);
       #pragma GCC unroll 16
-      for (int e = 1; e < K; ++e) d[e] = d[0].rotated(rotation[e]);
+      for (int e = 1; e < K; ++e) rotation[e].apply(d[0], d[e]);
       const int64_t first = g.in_x(ox, j0);
       #pragma GCC unroll 16
       for (int j = 0; j < J; ++j) {
         if constexpr (decltype(checked)::value) {
           if (first + j * dw < 0 || first + j * dw >= w) continue;
         }
-        const V in = V::load(in_row + (first + j * dw) * c, m);
+        V in[R];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) in[r] = V::load(in_row + (first + j * dw) * c + r * kLanes, m[r]);
         #pragma GCC unroll 16
-        for (int e = 0; e < K; ++e) acc[j][e] = acc[j][e].fma(d[e], in);
+        for (int e = 0; e < K; ++e)
+          #pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) acc[j][e][r] = acc[j][e][r].fma(d[e][r], in[r]);
       }
     };
   });
@@ -346,10 +440,12 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
   #pragma GCC unroll 16
   for (int j = 0; j < J; ++j)
     #pragma GCC unroll 16
-    for (int e = 0; e < K; ++e) {
-      scalar_t* sum = sums + (((i * g.kw + j0 + j) * K + e) * blocks + cb / S) * kLanes;
-      (V::load(sum) + acc[j][e]).store(sum);
-    }
+    for (int e = 0; e < K; ++e)
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        scalar_t* sum = sums + ((((i * g.kw + j0 + j) * K + e) * blocks + cb / S) * R + r) * kLanes;
+        (V::load(sum) + acc[j][e][r]).store(sum);
+      }
 }
 
 // A broadcast group's K channels in R = ceil(K / kLanes) registers: register r holds channels r * kLanes onwards.
@@ -556,38 +652,39 @@ struct Rotated {
 
   template <typename scalar_t, int K>
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
-    using V = Lanes<scalar_t>;
-    typename V::Index back[K];  // rotation by -e
-    #pragma GCC unroll 16
-    for (int e = 0; e < K; ++e) back[e] = V::rotation(K, (K - e) % K);
-    const bool stream = streams<kLanes / K * K>(y, g);
-    for_pixel_blocks<pixels_at_once(K)>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
-      forward_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, stream, b,
-                                                                                    oy, ox);
+    by_block_registers<K>(g.c, [&](auto registers) {
+      constexpr int R = decltype(registers)::value;
+      Rotation<scalar_t, K, R> back[K];  // rotation by -e
+      for (int e = 1; e < K; ++e) back[e] = Rotation<scalar_t, K, R>((K - e) % K);
+      const bool stream = streams<block_channels(K, R)>(y, g);
+      for_pixel_blocks<pixels_at_once(K, R)>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
+        forward_pixels<scalar_t, K, R, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, stream,
+                                                                                         b, oy, ox);
+      });
+      if (stream) _mm_sfence();  // the streaming stores reach memory before the output is handed on
     });
-    if (stream) _mm_sfence();  // the streaming stores reach memory before the output is handed on
   }
 
   template <typename scalar_t, int K>
   static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
-    using V = Lanes<scalar_t>;
-    constexpr int64_t S = kLanes / K * K;  // channels per block
-    constexpr int J = columns_at_once(K);
-    typename V::Index rotation[K];
-    #pragma GCC unroll 16
-    for (int e = 0; e < K; ++e) rotation[e] = V::rotation(K, e);
-    const int64_t rows = g.kh * g.kw * K, blocks = (g.c + S - 1) / S;  // rows of C taps; blocks padded to kLanes
-    auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
-      for_gradient_columns<J>(g, begin, end, S, [&](int64_t b, int64_t cb, int64_t i, int64_t j, auto columns) {
-        taps_gradient_columns<scalar_t, K, decltype(columns)::value>(x, grad_y, sums, g, rotation, b, i, j, cb);
-      });
-    };
-    const std::vector<scalar_t> total = thread_sums<scalar_t>(rows * blocks * kLanes, g.n, 1, images);
-    for (int64_t row = 0; row < rows; ++row)  // drop the padding
-      for (int64_t block = 0; block < blocks; ++block) {
-        const auto from = total.begin() + (row * blocks + block) * kLanes;
-        std::copy(from, from + std::min(S, g.c - block * S), grad_taps + row * g.c + block * S);
-      }
+    by_block_registers<K>(g.c, [&](auto registers) {
+      constexpr int R = decltype(registers)::value, J = columns_at_once(K, R);
+      constexpr int64_t S = block_channels(K, R);
+      Rotation<scalar_t, K, R> rotation[K];
+      for (int e = 1; e < K; ++e) rotation[e] = Rotation<scalar_t, K, R>(e);
+      const int64_t rows = g.kh * g.kw * K, blocks = (g.c + S - 1) / S;  // rows of C taps; blocks padded to registers
+      auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
+        for_gradient_columns<J>(g, begin, end, S, [&](int64_t b, int64_t cb, int64_t i, int64_t j, auto columns) {
+          taps_gradient_columns<scalar_t, K, R, decltype(columns)::value>(x, grad_y, sums, g, rotation, b, i, j, cb);
+        });
+      };
+      const std::vector<scalar_t> total = thread_sums<scalar_t>(rows * blocks * R * kLanes, g.n, 1, images);
+      for (int64_t row = 0; row < rows; ++row)  // drop the padding
+        for (int64_t block = 0; block < blocks; ++block) {
+          const auto from = total.begin() + (row * blocks + block) * R * kLanes;
+          std::copy(from, from + std::min(S, g.c - block * S), grad_taps + row * g.c + block * S);
+        }
+    });
   }
 };
 
