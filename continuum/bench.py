@@ -8,8 +8,9 @@ calls are timed in turn, round after round, so that the machine's slow spells hi
 together and the channels-last ones together (as in a model); ratios are medians of per-round ratios with 95 %
 bootstrap intervals. Beside each time is the roofline floor
 ``max(FLOPs / peak GEMM FLOP/s, bytes / copy bandwidth)``: the peak measured on the device first, the bandwidth of a
-copy of a tensor the size of the shape's input (a CPU cache that holds a layer's tensors moves them faster than
-memory, so a larger copy's bandwidth would put the floor above what the layer can reach). The layers are tuned
+copy whose two tensors together are as large as the layer's four (input, output and their gradients): a cache that
+holds a layer's tensors moves them faster than memory, and one that holds half of them moves a smaller copy at a
+speed between the two that changes from run to run (a 32 MiB L3). The layers are tuned
 from an empty strategy cache (``--tuning cold``), or from one while other processes keep every core busy
 (``--tuning loaded``: the tuner must notice and not be fooled), or from the user's cache (``--tuning cached``).
 ``--train`` adds the training throughput of a sweep trial (images/s, model FLOP utilisation) in NCHW and
@@ -80,6 +81,11 @@ class Shape:
     def input_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one input tensor of ``dtype`` (``batch x channels x size x size``)."""
         return self.batch * self.channels * self.size ** 2 * (torch.finfo(dtype).bits // 8)
+
+    def layer_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes a layer's forward and backward pass keep in memory at this shape: its input, output (the same
+        size) and their gradients."""
+        return 4 * self.input_bytes(dtype)
 
 
 SHAPES = {s.name: s for s in (
@@ -183,11 +189,11 @@ def segment_counts(channels: int) -> list[int]:
     return sorted(set(powers) | {channels // p for p in powers})
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes/s of a copy (read + write) of a float32 tensor of about ``nbytes`` on ``device``: its fastest call,
-    of at least 3 and at least 50 ms of calls. Where the tensor fits in a cache the copy runs at that cache's
-    speed (on a CPU with a 300 MiB L3, a 26 MB copy ran 2.2x as fast as a 256 MB one)."""
-    src = torch.empty(max(nbytes // 4, 1), device=device).normal_()
+def measure_copy_bandwidth(device: torch.device, footprint: int) -> float:
+    """Bytes/s of a copy (read + write) between two float32 tensors of about ``footprint`` bytes together on
+    ``device``: its fastest call, of at least 3 and at least 50 ms of calls. Where both fit in a cache the copy runs
+    at that cache's speed (on a CPU with a 300 MiB L3, a 26 MB copy ran 2.2x as fast as a 256 MB one)."""
+    src = torch.empty(max(footprint // 8, 1), device=device).normal_()
     dst = torch.empty_like(src)
     best_ms = min(call_times(lambda: dst.copy_(src), device, min_total_ms=50))
     return 2 * src.numel() * src.element_size() / (best_ms / 1e3)
@@ -241,7 +247,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
         segments: the segment count.
         dtype: parameters and input.
         device: where to run.
-        roofline: ``peak`` FLOP/s and copy ``bandwidth`` (bytes/s, of a tensor the size of ``shape``'s input).
+        roofline: ``peak`` FLOP/s and copy ``bandwidth`` (bytes/s, at the footprint of the layer's tensors).
         timing: ``rounds`` and ``min_total_ms`` for :func:`interleaved_times`.
         fewer: per layer, the previous segment count and the input layout it ran fastest on; that layer at that
             count is timed in the same rounds, for a fair ``x_fewer_segments``. Updated with this count.
@@ -351,7 +357,7 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
     for shape in shapes:
         for dtype in dtypes:
             roofline = {"peak": peaks[dtype_name(dtype)],
-                        "bandwidth": measure_copy_bandwidth(device, shape.input_bytes(dtype))}
+                        "bandwidth": measure_copy_bandwidth(device, shape.layer_bytes(dtype))}
             fewer: dict[str, tuple[int, str]] = {}
             for count in shape_counts(shape, segments):
                 rows += _rows_for(shape, count, dtype, device, roofline, timing, fewer, loaded)
@@ -513,7 +519,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
         atomic_write(out / f"conv_{tag}.csv", lambda path: table.to_csv(path, index=False))
         gemm = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in measured.items())
         copies = table.groupby(["shape", "dtype"], sort=False)["copy_gbps"].first()
-        print(f"peak GEMM: {gemm}; copy of each shape's input: "
+        print(f"peak GEMM: {gemm}; copy at each shape's layer footprint (input, output, their gradients): "
               + ", ".join(f"{shape} {dtype} {gbps:.1f} GB/s" for (shape, dtype), gbps in copies.items()))
         columns = ["shape", "dtype", "layer", "segments", "ours_ms", "ours_layout", "strategy", "native_nchw_ms",
                    "native_cl_ms", "timm_separable_ms", "speedup_vs_native", "speedup_low", "speedup_high",
