@@ -7,12 +7,13 @@
 // [i][j][e][c'] = weight[base(c') + (c' % K + e) % K, c' % K, i, j]: the entry from input channel c' to the output
 // channel e places further round its group (`rotations(weight)` in continuum/kernels.py). On a block of whole groups
 // in one vector register (up to 16 channels with AVX-512, 8 with AVX2), rotating a row by e within each group is one
-// in-register permutation, so:
+// in-register permutation (on a block of two or three registers, `forward_registers`, one or two permutations of two
+// registers each), so:
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
 //   is the sum over e of sums[e] rotated back by e (K - 1 rotations per block of outputs, not per tap);
 // - the taps' gradient (laid out as the taps): the output gradient's row rotated by e (once per pixel and kernel
 //   row) times the input rows, summed in registers over a whole image, J kernel columns at once.
-// Its sums take K registers per pixel, too many past K = 7.
+// Its sums take K registers per pixel and block register, too many past K = 7.
 //
 // `broadcast` (K = MIN_BROADCAST to MAX_BROADCAST): one group per vector register (two where K is wider than a
 // register's lanes: AVX2 past 8), its K output channels in the lanes. The taps come as
@@ -28,9 +29,9 @@
 //
 // Both store whole registers where they can: a sum goes to a buffer padded to whole registers, an output block spills
 // into the next block's channels, which are written after it (masked stores are microcoded on AMD CPUs with AVX2).
-// Where every block is whole registers at aligned addresses (rotated: K = 2 and 4; broadcast: K = 16, and 8 with
-// AVX2), the forward pass writes its output with streaming stores: the tensors are larger than the caches, and a
-// plain store first reads each line it writes.
+// Where every block is whole registers at aligned addresses (rotated: K = 2 and 4, and 3 in blocks of three
+// registers; broadcast: K = 16, and 8 with AVX2), the forward pass writes its output with streaming stores: the
+// tensors are larger than the caches, and a plain store first reads each line it writes.
 //
 // The input gradient (stride 1) of either is its own forward call: the convolution of the output gradient with the
 // kernel flipped and transposed within each group (kernels.py prepares those taps).
@@ -250,21 +251,23 @@ bool streams(const scalar_t* y, const Geometry& g) {
   return Block % kLanes == 0 && g.c % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
 }
 
-// Registers in a block of the rotated kernel where the channels fill whole blocks of them (elsewhere one): three at
-// K = 3 with AVX-512, where 48 channels (16 groups, two of them crossing from one register into the next) fill
-// them, so that every load and store is a whole register at an aligned address and the output can stream (blocks of
-// 15 channels start mid-line: most of their loads span two cache lines, and the last of 96 channels holds 6). On
-// fewer channels, or a last block partly filled, three registers did up to a third more work than needed and ran
-// 1.1-1.3x slower than one.
-constexpr int block_registers(int k) { return kRegisters == 32 && k == 3 ? 3 : 1; }
+// Registers in a block of the rotated kernel's forward pass and of its kernel gradient, where the channels fill whole
+// blocks of them (elsewhere one), with AVX-512. At 3 channels per group three: 48 channels (16 groups, two of them
+// crossing from one register into the next) fill them, so that every load and store is a whole register at an
+// aligned address and the output can stream (blocks of 15 channels start mid-line, most of their loads spanning two
+// cache lines, and the last of 96 channels holds 6). At 2 and 4 two: a pixel's channels taken two registers at a
+// time for fewer pixels at once ran the forward pass 1.2-1.4x as fast on Zen 4 (96 channels), but the kernel
+// gradient at 4 1.3x slower (it then sums 2 kernel columns at once, not 3). On fewer channels, or where a last block
+// would be partly filled, three registers did up to a third more work than needed and ran 1.1-1.3x slower than one.
+constexpr int forward_registers(int k) { return kRegisters < 32 ? 1 : k == 3 ? 3 : k == 2 || k == 4 ? 2 : 1; }
+constexpr int gradient_registers(int k) { return k == 4 ? 1 : forward_registers(k); }
 constexpr int block_channels(int k, int r) { return r * kLanes / k * k; }
 
-// call(integral_constant<int, R>): R = block_registers(K) where the channels c fill whole blocks of them, else 1
-template <int K, typename Call>
+// call(integral_constant<int, R>) with R = Wanted where the channels c fill whole blocks of Wanted registers, else 1
+template <int K, int Wanted, typename Call>
 void by_block_registers(int64_t c, const Call& call) {
-  constexpr int R = block_registers(K);
-  if constexpr (R > 1) {
-    if (c % block_channels(K, R) == 0) return call(std::integral_constant<int, R>());
+  if constexpr (Wanted > 1) {
+    if (c % block_channels(K, Wanted) == 0) return call(std::integral_constant<int, Wanted>());
   }
   call(std::integral_constant<int, 1>());
 }
@@ -652,7 +655,7 @@ struct Rotated {
 
   template <typename scalar_t, int K>
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
-    by_block_registers<K>(g.c, [&](auto registers) {
+    by_block_registers<K, forward_registers(K)>(g.c, [&](auto registers) {
       constexpr int R = decltype(registers)::value;
       Rotation<scalar_t, K, R> back[K];  // rotation by -e
       for (int e = 1; e < K; ++e) back[e] = Rotation<scalar_t, K, R>((K - e) % K);
@@ -667,7 +670,7 @@ struct Rotated {
 
   template <typename scalar_t, int K>
   static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
-    by_block_registers<K>(g.c, [&](auto registers) {
+    by_block_registers<K, gradient_registers(K)>(g.c, [&](auto registers) {
       constexpr int R = decltype(registers)::value, J = columns_at_once(K, R);
       constexpr int64_t S = block_channels(K, R);
       Rotation<scalar_t, K, R> rotation[K];
