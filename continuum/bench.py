@@ -21,12 +21,14 @@ channels-last, with native kernels and with autotuned ones (and in bf16 with ``-
     python -m continuum.bench --shapes 96x28x64,small_128 --tuning loaded
     python -m continuum.bench --device cuda --dtypes fp32,bf16 --train
 
-Prints one table per section and writes CSVs named after the device under ``--out``.
+Prints one table per section and writes CSVs named after the device under ``--out``; the tuner's evidence for
+each choice (or why it did not tune) goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import statistics
@@ -57,6 +59,7 @@ from continuum.files import atomic_write, check_writable_folder
 from continuum.knobs import Segments, parse_segments
 from continuum.strategy import TUNER, call_signature, check_environment, chosen_strategy, conv_strategy, \
     forget_choices
+from continuum.strategy import log as strategy_log
 from continuum.timing import call_times, device_name, dtype_name, interleaved_times, kernel_library, \
     measure_peak_flops, median_interval
 from continuum.train import fit, resolve_device
@@ -506,6 +509,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m continuum.ben
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device.type
+    logging.basicConfig(format="%(message)s")  # each tuning's evidence (or why it did not tune), on stderr
+    logging.getLogger(strategy_log.name).setLevel(logging.DEBUG)
     if args.tuning != "cached":  # an empty strategy cache, for this run only
         os.environ["CONTINUUM_CACHE"] = tempfile.mkdtemp(prefix="continuum-bench-cache-")
         forget_choices()
