@@ -10,9 +10,9 @@ bootstrap intervals. Beside each time is the roofline floor
 ``max(FLOPs / peak GEMM FLOP/s, bytes / copy bandwidth)``: the peak measured on the device first, the bandwidth of a
 copy whose two tensors together are as large as the layer's four (input, output and their gradients): a cache that
 holds a layer's tensors moves them faster than memory, and one that holds half of them moves a smaller copy at a
-speed between the two that changes from run to run (a 32 MiB L3). The layers are tuned
-from an empty strategy cache (``--tuning cold``), or from one while other processes keep every core busy
-(``--tuning loaded``: the tuner must notice and not be fooled), or from the user's cache (``--tuning cached``).
+speed between the two that changes from run to run (a 32 MiB L3). The layers are tuned from an empty strategy cache
+(``--tuning cold``), or from one while other processes keep every core busy (``--tuning loaded``: the tuner must
+notice and not be fooled), or from the user's cache (``--tuning cached``).
 ``--train`` adds the training throughput of a sweep trial (images/s, model FLOP utilisation) in NCHW and
 channels-last, with native kernels and with autotuned ones (and in bf16 with ``--dtypes bf16``, through
 ``torch.compile`` with ``--train-compile``).

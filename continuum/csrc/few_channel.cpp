@@ -257,8 +257,9 @@ bool streams(const scalar_t* y, const Geometry& g) {
 // aligned address and the output can stream (blocks of 15 channels start mid-line, most of their loads spanning two
 // cache lines, and the last of 96 channels holds 6). At 2 and 4 two: a pixel's channels taken two registers at a
 // time for fewer pixels at once ran the forward pass 1.2-1.4x as fast on Zen 4 (96 channels), but the kernel
-// gradient at 4 1.3x slower (it then sums 2 kernel columns at once, not 3). On fewer channels, or where a last block
-// would be partly filled, three registers did up to a third more work than needed and ran 1.1-1.3x slower than one.
+// gradient at 4 1.2-1.3x slower (it then sums 2 kernel columns at once, not 3). On fewer channels, or where a last
+// block would be partly filled, three registers did up to a third more work than needed and ran 1.1-1.7x slower than
+// one.
 constexpr int forward_registers(int k) { return kRegisters < 32 ? 1 : k == 3 ? 3 : k == 2 || k == 4 ? 2 : 1; }
 constexpr int gradient_registers(int k) { return k == 4 ? 1 : forward_registers(k); }
 constexpr int block_channels(int k, int r) { return r * kLanes / k * k; }
