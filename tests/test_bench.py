@@ -91,7 +91,8 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
     assert (conv["floor_ms"] > 0).all() and (conv["speedup_vs_native"] > 0).all()
     assert conv["copy_gbps"].nunique() == 1  # one copy per shape, at its layers' footprint, for every row of it
     assert "copy at each shape's layer footprint (input, output, their gradients): tiny float32 " in result.stdout
-    assert "conv strategy for " in result.stderr  # each tuning's evidence
+    # each tuning's evidence, or why it did not tune (busy cores: loaded, or other tests running beside this one)
+    assert "conv strategy for " in result.stderr or "not tuned: " in result.stderr
     for _, rows in conv.groupby("layer"):  # each count against the one before it, timed in the same rounds
         assert rows["x_fewer_segments"].iloc[0] != rows["x_fewer_segments"].iloc[0]  # nan: nothing before 1
         assert rows["fewer_ms"].iloc[1:].notna().all() and (rows["x_fewer_segments"].iloc[1:] > 0).all()
