@@ -459,10 +459,7 @@ struct Group {
   using V = Lanes<scalar_t>;
   static constexpr int R = (K + kLanes - 1) / kLanes;
   typename V::Mask mask[R];
-  Group() {
-    #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) mask[r] = V::mask(std::min(kLanes, K - r * kLanes));
-  }
+  Group() { block_masks<scalar_t, R>(K, R * kLanes, mask); }
   void load(V* into, const scalar_t* p) const {
     #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) into[r] = V::load(p + r * kLanes, mask[r]);
