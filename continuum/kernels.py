@@ -23,7 +23,8 @@ float rounding:
 - ``broadcast``: 8 to 16 input and output channels per segment, stride 1, on a CPU with AVX-512 or AVX2, in
   float32 (and float64): the same C++ module's second kernel, one segment per vector register (two with AVX2 past 8
   channels), its output channels in the lanes, each input channel's value broadcast to them; the gradients as
-  ``rotated`` computes them.
+  ``rotated`` computes them, the kernel gradient at 8 and 12 channels per segment (12 with AVX2) with two segments
+  packed into a register where the channels allow, so that no lane idles.
 - ``triton``: 1-16 channels per segment, on CUDA: a Triton kernel (:mod:`continuum.triton_kernels`), forward and a
   backward that reads the output gradient once for both gradients. A candidate only on CUDA with Triton installed,
   and, like every candidate, chosen only when it wins the timing there.

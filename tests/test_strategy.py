@@ -634,8 +634,10 @@ def test_the_few_channel_kernels_are_built_for_the_declared_widths_alone():
 def test_the_few_channel_kernels_are_exact_at_every_row_width_and_edge(k):
     kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
     torch.manual_seed(k)  # 16-24 columns: every remainder of the pixel blocks, whole blocks inside and edge blocks
-    # 5 groups; at 2-4 channels per group 16 too, whole blocks of two or three registers (AVX-512)
-    for width, padding, groups in itertools.product(range(16, 25), (0, 1, 2), (5, 16) if k in (2, 3, 4) else (5,)):
+    # 5 groups; at 2-4 channels per group 16 too, whole blocks of two or three registers (AVX-512); at 8 and 12 4, the
+    # kernel gradient's blocks of groups packed two to a register
+    groups_tried = {2: (5, 16), 3: (5, 16), 4: (5, 16), 8: (5, 4), 12: (5, 4)}.get(k, (5,))
+    for width, padding, groups in itertools.product(range(16, 25), (0, 1, 2), groups_tried):
         x = torch.randn(2, groups * k, 3, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         w = torch.randn(groups * k, k, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -653,8 +655,10 @@ def test_the_few_channel_kernels_are_exact_at_every_row_width_and_edge(k):
 def test_the_few_channel_kernels_float32_passes_match_float64_at_every_block_tail(k):
     # float32 runs the vector instructions (float64 plain arrays): whole-register stores that spill into the next
     # block, masked ones at a pixel's last block, sums padded to whole registers; 8, 16 and 32 groups: streaming
-    # stores where every block is whole registers (2, 3, 4, 16 and, with AVX2, 8 channels per group); with AVX-512,
-    # blocks of two or three registers at 2-4 channels per group (at 3 the groups cross from one into the next)
+    # stores where every block is whole registers (2, 3, 4, 16 and, with AVX2, 8 channels per group), staged first
+    # where whole groups fill whole registers (at 8-15 16 or 32 groups do), the kernel gradient packed two groups to
+    # a register at 8 and 12; with AVX-512, blocks of two or three registers at 2-4 channels per group (at 3 the groups
+    # cross from one into the next)
     kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
     torch.manual_seed(k)
     for groups, width in ((1, 5), (3, 7), (5, 17), (8, 9), (16, 6), (32, 5)):

@@ -25,13 +25,19 @@
 //   from it: taken one channel at a time for all P pixels, the address arithmetic between the multiply-adds made the
 //   pass 1.05-1.3x slower on Zen 4);
 // - the taps' gradient: the row for c collects the output gradient's row (one load per pixel) times c's input value
-//   broadcast, summed in registers over a whole image, J kernel columns and D input channels at once.
+//   broadcast, summed in registers over a whole image, J kernel columns and D input channels at once. Where K leaves
+//   lanes idle but a few registers hold whole groups, none more than two (`packed_channels`: 8 and 12 with AVX-512,
+//   12 with AVX2), and such blocks fill the channels, the lanes hold a block's input channels instead, and each
+//   group's output gradient value goes to the lanes of its own (a broadcast and a masked one per register, or one
+//   permutation of its two neighbours): summed as kh x kw x K x C, no lane idle, then laid out as the taps.
 //
 // Both store whole registers where they can: a sum goes to a buffer padded to whole registers, an output block spills
 // into the next block's channels, which are written after it (masked stores are microcoded on AMD CPUs with AVX2).
 // Where every block is whole registers at aligned addresses (rotated: K = 2 and 4, and 3 in blocks of three
 // registers; broadcast: K = 16, and 8 with AVX2), the forward pass writes its output with streaming stores: the
-// tensors are larger than the caches, and a plain store first reads each line it writes.
+// tensors are larger than the caches, and a plain store first reads each line it writes. The broadcast forward at
+// other K stages the sums of the fewest groups that fill whole registers (`staged_channels`) and streams them out
+// where such blocks fill the channels.
 //
 // The input gradient (stride 1) of either is its own forward call: the convolution of the output gradient with the
 // kernel flipped and transposed within each group (kernels.py prepares those taps).
@@ -85,6 +91,8 @@ struct Lanes<float> {
   static Lanes load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
   static Lanes zero() { return {_mm512_setzero_ps()}; }
   static Lanes broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
+  // the lanes in m take *p, the others keep this register's
+  Lanes with(Mask m, const float* p) const { return {_mm512_mask_broadcastss_ps(v, m, _mm_load_ss(p))}; }  // m: *p
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
   static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }  // every lane
   void store(float* p) const { _mm512_storeu_ps(p, v); }
@@ -108,6 +116,9 @@ struct Lanes<float> {
   static Lanes load(const float* p, Mask m) { return {_mm256_maskload_ps(p, m)}; }
   static Lanes zero() { return {_mm256_setzero_ps()}; }
   static Lanes broadcast(const float* p) { return {_mm256_set1_ps(*p)}; }
+  Lanes with(Mask m, const float* p) const {  // the lanes in m take *p
+    return {_mm256_blendv_ps(v, _mm256_set1_ps(*p), _mm256_castsi256_ps(m))};
+  }
   void store(float* p, Mask m) const { _mm256_maskstore_ps(p, m, v); }  // microcoded on AMD: ~10x a plain store
   static Lanes load(const float* p) { return {_mm256_loadu_ps(p)}; }  // every lane
   void store(float* p) const { _mm256_storeu_ps(p, v); }
@@ -115,6 +126,11 @@ struct Lanes<float> {
   Lanes fma(Lanes a, Lanes b) const { return {_mm256_fmadd_ps(a.v, b.v, v)}; }  // this + a * b
   Lanes operator+(Lanes a) const { return {_mm256_add_ps(v, a.v)}; }
   Lanes rotated(Index index) const { return {_mm256_permutevar8x32_ps(v, index)}; }
+  // lane l takes lane index[l] of this register followed by `next` (index 8 and up: next's lanes)
+  Lanes joined(Lanes next, Index index) const {
+    const __m256 from_next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(index, _mm256_set1_epi32(kLanes - 1)));
+    return {_mm256_blendv_ps(rotated(index).v, next.rotated(index).v, from_next)};  // the low 3 bits pick the lane
+  }
   static Index indices(const int* lanes) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes)); }
 };
 #endif
@@ -134,6 +150,11 @@ struct Lanes<double> {
   static Lanes broadcast(const double* p) {
     Lanes r;
     for (int l = 0; l < kLanes; ++l) r.v[l] = *p;
+    return r;
+  }
+  Lanes with(Mask m, const double* p) const {  // the lanes in m take *p
+    Lanes r = *this;
+    for (int l = 0; l < m; ++l) r.v[l] = *p;
     return r;
   }
   void store(double* p, Mask m) const { for (int l = 0; l < m; ++l) p[l] = v[l]; }
@@ -241,6 +262,37 @@ void for_gradient_pixels(const Geometry& g, int64_t i, int64_t j_first, int64_t 
     for (int64_t ox = begin; ox < end; ++ox) pixel(ox, std::false_type());
     for (int64_t ox = end; ox < g.ow; ++ox) pixel(ox, std::true_type());
   }
+}
+
+// The kernel gradient's columns j0 .. j0 + J - 1 at output column ox: column(j, in) for each whose input pixel lies
+// inside the row (`checked` a bool_constant: false, all of them), `in` that pixel in the input row `in_row` (always
+// inlined, like add_sums)
+template <int J, typename scalar_t, typename Checked, typename Column>
+[[gnu::always_inline]] inline void for_gradient_inputs(const Geometry& g, const scalar_t* in_row, int64_t ox,
+                                                       int64_t j0, Checked checked, const Column& column) {
+  const int64_t first = g.in_x(ox, j0), c = g.c, w = g.w, dw = g.dw;
+  #pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+    if constexpr (decltype(checked)::value) {
+      if (first + j * dw < 0 || first + j * dw >= w) continue;
+    }
+    column(j, in_row + (first + j * dw) * c);
+  }
+}
+
+// Adds a kernel gradient's J x X x R sums in registers to memory, at(j, x, r) the address of each (always inlined:
+// called, it takes the sums' address, and they live in memory through the whole pass, 1.1-1.8x slower on Zen 4)
+template <typename V, int J, int X, int R, typename At>
+[[gnu::always_inline]] inline void add_sums(const V (&acc)[J][X][R], const At& at) {
+  #pragma GCC unroll 16
+  for (int j = 0; j < J; ++j)
+    #pragma GCC unroll 16
+    for (int x = 0; x < X; ++x)
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        auto* sum = at(j, x, r);
+        (V::load(sum) + acc[j][x][r]).store(sum);
+      }
 }
 
 // Whether a forward pass whose blocks are whole registers (`Block` channels, a multiple of kLanes) writes y with
@@ -405,16 +457,10 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
   // registers, written once (whole registers: `sums` holds R * kLanes per block)
   using V = Lanes<scalar_t>;
   constexpr int64_t S = block_channels(K, R);
-  const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
+  const int64_t c = g.c, w = g.w;  // in registers, not re-read
   typename V::Mask m[R];
   block_masks<scalar_t, R>(c - cb, S, m);
-  V acc[J][K][R];
-  #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j)
-    #pragma GCC unroll 16
-    for (int e = 0; e < K; ++e)
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[j][e][r] = V::zero();
+  V acc[J][K][R] = {};
   for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + cb;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
@@ -424,32 +470,21 @@ void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* 
       for (int r = 0; r < R; ++r) d[0][r] = V::load(dy_row + ox * c + r * kLanes, m[r]);
       #pragma GCC unroll 16
       for (int e = 1; e < K; ++e) rotation[e].apply(d[0], d[e]);
-      const int64_t first = g.in_x(ox, j0);
-      #pragma GCC unroll 16
-      for (int j = 0; j < J; ++j) {
-        if constexpr (decltype(checked)::value) {
-          if (first + j * dw < 0 || first + j * dw >= w) continue;
-        }
+      for_gradient_inputs<J>(g, in_row, ox, j0, checked, [&](int j, const scalar_t* pixel) {
         V in[R];
         #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) in[r] = V::load(in_row + (first + j * dw) * c + r * kLanes, m[r]);
+        for (int r = 0; r < R; ++r) in[r] = V::load(pixel + r * kLanes, m[r]);
         #pragma GCC unroll 16
         for (int e = 0; e < K; ++e)
           #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) acc[j][e][r] = acc[j][e][r].fma(d[e][r], in[r]);
-      }
+      });
     };
   });
   const int64_t blocks = (c + S - 1) / S;
-  #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j)
-    #pragma GCC unroll 16
-    for (int e = 0; e < K; ++e)
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        scalar_t* sum = sums + ((((i * g.kw + j0 + j) * K + e) * blocks + cb / S) * R + r) * kLanes;
-        (V::load(sum) + acc[j][e][r]).store(sum);
-      }
+  add_sums(acc, [&](int j, int e, int r) {
+    return sums + ((((i * g.kw + j0 + j) * K + e) * blocks + cb / S) * R + r) * kLanes;
+  });
 }
 
 // A broadcast group's K channels in R = ceil(K / kLanes) registers: register r holds channels r * kLanes onwards.
@@ -497,6 +532,14 @@ void for_each_block(const Call& call) {
   }
 }
 
+// Channels the broadcast forward stages before it streams them out: the fewest whole groups that fill whole
+// registers (K where K fills them itself)
+constexpr int staged_channels(int k) {
+  int channels = k;
+  while (channels % kLanes != 0) channels += k;
+  return channels;
+}
+
 template <typename scalar_t, int K, int P, bool Inside>
 void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g,
                       const Group<scalar_t, K>& group, bool stream, int64_t b, int64_t oy, int64_t ox) {
@@ -505,9 +548,10 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
   // multiply-adds need no address arithmetic between them). Inside: every tap of the P pixels falls inside the input
   // row (no checks per pixel). Stream: streaming stores (streams()).
   using V = Lanes<scalar_t>;
-  constexpr int R = Group<scalar_t, K>::R, D = broadcast_rows_at_once(K, R, P);
+  constexpr int R = Group<scalar_t, K>::R, D = broadcast_rows_at_once(K, R, P), S = staged_channels(K);
   const int64_t c = g.c, h = g.h, w = g.w, kh = g.kh, kw = g.kw, sw = g.sw, step = sw * c;  // in registers
   scalar_t* out = y + ((b * g.oh + oy) * g.ow + ox) * c;
+  alignas(64) scalar_t staged[P][S + R * kLanes];  // where K % kLanes != 0 and stream: the last S channels' sums
   for (int64_t base = 0; base < c; base += K) {
     V sums[P][R];  // sums[p][e]: output channel base + e of pixel p
     #pragma GCC unroll 16
@@ -546,10 +590,20 @@ void broadcast_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, cons
       if (K % kLanes == 0 && stream) {
         #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) sums[p][r].stream(out + p * c + base + r * kLanes);
-      } else if (base + K < c)
+      } else if (stream) {
+        Group<scalar_t, K>::store_all(sums[p], staged[p] + base % S);
+      } else if (base + K < c) {
         Group<scalar_t, K>::store_all(sums[p], out + p * c + base);
-      else
+      } else {
         group.store(sums[p], out + p * c + base);
+      }
+    }
+    if (K % kLanes != 0 && stream && (base + K) % S == 0) {  // S channels staged: streamed out in whole registers
+      #pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+        #pragma GCC unroll 16
+        for (int r = 0; r < S / kLanes; ++r)
+          V::load(staged[p] + r * kLanes).stream(out + p * c + base + K - S + r * kLanes);
     }
   }
 }
@@ -569,44 +623,27 @@ void broadcast_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scala
   // channel base, over image b; sums (R * kLanes per input channel: whole registers) are written once
   using V = Lanes<scalar_t>;
   constexpr int R = Group<scalar_t, K>::R;
-  const int64_t c = g.c, w = g.w, dw = g.dw;  // in registers, not re-read
-  V acc[J][D][R];  // acc[j][d][e]: the tap of column j0 + j from input channel base + d0 + d to output channel base + e
-  #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j)
-    #pragma GCC unroll 16
-    for (int d = 0; d < D; ++d)
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[j][d][r] = V::zero();
+  const int64_t c = g.c, w = g.w;  // in registers, not re-read
+  V acc[J][D][R] = {};  // acc[j][d][e]: the tap of column j0 + j from input channel base + d0 + d to output base + e
   for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + base + d0;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + base;
     return [&, in_row, dy_row](int64_t ox, auto checked) {
       V dy[R];
       group.load(dy, dy_row + ox * c);
-      const int64_t first = g.in_x(ox, j0);
-      #pragma GCC unroll 16
-      for (int j = 0; j < J; ++j) {
-        if constexpr (decltype(checked)::value) {
-          if (first + j * dw < 0 || first + j * dw >= w) continue;
-        }
-        const scalar_t* in = in_row + (first + j * dw) * c;
+      for_gradient_inputs<J>(g, in_row, ox, j0, checked, [&](int j, const scalar_t* in) {
         #pragma GCC unroll 16
         for (int d = 0; d < D; ++d) {
           const V value = V::broadcast(in + d);
           #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) acc[j][d][r] = acc[j][d][r].fma(dy[r], value);
         }
-      }
+      });
     };
   });
-  #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j)
-    #pragma GCC unroll 16
-    for (int d = 0; d < D; ++d) {
-      scalar_t* sum = sums + ((i * g.kw + j0 + j) * c + base + d0 + d) * R * kLanes;
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) (V::load(sum + r * kLanes) + acc[j][d][r]).store(sum + r * kLanes);
-    }
+  add_sums(acc, [&](int j, int d, int r) {
+    return sums + (((i * g.kw + j0 + j) * c + base + d0 + d) * R + r) * kLanes;
+  });
 }
 
 template <typename scalar_t, int K, int J>
@@ -619,6 +656,121 @@ void broadcast_gradient_channels(const scalar_t* x, const scalar_t* grad_y, scal
     broadcast_gradient_columns<scalar_t, K, J, D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
   if constexpr (K % D != 0)
     broadcast_gradient_columns<scalar_t, K, J, K % D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
+}
+
+// Channels in a block of the broadcast kernel's packed gradient at K channels per group: the fewest whole groups that
+// fill whole registers (at most kMaxPackedRegisters), where no register holds channels of more than two groups and
+// the groups alone do not fill whole registers (where they do, no lane idles); else 0. AVX-512: 16 at K = 8 (two
+// groups per register), 48 at 12 (four groups in three registers); AVX2: 24 at 12.
+constexpr int kMaxPackedRegisters = 3;
+constexpr int packed_channels(int k) {
+  const int channels = staged_channels(k);
+  if (k % kLanes == 0 || channels > kMaxPackedRegisters * kLanes) return 0;
+  for (int l = 0; l < channels; l += kLanes)
+    if ((l + kLanes - 1) / k - l / k > 1) return 0;
+  return channels;
+}
+
+// A packed block's R registers: register r's lanes below split(r) hold channels of the block's group low(r), the rest
+// (where split(r) < kLanes) of group low(r) + 1.
+template <typename scalar_t, int K>
+struct Pack {
+  using V = Lanes<scalar_t>;
+  static constexpr int S = packed_channels(K), R = S / kLanes;
+  static constexpr int low(int r) { return r * kLanes / K; }
+  static constexpr int split(int r) { return (low(r) + 1) * K - r * kLanes; }
+  // whether register r takes its two groups' values from its neighbours' (register r - 1 ends with group low(r),
+  // register r + 1 starts with group low(r) + 1): one permutation instead of two broadcasts
+  static constexpr bool joined(int r) {
+    return r > 0 && r < R - 1 && split(r) < kLanes && (r * kLanes - 1) / K == low(r) && low(r + 1) == low(r) + 1;
+  }
+  typename V::Mask lower[R];
+  typename V::Index ends[R];  // joined(r): register r - 1's last lane below split(r), r + 1's first above it
+  Pack() {
+    for (int r = 0; r < R; ++r) {
+      lower[r] = V::mask(std::min(split(r), kLanes));
+      int lanes[kLanes];
+      for (int l = 0; l < kLanes; ++l) lanes[l] = l < split(r) ? kLanes - 1 : kLanes;
+      ends[r] = V::indices(lanes);
+    }
+  }
+  // into[r]: value d of each group of the block (at p = the block's first channel + d, p[group * K]) in the lanes of
+  // that group's channels
+  void values(const scalar_t* p, V* into) const {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if (joined(r)) continue;
+      into[r] = split(r) >= kLanes ? V::broadcast(p + low(r) * K)
+                                   : V::broadcast(p + (low(r) + 1) * K).with(lower[r], p + low(r) * K);
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      if (joined(r)) into[r] = into[r - 1].joined(into[r + 1], ends[r]);
+  }
+};
+
+// Kernel columns the packed taps' gradient sums at once, and places in the groups' outputs (K in even parts): J * E * R
+// sums, E * R gradient values and R inputs in registers.
+constexpr int packed_columns_at_once() { return 3; }
+constexpr int packed_outputs_at_once(int k, int r) {
+  const int most = std::max(1, (kRegisters - 1 - r) / ((packed_columns_at_once() + 1) * r));
+  const int parts = (k + most - 1) / most;
+  return (k + parts - 1) / parts;
+}
+
+template <typename scalar_t, int K, int J, int E>
+void packed_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
+                             const Pack<scalar_t, K>& pack, int64_t b, int64_t i, int64_t j0, int64_t base, int e0) {
+  // kernel columns j0 .. j0 + J - 1 of kernel row i, places e0 .. e0 + E - 1 of the output channels of the block's
+  // groups at channel base, over image b; sums (kh x kw x K x C: the place in the group, the input channel) are
+  // written once
+  using V = Lanes<scalar_t>;
+  constexpr int R = Pack<scalar_t, K>::R;
+  const int64_t c = g.c, w = g.w;  // in registers, not re-read
+  V acc[J][E][R] = {};  // acc[j][e][r]: the taps of column j0 + j from the input channels in register r to place e0 + e
+  for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
+    const scalar_t* in_row = x + (b * g.h + iy) * w * c + base;
+    const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + base + e0;
+    return [&, in_row, dy_row](int64_t ox, auto checked) {
+      V dy[E][R];  // dy[e][r]: the output gradient at place e0 + e of each group, in the lanes of its inputs
+      #pragma GCC unroll 16
+      for (int e = 0; e < E; ++e) pack.values(dy_row + ox * c + e, dy[e]);
+      for_gradient_inputs<J>(g, in_row, ox, j0, checked, [&](int j, const scalar_t* in) {
+        V value[R];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) value[r] = V::load(in + r * kLanes);
+        #pragma GCC unroll 16
+        for (int e = 0; e < E; ++e)
+          #pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) acc[j][e][r] = acc[j][e][r].fma(value[r], dy[e][r]);
+      });
+    };
+  });
+  add_sums(acc, [&](int j, int e, int r) { return sums + ((i * g.kw + j0 + j) * K + e0 + e) * c + base + r * kLanes; });
+}
+
+// The broadcast taps' gradient (kh x kw x C x K) where blocks of packed_channels(K) fill the channels: summed as
+// kh x kw x K x C (the input channels in the lanes, each group's output gradient broadcast to its own), then laid out
+// as the taps.
+template <typename scalar_t, int K>
+void packed_taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
+  constexpr int J = packed_columns_at_once(), E = packed_outputs_at_once(K, Pack<scalar_t, K>::R);
+  const Pack<scalar_t, K> pack;
+  auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
+    for_gradient_columns<J>(g, begin, end, Pack<scalar_t, K>::S,
+                            [&](int64_t b, int64_t base, int64_t i, int64_t j, auto columns) {
+      for_each_block<0, E, K>([&](auto e0, auto width) {
+        packed_gradient_columns<scalar_t, K, decltype(columns)::value, decltype(width)::value>(
+            x, grad_y, sums, g, pack, b, i, j, base, decltype(e0)::value);
+      });
+    });
+  };
+  const int64_t taps = g.kh * g.kw, c = g.c;
+  const std::vector<scalar_t> total = thread_sums<scalar_t>(taps * K * c, g.n, 1, images);
+  for (int64_t tap = 0; tap < taps; ++tap)  // kh x kw x K x C -> kh x kw x C x K
+    for (int64_t e = 0; e < K; ++e)
+      for (int64_t channel = 0; channel < c; ++channel)
+        grad_taps[(tap * c + channel) * K + e] = total[(tap * K + e) * c + channel];
 }
 
 // The convolution of x (channels-last N x C x H x W) by kh x kw kernels of k channels per group, k from min_k to max_k.
@@ -696,7 +848,7 @@ struct Broadcast {
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
     const Group<scalar_t, K> group;
     constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
-    const bool stream = streams<K>(y, g);
+    const bool stream = g.c % staged_channels(K) == 0 && streams<staged_channels(K)>(y, g);
     for_pixel_blocks<P>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
       broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, stream,
                                                                                       b, oy, ox);
@@ -706,6 +858,9 @@ struct Broadcast {
 
   template <typename scalar_t, int K>
   static void taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* grad_taps, const Geometry& g) {
+    if constexpr (packed_channels(K) > 0) {
+      if (g.c % packed_channels(K) == 0) return packed_taps_gradient<scalar_t, K>(x, grad_y, grad_taps, g);
+    }
     constexpr int J = broadcast_columns_at_once(), width = Group<scalar_t, K>::R * kLanes;  // padded to registers
     const Group<scalar_t, K> group;
     const int64_t taps = g.kh * g.kw * g.c;  // rows of K entries
