@@ -92,7 +92,7 @@ struct Lanes<float> {
   static Lanes zero() { return {_mm512_setzero_ps()}; }
   static Lanes broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
   // the lanes in m take *p, the others keep this register's
-  Lanes with(Mask m, const float* p) const { return {_mm512_mask_broadcastss_ps(v, m, _mm_load_ss(p))}; }  // m: *p
+  Lanes with(Mask m, const float* p) const { return {_mm512_mask_broadcastss_ps(v, m, _mm_load_ss(p))}; }
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
   static Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }  // every lane
   void store(float* p) const { _mm512_storeu_ps(p, v); }
