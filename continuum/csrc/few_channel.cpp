@@ -296,11 +296,11 @@ template <typename V, int J, int X, int R, typename At>
 }
 
 // Whether a forward pass whose blocks are whole registers (`Block` channels, a multiple of kLanes) writes y with
-// streaming stores: the blocks sit at addresses aligned to registers (the channels a multiple of kLanes, y aligned).
+// streaming stores: the channels fill whole blocks, which then sit at addresses aligned to registers (y aligned).
 // Blocks of other widths never stream (their kernels are compiled without the branch).
 template <int Block, typename scalar_t>
 bool streams(const scalar_t* y, const Geometry& g) {
-  return Block % kLanes == 0 && g.c % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
+  return Block % kLanes == 0 && g.c % Block == 0 && reinterpret_cast<uintptr_t>(y) % (kLanes * sizeof(scalar_t)) == 0;
 }
 
 // Registers in a block of the rotated kernel's forward pass and of its kernel gradient, where the channels fill whole
@@ -848,7 +848,7 @@ struct Broadcast {
   static void forward(const scalar_t* x, const scalar_t* taps, scalar_t* y, const Geometry& g) {
     const Group<scalar_t, K> group;
     constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
-    const bool stream = g.c % staged_channels(K) == 0 && streams<staged_channels(K)>(y, g);
+    const bool stream = streams<staged_channels(K)>(y, g);
     for_pixel_blocks<P>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
       broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, stream,
                                                                                       b, oy, ox);
