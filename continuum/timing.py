@@ -15,7 +15,7 @@ import platform
 import random
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +125,8 @@ def call_times(fn: Callable[[], object], device: torch.device, repeats: int = 3,
 
 
 def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device, rounds: int,
-                      min_total_ms: float, max_rounds: int = 50, contexts: Sequence[Sequence[str]] = ()
-                      ) -> dict[str, list[float]]:
+                      min_total_ms: float, max_rounds: int = 50, contexts: Sequence[Sequence[str]] = (),
+                      references: Collection[str] = ()) -> dict[str, list[float]]:
     """Milliseconds of each call, timed in rounds of one call each, so that a slow spell of the machine hits every
     call of a round alike: round ``i`` of two calls is a fair pair. Each round runs the calls in a new (seeded)
     random order, so that no call always follows the same one (caches, the previous call's memory) or always
@@ -142,6 +142,9 @@ def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device
             in random order), each group after an untimed call of a random member: so that every timed call
             follows one of its own kind, as in a model, whose layers share one memory format (on CPUs a
             channels-last conv right after an NCHW one can take 20-30 % longer). Names in no group form one more.
+        references: names of calls timed in every round beside the others (e.g. a copy whose speed gives a
+            roofline floor in the same rounds) that do not count toward ``min_total_ms``: a short reference does
+            not add rounds.
 
     Returns:
         ``{column name: one time per round}``.
@@ -152,7 +155,8 @@ def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device
     times: dict[str, list[float]] = {name: [] for name in calls}
     rng = random.Random(0)
     done = 0
-    while done < rounds or (min(map(sum, times.values())) < min_total_ms and done < max_rounds):
+    tallied = [times[name] for name in calls if name not in references]
+    while done < rounds or (min(map(sum, tallied), default=math.inf) < min_total_ms and done < max_rounds):
         rng.shuffle(blocks)
         for block in blocks:
             if contexts:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -35,6 +36,14 @@ def test_interleaved_times_time_every_call_once_a_round_until_each_had_its_time(
     order.clear()
     interleaved_times(calls, torch.device("cpu"), rounds=1, min_total_ms=1e6, max_rounds=7)
     assert len(order) == 4 * 7  # "b" never adds up to the minimum: stops at max_rounds
+
+
+def test_a_reference_call_is_timed_every_round_but_adds_none():
+    calls = {"layer": lambda: time.sleep(0.002), "copy": lambda: None}
+    times = interleaved_times(calls, torch.device("cpu"), rounds=1, min_total_ms=10, references=["copy"])
+    assert len(times["layer"]) <= 5 and len(times["copy"]) == len(times["layer"])  # the layer's 10 ms, not 50 rounds
+    times = interleaved_times(calls, torch.device("cpu"), rounds=3, min_total_ms=10, references=["layer", "copy"])
+    assert [len(t) for t in times.values()] == [3, 3]  # nothing tallied: the rounds asked for
 
 
 def test_interleaved_times_keep_each_context_together_after_an_untimed_call():
@@ -85,12 +94,13 @@ def test_bench_writes_the_conv_table(tmp_path, tuning):
     assert list(conv["segments"].astype(str).unique()) == ["1", "2", "4", "8", "all"]
     assert (conv["ours_ms"] == conv[["ours_nchw_ms", "ours_cl_ms"]].min(axis=1)).all()
     assert set(conv["ours_layout"]) <= {"nchw", "cl"}
-    for column in ("ours_ms", "native_nchw_ms", "native_cl_ms", "fastest_native_ms", "achieved_gflops", "copy_gbps",
-                   "floor_ms", "x_floor", "strategy", "device"):
+    for column in ("ours_ms", "native_nchw_ms", "native_cl_ms", "fastest_native_ms", "achieved_gflops", "copy_ms",
+                   "copy_gbps", "floor_ms", "x_floor", "strategy", "device"):
         assert conv[column].notna().all(), column
     assert (conv["floor_ms"] > 0).all() and (conv["speedup_vs_native"] > 0).all()
-    assert conv["copy_gbps"].nunique() == 1  # one copy per shape, at its layers' footprint, for every row of it
-    assert "copy at each shape's layer footprint (input, output, their gradients): tiny float32 " in result.stdout
+    # the floor's copy timed in each row's rounds: x_floor is a median of per-round ratios, with its interval
+    assert ((conv["x_floor_low"] <= conv["x_floor"]) & (conv["x_floor"] <= conv["x_floor_high"])).all()
+    assert "their gradients), timed in each row's rounds: tiny float32 " in result.stdout
     # each tuning's evidence, or why it did not tune (busy cores: loaded, or other tests running beside this one)
     assert "conv strategy for " in result.stderr or "not tuned: " in result.stderr
     for _, rows in conv.groupby("layer"):  # each count against the one before it, timed in the same rounds
