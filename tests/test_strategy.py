@@ -687,10 +687,11 @@ def test_on_a_cpu_with_its_load_measured_a_slow_reference_alone_is_not_busy(monk
 def test_the_fused_float32_passes_match_float64_at_every_channel_tail_and_image_edge():
     if depthwise_kernels() is None:
         pytest.skip("the fused kernel needs a compiler")
-    torch.manual_seed(0)  # 3 x 3, stride 1, padding 1 in float32: the register-blocked path on AVX-512 CPUs (two
-    # rows at a time, an odd height's last pair with its second row outside; streaming stores where the channels
-    # fill 16-float vectors)
-    for channels, height, width in ((16, 5, 4), (20, 3, 7), (5, 1, 1), (33, 2, 1), (48, 1, 3), (32, 4, 2), (64, 7, 5)):
+    torch.manual_seed(0)  # 3 x 3, stride 1, padding 1 in float32: the register-blocked path on AVX-512 CPUs (the
+    # backward two rows at a time, the forward six: a last block with rows outside the image at every height but 12;
+    # streaming stores where the channels fill 16-float vectors)
+    for channels, height, width in ((16, 5, 4), (20, 3, 7), (5, 1, 1), (33, 2, 1), (48, 1, 3), (32, 4, 2), (64, 7, 5),
+                                    (16, 12, 3), (17, 13, 2)):
         x = torch.randn(3, channels, height, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(channels, 1, 3, 3, dtype=torch.float64)
         upstream = torch.randn_like(x)
