@@ -181,7 +181,7 @@ def test_shapes_are_named_or_written_out():
 
 def test_kernel_revisions_takes_a_revisions_sources_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
     from conftest import load_benchmark
-    from continuum.compiled import SOURCES
+    from continuum.compiled import SOURCES, depthwise_kernels
 
     revisions = load_benchmark("kernel_revisions")
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCES, capture_output=True).returncode != 0:
@@ -193,10 +193,15 @@ def test_kernel_revisions_takes_a_revisions_sources_and_refuses_bad_input(tmp_pa
     assert folder == revisions.revision_sources("HEAD")  # one folder a commit: its build is reused
     with pytest.raises(ValueError, match="--base no-such-revision: "):
         revisions.revision_sources("no-such-revision")
-    for args, message in ((["--base", "HEAD", "--widths", "1"], "--widths=1 is not valid; use a whole number in 2..16"),
+    for args, message in ((["--base", "HEAD", "--widths", "0"], "--widths=0 is not valid; use a whole number in 1..16"),
                           (["--base", "HEAD", "--widths", "5"], "--widths: none divides the channels"),
                           (["--widths", "2"], "the following arguments are required: --base")):
         monkeypatch.setattr(sys, "argv", ["kernel_revisions.py", "--out", str(tmp_path), *args])
         with pytest.raises(SystemExit) as exit_:
             revisions.main()
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    if depthwise_kernels() is not None:  # width 1: the depthwise kernels' two passes
+        passes = revisions.pass_calls(depthwise_kernels(), parse_shapes("16x4x2")[0], 1, seed=0)
+        assert list(passes) == ["forward", "backward"] and revisions.source(1) == "depthwise"
+        assert passes["forward"]().shape == (2, 16, 4, 4) and [t.shape for t in passes["backward"]()] == [
+            (2, 16, 4, 4), (16, 1, 3, 3)]
