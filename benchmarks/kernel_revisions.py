@@ -123,9 +123,9 @@ def main() -> None:
         parser.error("--widths: none divides the channels of --shapes; give widths that do, such as 2,4 for 96x28x64")
     sources = {source(k) for _, k in pairs}
     head = {name: {"depthwise": depthwise_kernels, "few_channel": few_channel_kernels}[name]() for name in sources}
-    if head.get("few_channel", True) is None:
+    if "few_channel" in head and head["few_channel"] is None:
         parser.error("the few-channel kernels cannot be built here (no compiler, or neither AVX-512 nor AVX2)")
-    if head.get("depthwise", True) is None:
+    if "depthwise" in head and head["depthwise"] is None:
         parser.error("the depthwise kernels cannot be built here (no compiler)")
     keep_freed_memory()
     try:

@@ -126,9 +126,9 @@ void backward_3x3(const float* x, const float* taps, const float* grad_y, float*
 #endif
 
 #ifdef __AVX512F__
-// Output rows the forward 3 x 3 path computes in one sweep: each input vector loaded serves up to three of them (8
-// loads per output vector where two rows take 12 and one 18). Six ran 1.09-1.24x as fast as two on Zen 4 (four
-// 1.0-1.15x); eight, 0.5x: the compiler no longer kept the sums in registers.
+// Output rows the forward 3 x 3 path computes in one sweep: each input vector loaded serves up to three of them (4
+// loads per output vector where two rows take 6 and one 9). Six ran 1.09-1.24x as fast as two on Zen 4 (four
+// 0.99-1.15x; eight 0.48-0.65x: the compiler no longer kept the sums in registers).
 constexpr int kForwardRows = 6;
 
 // kForwardRows output rows of the forward 3 x 3 path at one column: `rows[r]` (r = 0 .. kForwardRows + 1) point at
