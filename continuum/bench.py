@@ -194,19 +194,19 @@ def segment_counts(channels: int) -> list[int]:
     return sorted(set(powers) | {channels // p for p in powers})
 
 
-def footprint_copy(device: torch.device, footprint: int, moved: float) -> tuple[Callable[[], None], int]:
-    """A call copying between two float32 tensors of about ``footprint`` bytes together on ``device``, as many
-    times as moving ``moved`` bytes takes (once at least), so that it lasts about as long as a layer's memory
-    traffic; and the bytes it moves (read + write). Where both tensors fit in a cache the copy runs at that cache's
-    speed (on a CPU with a 300 MiB L3, a 26 MB copy ran 2.2x as fast as a 256 MB one).
-
-    Args:
-        device: where to copy.
-        footprint: bytes of the two tensors together.
-        moved: bytes the call should move at least.
-    """
+def footprint_tensors(device: torch.device, footprint: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 tensors of about ``footprint`` bytes together on ``device`` (source, destination: both touched),
+    for :func:`footprint_copy`. Where both fit in a cache a copy between them runs at that cache's speed (on a CPU
+    with a 300 MiB L3, a 26 MB copy ran 2.2x as fast as a 256 MB one)."""
     src = torch.empty(max(footprint // 8, 1), device=device).normal_()
-    dst = torch.empty_like(src)
+    return src, src.clone()
+
+
+def footprint_copy(tensors: tuple[torch.Tensor, torch.Tensor], moved: float) -> tuple[Callable[[], None], int]:
+    """A call copying ``tensors`` (:func:`footprint_tensors`) from the first to the second as many times as moving
+    ``moved`` bytes takes (once at least), so that it lasts about as long as a layer's memory traffic; and the bytes
+    it moves (read + write)."""
+    src, dst = tensors
     per_copy = 2 * src.numel() * src.element_size()
     copies = max(1, math.ceil(moved / per_copy))
 
@@ -214,7 +214,6 @@ def footprint_copy(device: torch.device, footprint: int, moved: float) -> tuple[
         for _ in range(copies):
             dst.copy_(src)
 
-    call()  # warm: the first touch of the pages
     return call, copies * per_copy
 
 
@@ -258,7 +257,8 @@ def _layer(name: str, channels: int, segments: int, dtype: torch.dtype, device: 
 
 
 def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.device, peak: float,
-              timing: dict[str, float], fewer: dict[str, tuple[int, str]], loaded: bool = False) -> list[dict]:
+              footprint: tuple[torch.Tensor, torch.Tensor], timing: dict[str, float],
+              fewer: dict[str, tuple[int, str]], loaded: bool = False) -> list[dict]:
     """Both layers' rows at one segment count.
 
     Args:
@@ -267,6 +267,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
         dtype: parameters and input.
         device: where to run.
         peak: the roofline's peak FLOP/s.
+        footprint: the shape's :func:`footprint_tensors`, copied in the layers' rounds for the floor.
         timing: ``rounds`` and ``min_total_ms`` for :func:`interleaved_times`.
         fewer: per layer, the previous segment count and the input layout it ran fastest on; that layer at that
             count is timed in the same rounds, for a fair ``x_fewer_segments``. Updated with this count.
@@ -300,7 +301,7 @@ def _rows_for(shape: Shape, segments: int, dtype: torch.dtype, device: torch.dev
             contexts[layout].append("fewer_ms")
         weights = c * c // segments * 9 + extra_weights
         tensor_bytes = 3 * (tensors * shape.input_bytes(dtype) + weights * x.element_size())
-        calls["copy_ms"], copied = footprint_copy(device, shape.layer_bytes(dtype), tensor_bytes)
+        calls["copy_ms"], copied = footprint_copy(footprint, tensor_bytes)
         times = interleaved_times(calls, device, **timing, contexts=list(contexts.values()), references=["copy_ms"])
         row = _row(common, name, times, strategies, flops=3 * 2 * pixels * weights, tensor_bytes=tensor_bytes,
                    copied=copied, peak=peak)
@@ -393,8 +394,10 @@ def conv_table(shapes: Sequence[Shape], dtypes: Sequence[torch.dtype], device: t
     for shape in shapes:
         for dtype in dtypes:
             fewer: dict[str, tuple[int, str]] = {}
+            footprint = footprint_tensors(device, shape.layer_bytes(dtype))  # one pair for all of the shape's rows
             for count in shape_counts(shape, segments):
-                rows += _rows_for(shape, count, dtype, device, peaks[dtype_name(dtype)], timing, fewer, loaded)
+                rows += _rows_for(shape, count, dtype, device, peaks[dtype_name(dtype)], footprint, timing, fewer,
+                                  loaded)
                 print(f"  {shape.name} {dtype} segments={count}: done", file=sys.stderr, flush=True)
     return pd.DataFrame(rows), peaks
 
