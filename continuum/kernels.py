@@ -13,8 +13,9 @@ float rounding:
 - ``fused``: depthwise only, on the CPU in float32/float64: a C++ backward pass (:mod:`continuum.compiled`) that
   computes the input and kernel gradients in one sweep over the output gradient instead of two, and torch's
   channels-last forward pass (3 x 3, stride 1, "same" padding in float32 on an AVX-512 CPU: both passes in C++, 16
-  channels and two output rows (the forward pass: six) at a time, the kernel gradient summed in registers, outputs
-  written with streaming stores). A candidate only where the C++ kernel could be built.
+  channels and two output rows (the forward pass: six) at a time, in bands of rows fetched into L2 while the band
+  before runs, the kernel gradient summed in registers, outputs written with streaming stores). A candidate only
+  where the C++ kernel could be built.
 - ``rotated``: 2 to 7 input and output channels per segment, stride 1, on a CPU with AVX-512 or AVX2, in float32
   (and float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one
   loaded row of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input

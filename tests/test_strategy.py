@@ -689,9 +689,10 @@ def test_the_fused_float32_passes_match_float64_at_every_channel_tail_and_image_
         pytest.skip("the fused kernel needs a compiler")
     torch.manual_seed(0)  # 3 x 3, stride 1, padding 1 in float32: the register-blocked path on AVX-512 CPUs (the
     # backward two rows at a time, the forward six: a last block with rows outside the image at every height but 12;
-    # streaming stores where the channels fill 16-float vectors)
+    # streaming stores where the channels fill 16-float vectors). The last two have rows so wide (over 8,192 floats)
+    # that a band of rows is two rows backward and six forward: each image several bands, its last one shorter.
     for channels, height, width in ((16, 5, 4), (20, 3, 7), (5, 1, 1), (33, 2, 1), (48, 1, 3), (32, 4, 2), (64, 7, 5),
-                                    (16, 12, 3), (17, 13, 2)):
+                                    (16, 12, 3), (17, 13, 2), (48, 13, 180), (40, 13, 205)):
         x = torch.randn(3, channels, height, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(channels, 1, 3, 3, dtype=torch.float64)
         upstream = torch.randn_like(x)
@@ -701,7 +702,9 @@ def test_the_fused_float32_passes_match_float64_at_every_channel_tail_and_image_
         y = run_strategy(Strategy("fused"), x32, w32, None, ConvGeometry((1, 1), (1, 1), (1, 1), channels))
         torch.testing.assert_close(y.double(), F.conv2d(x, w, None, 1, 1, 1, channels), rtol=1e-5, atol=1e-5)
         for got, expected in zip(torch.autograd.grad(y, (x32, w32), upstream.float()), want):
-            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+            # a kernel gradient entry sums N x H x W products: float32's rounding grows with the partial sums
+            tolerance = 1e-5 + 2e-6 * float(expected.abs().max())
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=tolerance)
     bias = torch.randn(48)
     x = torch.randn(2, 48, 6, 6).contiguous(memory_format=torch.channels_last)
     w = torch.randn(48, 1, 3, 3)

@@ -9,15 +9,17 @@
 // thread sums kernel gradients in its own buffer, and the buffers are added at the end.
 //
 // float32 3 x 3 convs of stride 1, padding 1 and dilation 1 on an AVX-512 CPU take a register-blocked path instead:
-// for each image and each 16 channels, one sweep over the pixels, two output rows at a time, gathers each
-// input-gradient vector from its 9 neighbours' output gradients (a forward conv with the kernel turned by 180
-// degrees) and adds each kernel tap's products into one of 9 registers, so every pixel's input gradient is written
-// once and no sum goes to memory until the image's end; each vector loaded serves both rows (12 loads per pixel
-// pair where one row at a time takes 18 per pixel). An image's 16-channel slice is read from L2 after the first
-// slice brought it in. The forward pass of the same convs takes the same sweep six output rows at a time
-// (`kForwardRows`; other convs and dtypes go to torch's conv2d). Where the channels fill whole 16-float vectors, both
-// write their output with streaming stores: the tensors are larger than the caches, and a plain store first reads
-// each line it writes.
+// for each band of an image's rows and each 16 channels, one sweep over the band's pixels, two output rows at a time,
+// gathers each input-gradient vector from its 9 neighbours' output gradients (a forward conv with the kernel turned
+// by 180 degrees) and adds each kernel tap's products into one of 9 registers, so every pixel's input gradient is
+// written once and the sums go to memory once per band; each vector loaded serves both rows (12 loads per pixel pair
+// where one row at a time takes 18 per pixel). The forward pass of the same convs takes the same sweep six output
+// rows at a time (`kForwardRows`; other convs and dtypes go to torch's conv2d). A band is the rows whose tensors read
+// span 256 KiB (`kBandBytes`): the first 16 channels' sweep finds it in L2, fetched there while the band before it
+// was swept (`BandAhead`), and the others read it from L2. Where each sweep waited for memory, a line per pixel (in
+// cache the backward ran 2.5-3x as fast), the backward ran 1.15-1.65x and the forward 1.03-1.19x as fast on Zen 4.
+// Where the channels fill whole 16-float vectors, both write their output with streaming stores: the tensors are
+// larger than the caches, and a plain store first reads each line it writes.
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>  // pybind11, at::Tensor casts (torch/extension.h: twice the build)
 
@@ -92,34 +94,72 @@ inline void row_pointers(T* image, int64_t first, int64_t h, int64_t row, T* (&r
   for (int r = 0; r < count; ++r) rows[r] = first + r >= 0 && first + r < h ? image + (first + r) * row : nullptr;
 }
 
+// The bytes of the tensors a pass reads that one band of rows spans: the band being swept and the next, being
+// fetched, fill half of a 1 MiB L2 (on Zen 4 128 KiB ran as fast, 512 KiB up to 20 % slower).
+constexpr int64_t kBandBytes = 256 * 1024;
+
+// Rows per band where each row of the tensors read spans `row_bytes`: a multiple of `rows_per_sweep`, one sweep at
+// least.
+inline int64_t band_rows(int64_t row_bytes, int64_t rows_per_sweep) {
+  return std::max<int64_t>(1, kBandBytes / row_bytes / rows_per_sweep) * rows_per_sweep;
+}
+
+// Fetches into L2 the next band of each of `Tensors` tensors while a band is swept, a share of its lines at each of
+// the sweep's `steps` steps, in memory order (a sweep reads one line per pixel, 4 C bytes apart). Into L2 only
+// (`_MM_HINT_T1`): fetching into L1 as well did not help.
+template <int Tensors>
+class BandAhead {
+ public:
+  // `from[t]` points at the next band's first float in tensor t, `floats` the band's length (0: nothing to fetch).
+  BandAhead(const float* const (&from)[Tensors], int64_t floats, int64_t steps)
+      : lines_(floats * int64_t(sizeof(float)) / 64), per_step_((lines_ + steps - 1) / steps) {
+    for (int t = 0; t < Tensors; ++t) from_[t] = reinterpret_cast<const char*>(from[t]);
+  }
+
+  // Fetches the next share of the lines.
+  void step() {
+    for (const int64_t stop = std::min(lines_, done_ + per_step_); done_ < stop; ++done_)
+      for (int t = 0; t < Tensors; ++t) _mm_prefetch(from_[t] + done_ * 64, _MM_HINT_T1);
+  }
+
+ private:
+  const char* from_[Tensors];
+  int64_t lines_, per_step_, done_ = 0;
+};
+
 // The 3 x 3 path for images [begin, end): x, grad_y and grad_x are N x H x W x C, taps 3 x 3 x C; adds the kernel
 // gradient into `sums` (3 x 3 x C).
 template <bool Stream>
 void backward_3x3(const float* x, const float* taps, const float* grad_y, float* grad_x, float* sums, int64_t begin,
                   int64_t end, int64_t c, int64_t h, int64_t width) {
-  const int64_t row = width * c, image = h * row;
+  const int64_t row = width * c, image = h * row, band = band_rows(2 * row * int64_t(sizeof(float)), 2);
   for (int64_t b = begin; b < end; ++b) {
-    for (int64_t k = 0; k < c; k += 16) {
-      const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
-      __m512 tap[9], taps_sum[9];
-      for (int t = 0; t < 9; ++t) {
-        tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
-        taps_sum[t] = _mm512_setzero_ps();
+    for (int64_t first = 0; first < h; first += band) {
+      const int64_t last = std::min(first + band, h), next = b * image + last * row;  // the next image's after h
+      BandAhead<2> ahead({x + next, grad_y + next}, std::min(band * row, end * image - next),
+                         (c + 15) / 16 * ((last - first + 1) / 2));
+      for (int64_t k = 0; k < c; k += 16) {
+        const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
+        __m512 tap[9], taps_sum[9];
+        for (int t = 0; t < 9; ++t) {
+          tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
+          taps_sum[t] = _mm512_maskz_loadu_ps(m, sums + t * c + k);
+        }
+        for (int64_t y = first; y < last; y += 2) {
+          ahead.step();
+          const float *rows[4], *grad_rows[4];
+          row_pointers(x + b * image + k, y - 1, h, row, rows);
+          row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
+          float* row0 = grad_x + b * image + y * row + k;
+          float* row1 = y + 1 < h ? row0 + row : nullptr;  // rows[2, 3] and grad_rows[2, 3] are nullptr too then
+          pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row1, 0, width, c, m, tap, taps_sum);
+          for (int64_t col = 1; col < width - 1; ++col)
+            pixel_pair_3x3<false, Stream>(rows, grad_rows, row0, row1, col, width, c, m, tap, taps_sum);
+          if (width > 1)
+            pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row1, width - 1, width, c, m, tap, taps_sum);
+        }
+        for (int t = 0; t < 9; ++t) _mm512_mask_storeu_ps(sums + t * c + k, m, taps_sum[t]);
       }
-      for (int64_t y = 0; y < h; y += 2) {
-        const float *rows[4], *grad_rows[4];
-        row_pointers(x + b * image + k, y - 1, h, row, rows);
-        row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
-        float* row0 = grad_x + b * image + y * row + k;
-        float* row1 = y + 1 < h ? row0 + row : nullptr;  // rows[2, 3] and grad_rows[2, 3] are nullptr too then
-        pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row1, 0, width, c, m, tap, taps_sum);
-        for (int64_t col = 1; col < width - 1; ++col)
-          pixel_pair_3x3<false, Stream>(rows, grad_rows, row0, row1, col, width, c, m, tap, taps_sum);
-        if (width > 1) pixel_pair_3x3<true, Stream>(rows, grad_rows, row0, row1, width - 1, width, c, m, tap, taps_sum);
-      }
-      for (int t = 0; t < 9; ++t)
-        _mm512_mask_storeu_ps(sums + t * c + k, m,
-                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums + t * c + k), taps_sum[t]));
     }
   }
 }
@@ -161,22 +201,28 @@ inline void forward_rows_3x3(const float* const rows[kForwardRows + 2], float* c
 template <bool Stream>
 void forward_3x3(const float* x, const float* taps, const float* bias, float* y, int64_t begin, int64_t end,
                  int64_t c, int64_t h, int64_t width) {
-  const int64_t row = width * c, image = h * row;
+  const int64_t row = width * c, image = h * row, band = band_rows(row * int64_t(sizeof(float)), kForwardRows);
   for (int64_t b = begin; b < end; ++b) {
-    for (int64_t k = 0; k < c; k += 16) {
-      const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
-      __m512 tap[9];
-      for (int t = 0; t < 9; ++t) tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
-      const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + k) : _mm512_setzero_ps();
-      for (int64_t at = 0; at < h; at += kForwardRows) {
-        const float* rows[kForwardRows + 2];
-        row_pointers(x + b * image + k, at - 1, h, row, rows);
-        float* out[kForwardRows];
-        for (int o = 0; o < kForwardRows; ++o) out[o] = at + o < h ? y + b * image + (at + o) * row + k : nullptr;
-        forward_rows_3x3<true, Stream>(rows, out, 0, width, c, m, tap, start);
-        for (int64_t col = 1; col < width - 1; ++col)
-          forward_rows_3x3<false, Stream>(rows, out, col, width, c, m, tap, start);
-        if (width > 1) forward_rows_3x3<true, Stream>(rows, out, width - 1, width, c, m, tap, start);
+    for (int64_t first = 0; first < h; first += band) {
+      const int64_t last = std::min(first + band, h), next = b * image + last * row;  // the next image's after h
+      BandAhead<1> ahead({x + next}, std::min(band * row, end * image - next),
+                         (c + 15) / 16 * ((last - first + kForwardRows - 1) / kForwardRows));
+      for (int64_t k = 0; k < c; k += 16) {
+        const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
+        __m512 tap[9];
+        for (int t = 0; t < 9; ++t) tap[t] = _mm512_maskz_loadu_ps(m, taps + t * c + k);
+        const __m512 start = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + k) : _mm512_setzero_ps();
+        for (int64_t at = first; at < last; at += kForwardRows) {
+          ahead.step();
+          const float* rows[kForwardRows + 2];
+          row_pointers(x + b * image + k, at - 1, h, row, rows);
+          float* out[kForwardRows];
+          for (int o = 0; o < kForwardRows; ++o) out[o] = at + o < h ? y + b * image + (at + o) * row + k : nullptr;
+          forward_rows_3x3<true, Stream>(rows, out, 0, width, c, m, tap, start);
+          for (int64_t col = 1; col < width - 1; ++col)
+            forward_rows_3x3<false, Stream>(rows, out, col, width, c, m, tap, start);
+          if (width > 1) forward_rows_3x3<true, Stream>(rows, out, width - 1, width, c, m, tap, start);
+        }
       }
     }
   }
