@@ -658,10 +658,11 @@ def test_the_few_channel_kernels_float32_passes_match_float64_at_every_block_tai
     # stores where every block is whole registers (2, 3, 4, 16 and, with AVX2, 8 channels per group), staged first
     # where whole groups fill whole registers (at 8-15 16 or 32 groups do), the kernel gradient packed two groups to
     # a register at 8 and 12; with AVX-512, blocks of two or three registers at 2-4 channels per group (at 3 the groups
-    # cross from one into the next)
+    # cross from one into the next). The last: rows of 6,000-6,400 floats, so that the kernel gradient sweeps each
+    # image in two bands of output rows (five and one) and the forward fetches rows ahead across the two images
     kind = "rotated" if k in FEW_CHANNEL_WIDTHS else "broadcast"
     torch.manual_seed(k)
-    for groups, width in ((1, 5), (3, 7), (5, 17), (8, 9), (16, 6), (32, 5)):
+    for groups, width in ((1, 5), (3, 7), (5, 17), (8, 9), (16, 6), (32, 5), (64 // k, 100)):
         x = torch.randn(2, groups * k, 6, width, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         w = torch.randn(groups * k, k, 3, 3, dtype=torch.float64)
         geom = ConvGeometry((1, 1), (1, 1), (1, 1), groups)

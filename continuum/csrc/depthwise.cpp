@@ -14,10 +14,10 @@
 // by 180 degrees) and adds each kernel tap's products into one of 9 registers, so every pixel's input gradient is
 // written once and the sums go to memory once per band; each vector loaded serves both rows (12 loads per pixel pair
 // where one row at a time takes 18 per pixel). The forward pass of the same convs takes the same sweep six output
-// rows at a time (`kForwardRows`; other convs and dtypes go to torch's conv2d). A band is the rows whose tensors read
-// span 256 KiB (`kBandBytes`): the first 16 channels' sweep finds it in L2, fetched there while the band before it
-// was swept (`BandAhead`), and the others read it from L2. Where each sweep waited for memory, a line per pixel (in
-// cache the backward ran 2.5-3x as fast), the backward ran 1.15-1.65x and the forward 1.03-1.19x as fast on Zen 4.
+// rows at a time (`kForwardRows`; other convs and dtypes go to torch's conv2d). Both sweep an image in bands of rows
+// (bands.h), fetching the next band into L2 while one is swept: where each 16 channels' sweep over a whole image
+// waited for memory a line per pixel (in cache the backward ran about 3x as fast), the backward ran 1.2-1.5x and the
+// forward 1.0-1.3x as fast on Zen 4.
 // Where the channels fill whole 16-float vectors, both write their output with streaming stores: the tensors are
 // larger than the caches, and a plain store first reads each line it writes.
 #include <ATen/ATen.h>
@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bands.h"
 #include "thread_sums.h"
 
 namespace {
@@ -94,39 +95,6 @@ inline void row_pointers(T* image, int64_t first, int64_t h, int64_t row, T* (&r
   for (int r = 0; r < count; ++r) rows[r] = first + r >= 0 && first + r < h ? image + (first + r) * row : nullptr;
 }
 
-// The bytes of the tensors a pass reads that one band of rows spans: the band being swept and the next, being
-// fetched, fill half of a 1 MiB L2 (on Zen 4 128 KiB ran as fast, 512 KiB up to 20 % slower).
-constexpr int64_t kBandBytes = 256 * 1024;
-
-// Rows per band where each row of the tensors read spans `row_bytes`: a multiple of `rows_per_sweep`, one sweep at
-// least.
-inline int64_t band_rows(int64_t row_bytes, int64_t rows_per_sweep) {
-  return std::max<int64_t>(1, kBandBytes / row_bytes / rows_per_sweep) * rows_per_sweep;
-}
-
-// Fetches into L2 the next band of each of `Tensors` tensors while a band is swept, a share of its lines at each of
-// the sweep's `steps` steps, in memory order (a sweep reads one line per pixel, 4 C bytes apart). Into L2 only
-// (`_MM_HINT_T1`): fetching into L1 as well did not help.
-template <int Tensors>
-class BandAhead {
- public:
-  // `from[t]` points at the next band's first float in tensor t, `floats` the band's length (0: nothing to fetch).
-  BandAhead(const float* const (&from)[Tensors], int64_t floats, int64_t steps)
-      : lines_(floats * int64_t(sizeof(float)) / 64), per_step_((lines_ + steps - 1) / steps) {
-    for (int t = 0; t < Tensors; ++t) from_[t] = reinterpret_cast<const char*>(from[t]);
-  }
-
-  // Fetches the next share of the lines.
-  void step() {
-    for (const int64_t stop = std::min(lines_, done_ + per_step_); done_ < stop; ++done_)
-      for (int t = 0; t < Tensors; ++t) _mm_prefetch(from_[t] + done_ * 64, _MM_HINT_T1);
-  }
-
- private:
-  const char* from_[Tensors];
-  int64_t lines_, per_step_, done_ = 0;
-};
-
 // The 3 x 3 path for images [begin, end): x, grad_y and grad_x are N x H x W x C, taps 3 x 3 x C; adds the kernel
 // gradient into `sums` (3 x 3 x C).
 template <bool Stream>
@@ -136,8 +104,9 @@ void backward_3x3(const float* x, const float* taps, const float* grad_y, float*
   for (int64_t b = begin; b < end; ++b) {
     for (int64_t first = 0; first < h; first += band) {
       const int64_t last = std::min(first + band, h), next = b * image + last * row;  // the next image's after h
-      BandAhead<2> ahead({x + next, grad_y + next}, std::min(band * row, end * image - next),
-                         (c + 15) / 16 * ((last - first + 1) / 2));
+      const int64_t bytes = std::min(band * row, end * image - next) * int64_t(sizeof(float));
+      const int64_t steps = (c + 15) / 16 * ((last - first + 1) / 2);  // row pairs swept in the band
+      Ahead x_ahead(x + next, bytes, steps), grad_ahead(grad_y + next, bytes, steps);
       for (int64_t k = 0; k < c; k += 16) {
         const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
         __m512 tap[9], taps_sum[9];
@@ -146,7 +115,8 @@ void backward_3x3(const float* x, const float* taps, const float* grad_y, float*
           taps_sum[t] = _mm512_maskz_loadu_ps(m, sums + t * c + k);
         }
         for (int64_t y = first; y < last; y += 2) {
-          ahead.step();
+          x_ahead.step();
+          grad_ahead.step();
           const float *rows[4], *grad_rows[4];
           row_pointers(x + b * image + k, y - 1, h, row, rows);
           row_pointers(grad_y + b * image + k, y - 1, h, row, grad_rows);
@@ -205,8 +175,8 @@ void forward_3x3(const float* x, const float* taps, const float* bias, float* y,
   for (int64_t b = begin; b < end; ++b) {
     for (int64_t first = 0; first < h; first += band) {
       const int64_t last = std::min(first + band, h), next = b * image + last * row;  // the next image's after h
-      BandAhead<1> ahead({x + next}, std::min(band * row, end * image - next),
-                         (c + 15) / 16 * ((last - first + kForwardRows - 1) / kForwardRows));
+      Ahead ahead(x + next, std::min(band * row, end * image - next) * int64_t(sizeof(float)),
+                  (c + 15) / 16 * ((last - first + kForwardRows - 1) / kForwardRows));  // sweeps in the band
       for (int64_t k = 0; k < c; k += 16) {
         const __mmask16 m = c - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (c - k)) - 1);
         __m512 tap[9];

@@ -12,7 +12,7 @@
 // - forward: sums[e] = the taps' products with the loaded input rows, K depthwise multiply-adds per tap; the output
 //   is the sum over e of sums[e] rotated back by e (K - 1 rotations per block of outputs, not per tap);
 // - the taps' gradient (laid out as the taps): the output gradient's row rotated by e (once per pixel and kernel
-//   row) times the input rows, summed in registers over a whole image, J kernel columns at once.
+//   row) times the input rows, summed in registers over a band of an image's rows (bands.h), J kernel columns at once.
 // Its sums take K registers per pixel and block register, too many past K = 7.
 //
 // `broadcast` (K = MIN_BROADCAST to MAX_BROADCAST): one group per vector register (two where K is wider than a
@@ -56,6 +56,7 @@
 #include <utility>
 #include <vector>
 
+#include "bands.h"
 #include "thread_sums.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -209,16 +210,22 @@ struct Geometry {
 // width), `inside` a bool_constant, true where every tap of the block falls inside the input row (no checks per
 // pixel). The walk over the taps inside a block stays written out in each kernel's pixels function: shared as a
 // function taking the tap's work, it made GCC's code 7-28 % slower in one kernel or the other (AVX2, Zen 3).
-template <int P, typename Block>
-void for_pixel_blocks(const Geometry& g, const Block& block) {
+template <int P, typename scalar_t, typename Block>
+void for_pixel_blocks(const Geometry& g, const scalar_t* x, const Block& block) {
   const auto [inside_first, inside_last] = g.columns_inside(0, g.kw - 1);
+  const int64_t x_row = g.w * g.c;
   at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.oh, oy = row % g.oh;
+      // the last input row of the next output row, fetched into L2 while this one runs
+      const int64_t next_b = (row + 1) / g.oh, next_y = g.in_y((row + 1) % g.oh, g.kh - 1);
+      const bool fetch = row + 1 < end && next_y >= 0 && next_y < g.h;
+      Ahead ahead(x + (next_b * g.h + next_y) * x_row, fetch ? x_row * int64_t(sizeof(scalar_t)) : 0, g.ow / P);
       int64_t ox = 0;
       auto blocks = [&](auto pixels) {
         constexpr int Q = decltype(pixels)::value;
         for (; ox + Q <= g.ow; ox += Q) {
+          ahead.step();
           if (ox >= inside_first && ox + Q <= inside_last)
             block(b, oy, ox, pixels, std::true_type());
           else
@@ -233,28 +240,53 @@ void for_pixel_blocks(const Geometry& g, const Block& block) {
   });
 }
 
-// The kernel gradient's work on images begin to end - 1: columns(b, channel, i, j, width) for each image b, block of
-// `step` channels from `channel`, kernel row i and kernel columns j to j + width - 1, J columns at once and singly
-// where fewer are left (`width` an integral_constant).
-template <int J, typename Columns>
-void for_gradient_columns(const Geometry& g, int64_t begin, int64_t end, int64_t step, const Columns& columns) {
+// A band of an image's output rows, [first, last), that each of the kernel gradient's sweeps walks before the next
+// band (bands.h), and the next band's rows of x and grad_y, fetched into L2 a share at each output row walked.
+struct Band {
+  int64_t first, last;
+  Ahead x, grad_y;
+  void step() {
+    x.step();
+    grad_y.step();
+  }
+};
+
+// The kernel gradient's work on images begin to end - 1 of x and grad_y: columns(b, channel, i, j, width, band) for
+// each image b, band of its output rows, block of `step` channels from `channel`, kernel row i and kernel columns j
+// to j + width - 1, J columns at once and singly where fewer are left (`width` an integral_constant).
+template <int J, typename scalar_t, typename Columns>
+void for_gradient_columns(const Geometry& g, const scalar_t* x, const scalar_t* grad_y, int64_t begin, int64_t end,
+                          int64_t step, const Columns& columns) {
+  const int64_t x_row = g.w * g.c, y_row = g.ow * g.c, size = sizeof(scalar_t);  // floats, bytes
+  const int64_t band = band_rows((g.sh * x_row + y_row) * size, 1);  // output rows
+  const int64_t sweeps = (g.c + step - 1) / step * g.kh * (g.kw / J + g.kw % J);  // calls of columns per band
   for (int64_t b = begin; b < end; ++b)
-    for (int64_t channel = 0; channel < g.c; channel += step)
-      for (int64_t i = 0; i < g.kh; ++i) {
-        int64_t j = 0;
-        for (; j + J <= g.kw; j += J) columns(b, channel, i, j, std::integral_constant<int, J>());
-        for (; j < g.kw; ++j) columns(b, channel, i, j, std::integral_constant<int, 1>());
-      }
+    for (int64_t first = 0; first < g.oh; first += band) {
+      const int64_t last = std::min(first + band, g.oh);  // the next band: the next image's first after the last
+      const int64_t x_next = (b * g.h + (last < g.oh ? std::clamp(g.in_y(last, 0), int64_t(0), g.h) : g.h)) * x_row;
+      const int64_t y_next = (b * g.oh + last) * y_row;
+      Band rows{first, last, Ahead(x + x_next, std::min(band * g.sh * x_row, end * g.h * x_row - x_next) * size,
+                                   sweeps * (last - first)),
+                Ahead(grad_y + y_next, std::min(band * y_row, end * g.oh * y_row - y_next) * size,
+                      sweeps * (last - first))};
+      for (int64_t channel = 0; channel < g.c; channel += step)
+        for (int64_t i = 0; i < g.kh; ++i) {
+          int64_t j = 0;
+          for (; j + J <= g.kw; j += J) columns(b, channel, i, j, std::integral_constant<int, J>(), rows);
+          for (; j < g.kw; ++j) columns(b, channel, i, j, std::integral_constant<int, 1>(), rows);
+        }
+    }
 }
 
-// The kernel gradient's walk over an image for kernel row i and kernel columns j_first to j_last: for every output
-// row whose kernel row i falls inside the input, pixel = row(oy, iy) prepares the row, then pixel(ox, checked) runs
-// for each of its output pixels; `checked` a bool_constant, true where some of the columns fall outside the input
-// row.
+// The kernel gradient's walk over a band of an image's output rows for kernel row i and kernel columns j_first to
+// j_last: for every output row of the band whose kernel row i falls inside the input, pixel = row(oy, iy) prepares
+// the row, then pixel(ox, checked) runs for each of its output pixels; `checked` a bool_constant, true where some of
+// the columns fall outside the input row.
 template <typename Row>
-void for_gradient_pixels(const Geometry& g, int64_t i, int64_t j_first, int64_t j_last, const Row& row) {
+void for_gradient_pixels(const Geometry& g, Band& band, int64_t i, int64_t j_first, int64_t j_last, const Row& row) {
   const auto [begin, end] = g.columns_inside(j_first, j_last);
-  for (int64_t oy = 0; oy < g.oh; ++oy) {
+  for (int64_t oy = band.first; oy < band.last; ++oy) {
+    band.step();
     const int64_t iy = g.in_y(oy, i);
     if (iy < 0 || iy >= g.h) continue;
     const auto pixel = row(oy, iy);
@@ -452,16 +484,17 @@ void forward_pixels(const scalar_t* x, const scalar_t* taps, scalar_t* y, const 
 
 template <typename scalar_t, int K, int R, int J>
 void taps_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
-                           const Rotation<scalar_t, K, R>* rotation, int64_t b, int64_t i, int64_t j0, int64_t cb) {
-  // kernel columns j0 .. j0 + J - 1 of kernel row i, for the block at channel cb, over image b: J * K * R sums in
-  // registers, written once (whole registers: `sums` holds R * kLanes per block)
+                           const Rotation<scalar_t, K, R>* rotation, int64_t b, Band& band, int64_t i, int64_t j0,
+                           int64_t cb) {
+  // kernel columns j0 .. j0 + J - 1 of kernel row i, for the block at channel cb, over a band of image b: J * K * R
+  // sums in registers, added to memory once (whole registers: `sums` holds R * kLanes per block)
   using V = Lanes<scalar_t>;
   constexpr int64_t S = block_channels(K, R);
   const int64_t c = g.c, w = g.w;  // in registers, not re-read
   typename V::Mask m[R];
   block_masks<scalar_t, R>(c - cb, S, m);
   V acc[J][K][R] = {};
-  for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
+  for_gradient_pixels(g, band, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + cb;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + cb;
     return [&, in_row, dy_row](int64_t ox, auto checked) {
@@ -617,15 +650,16 @@ constexpr int broadcast_channels_at_once(int k, int r) {
 
 template <typename scalar_t, int K, int J, int D>
 void broadcast_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
-                                const Group<scalar_t, K>& group, int64_t b, int64_t i, int64_t j0, int64_t base,
-                                int d0) {
+                                const Group<scalar_t, K>& group, int64_t b, Band& band, int64_t i, int64_t j0,
+                                int64_t base, int d0) {
   // kernel columns j0 .. j0 + J - 1 of kernel row i, input channels base + d0 .. base + d0 + D - 1 of the group at
-  // channel base, over image b; sums (R * kLanes per input channel: whole registers) are written once
+  // channel base, over a band of image b; sums (R * kLanes per input channel: whole registers) are added to memory
+  // once
   using V = Lanes<scalar_t>;
   constexpr int R = Group<scalar_t, K>::R;
   const int64_t c = g.c, w = g.w;  // in registers, not re-read
   V acc[J][D][R] = {};  // acc[j][d][e]: the tap of column j0 + j from input channel base + d0 + d to output base + e
-  for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
+  for_gradient_pixels(g, band, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + base + d0;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + base;
     return [&, in_row, dy_row](int64_t ox, auto checked) {
@@ -648,14 +682,15 @@ void broadcast_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scala
 
 template <typename scalar_t, int K, int J>
 void broadcast_gradient_channels(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
-                                 const Group<scalar_t, K>& group, int64_t b, int64_t i, int64_t j0, int64_t base) {
+                                 const Group<scalar_t, K>& group, int64_t b, Band& band, int64_t i, int64_t j0,
+                                 int64_t base) {
   // the group's input channels D at a time, then the rest
   constexpr int D = broadcast_channels_at_once(K, Group<scalar_t, K>::R);
   int d0 = 0;
   for (; d0 + D <= K; d0 += D)
-    broadcast_gradient_columns<scalar_t, K, J, D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
+    broadcast_gradient_columns<scalar_t, K, J, D>(x, grad_y, sums, g, group, b, band, i, j0, base, d0);
   if constexpr (K % D != 0)
-    broadcast_gradient_columns<scalar_t, K, J, K % D>(x, grad_y, sums, g, group, b, i, j0, base, d0);
+    broadcast_gradient_columns<scalar_t, K, J, K % D>(x, grad_y, sums, g, group, b, band, i, j0, base, d0);
 }
 
 // Channels in a block of the broadcast kernel's packed gradient at K channels per group: the fewest whole groups that
@@ -720,15 +755,16 @@ constexpr int packed_outputs_at_once(int k, int r) {
 
 template <typename scalar_t, int K, int J, int E>
 void packed_gradient_columns(const scalar_t* x, const scalar_t* grad_y, scalar_t* sums, const Geometry& g,
-                             const Pack<scalar_t, K>& pack, int64_t b, int64_t i, int64_t j0, int64_t base, int e0) {
+                             const Pack<scalar_t, K>& pack, int64_t b, Band& band, int64_t i, int64_t j0,
+                             int64_t base, int e0) {
   // kernel columns j0 .. j0 + J - 1 of kernel row i, places e0 .. e0 + E - 1 of the output channels of the block's
-  // groups at channel base, over image b; sums (kh x kw x K x C: the place in the group, the input channel) are
-  // written once
+  // groups at channel base, over a band of image b; sums (kh x kw x K x C: the place in the group, the input
+  // channel) are added to memory once
   using V = Lanes<scalar_t>;
   constexpr int R = Pack<scalar_t, K>::R;
   const int64_t c = g.c, w = g.w;  // in registers, not re-read
   V acc[J][E][R] = {};  // acc[j][e][r]: the taps of column j0 + j from the input channels in register r to place e0 + e
-  for_gradient_pixels(g, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
+  for_gradient_pixels(g, band, i, j0, j0 + J - 1, [&](int64_t oy, int64_t iy) {
     const scalar_t* in_row = x + (b * g.h + iy) * w * c + base;
     const scalar_t* dy_row = grad_y + (b * g.oh + oy) * g.ow * c + base + e0;
     return [&, in_row, dy_row](int64_t ox, auto checked) {
@@ -757,11 +793,11 @@ void packed_taps_gradient(const scalar_t* x, const scalar_t* grad_y, scalar_t* g
   constexpr int J = packed_columns_at_once(), E = packed_outputs_at_once(K, Pack<scalar_t, K>::R);
   const Pack<scalar_t, K> pack;
   auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
-    for_gradient_columns<J>(g, begin, end, Pack<scalar_t, K>::S,
-                            [&](int64_t b, int64_t base, int64_t i, int64_t j, auto columns) {
+    for_gradient_columns<J>(g, x, grad_y, begin, end, Pack<scalar_t, K>::S,
+                            [&](int64_t b, int64_t base, int64_t i, int64_t j, auto columns, Band& band) {
       for_each_block<0, E, K>([&](auto e0, auto width) {
         packed_gradient_columns<scalar_t, K, decltype(columns)::value, decltype(width)::value>(
-            x, grad_y, sums, g, pack, b, i, j, base, decltype(e0)::value);
+            x, grad_y, sums, g, pack, b, band, i, j, base, decltype(e0)::value);
       });
     });
   };
@@ -810,7 +846,7 @@ struct Rotated {
       Rotation<scalar_t, K, R> back[K];  // rotation by -e
       for (int e = 1; e < K; ++e) back[e] = Rotation<scalar_t, K, R>((K - e) % K);
       const bool stream = streams<block_channels(K, R)>(y, g);
-      for_pixel_blocks<pixels_at_once(K, R)>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
+      for_pixel_blocks<pixels_at_once(K, R)>(g, x, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
         forward_pixels<scalar_t, K, R, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, back, stream,
                                                                                          b, oy, ox);
       });
@@ -827,8 +863,10 @@ struct Rotated {
       for (int e = 1; e < K; ++e) rotation[e] = Rotation<scalar_t, K, R>(e);
       const int64_t rows = g.kh * g.kw * K, blocks = (g.c + S - 1) / S;  // rows of C taps; blocks padded to registers
       auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
-        for_gradient_columns<J>(g, begin, end, S, [&](int64_t b, int64_t cb, int64_t i, int64_t j, auto columns) {
-          taps_gradient_columns<scalar_t, K, R, decltype(columns)::value>(x, grad_y, sums, g, rotation, b, i, j, cb);
+        for_gradient_columns<J>(g, x, grad_y, begin, end, S,
+                                [&](int64_t b, int64_t cb, int64_t i, int64_t j, auto columns, Band& band) {
+          taps_gradient_columns<scalar_t, K, R, decltype(columns)::value>(x, grad_y, sums, g, rotation, b, band, i, j,
+                                                                          cb);
         });
       };
       const std::vector<scalar_t> total = thread_sums<scalar_t>(rows * blocks * R * kLanes, g.n, 1, images);
@@ -849,7 +887,7 @@ struct Broadcast {
     const Group<scalar_t, K> group;
     constexpr int P = broadcast_pixels_at_once(Group<scalar_t, K>::R);
     const bool stream = streams<staged_channels(K)>(y, g);
-    for_pixel_blocks<P>(g, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
+    for_pixel_blocks<P>(g, x, [&](int64_t b, int64_t oy, int64_t ox, auto pixels, auto inside) {
       broadcast_pixels<scalar_t, K, decltype(pixels)::value, decltype(inside)::value>(x, taps, y, g, group, stream,
                                                                                       b, oy, ox);
     });
@@ -865,8 +903,10 @@ struct Broadcast {
     const Group<scalar_t, K> group;
     const int64_t taps = g.kh * g.kw * g.c;  // rows of K entries
     auto images = [&](scalar_t* sums, int64_t begin, int64_t end) {
-      for_gradient_columns<J>(g, begin, end, K, [&](int64_t b, int64_t base, int64_t i, int64_t j, auto columns) {
-        broadcast_gradient_channels<scalar_t, K, decltype(columns)::value>(x, grad_y, sums, g, group, b, i, j, base);
+      for_gradient_columns<J>(g, x, grad_y, begin, end, K,
+                              [&](int64_t b, int64_t base, int64_t i, int64_t j, auto columns, Band& band) {
+        broadcast_gradient_channels<scalar_t, K, decltype(columns)::value>(x, grad_y, sums, g, group, b, band, i, j,
+                                                                           base);
       });
     };
     const std::vector<scalar_t> total = thread_sums<scalar_t>(taps * width, g.n, 1, images);
