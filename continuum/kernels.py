@@ -20,7 +20,8 @@ float rounding:
   (and float64): a C++ kernel (:mod:`continuum.compiled`) that treats a segment's channels as rotations of one
   loaded row of channels-last pixels, so that the work is K depthwise multiply-adds on data read once; the input
   gradient is the same kernel run over the output gradient, the kernel gradient a second kernel that sums in
-  registers. A candidate only where the C++ kernel could be built.
+  registers, a band of rows at a time; each pass fetches the rows it reads next into L2 while it runs. A candidate
+  only where the C++ kernel could be built.
 - ``broadcast``: 8 to 16 input and output channels per segment, stride 1, on a CPU with AVX-512 or AVX2, in
   float32 (and float64): the same C++ module's second kernel, one segment per vector register (two with AVX2 past 8
   channels), its output channels in the lanes, each input channel's value broadcast to them; the gradients as
