@@ -16,7 +16,7 @@
 // where one row at a time takes 18 per pixel). The forward pass of the same convs takes the same sweep six output
 // rows at a time (`kForwardRows`; other convs and dtypes go to torch's conv2d). Both sweep an image in bands of rows
 // (bands.h), fetching the next band into L2 while one is swept: where each 16 channels' sweep over a whole image
-// waited for memory a line per pixel (in cache the backward ran about 3x as fast), the backward ran 1.2-1.5x and the
+// waited for memory a line per pixel (in cache the backward ran about 3x as fast), the backward ran 1.2-1.6x and the
 // forward 1.0-1.3x as fast on Zen 4.
 // Where the channels fill whole 16-float vectors, both write their output with streaming stores: the tensors are
 // larger than the caches, and a plain store first reads each line it writes.

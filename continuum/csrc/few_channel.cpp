@@ -33,9 +33,9 @@
 //
 // Both read ahead into L2 (bands.h): the forward passes, which walk output rows in memory order, the next output
 // row's new input row while a row runs; the kernel gradients, which sweep each block of channels over the image, the
-// next band of rows while a band runs. On Zen 4 the forward passes ran 1.14-1.66x and the kernel gradients 0.99-1.56x
-// as fast for it (in cache the passes had run about twice as fast as from memory: the hardware's own prefetching did
-// not keep up).
+// next band of rows while a band runs. On Zen 4 the forward passes ran 1.0-1.8x and the kernel gradients 1.0-1.6x as
+// fast for it (in cache the passes had run about twice as fast as from memory: the hardware's own prefetching did not
+// keep up).
 //
 // Both store whole registers where they can: a sum goes to a buffer padded to whole registers, an output block spills
 // into the next block's channels, which are written after it (masked stores are microcoded on AMD CPUs with AVX2).
