@@ -225,8 +225,9 @@ void for_pixel_blocks(const Geometry& g, const scalar_t* x, const Block& block) 
       const int64_t b = row / g.oh, oy = row % g.oh;
       // the last input row of the next output row, fetched into L2 while this one runs
       const int64_t next_b = (row + 1) / g.oh, next_y = g.in_y((row + 1) % g.oh, g.kh - 1);
-      const bool fetch = row + 1 < end && next_y >= 0 && next_y < g.h;
-      Ahead ahead(x + (next_b * g.h + next_y) * x_row, fetch ? x_row * int64_t(sizeof(scalar_t)) : 0, g.ow / P);
+      const bool fetch = row + 1 < end && next_y >= 0 && next_y < g.h;  // else nothing (and no pointer outside x)
+      Ahead ahead(fetch ? x + (next_b * g.h + next_y) * x_row : x, fetch ? x_row * int64_t(sizeof(scalar_t)) : 0,
+                  g.ow / P);
       int64_t ox = 0;
       auto blocks = [&](auto pixels) {
         constexpr int Q = decltype(pixels)::value;
