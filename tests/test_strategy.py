@@ -702,9 +702,10 @@ def test_the_fused_float32_passes_match_float64_at_every_channel_tail_and_image_
         x32, w32 = (t.detach().float().requires_grad_() for t in (x, w))
         y = run_strategy(Strategy("fused"), x32, w32, None, ConvGeometry((1, 1), (1, 1), (1, 1), channels))
         torch.testing.assert_close(y.double(), F.conv2d(x, w, None, 1, 1, 1, channels), rtol=1e-5, atol=1e-5)
-        for got, expected in zip(torch.autograd.grad(y, (x32, w32), upstream.float()), want):
-            # a kernel gradient entry sums N x H x W products: float32's rounding grows with the partial sums
-            tolerance = 1e-5 + 2e-6 * float(expected.abs().max())
+        grads = torch.autograd.grad(y, (x32, w32), upstream.float())
+        for got, expected, summed in zip(grads, want, (9, 3 * height * width)):  # products summed per entry
+            # float32's rounding grows with the sum: thousands of products per kernel-gradient entry in the wide rows
+            tolerance = 1e-5 if summed < 1000 else 2e-6 * float(expected.abs().max())
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=tolerance)
     bias = torch.randn(48)
     x = torch.randn(2, 48, 6, 6).contiguous(memory_format=torch.channels_last)
